@@ -1,0 +1,105 @@
+"""Per-feature interventions: the one place where adapter activations are edited.
+
+Ablation, steering, experiments and attribution checks all build an :class:`Intervention` and hand it
+to the adapter model (``AdapterModel.intervene``); the adapter forward calls :func:`apply_interventions`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Mode = Literal["zero", "scale", "clamp"]
+PositionSpec = Literal["all", "prompt", "generated"] | tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Edit a set of adapter features.
+
+    - ``features``: (layer, feature index) pairs.
+    - ``mode``: ``zero`` sets f to 0; ``scale`` multiplies f by ``value`` (steering: value > 1);
+      ``clamp`` sets f to ``value`` (steering: a value above the feature's natural activations).
+    - ``positions``: ``all``; ``prompt`` / ``generated`` (split at the row's prompt length, which the
+      caller gives to ``AdapterModel.intervene``); or explicit logical positions (0 = first real token,
+      padding excluded, so left-padded batches behave like single prompts).
+    - ``complement``: apply to every feature of the named layers *except* those listed (the
+      sufficiency experiment: keep only a feature set's contribution).
+    """
+
+    features: tuple[tuple[int, int], ...]
+    mode: Mode = "zero"
+    value: float = 0.0
+    positions: PositionSpec = "all"
+    complement: bool = False
+    layers: tuple[int, ...] | None = field(default=None)  # with complement: which layers (None = all)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("zero", "scale", "clamp"):
+            raise ValueError(f"unknown intervention mode {self.mode!r}; use zero, scale or clamp")
+        if not isinstance(self.positions, tuple) and self.positions not in ("all", "prompt", "generated"):
+            raise ValueError(f"positions must be all, prompt, generated or a tuple of ints, not {self.positions!r}")
+        object.__setattr__(self, "features", tuple((int(a), int(b)) for a, b in self.features))
+
+    @classmethod
+    def zero(cls, features: Iterable[tuple[int, int]], **kw: object) -> Intervention:
+        return cls(features=tuple(features), mode="zero", **kw)  # type: ignore[arg-type]
+
+    def touches_layer(self, layer: int) -> bool:
+        if self.complement:
+            return self.layers is None or layer in self.layers
+        return any(lay == layer for lay, _ in self.features)
+
+    def feature_indices(self, layer: int) -> list[int]:
+        return sorted({i for lay, i in self.features if lay == layer})
+
+
+def _position_mask(
+    spec: PositionSpec, position_ids: torch.Tensor, prompt_lengths: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Boolean mask [batch, seq] of the positions an intervention edits; None means every position."""
+    if spec == "all":
+        return None
+    if isinstance(spec, tuple):
+        wanted = torch.tensor(spec, dtype=position_ids.dtype, device=position_ids.device)
+        return torch.isin(position_ids, wanted)
+    if prompt_lengths is None:
+        raise ValueError(f"positions={spec!r} needs the prompt length; pass prompt_lengths to intervene()")
+    in_prompt = position_ids < prompt_lengths.to(position_ids.device).view(-1, 1)
+    return in_prompt if spec == "prompt" else ~in_prompt
+
+
+def apply_interventions(
+    f: torch.Tensor,
+    layer: int,
+    interventions: Sequence[Intervention],
+    position_ids: torch.Tensor | None,
+    prompt_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return ``f`` [batch, seq, n_features] with this layer's interventions applied (out of place)."""
+    for iv in interventions:
+        if not iv.touches_layer(layer):
+            continue
+        n = f.shape[-1]
+        cols = torch.zeros(n, dtype=torch.bool, device=f.device)
+        idx = iv.feature_indices(layer)
+        if idx and max(idx) >= n:
+            raise IndexError(f"feature {max(idx)} out of range for layer {layer} with {n} features")
+        cols[idx] = True
+        if iv.complement:
+            cols = ~cols
+        if position_ids is None:
+            position_ids = torch.arange(f.shape[1], device=f.device).expand(f.shape[0], -1)
+        pos = _position_mask(iv.positions, position_ids, prompt_lengths)
+        mask = cols.view(1, 1, n) if pos is None else pos.unsqueeze(-1) & cols.view(1, 1, n)
+        if iv.mode == "zero":
+            new = torch.zeros_like(f)
+        elif iv.mode == "scale":
+            new = f * iv.value
+        else:
+            new = torch.full_like(f, iv.value)
+        f = torch.where(mask, new, f)
+    return f
