@@ -1,0 +1,67 @@
+"""Tiny deterministic model builders shared by the test suite (no network, no files).
+
+Every builder seeds its own generator, so the same arguments give bit-identical weights in any
+test, in any order. Sizes are chosen so a forward pass takes milliseconds on one CPU core.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+
+def _seeded():
+    """Fork the global RNG so building a model never disturbs the caller's random stream."""
+    return torch.random.fork_rng(devices=[])
+
+
+def tiny_qwen2_config(*, layers: int = 2, d: int = 32, intermediate: int = 64, vocab: int = 64,
+                      heads: int = 4, kv_heads: int = 2, init_std: float = 0.1,
+                      max_positions: int = 256) -> Qwen2Config:
+    """A Qwen2 config shaped like the paper's 7B (GQA, untied head) but a few thousand parameters."""
+    return Qwen2Config(
+        vocab_size=vocab, hidden_size=d, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        initializer_range=init_std, tie_word_embeddings=False, use_sliding_window=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def tiny_qwen2(seed: int = 0, layers: int = 2, d: int = 32, *, intermediate: int = 64, vocab: int = 64,
+               heads: int = 4, kv_heads: int = 2, init_std: float = 0.1,
+               dtype: torch.dtype = torch.float32) -> Qwen2ForCausalLM:
+    """A random Qwen2ForCausalLM, in eval mode, eager attention (exact and padding-safe on CPU)."""
+    cfg = tiny_qwen2_config(layers=layers, d=d, intermediate=intermediate, vocab=vocab, heads=heads,
+                            kv_heads=kv_heads, init_std=init_std)
+    cfg._attn_implementation = "eager"
+    with _seeded():
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, d: int = 32, *, intermediate: int = 64, vocab: int = 64,
+               heads: int = 4, kv_heads: int = 2, init_std: float = 0.1,
+               dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A random LlamaForCausalLM of the same geometry (the "Llama-shaped decoders work too" check)."""
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=d, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        initializer_range=init_std, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    cfg._attn_implementation = "eager"
+    with _seeded():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def tiny_pair(seed: int = 0, **kw) -> tuple[Qwen2ForCausalLM, Qwen2ForCausalLM]:
+    """(base, target): two independent random Qwen2 models of one geometry (seeds ``seed``, ``seed + 1``)."""
+    return tiny_qwen2(seed, **kw), tiny_qwen2(seed + 1, **kw)
+
+
+def random_ids(seed: int, batch: int = 2, seq: int = 8, vocab: int = 64) -> torch.Tensor:
+    """Deterministic token ids [batch, seq] avoiding the special ids 0-2."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=g)
