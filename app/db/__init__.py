@@ -1,0 +1,1 @@
+"""The store: one schema module, engine/session setup and migrations (SQLite or Postgres)."""
