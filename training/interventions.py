@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -28,6 +29,8 @@ class Intervention:
       padding excluded, so left-padded batches behave like single prompts).
     - ``complement``: apply to every feature of the named layers *except* those listed (the
       sufficiency experiment: keep only a feature set's contribution).
+    - ``rows``: batch rows it applies to (None = every row), so one batched forward can carry an
+      ablated row beside unablated ones (the lockstep generation of ``worker/ablation/generate.py``).
     """
 
     features: tuple[tuple[int, int], ...]
@@ -36,6 +39,7 @@ class Intervention:
     positions: PositionSpec = "all"
     complement: bool = False
     layers: tuple[int, ...] | None = field(default=None)  # with complement: which layers (None = all)
+    rows: tuple[int, ...] | None = None  # batch rows (None = all)
 
     def __post_init__(self) -> None:
         if self.mode not in ("zero", "scale", "clamp"):
@@ -43,18 +47,28 @@ class Intervention:
         if not isinstance(self.positions, tuple) and self.positions not in ("all", "prompt", "generated"):
             raise ValueError(f"positions must be all, prompt, generated or a tuple of ints, not {self.positions!r}")
         object.__setattr__(self, "features", tuple((int(a), int(b)) for a, b in self.features))
+        if self.rows is not None:
+            object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
 
     @classmethod
     def zero(cls, features: Iterable[tuple[int, int]], **kw: object) -> Intervention:
         return cls(features=tuple(features), mode="zero", **kw)  # type: ignore[arg-type]
 
+    @cached_property
+    def _indices_by_layer(self) -> dict[int, list[int]]:
+        """layer → sorted feature indices, computed once: the forward asks for it at every layer and step."""
+        by_layer: dict[int, set[int]] = {}
+        for lay, i in self.features:
+            by_layer.setdefault(lay, set()).add(i)
+        return {lay: sorted(idx) for lay, idx in by_layer.items()}
+
     def touches_layer(self, layer: int) -> bool:
         if self.complement:
             return self.layers is None or layer in self.layers
-        return any(lay == layer for lay, _ in self.features)
+        return layer in self._indices_by_layer
 
     def feature_indices(self, layer: int) -> list[int]:
-        return sorted({i for lay, i in self.features if lay == layer})
+        return list(self._indices_by_layer.get(layer, ()))
 
 
 def _position_mask(
@@ -95,6 +109,12 @@ def apply_interventions(
             position_ids = torch.arange(f.shape[1], device=f.device).expand(f.shape[0], -1)
         pos = _position_mask(iv.positions, position_ids, prompt_lengths)
         mask = cols.view(1, 1, n) if pos is None else pos.unsqueeze(-1) & cols.view(1, 1, n)
+        if iv.rows is not None:
+            if max(iv.rows, default=-1) >= f.shape[0]:
+                raise IndexError(f"intervention rows {iv.rows} out of range for a batch of {f.shape[0]}")
+            in_rows = torch.zeros(f.shape[0], dtype=torch.bool, device=f.device)
+            in_rows[list(iv.rows)] = True
+            mask = mask & in_rows.view(-1, 1, 1)
         if iv.mode == "zero":
             new = torch.zeros_like(f)
         elif iv.mode == "scale":
