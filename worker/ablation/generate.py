@@ -1,0 +1,223 @@
+"""Token-by-token generation of the adapter model under interventions, several conditions in lockstep.
+
+Why not ``model.generate``: an ablation page wants, for every generated token, its log-probability and
+the KL between the unablated and the ablated next-token distributions *given the ablated text so far*
+(design.md's definition), as the tokens come, and a job must be able to stop between two tokens. So
+this is one loop over one KV cache, with one batched forward per step carrying every condition as a
+batch row (a *track*):
+
+- a *sampling* track generates its own text (``ablated``: interventions on; ``unablated``: none);
+- a *scoring* track (``follows=...``) is fed another track's tokens and never samples; the
+  ``reference`` track is the unablated model reading the ablated text, and its distribution gives
+  the ablated track's per-step KL(p_reference ‖ p_ablated).
+
+Every row receives one token per step, so the rows share one length: no padding, no attention mask.
+Each track's interventions carry ``rows=(r,)``, so they touch their own row only. Sampling uses common
+random numbers: one uniform per step, drawn from ``seed`` and shared by all sampling tracks, turned into
+a token by inverse CDF. With the same seed and settings a track therefore produces the same tokens alone
+as beside others, and an intervention that changes nothing changes no token.
+
+Interventions are the one implementation in ``training/interventions.py``, entered through
+``AdapterModel.intervene`` around each forward (never held open across a ``yield``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from training.adapter import AdapterModel, MLPMode
+from training.interventions import Intervention
+
+log = logging.getLogger(__name__)
+
+StopReason = Literal["eos", "max_new_tokens", "context"]
+
+ABLATED, UNABLATED, REFERENCE = "ablated", "unablated", "reference"
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How every sampling track generates. ``temperature == 0`` is greedy (argmax)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()  # the stop token is generated and reported, then its track ends
+    context_length: int | None = None  # prompt + generated tokens never exceed it
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number ≥ 0 (0 = greedy), not {self.temperature}")
+        object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
+
+
+@dataclass(frozen=True)
+class Track:
+    """One batch row: a name, its interventions, and (for a scoring track) the track whose text it reads."""
+
+    name: str
+    interventions: tuple[Intervention, ...] = ()
+    follows: str | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token of one sampling track."""
+
+    track: str
+    index: int  # 0-based among the generated tokens
+    token_id: int
+    logprob: float  # log p(token | prompt + earlier tokens) under this track, temperature 1
+    kl: float | None  # KL(p_follower ‖ p_track) in nats before this token, where a scoring track follows
+    stop: StopReason | None = None  # set on the track's last step
+
+
+@dataclass
+class Generated:
+    """A finished track: every step's token, log-probability and KL, and why it stopped."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    kls: list[float | None] = field(default_factory=list)
+    stop: StopReason | None = None
+
+
+def ablation_tracks(interventions: Sequence[Intervention], *, unablated: bool = True,
+                    reference: bool = True) -> list[Track]:
+    """The standard rows of an ablation: ablated, its unablated reference (for KL), and the unablated run."""
+    tracks = [Track(ABLATED, tuple(interventions))]
+    if reference:
+        tracks.append(Track(REFERENCE, (), follows=ABLATED))
+    if unablated:
+        tracks.append(Track(UNABLATED, ()))
+    return tracks
+
+
+def _check_tracks(tracks: Sequence[Track]) -> None:
+    names = [t.name for t in tracks]
+    if not tracks:
+        raise ValueError("lockstep needs at least one track")
+    if len(set(names)) != len(names):
+        raise ValueError(f"track names must be unique, got {names}")
+    samplers = {t.name for t in tracks if t.follows is None}
+    for t in tracks:
+        if t.follows is not None and t.follows not in samplers:
+            raise ValueError(f"track {t.name!r} follows {t.follows!r}, which is not a sampling track of {names}")
+    if len({t.follows for t in tracks if t.follows}) != sum(1 for t in tracks if t.follows):
+        raise ValueError("at most one scoring track may follow each sampling track")
+
+
+def _language_model(model: AdapterModel, mode: MLPMode) -> torch.nn.Module:
+    """The HF module that runs ``mode``: the adapter model, or the separate target with ``backbone="base"``."""
+    if mode == "target" and model.target_hf is not None:
+        return model.target_hf
+    return model.hf
+
+
+def _row_interventions(tracks: Sequence[Track]) -> tuple[Intervention, ...]:
+    """Each track's interventions restricted to its own batch row."""
+    return tuple(replace(iv, rows=(r,)) for r, t in enumerate(tracks) for iv in t.interventions)
+
+
+def _pick(logp: torch.Tensor, temperature: float, u: float) -> torch.Tensor:
+    """Next token per row from log-probs [rows, V]: argmax, or inverse CDF of softmax(logp / T) at ``u``."""
+    if temperature == 0:
+        return logp.argmax(-1)
+    cdf = torch.softmax(logp.double() / temperature, dim=-1).cumsum(-1)
+    return torch.searchsorted(cdf, cdf[:, -1:] * u).squeeze(-1).clamp(max=logp.shape[-1] - 1)
+
+
+def lockstep(model: AdapterModel, prompt_ids: Sequence[int], tracks: Sequence[Track],
+             settings: SamplingSettings, *, mode: MLPMode = "adapted") -> Iterator[list[Step]]:
+    """Generate every sampling track of ``tracks`` together; yield each step's :class:`Step` per live track.
+
+    Interventions with ``positions="prompt"``/``"generated"`` split at ``len(prompt_ids)``. A track ends
+    at a stop id, at ``max_new_tokens`` or when the context is full; its row (and its follower's) then
+    leaves the batch. Stop iterating (or ``close()``) to cancel: nothing stays switched on in the model.
+    """
+    _check_tracks(tracks)
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise ValueError("the prompt is empty; generation needs at least one token")
+    budget, budget_reason = settings.max_new_tokens, "max_new_tokens"
+    if settings.context_length is not None:
+        room = settings.context_length - len(prompt)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(prompt)} tokens and leaves no room in the model's context "
+                             f"of {settings.context_length}")
+        if room < budget:
+            budget, budget_reason = room, "context"
+    lm = _language_model(model, mode)
+    device = next(lm.parameters()).device
+    stop_ids = set(settings.stop_ids)
+    rng = torch.Generator().manual_seed(settings.seed)
+    cache = DynamicCache(config=lm.config)
+
+    active = list(tracks)
+    row_ivs = _row_interventions(active)
+    step_input = torch.tensor([prompt] * len(active), device=device)
+    for index in range(budget):
+        u = torch.rand((), generator=rng, dtype=torch.float64).item()  # drawn every step: seeds stay aligned
+        with torch.inference_mode():
+            with model.mode(mode), model.intervene(row_ivs, prompt_lengths=[len(prompt)] * len(active)):
+                logits = lm(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1).logits
+            logp = torch.log_softmax(logits[:, -1].float(), dim=-1)  # [rows, V]
+            picked = _pick(logp, settings.temperature, u)
+            samplers = [r for r, t in enumerate(active) if t.follows is None]
+            followers = {t.follows: r for r, t in enumerate(active) if t.follows is not None}
+            chosen = picked[samplers]
+            chosen_logp = logp[samplers].gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+            pairs = [(r, followers[active[r].name]) for r in samplers if active[r].name in followers]
+            if pairs:
+                s_rows, f_rows = zip(*pairs, strict=True)
+                ref = logp[list(f_rows)]
+                kl_vals = (ref.exp() * (ref - logp[list(s_rows)])).sum(-1).clamp(min=0).tolist()
+            tokens, lps = chosen.tolist(), chosen_logp.tolist()  # one device sync per step
+        kl_of = dict(zip((s for s, _ in pairs), kl_vals, strict=True)) if pairs else {}
+        steps, token_of = [], {}
+        for j, r in enumerate(samplers):
+            name, tok = active[r].name, tokens[j]
+            token_of[name] = tok
+            stop = "eos" if tok in stop_ids else (budget_reason if index == budget - 1 else None)
+            steps.append(Step(name, index, tok, lps[j], kl_of.get(r), stop))
+        yield steps
+
+        ended = {s.track for s in steps if s.stop is not None}
+        keep = [r for r, t in enumerate(active) if (t.follows or t.name) not in ended]
+        if not keep:
+            return
+        if len(keep) < len(active):
+            cache.batch_select_indices(torch.tensor(keep, device=device))
+            active = [active[r] for r in keep]
+            row_ivs = _row_interventions(active)
+        step_input = torch.tensor([[token_of[t.follows or t.name]] for t in active], device=device)
+
+
+def collect(steps: Iterable[list[Step]]) -> dict[str, Generated]:
+    """Run a :func:`lockstep` iterator to the end: ``{track: Generated}`` for every sampling track."""
+    out: dict[str, Generated] = {}
+    for batch in steps:
+        for s in batch:
+            g = out.setdefault(s.track, Generated())
+            g.token_ids.append(s.token_id)
+            g.logprobs.append(s.logprob)
+            g.kls.append(s.kl)
+            g.stop = s.stop or g.stop
+    return out
+
+
+def generate(model: AdapterModel, prompt_ids: Sequence[int], settings: SamplingSettings, *,
+             interventions: Sequence[Intervention] = (), mode: MLPMode = "adapted",
+             with_kl: bool = False) -> Generated:
+    """One condition alone (optionally with its unablated reference for KL); a convenience over :func:`lockstep`."""
+    tracks = ablation_tracks(interventions, unablated=False, reference=with_kl)
+    return collect(lockstep(model, prompt_ids, tracks, settings, mode=mode))[ABLATED]
