@@ -65,3 +65,28 @@ def random_ids(seed: int, batch: int = 2, seq: int = 8, vocab: int = 64) -> torc
     """Deterministic token ids [batch, seq] avoiding the special ids 0-2."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+def randomize_adapters(model, seed: int = 0, scale: float = 0.3):
+    """Give an AdapterModel's adapters trained-looking weights (init leaves decoder and biases zero).
+
+    Encoder biases are small, so a good share of features fire; returns the model for chaining.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for ad in model.adapters:
+            ad.W_dec.copy_(torch.randn(ad.W_dec.shape, generator=g) * scale)
+            ad.b_enc.copy_(torch.randn(ad.b_enc.shape, generator=g) * 0.1)
+            if ad.b_dec is not None:
+                ad.b_dec.copy_(torch.randn(ad.b_dec.shape, generator=g) * 0.1)
+    return model
+
+
+def tiny_adapter_model(seed: int = 0, n_features: int = 16, *, trained: bool = True, **cfg_kw):
+    """An AdapterModel on ``tiny_pair(seed)`` (target backbone unless ``backbone=`` says otherwise)."""
+    from training.adapter import build_adapter_model
+    from training.config import AdapterConfig
+
+    base, target = tiny_pair(seed)
+    model = build_adapter_model(base, target, AdapterConfig(n_features=n_features, **cfg_kw))
+    return randomize_adapters(model, seed) if trained else model

@@ -200,12 +200,16 @@ class AdapterModel(nn.Module):
         self.state.position_ids = pos
         return None
 
+    def _active_hf(self) -> nn.Module:
+        """The model a forward runs: ``target_hf`` in target mode with ``backbone="base"``, else ``hf``."""
+        return self.target_hf if self.state.mode == "target" and self.target_hf is not None else self.hf
+
     def forward(self, *args, **kwargs):
-        return self.hf(*args, **kwargs)
+        return self._active_hf()(*args, **kwargs)
 
     @torch.no_grad()
     def generate(self, *args, **kwargs):
-        return self.hf.generate(*args, **kwargs)
+        return self._active_hf().generate(*args, **kwargs)
 
     # -- switches --------------------------------------------------------------------------------
     @contextmanager
