@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ADAPTERLENS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ADAPTERLENS_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Field(default=Path("data"), description="Holds the SQLite file, models, checkpoints.")
     database_url: str | None = Field(
