@@ -189,9 +189,7 @@ class Example(Base):
     prompt_id: Mapped[int | None] = mapped_column(ForeignKey("prompts.id", ondelete="SET NULL"))
     max_act: Mapped[float] = mapped_column(Float)
 
-    __table_args__ = (
-        Index("ix_examples_feature", "run_id", "layer", "index", "kind", "rank", unique=True),
-    )
+    __table_args__ = (Index("ix_examples_feature", "run_id", "layer", "index", "kind", "rank", unique=True),)
 
 
 class Prompt(Base):
