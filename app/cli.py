@@ -1,0 +1,261 @@
+"""The ``adapterlens`` command line: one command per job a person does.
+
+Torch-side code is imported inside the commands that need it, so ``serve`` and ``db`` run in the
+web image, which has no torch. Global options (``--data-dir``, ``--database-url``) are exported to
+the environment, so the worker and server processes that ``up`` starts see the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.settings import Settings
+
+app = typer.Typer(help="AdapterLens: what did reasoning training change inside this model?",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+log = logging.getLogger("adapterlens")
+
+DEFAULT_ORGANISM = "organism"
+DEFAULT_TRAIN_PRESET = "organism"
+
+
+@app.callback()
+def main_options(
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory (env ADAPTERLENS_DATA_DIR; default ./data).")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy/Postgres URL (env DATABASE_URL; "
+                                                          "default SQLite in the data directory).")] = None,
+    device: Annotated[str | None, typer.Option(help="torch device: auto, cpu, cuda, cuda:1 …")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    if data_dir is not None:
+        os.environ["ADAPTERLENS_DATA_DIR"] = str(data_dir.expanduser().resolve())
+    if database_url is not None:
+        os.environ["DATABASE_URL"] = database_url
+    if device is not None:
+        os.environ["ADAPTERLENS_DEVICE"] = device
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg="red")
+    return typer.Exit(2)
+
+
+def _inline(kind: str, payload: dict):
+    """Run a job kind's handler in the foreground (same code as the worker), after migrating the store."""
+    from app.db.migrate import upgrade
+    from worker.loop import run_inline
+
+    settings = _settings()
+    upgrade(settings.db_url)
+    try:
+        return run_inline(settings, kind, payload, handler_modules=["worker.pipeline", *_extra_handler_modules()])
+    except (ValueError, LookupError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _extra_handler_modules() -> list[str]:
+    """Handler modules beyond the pipeline's, when present (they land issue by issue)."""
+    import importlib.util
+
+    names = ["worker.collect.job", "worker.attribution.job", "worker.ablation.job"]
+    return [n for n in names if importlib.util.find_spec(n) is not None]
+
+
+def _create_run(name: str | None, base: str | None, target: str | None, preset: str, organism_preset: str,
+                seed: int, config: Path | None, overrides: list[str], data: Path | None) -> int:
+    """Create (or find) the run row that the train/evaluate/collect handlers work on."""
+    from app.db.session import make_engine, make_sessionmaker
+    from training.config import load_train_config, train_config_to_dict
+    from worker.models_cache import OrganismSpec
+    from worker.pipeline import ensure_run, organism_run_name
+
+    try:
+        cfg = load_train_config(config, preset_name=preset, overrides=overrides)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    if (base is None) != (target is None):
+        raise _fail("give both --base and --target, or neither (the organism)")
+    if base is None:
+        spec = OrganismSpec(organism_preset, seed).spec
+        base = target = spec
+        data_cfg = {"kind": "organism"}
+        name = name or organism_run_name(organism_preset, seed, preset)
+    else:
+        if data is None:
+            raise _fail("training real models needs --data (a JSONL file with a 'text' field)")
+        data_cfg = {"kind": "jsonl", "path": str(data.resolve())}
+        name = name or f"{Path(target).name}-{preset}"
+    engine = make_engine(_settings())
+    try:
+        with make_sessionmaker(engine)() as s, s.begin():
+            return ensure_run(s, name=name, base_model=base, target_model=target,
+                              config={"train": train_config_to_dict(cfg), "data": data_cfg, "preset": preset})
+    finally:
+        engine.dispose()
+
+
+def _run_id(run: str | None) -> int:
+    """A run by name or id (default: the latest)."""
+    from sqlalchemy import select
+
+    from app.db.migrate import upgrade
+    from app.db.schema import Run
+    from app.db.session import make_engine, make_sessionmaker
+
+    settings = _settings()
+    upgrade(settings.db_url)
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as s:
+            if run is None:
+                found = s.scalar(select(Run).order_by(Run.id.desc()).limit(1))
+            elif run.isdigit():
+                found = s.get(Run, int(run))
+            else:
+                found = s.scalar(select(Run).where(Run.name == run))
+            if found is None:
+                raise _fail(f"no run {run!r}" if run else "no runs yet; train one with `adapterlens train`")
+            return found.id
+    finally:
+        engine.dispose()
+
+
+# -- commands ----------------------------------------------------------------------------------------------
+
+@app.command()
+def organism(
+    preset: Annotated[str, typer.Option(help="organism or organism-tiny")] = DEFAULT_ORGANISM,
+    seed: Annotated[int, typer.Option(help="Everything is deterministic from this seed.")] = 0,
+    force: Annotated[bool, typer.Option(help="Rebuild even if cached.")] = False,
+) -> None:
+    """Build (or reuse) the model organism: a tiny base model and its hesitating reasoning variant."""
+    out = _inline("organism", {"preset": preset, "seed": seed, "force": force})
+    typer.echo(json.dumps(out, indent=1))
+
+
+@app.command()
+def train(
+    run: Annotated[str | None, typer.Option(help="Run name (default from the models and preset).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (MLP donor): path or HF id. Default: the organism.")] = None,
+    target: Annotated[str | None, typer.Option(help="Target (reasoning) model: path or HF id.")] = None,
+    data: Annotated[Path | None, typer.Option(help="JSONL training texts (real models).")] = None,
+    preset: Annotated[str, typer.Option(help="Training preset: organism, organism-tiny, paper-7b.")] = DEFAULT_TRAIN_PRESET,
+    config: Annotated[Path | None, typer.Option(help="YAML training config (instead of --preset).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set lr=1e-3.")] = None,
+    organism_preset: Annotated[str, typer.Option(help="Organism preset when no models are given.")] = DEFAULT_ORGANISM,
+    seed: Annotated[int, typer.Option(help="Organism seed.")] = 0,
+    fresh: Annotated[bool, typer.Option(help="Start over instead of resuming the run's checkpoint.")] = False,
+) -> None:
+    """Train transcoder adapters so that the adapter model matches the target."""
+    if base is None:
+        _inline("organism", {"preset": organism_preset, "seed": seed})
+    run_id = _create_run(run, base, target, preset, organism_preset, seed, config, set_ or [], data)
+    out = _inline("train", {"run_id": run_id, "resume": not fresh})
+    typer.echo(json.dumps({k: v for k, v in out.items() if k != "final"}, indent=1))
+
+
+@app.command()
+def evaluate(
+    run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
+    n_prompts: Annotated[int, typer.Option(help="Held-out prompts.")] = 300,
+    prompts: Annotated[Path | None, typer.Option(help="JSONL {prompt, answer} for real models.")] = None,
+) -> None:
+    """Compare base / hybrid / adapted / target: KL, NMSE, hesitation, length, accuracy, L0."""
+    out = _inline("evaluate", {"run_id": _run_id(run), "n_prompts": n_prompts,
+                               "prompts_path": str(prompts) if prompts else None})
+    typer.echo(out["table"])
+
+
+@app.command()
+def pipeline(
+    organism_preset: Annotated[str, typer.Option(help="organism or organism-tiny")] = DEFAULT_ORGANISM,
+    preset: Annotated[str, typer.Option(help="Training preset.")] = DEFAULT_TRAIN_PRESET,
+    seed: Annotated[int, typer.Option()] = 0,
+    n_prompts: Annotated[int, typer.Option(help="Held-out prompts for the evaluation.")] = 300,
+) -> None:
+    """The embedded default, in the foreground: build the organism, train adapters, evaluate, collect."""
+    _inline("organism", {"preset": organism_preset, "seed": seed})
+    run_id = _create_run(None, None, None, preset, organism_preset, seed, None, [], None)
+    _inline("train", {"run_id": run_id})
+    out = _inline("evaluate", {"run_id": run_id, "n_prompts": n_prompts})
+    typer.echo(out["table"])
+    if "worker.collect.job" in _extra_handler_modules():
+        _inline("collect", {"run_id": run_id})
+
+
+@app.command()
+def worker(
+    kinds: Annotated[str | None, typer.Option(help="Comma-separated job kinds to take (default: all).")] = None,
+    once: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
+) -> None:
+    """Run the job loop: claim jobs from the database and run them."""
+    from worker.loop import run_worker
+
+    n = run_worker(_settings(), kinds=kinds.split(",") if kinds else None, wait=not once)
+    typer.echo(f"processed {n} job(s)")
+
+
+@app.command()
+def enqueue(
+    kind: Annotated[str, typer.Argument(help="Job kind: organism, train, evaluate, collect, …")],
+    payload: Annotated[str, typer.Option(help="JSON payload.")] = "{}",
+    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+) -> None:
+    """Add a job to the queue (a running worker picks it up)."""
+    from app.db.migrate import upgrade
+    from app.db.session import make_engine
+    from worker import queue
+
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"--payload is not valid JSON: {exc}") from exc
+    settings = _settings()
+    upgrade(settings.db_url)
+    engine = make_engine(settings)
+    try:
+        job_id = queue.enqueue(engine, kind, data, priority=priority)
+    finally:
+        engine.dispose()
+    typer.echo(f"queued job {job_id} ({kind})")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply migrations (idempotent)."""
+    from app.db.migrate import upgrade
+
+    upgrade(_settings().db_url, revision)
+    typer.echo(f"database at {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument()] = "base") -> None:
+    """Revert migrations (default: everything)."""
+    from app.db.migrate import downgrade
+
+    downgrade(_settings().db_url, revision)
+    typer.echo(f"database at {revision}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The default pipeline's job kinds: ``organism`` → ``train`` → ``evaluate`` → ``collect``.
+
+Each is a handler (registered for the worker, and run in the foreground by the CLI through
+``worker.loop.run_inline``). A *run* (a row in ``runs``) names its base and target model specs, the
+training config it uses and where its data comes from; the handlers read the run, do their work,
+and write back idempotently (metrics by step, evaluation JSON, checkpoint path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from app.db.schema import Run, RunMetric
+from app.db.write import upsert
+from app.settings import Settings
+from worker.handlers import JobContext, JobInterrupted, register
+from worker.models_cache import OrganismSpec, load_run_model, parse_organism_spec
+
+log = logging.getLogger(__name__)
+
+METRICS_FLUSH_EVERY = 25  # steps buffered before metrics rows are written
+
+
+# -- runs --------------------------------------------------------------------------------------------------
+
+def organism_run_name(preset: str, seed: int, train_preset: str) -> str:
+    return f"{preset}-s{seed}-{train_preset}"
+
+
+def ensure_run(session, *, name: str, base_model: str, target_model: str, config: dict[str, Any]) -> int:
+    """The id of run ``name``, created (status ``created``) when missing; an existing run is left as it is."""
+    run = session.scalar(select(Run).where(Run.name == name))
+    if run is None:
+        run = Run(name=name, base_model=base_model, target_model=target_model, config=config, status="created")
+        session.add(run)
+        session.flush()
+    return run.id
+
+
+def _settings(ctx: JobContext) -> Settings:
+    """Settings of the process that runs the job, with the database the job came from."""
+    return Settings(database_url=str(ctx.engine.url.render_as_string(hide_password=False)))
+
+
+def _run(ctx: JobContext, run_id: int) -> Run:
+    with ctx.session() as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            raise LookupError(f"run {run_id} does not exist")
+        s.expunge(run)
+        return run
+
+
+def _set_run(ctx: JobContext, run_id: int, **values: Any) -> None:
+    with ctx.session() as s:
+        run = s.get(Run, run_id)
+        for k, v in values.items():
+            setattr(run, k, v)
+
+
+# -- organism ----------------------------------------------------------------------------------------------
+
+class OrganismPayload(BaseModel):
+    preset: str = "organism"
+    seed: int = Field(0, ge=0)
+    force: bool = False
+
+
+@register("organism", OrganismPayload)
+def organism_job(ctx: JobContext) -> dict:
+    """Build (or reuse) the model organism under the data directory."""
+    from training.organism.build import build_organism
+
+    p: OrganismPayload = ctx.payload
+    steps = {"n": 0}
+
+    def on_step(metrics: dict) -> None:
+        steps["n"] += 1
+        ctx.progress(steps["n"], None, f"{metrics.get('phase', 'train')} loss {metrics.get('loss', float('nan')):.3f}")
+        ctx.check()
+
+    paths = build_organism(p.preset, p.seed, data_dir=_settings(ctx).resolved_data_dir, force=p.force,
+                           progress=ctx.job_id is None, on_step=on_step)
+    manifest = paths.read_manifest()
+    return {"root": str(paths.root), "evaluation": manifest.get("evaluation"), "timings": manifest.get("timings")}
+
+
+# -- train -------------------------------------------------------------------------------------------------
+
+class TrainPayload(BaseModel):
+    run_id: int
+    resume: bool = True
+
+
+def training_data(run: Run, tokenizer, settings: Settings):
+    """The token sequences a run trains on: the organism's reasoning traces, or a JSONL file's texts."""
+    from training.data import TokenDataset
+
+    data = (run.config or {}).get("data") or {}
+    kind = data.get("kind", "organism" if parse_organism_spec(run.target_model) else None)
+    if kind == "organism":
+        org = parse_organism_spec(run.target_model)
+        return TokenDataset.from_token_lists(organism_sequences(org, tokenizer, split="train"),
+                                             pad_id=tokenizer.pad_token_id or 0)
+    if kind == "jsonl":
+        return TokenDataset.from_jsonl(data["path"], tokenizer, text_field=data.get("text_field", "text"))
+    raise ValueError(f"run {run.name!r} has no usable training data config: {data!r} (kinds: organism, jsonl)")
+
+
+def organism_problems(org: OrganismSpec, split: str) -> list:
+    """The organism's train or held-out problems (recomputed from preset and seed, as the build made them)."""
+    from training.organism.build import get_preset
+    from training.organism.tasks import FAMILIES, make_splits
+
+    splits = make_splits(org.seed, get_preset(org.preset).n_heldout, FAMILIES)
+    return [p for s in splits.values() for p in (s.train if split == "train" else s.heldout)]
+
+
+def organism_sequences(org: OrganismSpec, tokenizer, split: str) -> list[list[int]]:
+    """Chat-formatted reasoning traces, tokenized like generation sees them (prompt, then completion, eos)."""
+    from training.chat import THINK_END, format_prompt
+    from training.organism.tasks import reasoning_trace
+
+    out = []
+    for p in organism_problems(org, split):
+        prompt = tokenizer(format_prompt(p.text))["input_ids"]
+        completion = tokenizer(reasoning_trace(p) + THINK_END + p.answer, add_special_tokens=False)["input_ids"]
+        out.append(prompt + completion + [tokenizer.eos_token_id])
+    return out
+
+
+@register("train", TrainPayload)
+def train_job(ctx: JobContext) -> dict:
+    """Train a run's adapters; metrics stream into ``run_metrics``, the checkpoint path into the run."""
+    from training.config import train_config_from_dict
+    from training.trainer import total_steps, train
+
+    p: TrainPayload = ctx.payload
+    settings = _settings(ctx)
+    run = _run(ctx, p.run_id)
+    cfg = train_config_from_dict((run.config or {}).get("train") or {})
+    model, tokenizer = load_run_model(settings, run.base_model, run.target_model, None,
+                                      adapter_cfg={**cfg.adapter.__dict__})
+    data = training_data(run, tokenizer, settings)
+    n_total = total_steps(cfg, len(data))
+    run_dir = settings.runs_dir / run.name
+    _set_run(ctx, p.run_id, status="training", n_layers=model.n_layers, n_features=model.n_features,
+             d_model=model.hf.config.hidden_size)
+    buffer: list[dict] = []
+
+    def flush() -> None:
+        if buffer:
+            with ctx.session() as s:
+                upsert(s, RunMetric, [{"run_id": p.run_id, "step": m["step"], "metrics": m} for m in buffer])
+            buffer.clear()
+
+    def on_step(metrics: dict) -> None:
+        buffer.append(metrics)
+        if len(buffer) >= METRICS_FLUSH_EVERY:
+            flush()
+        ctx.progress(metrics["step"], n_total, f"loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} l0 {metrics['l0']:.1f}")
+        if ctx.cancelled():
+            raise JobInterrupted("training interrupted; the last checkpoint is kept")
+
+    try:
+        result = train(cfg, model, data, run_dir=run_dir, on_step=on_step, resume=p.resume,
+                       progress=ctx.job_id is None, base_name=run.base_model, target_name=run.target_model)
+    finally:
+        flush()
+    _set_run(ctx, p.run_id, status="trained", checkpoint=str(result.checkpoint_dir))
+    return {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
+            "checkpoint": str(result.checkpoint_dir), "final": result.final}
+
+
+# -- evaluate ----------------------------------------------------------------------------------------------
+
+class EvaluatePayload(BaseModel):
+    run_id: int
+    n_prompts: int = Field(300, ge=1, description="held-out prompts (organism), spread over the families")
+    max_new_tokens: int = Field(96, ge=1, le=4096)
+    prompts_path: str | None = Field(None, description="JSONL of {prompt, answer?} for real models")
+
+
+def evaluation_prompts(run: Run, n: int, prompts_path: str | None) -> tuple[list[str], list[str | None], Any]:
+    """Chat-formatted held-out prompts with answers, and the answer extractor to score them."""
+    from training.chat import format_prompt
+
+    org = parse_organism_spec(run.target_model)
+    if prompts_path is None and org is not None:
+        from training.organism.tasks import extract_answer
+
+        problems = organism_problems(org, "heldout")
+        problems = problems[:: max(len(problems) // n, 1)][:n]
+        return [format_prompt(p.text) for p in problems], [p.answer for p in problems], extract_answer
+    if prompts_path is None:
+        raise ValueError("evaluating a non-organism run needs prompts_path (JSONL with a 'prompt' field)")
+    rows = [json.loads(line) for line in Path(prompts_path).read_text().splitlines() if line.strip()]
+    return [format_prompt(r["prompt"]) for r in rows[:n]], [r.get("answer") for r in rows[:n]], None
+
+
+@register("evaluate", EvaluatePayload)
+def evaluate_job(ctx: JobContext) -> dict:
+    """Evaluate base / hybrid / adapted / target; the result goes into ``runs.evaluation`` and eval.json."""
+    from training.evaluate import evaluate, format_table
+    from training.models import load_causal_lm
+    from worker.models_cache import resolve_model
+
+    p: EvaluatePayload = ctx.payload
+    settings = _settings(ctx)
+    run = _run(ctx, p.run_id)
+    if not run.checkpoint:
+        raise LookupError(f"run {run.name!r} has no trained adapters to evaluate")
+    ctx.progress(0, 3, "loading models")
+    model, tokenizer = load_run_model(settings, run.base_model, run.target_model, run.checkpoint)
+    base = load_causal_lm(resolve_model(run.base_model, settings, "base"), device=next(model.hf.parameters()).device)
+    prompts, answers, extract = evaluation_prompts(run, p.n_prompts, p.prompts_path)
+    ctx.progress(1, 3, f"generating and scoring {len(prompts)} prompts")
+    result = evaluate(model, base.eval(), tokenizer, prompts, answers, extract_answer=extract,
+                      max_new_tokens=p.max_new_tokens)
+    table = format_table(result)
+    log.info("evaluation of %s:\n%s", run.name, table)
+    out = result.to_dict()
+    run_dir = settings.runs_dir / run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval.json").write_text(json.dumps(out, indent=1))
+    _set_run(ctx, p.run_id, evaluation=out, status="evaluated")
+    ctx.progress(3, 3, "done")
+    return {"table": table, "kl_gap_closed": result.kl_gap_closed,
+            "reproduced_hesitation": result.reproduced_hesitation, "false_hesitation": result.false_hesitation}
