@@ -194,8 +194,8 @@ class AdapterModel(nn.Module):
             device = (ids if ids is not None else emb).device
             pos = (torch.arange(seq, device=device) + past).expand(batch, -1)
             mask = kwargs.get("attention_mask")
-            if mask is not None and not isinstance(mask, dict) and mask.dim() == 2 and past == 0:
-                # left padding: logical position 0 is the first real token
+            if mask is not None and not isinstance(mask, dict) and mask.dim() == 2 and mask.shape[1] == past + seq:
+                # left padding: logical position 0 is the first real token (the mask covers cache + new tokens)
                 pos = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
         self.state.position_ids = pos
         return None
@@ -229,6 +229,9 @@ class AdapterModel(nn.Module):
         if isinstance(interventions, Intervention):
             interventions = [interventions]
         for iv in interventions:
+            for layer in iv.layers or ():
+                if not 0 <= layer < self.n_layers:
+                    raise IndexError(f"intervention layer {layer} outside the model's {self.n_layers} layers")
             for layer, idx in iv.features:
                 if not 0 <= layer < self.n_layers or not 0 <= idx < self.n_features:
                     raise IndexError(f"feature ({layer}, {idx}) outside {self.n_layers} layers × {self.n_features}")
