@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pwd
 import random
 import shutil
 import socket
@@ -108,6 +109,11 @@ def pg_server_url() -> Iterator[str]:
     bindir = _pg_bindir()
     if bindir is None:
         pytest.skip(_pg_unavailable_reason() or "PostgreSQL unavailable")
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root, and there is no 'postgres' user to run the throwaway cluster as")
     root = Path(tempfile.mkdtemp(prefix="adapterlens-pg-"))
     data, sockets, logfile = root / "data", root / "sock", root / "server.log"
     sockets.mkdir()
