@@ -1,0 +1,117 @@
+"""Weight-only feature views: the logit lens and decoder-direction neighbours.
+
+Logit lens convention (one place, used by every page): a feature's decoder column ``W_dec[:, i]`` is
+multiplied by the final RMSNorm's gain ``g`` (elementwise; the norm's ``1/rms`` is left out because it
+depends on the whole residual stream, not on the feature) and then by the unembedding::
+
+    lens_i = W_U (g ⊙ W_dec[:, i])  −  mean over the vocabulary of the same vector
+
+The mean over the vocabulary is subtracted ("demeaned") because softmax ignores a constant shift, so
+only the differences carry meaning; the top and bottom tokens are the same either way. A head bias
+(if the model has one) is left out: it does not depend on the feature.
+
+Neighbours: cosine similarity of decoder columns among all features of all layers, computed in
+chunks on the device (a chunk of query features against every feature); a feature's own column is
+excluded, and features whose decoder column is zero (never trained, or dead) have no neighbours and
+are nobody's neighbour.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from training.adapter import AdapterModel
+
+logger = logging.getLogger(__name__)
+
+_CHUNK_ELEMENTS = 1 << 28  # elements of one [chunk, vocab] or [chunk, all features] block (1 GiB in fp32)
+
+
+@dataclass
+class LayerLens:
+    """Per layer: the ``n`` most promoted and most suppressed tokens of each feature, [F, n]."""
+
+    top_ids: torch.Tensor
+    top_values: torch.Tensor
+    bottom_ids: torch.Tensor
+    bottom_values: torch.Tensor
+
+
+@dataclass
+class LayerNeighbours:
+    """Per layer: each feature's nearest decoder directions, [F, n]; ``layer == -1`` pads missing ones."""
+
+    layer: torch.Tensor
+    index: torch.Tensor
+    cosine: torch.Tensor
+
+
+def _unembedding(model: AdapterModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_U [V, d], final-norm gain [d]) of the adapter model."""
+    head = model.hf.get_output_embeddings()
+    if head is None:
+        raise TypeError(f"{type(model.hf).__name__} has no output embeddings; cannot build the logit lens")
+    norm = getattr(model.hf.model, "norm", None)
+    gain = getattr(norm, "weight", None)
+    if gain is None:
+        raise TypeError(f"{type(model.hf.model).__name__} has no final norm weight (.model.norm.weight)")
+    return head.weight, gain
+
+
+@torch.no_grad()
+def logit_lens(model: AdapterModel, *, n: int = 10, layers: list[int] | None = None) -> dict[int, LayerLens]:
+    """Top and bottom ``n`` tokens of every feature's demeaned logit-lens vector (see module docstring)."""
+    W_U, gain = _unembedding(model)
+    vocab = W_U.shape[0]
+    n = min(n, vocab)
+    chunk = max(1, _CHUNK_ELEMENTS // vocab)
+    out: dict[int, LayerLens] = {}
+    for layer in layers if layers is not None else range(model.n_layers):
+        W_dec = model.adapters[layer].W_dec  # [d, F]
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for start in range(0, W_dec.shape[1], chunk):
+            dirs = (W_dec[:, start:start + chunk].T * gain).to(W_U.dtype)  # [c, d]
+            logits = (dirs @ W_U.T).float()  # [c, V]
+            logits -= logits.mean(dim=1, keepdim=True)
+            top = logits.topk(n, dim=1)
+            bottom = logits.topk(n, dim=1, largest=False)
+            parts.append((top.indices, top.values, bottom.indices, bottom.values))
+        cat = [torch.cat(p).cpu() for p in zip(*parts, strict=True)]
+        out[layer] = LayerLens(cat[0], cat[1], cat[2], cat[3])
+    return out
+
+
+@torch.no_grad()
+def decoder_neighbours(model: AdapterModel, *, n: int = 10, layers: list[int] | None = None
+                       ) -> dict[int, LayerNeighbours]:
+    """Each feature's ``n`` highest-cosine decoder columns among all features of all layers."""
+    all_layers = list(range(model.n_layers))
+    query_layers = layers if layers is not None else all_layers
+    F_ = model.n_features
+    dirs = torch.cat([model.adapters[i].W_dec.T for i in all_layers])  # [L·F, d]
+    norms = dirs.float().norm(dim=1)
+    alive = norms > 0
+    unit = dirs / norms.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1).to(dirs.dtype)
+    total = unit.shape[0]
+    n = min(n, total - 1)
+    chunk = max(1, _CHUNK_ELEMENTS // total)
+    out: dict[int, LayerNeighbours] = {}
+    for layer in query_layers:
+        parts = []
+        for start in range(layer * F_, (layer + 1) * F_, chunk):
+            stop = min(start + chunk, (layer + 1) * F_)
+            sims = (unit[start:stop] @ unit.T).float()  # [c, L·F]
+            sims[:, ~alive] = float("-inf")
+            sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")  # not oneself
+            top = sims.topk(n, dim=1)
+            idx = top.indices
+            cos = top.values
+            missing = ~torch.isfinite(cos) | ~alive[start:stop].unsqueeze(1)
+            parts.append((torch.where(missing, -1, idx // F_), torch.where(missing, -1, idx % F_),
+                          cos.masked_fill(missing, 0.0)))
+        lay, idx, cos = (torch.cat(p).cpu() for p in zip(*parts, strict=True))
+        out[layer] = LayerNeighbours(lay, idx, cos)
+    return out

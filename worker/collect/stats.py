@@ -1,0 +1,339 @@
+"""Streaming per-feature accumulators for one layer, updated on the device and merged exactly.
+
+Every statistic is computed from the *sparse* list of nonzero activations of a batch
+(``(row, position, feature, value)`` from one ``nonzero`` over ``f > 0``), so the cost of an update
+scales with the number of active (token, feature) pairs, not with tokens × features: with a trained
+adapter (L0 of 1–10 per token) that is a few thousand entries per batch and layer.
+
+Kept examples (top-k and random) live in fixed-size per-feature buffers ``[F, k]`` sorted by a key,
+ascending, with ties broken by location (sequence id, then position), so the result never depends on
+the order in which batches or shards arrive:
+
+- top-k: key = −activation (the largest activations first; equal activations → earlier location);
+- random: key = a hash of (seed, layer, feature, location) → a uniform 32-bit number; keeping the k
+  smallest keys is a uniform random k-subset of the feature's nonzero occurrences (bottom-k sampling,
+  equivalent to reservoir sampling). Because a key depends only on the occurrence and the seed, the
+  union of two shards' bottom-k sets contains the bottom-k of the whole corpus: shard + merge gives
+  *exactly* the one-pass sample, which weighted reservoir merging would only give in distribution.
+
+A buffer update is vectorised: candidates are filtered against each feature's current k-th key,
+then the touched rows and the candidates are ordered by (feature, key, location) with three stable
+sorts and the first k per feature are scattered back. No Python loop runs per feature or per token.
+
+With each kept example the accumulator stores that feature's activations over the context window
+``[pos - ctx_before, pos + ctx_after]`` (cut from the batch's activations while they are on the
+device), so memory stays ``O(F × (k_top + k_random) × window)`` per layer, independent of the corpus
+size, and no second forward pass is needed. Token ids of the windows are filled in from the corpus at
+the end (:meth:`FeatureStats.fill_tokens`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from training.chat import REGION_NAMES
+
+# Locations pack (sequence id, position) into one int64: sequences up to 2^24 tokens, 2^39 sequences.
+POS_BITS = 24
+POS_MASK = (1 << POS_BITS) - 1
+
+# Activation histogram: fixed log-spaced bins so histograms of shards merge by addition.
+# Bin 0 is (0, 1e-3); bins 1..50 are [10^(-3 + (i-1)/10), 10^(-3 + i/10)); the last is [1e2, ∞).
+HIST_DECADES = (-3, 2)  # log10 of the lowest and highest finite edge
+HIST_BINS_PER_DECADE = 10
+HIST_EDGES = torch.logspace(HIST_DECADES[0], HIST_DECADES[1],
+                            (HIST_DECADES[1] - HIST_DECADES[0]) * HIST_BINS_PER_DECADE + 1, dtype=torch.float64)
+N_HIST = HIST_EDGES.numel() + 1
+N_REGIONS = len(REGION_NAMES)
+N_THINK_BINS = 10  # relative position p in the thinking span → bin min(floor(10 p), 9)
+
+_M32 = 0xFFFFFFFF
+_EMPTY_DATA = {"tokens": -1}  # payload of an empty slot (others 0)
+_EMPTY_KEY = {torch.float32: float("inf"), torch.float64: float("inf"), torch.int64: torch.iinfo(torch.int64).max}
+
+
+def value_dtype(act_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of kept activation values and top-k keys: the activations' own, at least float32."""
+    return torch.promote_types(act_dtype, torch.float32)
+
+
+def pack_loc(seq: torch.Tensor | int, pos: torch.Tensor | int) -> torch.Tensor | int:
+    return (seq << POS_BITS) | pos
+
+
+def unpack_loc(loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return loc >> POS_BITS, loc & POS_MASK
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (xorshift-multiply) on int64 tensors holding values in [0, 2^32).
+
+    Multipliers are below 2^31 so every product fits in a signed int64 (no overflow on any backend).
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5A6CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def sample_keys(seed: int, layer: int, feature: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+    """Pseudo-random key in [0, 2^32) per (seed, layer, feature, location); the same on every device."""
+    h = torch.full_like(loc, ((seed * 0x1E3779B1) ^ (layer * 0x2545F491)) & _M32)
+    h = _mix32(h)
+    h = _mix32(h ^ feature)
+    h = _mix32(h ^ (loc & _M32))
+    return _mix32(h ^ (loc >> 32))
+
+
+@dataclass
+class BatchInfo:
+    """What every layer's update needs about the current batch (all [rows, seq] on the device)."""
+
+    valid: torch.Tensor  # bool: a real token (not padding)
+    loc: torch.Tensor  # int64: packed (sequence id, position)
+    region: torch.Tensor  # int64: Region of the token
+    think_bin: torch.Tensor  # int64: bin of the relative thinking position, -1 outside thinking
+    lengths: torch.Tensor  # int64 [rows]: real length of each row
+
+
+@dataclass
+class KeptExamples:
+    """Per-feature buffers of the k best entries by (key, location), ascending; ``loc == -1`` = empty.
+
+    ``data`` holds payload tensors shaped ``[F, k, ...]`` that travel with the entries: ``value`` (the
+    activation at the focus token), ``acts`` (the window's activations) and, after ``fill_tokens``,
+    ``tokens`` (the window's token ids, -1 outside the sequence).
+    """
+
+    key: torch.Tensor  # [F, k]
+    loc: torch.Tensor  # [F, k] int64
+    data: dict[str, torch.Tensor]
+
+    @classmethod
+    def empty(cls, n_features: int, k: int, key_dtype: torch.dtype, window: int, act_dtype: torch.dtype,
+              device: torch.device | str) -> KeptExamples:
+        return cls(
+            key=torch.full((n_features, k), _EMPTY_KEY[key_dtype], dtype=key_dtype, device=device),
+            loc=torch.full((n_features, k), -1, dtype=torch.int64, device=device),
+            data={"value": torch.zeros(n_features, k, dtype=value_dtype(act_dtype), device=device),
+                  "acts": torch.zeros(n_features, k, window, dtype=act_dtype, device=device)},
+        )
+
+    @property
+    def k(self) -> int:
+        return self.key.shape[1]
+
+    def to(self, device: torch.device | str) -> KeptExamples:
+        return KeptExamples(self.key.to(device), self.loc.to(device), {n: t.to(device) for n, t in self.data.items()})
+
+    def clone(self) -> KeptExamples:
+        return KeptExamples(self.key.clone(), self.loc.clone(), {n: t.clone() for n, t in self.data.items()})
+
+    def offer(self, feature: torch.Tensor, key: torch.Tensor, loc: torch.Tensor,
+              payload: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        """Merge candidates (1-D tensors of one length) into the buffers, in place.
+
+        ``payload(idx)`` returns the data of candidates ``idx`` (only those that are kept are asked for).
+        """
+        k = self.k
+        if k == 0 or feature.numel() == 0:
+            return
+        # A candidate can only enter if it is not worse than the feature's current k-th entry
+        # (equal keys are kept: the location decides below).
+        cand = (key <= self.key[feature, k - 1]).nonzero().squeeze(1)
+        if cand.numel() == 0:
+            return
+        feature, key, loc = feature[cand], key[cand], loc[cand]
+        rows = torch.unique(feature)  # sorted
+        n_rows = rows.numel()
+        old_loc = self.loc[rows]  # [T, k]
+        occupied = old_loc >= 0
+        slot = (rows.unsqueeze(1) * k + torch.arange(k, device=rows.device)).masked_select(occupied)
+        old_row = torch.arange(n_rows, device=rows.device).unsqueeze(1).expand(n_rows, k).masked_select(occupied)
+        all_row = torch.cat([old_row, torch.searchsorted(rows, feature)])
+        all_key = torch.cat([self.key.reshape(-1)[slot], key])
+        all_loc = torch.cat([old_loc.masked_select(occupied), loc])
+        n_old = slot.numel()
+        # Order by (row, key, location): stable sorts from the least to the most significant field.
+        order = torch.argsort(all_loc, stable=True)
+        order = order[torch.argsort(all_key[order], stable=True)]
+        order = order[torch.argsort(all_row[order], stable=True)]
+        row = all_row[order]
+        rank = torch.arange(row.numel(), device=row.device) - torch.searchsorted(row, row)
+        keep = rank < k
+        order, row, rank = order[keep], row[keep], rank[keep]
+        from_old = order < n_old
+        new_idx = cand[order[~from_old] - n_old]
+
+        new_key = torch.full((n_rows, k), _EMPTY_KEY[self.key.dtype], dtype=self.key.dtype, device=rows.device)
+        new_loc = torch.full((n_rows, k), -1, dtype=torch.int64, device=rows.device)
+        new_key[row, rank] = all_key[order]
+        new_loc[row, rank] = all_loc[order]
+        fresh = payload(new_idx) if new_idx.numel() else {}
+        for name, buf in self.data.items():
+            flat = buf.reshape(buf.shape[0] * k, *buf.shape[2:])
+            new = torch.full((n_rows, k, *buf.shape[2:]), _EMPTY_DATA.get(name, 0), dtype=buf.dtype, device=buf.device)
+            new[row[from_old], rank[from_old]] = flat[slot[order[from_old]]]
+            if new_idx.numel():
+                new[row[~from_old], rank[~from_old]] = fresh[name].to(buf.dtype)
+            buf[rows] = new
+        self.key[rows] = new_key
+        self.loc[rows] = new_loc
+
+
+@dataclass
+class FeatureStats:
+    """All accumulators of one layer's F features. Create with :meth:`empty`, feed with :meth:`update`,
+    combine shards with :func:`merge`.
+
+    Counts are exact integers; ``act_sum`` is float64 (mean activation = act_sum / count, the mean over
+    the tokens where the feature is active, not over all tokens).
+    """
+
+    layer: int
+    n_features: int
+    ctx_before: int
+    ctx_after: int
+    seed: int
+    n_tokens: torch.Tensor  # [] int64: non-padding tokens seen
+    region_tokens: torch.Tensor  # [N_REGIONS] int64: tokens seen per region
+    think_tokens: torch.Tensor  # [N_THINK_BINS] int64: thinking tokens seen per relative-position bin
+    count: torch.Tensor  # [F] int64: tokens with f > 0
+    act_sum: torch.Tensor  # [F] float64
+    act_max: torch.Tensor  # [F] (value dtype; 0 for a feature that never fired)
+    hist: torch.Tensor  # [F, N_HIST] int64
+    regions: torch.Tensor  # [F, N_REGIONS] int64: active tokens per region
+    think_hist: torch.Tensor  # [F, N_THINK_BINS] int64: active thinking tokens per position bin
+    top: KeptExamples
+    random: KeptExamples
+    shards: list[tuple[int, int]] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, layer: int, n_features: int, *, top_k: int = 20, n_random: int = 10, ctx_before: int = 50,
+              ctx_after: int = 20, seed: int = 0, act_dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> FeatureStats:
+        w = ctx_before + 1 + ctx_after
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        return cls(
+            layer=layer, n_features=n_features, ctx_before=ctx_before, ctx_after=ctx_after, seed=seed,
+            n_tokens=zeros(()), region_tokens=zeros(N_REGIONS), think_tokens=zeros(N_THINK_BINS),
+            count=zeros(n_features), act_sum=zeros(n_features, dtype=torch.float64),
+            act_max=zeros(n_features, dtype=value_dtype(act_dtype)), hist=zeros(n_features, N_HIST),
+            regions=zeros(n_features, N_REGIONS), think_hist=zeros(n_features, N_THINK_BINS),
+            top=KeptExamples.empty(n_features, top_k, value_dtype(act_dtype), w, act_dtype, device),
+            random=KeptExamples.empty(n_features, n_random, torch.int64, w, act_dtype, device),
+        )
+
+    @property
+    def window(self) -> int:
+        return self.ctx_before + 1 + self.ctx_after
+
+    @property
+    def device(self) -> torch.device:
+        return self.count.device
+
+    # -- streaming --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, f: torch.Tensor, batch: BatchInfo) -> None:
+        """Add one batch of activations ``f`` [rows, seq, F] (padding positions are ignored)."""
+        if f.shape[-1] != self.n_features:
+            raise ValueError(f"layer {self.layer}: activations have {f.shape[-1]} features, expected {self.n_features}")
+        valid = batch.valid
+        self.n_tokens += valid.sum()
+        self.region_tokens += torch.bincount(batch.region[valid], minlength=N_REGIONS)
+        tb = batch.think_bin[valid]
+        self.think_tokens += torch.bincount(tb[tb >= 0], minlength=N_THINK_BINS)
+
+        b, s, j = ((f > 0) & valid.unsqueeze(-1)).nonzero(as_tuple=True)
+        if j.numel() == 0:
+            return
+        v = f[b, s, j].to(self.act_max.dtype)
+        F_ = self.n_features
+        self.count += torch.bincount(j, minlength=F_)
+        self.act_sum.index_add_(0, j, v.double())
+        self.act_max.scatter_reduce_(0, j, v, reduce="amax")
+        hbin = torch.bucketize(v.double(), HIST_EDGES.to(v.device), right=True)
+        self.hist += torch.bincount(j * N_HIST + hbin, minlength=F_ * N_HIST).view(F_, N_HIST)
+        self.regions += torch.bincount(j * N_REGIONS + batch.region[b, s], minlength=F_ * N_REGIONS).view(F_, N_REGIONS)
+        tb = batch.think_bin[b, s]
+        thinking = tb >= 0
+        self.think_hist += torch.bincount(j[thinking] * N_THINK_BINS + tb[thinking],
+                                          minlength=F_ * N_THINK_BINS).view(F_, N_THINK_BINS)
+
+        loc = batch.loc[b, s]
+        offsets = torch.arange(-self.ctx_before, self.ctx_after + 1, device=f.device)
+
+        def payload(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+            rows, pos, feat = b[idx], s[idx], j[idx]
+            win = pos.unsqueeze(1) + offsets  # [n, W]
+            inside = (win >= 0) & (win < batch.lengths[rows].unsqueeze(1))
+            acts = f[rows.unsqueeze(1), win.clamp(0, f.shape[1] - 1), feat.unsqueeze(1)]
+            return {"value": v[idx], "acts": acts.masked_fill(~inside, 0)}
+
+        self.top.offer(j, -v, loc, payload)
+        self.random.offer(j, sample_keys(self.seed, self.layer, j, loc), loc, payload)
+
+    # -- finishing --------------------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> FeatureStats:
+        moved = {name: getattr(self, name).to(device) for name in _TENSORS}
+        return FeatureStats(layer=self.layer, n_features=self.n_features, ctx_before=self.ctx_before,
+                            ctx_after=self.ctx_after, seed=self.seed, top=self.top.to(device),
+                            random=self.random.to(device), shards=list(self.shards), **moved)
+
+    def fill_tokens(self, windows: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Attach token ids of every kept window: ``windows(loc [n]) -> [n, W]`` (-1 outside the sequence)."""
+        for kept in (self.top, self.random):
+            tokens = torch.full(kept.loc.shape + (self.window,), -1, dtype=torch.int32, device=kept.loc.device)
+            occupied = kept.loc >= 0
+            if occupied.any():
+                tokens[occupied] = windows(kept.loc[occupied]).to(torch.int32).to(tokens.device)
+            kept.data["tokens"] = tokens
+
+    def frequency(self) -> torch.Tensor:
+        """Fraction of non-padding tokens where the feature fired, [F] float64."""
+        return self.count.double() / max(int(self.n_tokens), 1)
+
+    def mean_act(self) -> torch.Tensor:
+        """Mean activation over the tokens where the feature fired (0 if it never fired), [F] float64."""
+        return self.act_sum / self.count.clamp(min=1).double()
+
+
+_TENSORS = ("n_tokens", "region_tokens", "think_tokens", "count", "act_sum", "act_max", "hist", "regions",
+            "think_hist")
+
+
+def merge(a: FeatureStats, b: FeatureStats) -> FeatureStats:
+    """Combine the accumulators of two disjoint parts of a corpus; exact (``act_sum`` up to float64 rounding)."""
+    for name in ("layer", "n_features", "ctx_before", "ctx_after", "seed"):
+        if getattr(a, name) != getattr(b, name):
+            raise ValueError(f"cannot merge stats with different {name}: {getattr(a, name)} vs {getattr(b, name)}")
+    for name in ("top", "random"):
+        if getattr(a, name).k != getattr(b, name).k:
+            raise ValueError(f"cannot merge stats with different {name} sizes: {getattr(a, name).k} vs {getattr(b, name).k}")
+        if set(getattr(a, name).data) != set(getattr(b, name).data):
+            raise ValueError("cannot merge stats where only one side has token windows; fill_tokens both first")
+    overlap = set(a.shards) & set(b.shards)
+    if overlap:
+        raise ValueError(f"cannot merge stats that both contain shard(s) {sorted(overlap)}")
+    b = b.to(a.device)
+    out = a.to(a.device)
+    out.top, out.random = a.top.clone(), a.random.clone()
+    for name in _TENSORS:
+        setattr(out, name, getattr(a, name) + getattr(b, name))
+    out.act_max = torch.maximum(a.act_max, b.act_max)
+    for name in ("top", "random"):
+        src = getattr(b, name)
+        occupied = src.loc >= 0
+        feat = torch.arange(a.n_features, device=a.device).unsqueeze(1).expand_as(src.loc)[occupied]
+        data = {n: t[occupied] for n, t in src.data.items()}
+        getattr(out, name).offer(feat, src.key[occupied], src.loc[occupied],
+                                 lambda idx, data=data: {n: t[idx] for n, t in data.items()})
+    out.shards = sorted(a.shards + b.shards)
+    return out

@@ -1,0 +1,191 @@
+"""Writing a collection into the store's ``features`` and ``examples`` tables (app/db/schema.py).
+
+One transaction per call: the run's existing rows for the written layers are deleted first, so a
+re-run (or a retried job) replaces and never duplicates. Rows are produced a slice of features at a
+time (bounded memory at the paper's 229k features) and written in bulk: ``COPY … FROM STDIN`` through
+psycopg on Postgres, ``executemany`` batches elsewhere.
+
+JSON layouts (the feature page reads these):
+- ``histogram``: ``{"edges": [0, 1e-3, 10^-2.9, …, 1e2], "counts": [...]}``, one count per edge; bin i
+  is ``[edges[i], edges[i+1])`` and the last bin ``[1e2, ∞)``; counts are of tokens with f > 0.
+- ``logit_lens``: ``{"top": [[token_id, token_str, value], …], "bottom": [...]}``, most extreme first
+  (convention in worker/collect/lens.py: gain-scaled decoder through W_U, demeaned over the vocabulary).
+- ``region_counts``: ``{"prompt": n, "think-start": n, "thinking": n, "think-end": n, "answer": n}``,
+  active tokens per region.
+- ``think_pos_hist``: ``{"edges": [0, 0.1, …, 1], "counts": [10 counts]}``, active thinking tokens by
+  relative position in their thinking span.
+- ``neighbours``: ``[[layer, index, cosine], …]`` by decoder cosine, highest first.
+- examples: ``token_ids`` and ``acts`` cover the window inside the sequence (up to 50 before, 20 after),
+  ``focus`` indexes the selected token, ``max_act`` is the window's largest activation, acts are
+  rounded to 5 decimals; ``rank`` orders top examples by activation, random ones by sampling key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from sqlalchemy import Connection, Engine, Table, delete, insert, select
+from sqlalchemy.orm import Session
+
+from app.db.schema import Example, Feature, Run
+from training.chat import REGION_NAMES
+from worker.collect.result import CollectionResult
+from worker.collect.stats import FeatureStats, KeptExamples
+
+logger = logging.getLogger(__name__)
+
+FEATURE_SLICE = 1024  # features whose rows are built and sent together
+INSERT_BATCH = 5000  # rows per executemany on backends without COPY
+ACT_DECIMALS = 5  # stored precision of per-token activations
+
+_EXAMPLE_COLUMNS = ("run_id", "layer", "index", "kind", "rank", "token_ids", "acts", "focus", "max_act")
+_FEATURE_COLUMNS = ("run_id", "layer", "index", "frequency", "max_act", "mean_act", "histogram", "logit_lens",
+                    "region_counts", "think_pos_hist", "neighbours")
+_JSON_COLUMNS = {"token_ids", "acts", "histogram", "logit_lens", "region_counts", "think_pos_hist", "neighbours"}
+
+
+def write_collection(target: Session | Engine | Connection, run_id: int, result: CollectionResult,
+                     tokenizer: Any = None, *, layers: Sequence[int] | None = None) -> dict[str, int]:
+    """Replace the run's features and examples of ``layers`` (default: all in the result).
+
+    ``target``: an Engine (a transaction is opened and committed here), or a Session / Connection
+    (the rows are written inside its current transaction; the caller commits). ``tokenizer`` decodes
+    logit-lens tokens for display (token strings are null without one). Returns row counts.
+    """
+    layers = result.layers if layers is None else sorted(set(layers))
+    missing = [x for x in layers if x not in result.stats]
+    if missing:
+        raise ValueError(f"layers {missing} are not in the collection (it has {result.layers})")
+    if not result.complete:
+        logger.warning("writing a partial collection (shards %s) for run %s", result.shards, run_id)
+    if isinstance(target, Engine):
+        with target.begin() as conn:
+            return _write(conn, run_id, result, tokenizer, layers)
+    if isinstance(target, Session):
+        return _write(target.connection(), run_id, result, tokenizer, layers)
+    if isinstance(target, Connection):
+        return _write(target, run_id, result, tokenizer, layers)
+    raise TypeError(f"write_collection needs a Session, Engine or Connection, not {type(target).__name__}")
+
+
+def _write(conn: Connection, run_id: int, result: CollectionResult, tokenizer: Any, layers: list[int]) -> dict[str, int]:
+    if conn.execute(select(Run.id).where(Run.id == run_id)).first() is None:
+        raise ValueError(f"run {run_id} does not exist")
+    t0 = time.perf_counter()
+    conn.execute(delete(Example).where(Example.run_id == run_id, Example.layer.in_(layers)))
+    conn.execute(delete(Feature).where(Feature.run_id == run_id, Feature.layer.in_(layers)))
+    decode = _decoder(result, tokenizer, layers)
+    n_feat = n_ex = 0
+    for layer in layers:
+        s = result.stats[layer]
+        for start in range(0, s.n_features, FEATURE_SLICE):
+            stop = min(start + FEATURE_SLICE, s.n_features)
+            n_feat += _bulk(conn, Feature.__table__, _FEATURE_COLUMNS, _feature_rows(run_id, result, layer, start, stop, decode))
+            n_ex += _bulk(conn, Example.__table__, _EXAMPLE_COLUMNS, _example_rows(run_id, s, start, stop))
+    logger.info("stored run %s: %d features, %d examples in %.1f s", run_id, n_feat, n_ex, time.perf_counter() - t0)
+    return {"features": n_feat, "examples": n_ex}
+
+
+def _decoder(result: CollectionResult, tokenizer: Any, layers: list[int]) -> dict[int, str | None]:
+    """Display strings of every token id the logit lens names (decoded once each)."""
+    if result.lens is None:
+        return {}
+    ids = sorted({int(i) for layer in layers if layer in result.lens
+                  for t in (result.lens[layer].top_ids, result.lens[layer].bottom_ids) for i in t.unique().tolist()})
+    if tokenizer is None:
+        return dict.fromkeys(ids)
+    return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids]), strict=True))
+
+
+def _feature_rows(run_id: int, result: CollectionResult, layer: int, start: int, stop: int,
+                  decode: dict[int, str | None]) -> Iterator[dict[str, Any]]:
+    s = result.stats[layer]
+    sl = slice(start, stop)
+    freq, mean = s.frequency()[sl].tolist(), s.mean_act()[sl].tolist()
+    amax, hist = s.act_max[sl].tolist(), s.hist[sl].tolist()
+    regions, think = s.regions[sl].tolist(), s.think_hist[sl].tolist()
+    hist_edges = result.meta.get("hist_edges")
+    think_edges = result.meta.get("think_pos_edges")
+    lens = result.lens.get(layer) if result.lens is not None else None
+    if lens is not None:
+        lens_parts = [t[sl].tolist() for t in (lens.top_ids, lens.top_values, lens.bottom_ids, lens.bottom_values)]
+    nb = result.neighbours.get(layer) if result.neighbours is not None else None
+    if nb is not None:
+        nb_parts = [t[sl].tolist() for t in (nb.layer, nb.index, nb.cosine)]
+    for n, index in enumerate(range(start, stop)):
+        row = {
+            "run_id": run_id, "layer": layer, "index": index, "frequency": freq[n], "max_act": amax[n],
+            "mean_act": mean[n], "histogram": {"edges": hist_edges, "counts": hist[n]},
+            "region_counts": dict(zip(REGION_NAMES, regions[n], strict=True)),
+            "think_pos_hist": {"edges": think_edges, "counts": think[n]},
+            "logit_lens": None, "neighbours": None,
+        }
+        if lens is not None:
+            ti, tv, bi, bv = (p[n] for p in lens_parts)
+            row["logit_lens"] = {"top": [[i, decode.get(i), v] for i, v in zip(ti, tv, strict=True)],
+                                 "bottom": [[i, decode.get(i), v] for i, v in zip(bi, bv, strict=True)]}
+        if nb is not None:
+            nl, ni, nc = (p[n] for p in nb_parts)
+            row["neighbours"] = [[a, b, c] for a, b, c in zip(nl, ni, nc, strict=True) if a >= 0]
+        yield row
+
+
+def _example_rows(run_id: int, s: FeatureStats, start: int, stop: int) -> Iterator[dict[str, Any]]:
+    for kind, kept in (("top", s.top), ("random", s.random)):
+        yield from _kept_rows(run_id, s.layer, kind, kept, start, stop, s.ctx_before)
+
+
+def _kept_rows(run_id: int, layer: int, kind: str, kept: KeptExamples, start: int, stop: int,
+               ctx_before: int) -> Iterator[dict[str, Any]]:
+    if "tokens" not in kept.data:
+        raise ValueError("the collection has no token windows; it must come from collect() or a merge of its results")
+    loc = kept.loc[start:stop]
+    occupied = loc >= 0
+    if not occupied.any():
+        return
+    feat, rank = occupied.nonzero(as_tuple=True)
+    tokens = kept.data["tokens"][start:stop][occupied]  # [n, W]
+    acts = kept.data["acts"][start:stop][occupied].double()
+    inside = tokens >= 0
+    width = tokens.shape[1]
+    first = torch.where(inside, torch.arange(width), width).amin(dim=1)
+    last = torch.where(inside, torch.arange(width), -1).amax(dim=1) + 1
+    max_act = acts.masked_fill(~inside, 0).amax(dim=1)
+    acts = acts.round(decimals=ACT_DECIMALS)
+    for f, r, tok, act, a, b, m in zip((feat + start).tolist(), rank.tolist(), tokens.tolist(), acts.tolist(),
+                                       first.tolist(), last.tolist(), max_act.tolist(), strict=True):
+        yield {"run_id": run_id, "layer": layer, "index": f, "kind": kind, "rank": r, "token_ids": tok[a:b],
+               "acts": act[a:b], "focus": ctx_before - a, "max_act": m}
+
+
+def _bulk(conn: Connection, table: Table, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> int:
+    """Insert rows: COPY on Postgres (psycopg 3), batched executemany elsewhere. Returns the row count."""
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        return _copy(conn, table, columns, rows)
+    n, batch = 0, []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= INSERT_BATCH:
+            conn.execute(insert(table), batch)
+            n, batch = n + len(batch), []
+    if batch:
+        conn.execute(insert(table), batch)
+        n += len(batch)
+    return n
+
+
+def _copy(conn: Connection, table: Table, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> int:
+    cols = ", ".join(f'"{c}"' for c in columns)
+    raw = conn.connection.driver_connection  # the psycopg connection, inside the same transaction
+    n = 0
+    with raw.cursor() as cur, cur.copy(f'COPY "{table.name}" ({cols}) FROM STDIN') as copy:
+        for row in rows:
+            copy.write_row([json.dumps(row[c]) if c in _JSON_COLUMNS and row[c] is not None else row[c]
+                            for c in columns])
+            n += 1
+    return n
