@@ -76,7 +76,9 @@ def engine(db_engine: Engine) -> Engine:
 @pytest.fixture
 def run_id(engine: Engine) -> int:
     with Session(engine) as s, s.begin():
-        run = Run(name="tiny", base_model="b", target_model="t", n_layers=2, n_features=N_FEATURES, d_model=32)
+        run = Run(
+            name="tiny", base_model="b", target_model="t", n_layers=2, n_features=N_FEATURES, d_model=32
+        )
         s.add(run)
         s.flush()
         fs = FeatureSet(run_id=run.id, name="hesitation features")
@@ -108,18 +110,30 @@ def _count(engine: Engine, model) -> int:
 
 def _tokens(engine: Engine, ablation_id: int, condition: str) -> list[AblationToken]:
     with Session(engine) as s:
-        return list(s.scalars(select(AblationToken).where(AblationToken.ablation_id == ablation_id,
-                                                          AblationToken.condition == condition)
-                              .order_by(AblationToken.step)))
+        return list(
+            s.scalars(
+                select(AblationToken)
+                .where(AblationToken.ablation_id == ablation_id, AblationToken.condition == condition)
+                .order_by(AblationToken.step)
+            )
+        )
 
 
 # ------------------------------------------------------------------------------------------ ablate
 
 
 def test_ablation_runs_through_the_queue(engine, db_settings, run_id, loaded, model, tokenizer):
-    request = {"run_id": run_id, "prompt": "47 + 38 = ?", "feature_set": "hesitation features",
-               "roles": ["output"], "mode": "scale", "value": 6.0, "answer": "85",
-               "generation": {"max_new_tokens": 12, "temperature": 0.8, "seed": 5}, "compare": ["hybrid", "target"]}
+    request = {
+        "run_id": run_id,
+        "prompt": "47 + 38 = ?",
+        "feature_set": "hesitation features",
+        "roles": ["output"],
+        "mode": "scale",
+        "value": 6.0,
+        "answer": "85",
+        "generation": {"max_new_tokens": 12, "temperature": 0.8, "seed": 5},
+        "compare": ["hybrid", "target"],
+    }
     ablation_id, job_id = _submit(engine, request)
     with Session(engine) as s:
         job = s.get(Job, job_id)
@@ -135,7 +149,9 @@ def test_ablation_runs_through_the_queue(engine, db_settings, run_id, loaded, mo
     # the job's tokens are exactly a direct lockstep run with the same seed and settings
     ids = encode(tokenizer, format_prompt("47 + 38 = ?"))
     settings = sampling_settings(stored.request.generation, model, tokenizer)
-    direct = collect(lockstep(model, ids, ablation_tracks(build_interventions(stored.selection, 2)), settings))
+    direct = collect(
+        lockstep(model, ids, ablation_tracks(build_interventions(stored.selection, 2)), settings)
+    )
     ablated, unablated = _tokens(engine, ablation_id, ABLATED), _tokens(engine, ablation_id, UNABLATED)
     assert [t.token_id for t in ablated] == direct[ABLATED].token_ids
     assert [t.token_id for t in unablated] == direct[UNABLATED].token_ids
@@ -151,8 +167,10 @@ def test_ablation_runs_through_the_queue(engine, db_settings, run_id, loaded, mo
 
 
 def test_rerun_replaces_its_tokens(engine, db_settings, run_id, loaded):
-    ablation_id, job_id = _submit(engine, {"run_id": run_id, "prompt": "1 + 2 = ?", "features": [[0, 3]],
-                                           "generation": {"max_new_tokens": 5}})
+    ablation_id, job_id = _submit(
+        engine,
+        {"run_id": run_id, "prompt": "1 + 2 = ?", "features": [[0, 3]], "generation": {"max_new_tokens": 5}},
+    )
     _work(db_settings)
     first = [(t.condition, t.step, t.token_id) for t in _tokens(engine, ablation_id, ABLATED)]
     with Session(engine) as s, s.begin():
@@ -163,28 +181,41 @@ def test_rerun_replaces_its_tokens(engine, db_settings, run_id, loaded):
     assert _count(engine, AblationToken) == 10
 
 
-@pytest.mark.parametrize(("change", "status", "message"), [
-    ({"run_id": 999}, 404, "unknown run 999"),
-    ({"features": [[2, 0]]}, 422, r"unknown feature \(2, 0\)"),
-    ({"features": [[0, 16]]}, 422, r"unknown feature \(0, 16\)"),
-    ({"feature_set": "no such set"}, 404, "unknown feature set 'no such set'"),
-    ({"layers": [5]}, 422, "unknown layer 5"),
-    ({"mode": "scale", "value": 50.0}, 422, r"scale factor 50.0 is out of range \[-20.0, 20.0\]"),
-    ({"mode": "clamp"}, 422, "mode 'clamp' needs a finite value"),
-    ({"generation": {"max_new_tokens": 65}}, 422, "max_new_tokens 65 is over the limit of 64"),
-    ({"generation": {"temperature": -1}}, 422, "generation.temperature"),
-    ({"prompt": "9" * 80}, 422, "the prompt has 8[0-9] tokens; the model's context is 40 tokens"),
-    ({"prompt": None}, 422, "give exactly one of prompt, prompt_id, example_id"),
-    ({"prompt": None, "prompt_id": 12345}, 404, "unknown prompt 12345"),
-    ({"features": []}, 422, "select some features"),
-    ({"positions": "middle"}, 422, "positions"),
-])
+@pytest.mark.parametrize(
+    ("change", "status", "message"),
+    [
+        ({"run_id": 999}, 404, "unknown run 999"),
+        ({"features": [[2, 0]]}, 422, r"unknown feature \(2, 0\)"),
+        ({"features": [[0, 16]]}, 422, r"unknown feature \(0, 16\)"),
+        ({"feature_set": "no such set"}, 404, "unknown feature set 'no such set'"),
+        ({"layers": [5]}, 422, "unknown layer 5"),
+        ({"mode": "scale", "value": 50.0}, 422, r"scale factor 50.0 is out of range \[-20.0, 20.0\]"),
+        ({"mode": "clamp"}, 422, "mode 'clamp' needs a finite value"),
+        ({"generation": {"max_new_tokens": 65}}, 422, "max_new_tokens 65 is over the limit of 64"),
+        ({"generation": {"temperature": -1}}, 422, "generation.temperature"),
+        ({"prompt": "9" * 80}, 422, "the prompt has 8[0-9] tokens; the model's context is 40 tokens"),
+        ({"prompt": None}, 422, "give exactly one of prompt, prompt_id, example_id"),
+        ({"prompt": None, "prompt_id": 12345}, 404, "unknown prompt 12345"),
+        ({"features": []}, 422, "select some features"),
+        ({"positions": "middle"}, 422, "positions"),
+    ],
+)
 def test_bad_requests_are_refused_and_store_nothing(engine, run_id, tokenizer, change, status, message):
-    request = {"run_id": run_id, "prompt": "47 + 38 = ?", "features": [[0, 1]],
-               "generation": {"max_new_tokens": 16}, **change}
+    request = {
+        "run_id": run_id,
+        "prompt": "47 + 38 = ?",
+        "features": [[0, 1]],
+        "generation": {"max_new_tokens": 16},
+        **change,
+    }
     with pytest.raises(AblationRequestError, match=message) as err:
-        _submit(engine, request, limits=AblationLimits(max_new_tokens=64),
-                encode=lambda text: encode(tokenizer, text), context_length=40)
+        _submit(
+            engine,
+            request,
+            limits=AblationLimits(max_new_tokens=64),
+            encode=lambda text: encode(tokenizer, text),
+            context_length=40,
+        )
     assert err.value.status_code == status
     assert _count(engine, Ablation) == 0 and _count(engine, Job) == 0
 
@@ -195,8 +226,9 @@ def test_stored_prompt_and_example_use_their_token_ids(engine, run_id):
         s.add(p)
         s.flush()
         prompt_id = p.id
-    ablation_id, _ = _submit(engine, {"run_id": run_id, "prompt_id": prompt_id, "prompt_tokens": 3,
-                                      "layers": [1]})
+    ablation_id, _ = _submit(
+        engine, {"run_id": run_id, "prompt_id": prompt_id, "prompt_tokens": 3, "layers": [1]}
+    )
     with Session(engine) as s:
         stored = ResolvedAblation.model_validate(s.get(Ablation, ablation_id).request)
     assert stored.prompt_ids == [1, 40, 41] and stored.answer == "7" and stored.selection.all_layers == [1]
@@ -212,9 +244,16 @@ def _wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.005) -> 
 
 
 def _start_long_ablation(engine, db_settings, run_id, max_new_tokens: int = 3000):
-    ablation_id, job_id = _submit(engine, {"run_id": run_id, "prompt": "12 + 34 = ?", "layers": [0, 1],
-                                           "generation": {"max_new_tokens": max_new_tokens}},
-                                  limits=AblationLimits(max_new_tokens=max_new_tokens))
+    ablation_id, job_id = _submit(
+        engine,
+        {
+            "run_id": run_id,
+            "prompt": "12 + 34 = ?",
+            "layers": [0, 1],
+            "generation": {"max_new_tokens": max_new_tokens},
+        },
+        limits=AblationLimits(max_new_tokens=max_new_tokens),
+    )
     worker = threading.Thread(target=_work, args=(db_settings,), daemon=True)
     worker.start()
     return ablation_id, job_id, worker
@@ -253,8 +292,9 @@ def test_cancel_stops_the_generation(engine, db_settings, run_id, loaded):
 
 def test_interactive_ablation_is_claimed_before_batch_experiments(engine, run_id):
     with Session(engine) as s, s.begin():
-        experiment_id, _ = submit_experiment(s, {"run_id": run_id, "name": "e", "features": [[0, 1]],
-                                                 "items": [{"prompt": "1 + 1 = ?"}]})
+        experiment_id, _ = submit_experiment(
+            s, {"run_id": run_id, "name": "e", "features": [[0, 1]], "items": [{"prompt": "1 + 1 = ?"}]}
+        )
     _, ablation_job = _submit(engine, {"run_id": run_id, "prompt": "2 + 2 = ?", "features": [[0, 1]]})
     assert queue.claim_job(engine, "w").id == ablation_job
 
@@ -262,8 +302,11 @@ def test_interactive_ablation_is_claimed_before_batch_experiments(engine, run_id
 # -------------------------------------------------------------------------------------- experiment
 
 
-ITEMS = [{"prompt": "47 + 38 = ?", "answer": "85"}, {"prompt": "82 - 47 = ?", "answer": "35"},
-         {"prompt": "Which is larger: 4.3 or 4.25?", "answer": "4.3"}]
+ITEMS = [
+    {"prompt": "47 + 38 = ?", "answer": "85"},
+    {"prompt": "82 - 47 = ?", "answer": "35"},
+    {"prompt": "Which is larger: 4.3 or 4.25?", "answer": "4.3"},
+]
 
 
 def _experiment_rows(engine, experiment_id) -> dict[tuple[int, str], ExperimentRow]:
@@ -274,9 +317,16 @@ def _experiment_rows(engine, experiment_id) -> dict[tuple[int, str], ExperimentR
 
 def test_necessity_experiment(engine, db_settings, run_id, loaded, model, tokenizer):
     with Session(engine) as s, s.begin():
-        experiment_id, job_id = submit_experiment(s, {
-            "run_id": run_id, "name": "remove hesitation features", "feature_set": "hesitation features",
-            "items": ITEMS, "generation": {"max_new_tokens": 8}})
+        experiment_id, job_id = submit_experiment(
+            s,
+            {
+                "run_id": run_id,
+                "name": "remove hesitation features",
+                "feature_set": "hesitation features",
+                "items": ITEMS,
+                "generation": {"max_new_tokens": 8},
+            },
+        )
     assert _work(db_settings) == 1
     rows = _experiment_rows(engine, experiment_id)
     assert set(rows) == {(i, c) for i in range(3) for c in (ABLATED, UNABLATED)}
@@ -300,12 +350,28 @@ def test_necessity_experiment(engine, db_settings, run_id, loaded, model, tokeni
 def test_sufficiency_with_every_feature_kept_is_the_adapted_model(engine, db_settings, run_id, loaded):
     """Keeping every feature of every layer zeroes nothing: set-only must equal unablated token for token."""
     with Session(engine) as s, s.begin():
-        experiment_id, _ = submit_experiment(s, {
-            "run_id": run_id, "name": "keep all", "design": "sufficiency", "layers": [0, 1],
-            "items": ITEMS[:2], "generation": {"max_new_tokens": 6}})
-        partial_id, _ = submit_experiment(s, {
-            "run_id": run_id, "name": "keep set", "design": "sufficiency", "feature_set": "hesitation features",
-            "items": ITEMS[:2], "generation": {"max_new_tokens": 6}})
+        experiment_id, _ = submit_experiment(
+            s,
+            {
+                "run_id": run_id,
+                "name": "keep all",
+                "design": "sufficiency",
+                "layers": [0, 1],
+                "items": ITEMS[:2],
+                "generation": {"max_new_tokens": 6},
+            },
+        )
+        partial_id, _ = submit_experiment(
+            s,
+            {
+                "run_id": run_id,
+                "name": "keep set",
+                "design": "sufficiency",
+                "feature_set": "hesitation features",
+                "items": ITEMS[:2],
+                "generation": {"max_new_tokens": 6},
+            },
+        )
     assert _work(db_settings) == 2
     rows = _experiment_rows(engine, experiment_id)
     assert set(rows) == {(i, c) for i in range(2) for c in (UNABLATED, "set-only", "hybrid")}

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import tiny_pair
-from training.adapter import AdapterModel, build_adapter_model
-from training.config import AdapterConfig
+from tests.helpers import tiny_adapter_model
+from training.adapter import AdapterModel
 from training.interventions import Intervention
 from worker.ablation.generate import (
     ABLATED,
@@ -24,23 +23,9 @@ N_FEATURES = 16
 PROMPT = [1, 5, 9, 14, 3, 22]
 
 
-def _model(seed: int = 0) -> AdapterModel:
-    """A tiny adapter model whose adapters fire and matter (random decoder, positive encoder bias)."""
-    base, target = tiny_pair(seed)
-    model = build_adapter_model(base, target, AdapterConfig(n_features=N_FEATURES))
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for a in model.adapters:
-            a.W_enc.copy_(torch.randn(a.W_enc.shape, generator=g))
-            a.b_enc.copy_(torch.rand(a.b_enc.shape, generator=g) * 0.5)
-            a.W_dec.copy_(torch.randn(a.W_dec.shape, generator=g) * 0.3)
-            a.b_dec.copy_(torch.randn(a.b_dec.shape, generator=g) * 0.3)
-    return model
-
-
 @pytest.fixture(scope="module")
 def model() -> AdapterModel:
-    return _model()
+    return tiny_adapter_model(0, n_features=N_FEATURES)
 
 
 def _all_features(model: AdapterModel) -> list[tuple[int, int]]:

@@ -90,6 +90,12 @@ class Generated:
     kls: list[float | None] = field(default_factory=list)
     stop: StopReason | None = None
 
+    def add(self, step: Step) -> None:
+        self.token_ids.append(step.token_id)
+        self.logprobs.append(step.logprob)
+        self.kls.append(step.kl)
+        self.stop = step.stop or self.stop
+
 
 def ablation_tracks(interventions: Sequence[Intervention], *, unablated: bool = True,
                     reference: bool = True) -> list[Track]:
@@ -207,11 +213,7 @@ def collect(steps: Iterable[list[Step]]) -> dict[str, Generated]:
     out: dict[str, Generated] = {}
     for batch in steps:
         for s in batch:
-            g = out.setdefault(s.track, Generated())
-            g.token_ids.append(s.token_id)
-            g.logprobs.append(s.logprob)
-            g.kls.append(s.kl)
-            g.stop = s.stop or g.stop
+            out.setdefault(s.track, Generated()).add(s)
     return out
 
 
