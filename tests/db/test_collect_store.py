@@ -1,0 +1,110 @@
+"""Writing a collection into features/examples on SQLite and Postgres: content, idempotence, transactions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from app.db.schema import Example, Feature, Run
+from tests.helpers import tiny_adapter_model
+from training.chat import REGION_NAMES
+from worker.collect import CollectionResult, Corpus, Markers, collect, write_collection
+
+
+@pytest.fixture(scope="module")
+def result() -> CollectionResult:
+    torch.set_num_threads(1)
+    model = tiny_adapter_model(0, n_features=8)
+    g = torch.Generator().manual_seed(0)
+    seqs = [[1] + torch.randint(6, 64, (5,), generator=g).tolist() + [3, 4]
+            + torch.randint(6, 64, (int(n),), generator=g).tolist() + [5, 9] for n in (3, 9, 14, 0, 6)]
+    corpus = Corpus.from_sequences(seqs, markers=Markers(3, 4, 5))
+    return collect(model, corpus, top_k=3, n_random=2, ctx_before=4, ctx_after=2, n_neighbours=3, lens_tokens=2)
+
+
+class _Tok:
+    """The one tokenizer method the writer uses, spelled out (token strings for the logit lens)."""
+
+    def batch_decode(self, ids: list[list[int]]) -> list[str]:
+        return [f"<{i[0]}>" for i in ids]
+
+
+def _run(engine: Engine, name: str = "r") -> int:
+    with Session(engine) as session, session.begin():
+        run = Run(name=name, base_model="b", target_model="t")
+        session.add(run)
+        session.flush()
+        return run.id
+
+
+def _counts(engine: Engine, run_id: int) -> tuple[int, int]:
+    with engine.connect() as conn:
+        n_f = conn.execute(select(func.count()).select_from(Feature).where(Feature.run_id == run_id)).scalar_one()
+        n_e = conn.execute(select(func.count()).select_from(Example).where(Example.run_id == run_id)).scalar_one()
+    return n_f, n_e
+
+
+def test_rows_match_the_result(db_engine: Engine, result: CollectionResult) -> None:
+    run_id = _run(db_engine)
+    counts = write_collection(db_engine, run_id, result, _Tok())
+    n_kept = sum(int((s.top.loc >= 0).sum() + (s.random.loc >= 0).sum()) for s in result.stats.values())
+    assert counts == {"features": 2 * 8, "examples": n_kept} and n_kept > 20
+    assert _counts(db_engine, run_id) == (16, n_kept)
+    with Session(db_engine) as session:
+        for layer in result.layers:
+            s = result.stats[layer]
+            for feat in range(8):
+                row = session.get(Feature, (run_id, layer, feat))
+                assert row.frequency == pytest.approx(float(s.frequency()[feat]))
+                assert row.max_act == pytest.approx(float(s.act_max[feat]))
+                assert row.mean_act == pytest.approx(float(s.mean_act()[feat]))
+                assert row.histogram["counts"] == s.hist[feat].tolist()
+                assert len(row.histogram["edges"]) == len(row.histogram["counts"])
+                assert row.region_counts == dict(zip(REGION_NAMES, s.regions[feat].tolist(), strict=True))
+                assert row.think_pos_hist["counts"] == s.think_hist[feat].tolist()
+                top_id = int(result.lens[layer].top_ids[feat, 0])
+                assert row.logit_lens["top"][0][:2] == [top_id, f"<{top_id}>"] and len(row.logit_lens["bottom"]) == 2
+                nb = result.neighbours[layer]
+                assert [r[:2] for r in row.neighbours] == [[int(a), int(b)] for a, b in zip(nb.layer[feat], nb.index[feat], strict=True)]
+                stored = session.scalars(select(Example).where(
+                    Example.run_id == run_id, Example.layer == layer, Example.index == feat).order_by(Example.kind.desc(), Example.rank)).all()
+                expected = list(result.examples(layer, feat))
+                assert [(e.kind, e.rank) for e in stored] == [(e.kind, e.rank) for e in expected]
+                for db_ex, ex in zip(stored, expected, strict=True):
+                    assert db_ex.token_ids == ex.token_ids and db_ex.focus == ex.focus
+                    assert db_ex.acts == pytest.approx(ex.acts, abs=1e-5)
+                    assert db_ex.acts[db_ex.focus] == pytest.approx(ex.value, abs=1e-5)
+                    assert db_ex.max_act == pytest.approx(max(ex.acts))
+
+
+def test_rewrite_replaces_never_duplicates(db_engine: Engine, result: CollectionResult) -> None:
+    run_id, other = _run(db_engine, "a"), _run(db_engine, "b")
+    first = write_collection(db_engine, run_id, result)
+    write_collection(db_engine, other, result)
+    assert write_collection(db_engine, run_id, result) == first
+    assert _counts(db_engine, run_id) == (first["features"], first["examples"])
+    write_collection(db_engine, run_id, result, layers=[1])  # a layer subset replaces that layer only
+    assert _counts(db_engine, run_id) == (first["features"], first["examples"])
+    assert _counts(db_engine, other) == (first["features"], first["examples"])
+
+
+def test_session_writes_in_the_callers_transaction(db_engine: Engine, result: CollectionResult) -> None:
+    run_id = _run(db_engine)
+    with Session(db_engine) as session:
+        write_collection(session, run_id, result)
+        session.rollback()
+    assert _counts(db_engine, run_id) == (0, 0)
+    with Session(db_engine) as session:
+        write_collection(session, run_id, result)
+        session.commit()
+    assert _counts(db_engine, run_id)[0] == 16
+
+
+def test_bad_targets_are_clear(db_engine: Engine, result: CollectionResult) -> None:
+    with pytest.raises(ValueError, match="run 999 does not exist"):
+        write_collection(db_engine, 999, result)
+    with pytest.raises(ValueError, match="layers"):
+        write_collection(db_engine, _run(db_engine), result, layers=[7])
