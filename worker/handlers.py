@@ -37,6 +37,7 @@ from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.settings import Settings
 from worker import queue
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class JobContext:
     attempt: int = 1
     on_progress: Callable[[float, float | None, str | None], None] | None = None
     stop_event: threading.Event = field(default_factory=threading.Event)
+    settings: Settings | None = None  # of the process running the job (data dir, device); None in bare tests
     _last_progress: float = field(default=0.0, repr=False)
     _last_cancel_check: float = field(default=0.0, repr=False)
     _cancelled: bool = field(default=False, repr=False)

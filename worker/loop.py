@@ -83,6 +83,7 @@ def process_job(
     *,
     lease_s: float = queue.DEFAULT_LEASE_S,
     stop: threading.Event | None = None,
+    settings: Settings | None = None,
 ) -> JobStatus | None:
     """Run one claimed job to an outcome; returns the job's status afterwards."""
     stop = stop or threading.Event()
@@ -113,6 +114,7 @@ def process_job(
         run_id=job.run_id,
         attempt=job.attempts,
         stop_event=_AnyEvent(stop, beat.lost),
+        settings=settings,
     )
     beat.start()
     log.info("Job %s (%s) started", job.id, job.kind)
@@ -227,7 +229,7 @@ def run_worker(
                 queue.worker_heartbeat(engine, worker_id)
                 listener.wait(idle_wait_s, stop)
                 continue
-            process_job(engine, session_factory, job, worker_id, lease_s=lease_s, stop=stop)
+            process_job(engine, session_factory, job, worker_id, lease_s=lease_s, stop=stop, settings=settings)
             processed += 1
     except WorkerAbort:
         log.warning("Worker %s aborted", worker_id)
@@ -288,6 +290,7 @@ def run_inline(
         session_factory=make_sessionmaker(engine),
         run_id=getattr(validated, "run_id", None),
         on_progress=on_progress,
+        settings=settings,
     )
     try:
         return spec.func(ctx)

@@ -44,8 +44,9 @@ def ensure_run(session, *, name: str, base_model: str, target_model: str, config
 
 
 def _settings(ctx: JobContext) -> Settings:
-    """Settings of the process that runs the job, with the database the job came from."""
-    return Settings(database_url=str(ctx.engine.url.render_as_string(hide_password=False)))
+    """Settings of the process that runs the job (data directory, device), with the job's database."""
+    base = ctx.settings or Settings()
+    return base.model_copy(update={"database_url": ctx.engine.url.render_as_string(hide_password=False)})
 
 
 def _run(ctx: JobContext, run_id: int) -> Run:

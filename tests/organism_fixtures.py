@@ -1,0 +1,44 @@
+"""A tiny built organism and a trained run, shared by the tests that need real (small) models.
+
+Built once per test session into a temporary data directory with the ``organism-tiny`` presets
+(seconds), through the same job handlers the CLI and the worker use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.db.migrate import upgrade
+from app.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory holding the built ``organism-tiny`` (seed 0)."""
+    from training.organism.build import build_organism
+
+    data_dir = tmp_path_factory.mktemp("data")
+    build_organism("organism-tiny", 0, data_dir=data_dir, progress=False)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run_settings(tiny_data_dir: Path) -> Settings:
+    """Settings of a SQLite store (in the data directory) holding one trained tiny run (id 1)."""
+    from app.db.session import make_engine, make_sessionmaker
+    from training.config import preset, train_config_to_dict
+    from worker.loop import run_inline
+    from worker.pipeline import ensure_run
+
+    settings = Settings(data_dir=tiny_data_dir)
+    upgrade(settings.db_url)
+    engine = make_engine(settings)
+    with make_sessionmaker(engine)() as s, s.begin():
+        run_id = ensure_run(s, name="tiny", base_model="organism:organism-tiny:s0",
+                            target_model="organism:organism-tiny:s0",
+                            config={"train": train_config_to_dict(preset("organism-tiny")), "data": {"kind": "organism"}})
+    engine.dispose()
+    run_inline(settings, "train", {"run_id": run_id}, show_progress=False, handler_modules=["worker.pipeline"])
+    return settings
