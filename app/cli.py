@@ -81,8 +81,7 @@ def _create_run(name: str | None, base: str | None, target: str | None, preset: 
     """Create (or find) the run row that the train/evaluate/collect handlers work on."""
     from app.db.session import make_engine, make_sessionmaker
     from training.config import load_train_config, train_config_to_dict
-    from worker.models_cache import OrganismSpec
-    from worker.pipeline import ensure_run, organism_run_name
+    from worker.demo import ensure_run, organism_run_name, organism_spec
 
     try:
         cfg = load_train_config(config, preset_name=preset, overrides=overrides)
@@ -91,7 +90,7 @@ def _create_run(name: str | None, base: str | None, target: str | None, preset: 
     if (base is None) != (target is None):
         raise _fail("give both --base and --target, or neither (the organism)")
     if base is None:
-        spec = OrganismSpec(organism_preset, seed).spec
+        spec = organism_spec(organism_preset, seed)
         base = target = spec
         data_cfg = {"kind": "organism"}
         name = name or organism_run_name(organism_preset, seed, preset)
@@ -233,6 +232,68 @@ def enqueue(
     finally:
         engine.dispose()
     typer.echo(f"queued job {job_id} ({kind})")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+) -> None:
+    """Run the dashboard (no worker): pages and the JSON API."""
+    from app.db.migrate import upgrade
+    from app.web.main import serve as run_server
+
+    settings = _settings()
+    upgrade(settings.db_url)
+    run_server(settings, host=host, port=port)
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes to start beside the server.")] = 1,
+    organism_preset: Annotated[str, typer.Option(help="Organism preset of the demo pipeline.")] = DEFAULT_ORGANISM,
+    preset: Annotated[str, typer.Option(help="Training preset of the demo pipeline.")] = DEFAULT_TRAIN_PRESET,
+    seed: Annotated[int, typer.Option(help="Organism seed.")] = 0,
+) -> None:
+    """The embedded default: migrate, start worker(s) and the dashboard; queue the demo pipeline on an empty store.
+
+    The demo pipeline (organism → train → evaluate → collect → hesitation study) is queued only when
+    the database has no run; a second ``up`` reuses everything.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    from app.db.migrate import upgrade
+    from app.db.session import make_engine
+    from app.web.main import serve as run_server
+    from worker.demo import enqueue_demo_pipeline, has_runs
+
+    settings = _settings()
+    upgrade(settings.db_url)
+    engine = make_engine(settings)
+    try:
+        if not has_runs(engine):
+            jobs = enqueue_demo_pipeline(engine, organism_preset=organism_preset, train_preset=preset, seed=seed)
+            typer.echo(f"empty store: queued the demo pipeline ({', '.join(jobs)}); watch it at /jobs")
+    finally:
+        engine.dispose()
+    env = {**os.environ, "ADAPTERLENS_DATA_DIR": str(settings.resolved_data_dir)}
+    procs = [subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env) for _ in range(max(workers, 0))]
+    typer.echo(f"dashboard: http://{host}:{port}/  (data: {settings.resolved_data_dir}, database: "
+               f"{settings.db_url.split('@')[-1]})")
+    try:
+        run_server(settings, host=host, port=port)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @db_app.command("upgrade")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
 
 from app.db.schema import Run, RunMetric
 from app.db.write import upsert
@@ -27,21 +26,7 @@ log = logging.getLogger(__name__)
 METRICS_FLUSH_EVERY = 25  # steps buffered before metrics rows are written
 
 
-# -- runs --------------------------------------------------------------------------------------------------
-
-def organism_run_name(preset: str, seed: int, train_preset: str) -> str:
-    return f"{preset}-s{seed}-{train_preset}"
-
-
-def ensure_run(session, *, name: str, base_model: str, target_model: str, config: dict[str, Any]) -> int:
-    """The id of run ``name``, created (status ``created``) when missing; an existing run is left as it is."""
-    run = session.scalar(select(Run).where(Run.name == name))
-    if run is None:
-        run = Run(name=name, base_model=base_model, target_model=target_model, config=config, status="created")
-        session.add(run)
-        session.flush()
-    return run.id
-
+# -- helpers -------------------------------------------------------------------------------------------
 
 def _settings(ctx: JobContext) -> Settings:
     """Settings of the process that runs the job (data directory, device), with the job's database."""
