@@ -70,6 +70,42 @@ class Intervention:
     def feature_indices(self, layer: int) -> list[int]:
         return list(self._indices_by_layer.get(layer, ()))
 
+    @cached_property
+    def _masks(self) -> dict[tuple, torch.Tensor]:
+        """Masks already built, by (kind, layer or batch, size, device): generation asks at every step."""
+        return {}
+
+    def column_mask(self, layer: int, n_features: int, device: torch.device) -> torch.Tensor:
+        """Boolean [n_features]: the columns this intervention edits at ``layer`` (complement applied)."""
+        key = ("cols", layer, n_features, device)
+        mask = self._masks.get(key)
+        if mask is None:
+            idx = self.feature_indices(layer)
+            if idx and max(idx) >= n_features:
+                raise IndexError(f"feature {max(idx)} out of range for layer {layer} with {n_features} features")
+            with torch.inference_mode(False):  # a normal tensor, usable later under autograd too
+                mask = torch.zeros(n_features, dtype=torch.bool)
+                mask[idx] = True
+                mask = (~mask if self.complement else mask).to(device)
+            self._masks[key] = mask
+        return mask
+
+    def row_mask(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean [batch] of the rows this intervention edits, or None for every row."""
+        if self.rows is None:
+            return None
+        key = ("rows", batch, device)
+        mask = self._masks.get(key)
+        if mask is None:
+            if max(self.rows, default=-1) >= batch:
+                raise IndexError(f"intervention rows {self.rows} out of range for a batch of {batch}")
+            with torch.inference_mode(False):
+                mask = torch.zeros(batch, dtype=torch.bool)
+                mask[list(self.rows)] = True
+                mask = mask.to(device)
+            self._masks[key] = mask
+        return mask
+
 
 def _position_mask(
     spec: PositionSpec, position_ids: torch.Tensor, prompt_lengths: torch.Tensor | None
@@ -98,28 +134,16 @@ def apply_interventions(
         if not iv.touches_layer(layer):
             continue
         n = f.shape[-1]
-        cols = torch.zeros(n, dtype=torch.bool, device=f.device)
-        idx = iv.feature_indices(layer)
-        if idx and max(idx) >= n:
-            raise IndexError(f"feature {max(idx)} out of range for layer {layer} with {n} features")
-        cols[idx] = True
-        if iv.complement:
-            cols = ~cols
+        cols = iv.column_mask(layer, n, f.device)
         if position_ids is None:
             position_ids = torch.arange(f.shape[1], device=f.device).expand(f.shape[0], -1)
         pos = _position_mask(iv.positions, position_ids, prompt_lengths)
         mask = cols.view(1, 1, n) if pos is None else pos.unsqueeze(-1) & cols.view(1, 1, n)
-        if iv.rows is not None:
-            if max(iv.rows, default=-1) >= f.shape[0]:
-                raise IndexError(f"intervention rows {iv.rows} out of range for a batch of {f.shape[0]}")
-            in_rows = torch.zeros(f.shape[0], dtype=torch.bool, device=f.device)
-            in_rows[list(iv.rows)] = True
-            mask = mask & in_rows.view(-1, 1, 1)
-        if iv.mode == "zero":
-            new = torch.zeros_like(f)
-        elif iv.mode == "scale":
-            new = f * iv.value
-        else:
-            new = torch.full_like(f, iv.value)
-        f = torch.where(mask, new, f)
+        rows = iv.row_mask(f.shape[0], f.device)
+        if rows is not None:
+            mask = mask & rows.view(-1, 1, 1)
+        if iv.mode == "scale":
+            f = torch.where(mask, f * iv.value, f)
+        else:  # zero or clamp: one kernel, exact values
+            f = f.masked_fill(mask, 0.0 if iv.mode == "zero" else iv.value)
     return f
