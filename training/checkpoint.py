@@ -401,7 +401,7 @@ def load_reference_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | N
 
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(hf_config)
-    expected = set(hf.state_dict())
+    expected = {name: tuple(t.shape) for name, t in hf.state_dict().items()}
     transcoder: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for name, tensor in _read_tensors(path):
@@ -409,6 +409,9 @@ def load_reference_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | N
         if _is_transcoder_name(name):
             transcoder[_reference_to_ours(name)] = tensor
         elif name in expected:
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"reference checkpoint {str(path)!r}: {name} has shape {tuple(tensor.shape)}, "
+                                 f"its config.json implies {expected[name]}")
             hf.load_state_dict({name: tensor}, strict=False, assign=True)
         else:
             unknown.append(name)

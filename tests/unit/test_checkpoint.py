@@ -267,3 +267,78 @@ def test_parse_size():
     for bad in ("five gigs", 0, "-3KB"):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def _write_released_style_checkpoint(path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A checkpoint written by hand the way the paper's release is laid out, not by our writer.
+
+    transformers-4.x config keys (``rope_theta``, ``torch_dtype``, no ``rope_parameters``), bfloat16
+    tensors, target non-MLP + base MLP + transcoder tensors, two shards split inside layer 0.
+    Returns the tensors (float32 copies of the stored bf16 values).
+    """
+    base, target = tiny_pair(seed)
+    tensors = {n: t for n, t in target.state_dict().items() if ".mlp." not in n}
+    tensors.update({n: t for n, t in base.state_dict().items() if ".mlp." in n})
+    g = torch.Generator().manual_seed(seed)
+    for i in range(2):
+        p = f"model.layers.{i}.mlp."
+        tensors[p + "transcoder_enc.weight"] = torch.rand(F, 32, generator=g) * 0.35 - 0.175
+        tensors[p + "transcoder_enc.bias"] = torch.randn(F, generator=g) * 0.1
+        tensors[p + "transcoder_dec.weight"] = torch.randn(32, F, generator=g) * 0.3
+        tensors[p + "transcoder_dec.bias"] = torch.randn(32, generator=g) * 0.1
+    tensors = {n: t.to(torch.bfloat16).contiguous() for n, t in tensors.items()}
+    names = sorted(tensors)
+    first = [n for n in names if not n.startswith("model.layers.0.mlp.transcoder_dec")][: len(names) // 2]
+    first += ["model.layers.0.mlp.transcoder_enc.weight"]  # layer 0's encoder here, its decoder in shard 2
+    shard1 = {n: tensors[n] for n in first}
+    shard2 = {n: t for n, t in tensors.items() if n not in shard1}
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(shard1, str(path / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(shard2, str(path / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {n: "model-00001-of-00002.safetensors" for n in shard1}
+    weight_map.update({n: "model-00002-of-00002.safetensors" for n in shard2})
+    (path / REFERENCE_INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLMWithTranscoder"], "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 32, "initializer_range": 0.02,
+        "intermediate_size": 64, "max_position_embeddings": 256, "max_window_layers": 2, "model_type": "qwen2",
+        "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_theta": 500.0, "sliding_window": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.3", "use_cache": True, "use_sliding_window": False, "vocab_size": 64,
+        "transcoder_n_features": F, "transcoder_dec_bias": True,
+    }))
+    return {n: t.float() for n, t in tensors.items()}
+
+
+def test_released_style_checkpoint_loads_and_computes_the_paper_forward(tmp_path):
+    tensors = _write_released_style_checkpoint(tmp_path / "release")
+    loaded = load_reference_checkpoint(tmp_path / "release", dtype=torch.float32, attn_implementation="eager")
+    assert loaded.config.rope_parameters["rope_theta"] == 500.0  # the legacy key is honoured
+    meta = read_adapter_config(tmp_path / "release")
+    assert (meta["dtype"], meta["n_features"]) == ("bfloat16", F)
+
+    # Hand-built reference: a plain Qwen2 with the same weights, each MLP plus W_dec ReLU(W_enc x + b_enc) + b_dec.
+    from transformers import Qwen2ForCausalLM
+
+    hand = Qwen2ForCausalLM(loaded.config).eval()
+    hand.load_state_dict({n: t for n, t in tensors.items() if "transcoder" not in n})
+    for i, layer in enumerate(hand.model.layers):
+        p = f"model.layers.{i}.mlp.transcoder_"
+        enc_w, enc_b, dec_w, dec_b = (tensors[p + s] for s in ("enc.weight", "enc.bias", "dec.weight", "dec.bias"))
+        layer.mlp.register_forward_hook(
+            lambda mod, args, out, ew=enc_w, eb=enc_b, dw=dec_w, db=dec_b:
+                out + torch.relu(args[0] @ ew.T + eb) @ dw.T + db)
+    ids = random_ids(8)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded, ids), hand(ids).logits, rtol=0, atol=1e-5)
+    assert torch.equal(loaded.adapters[1].W_dec, tensors["model.layers.1.mlp.transcoder_dec.weight"])
+
+
+def test_reference_model_tensor_shape_mismatch_is_a_value_error(trained, tmp_path):
+    save_reference_checkpoint(trained, tmp_path)
+    with safe_open(str(tmp_path / REFERENCE_SINGLE_FILE), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:31].contiguous()
+    save_file(tensors, str(tmp_path / REFERENCE_SINGLE_FILE), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.norm\.weight has shape \(31,\), its config.json implies \(32,\)"):
+        load_reference_checkpoint(tmp_path)
