@@ -228,13 +228,14 @@ class AdapterModel(nn.Module):
         """Apply interventions to every forward inside the block (including ``generate``)."""
         if isinstance(interventions, Intervention):
             interventions = [interventions]
+        n_layers, n_features = self.n_layers, self.n_features  # once: generation enters this every step
         for iv in interventions:
             for layer in iv.layers or ():
-                if not 0 <= layer < self.n_layers:
-                    raise IndexError(f"intervention layer {layer} outside the model's {self.n_layers} layers")
-            for layer, idx in iv.features:
-                if not 0 <= layer < self.n_layers or not 0 <= idx < self.n_features:
-                    raise IndexError(f"feature ({layer}, {idx}) outside {self.n_layers} layers × {self.n_features}")
+                if not 0 <= layer < n_layers:
+                    raise IndexError(f"intervention layer {layer} outside the model's {n_layers} layers")
+            bad = iv.outside(n_layers, n_features)
+            if bad is not None:
+                raise IndexError(f"feature {bad} outside {n_layers} layers × {n_features}")
         if isinstance(prompt_lengths, int):
             prompt_lengths = [prompt_lengths]
         if prompt_lengths is not None and not isinstance(prompt_lengths, torch.Tensor):

@@ -62,6 +62,22 @@ class Intervention:
             by_layer.setdefault(lay, set()).add(i)
         return {lay: sorted(idx) for lay, idx in by_layer.items()}
 
+    @cached_property
+    def _bounds(self) -> tuple[int, int, int, int]:
+        """(min layer, max layer, min index, max index) of ``features``; (0, -1, 0, -1) when empty."""
+        if not self.features:
+            return 0, -1, 0, -1
+        layers = [lay for lay, _ in self.features]
+        idx = [i for _, i in self.features]
+        return min(layers), max(layers), min(idx), max(idx)
+
+    def outside(self, n_layers: int, n_features: int) -> tuple[int, int] | None:
+        """The first listed feature outside ``n_layers`` × ``n_features``, or None; cheap once checked."""
+        lo_l, hi_l, lo_i, hi_i = self._bounds
+        if lo_l >= 0 and hi_l < n_layers and lo_i >= 0 and hi_i < n_features:
+            return None
+        return next((lay, i) for lay, i in self.features if not (0 <= lay < n_layers and 0 <= i < n_features))
+
     def touches_layer(self, layer: int) -> bool:
         if self.complement:
             return self.layers is None or layer in self.layers
