@@ -150,9 +150,11 @@ def test_frozen_mlp_edges_differ_from_relp(graphs):
     assert float((a - b).abs().max()) > 1e-3
 
 
-def test_chunking_does_not_change_rows(model, ids):
-    one = attribute(model, ids, mode="relp", progress=False, batch_size=1)
+def test_chunking_and_jacobians_do_not_change_rows(model, ids):
+    """Chunk size and the per-position MLP Jacobians are speed choices only."""
+    one = attribute(model, ids, mode="relp", progress=False, batch_size=1, jacobian_budget_mb=0)
     many = attribute(model, ids, mode="relp", progress=False, batch_size=1000)
+    assert one.settings["mlp_jacobians"] == 0 and many.settings["mlp_jacobians"] > 0
     assert torch.allclose(one.adjacency_matrix, many.adjacency_matrix, atol=1e-12)
     assert torch.allclose(one.constant_contributions, many.constant_contributions, atol=1e-12)
 

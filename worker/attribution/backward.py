@@ -10,7 +10,9 @@ target's gradient can be pushed down the layers by hand, for many targets at onc
 - at each layer, the edges to that layer's features are ``activation × (G · decoder column)`` at the
   feature's position: one batched matmul over positions with padded per-position decoder blocks;
 - attention backward is three matmuls with the frozen patterns (o, patterns per head, v); relp's MLP
-  backward uses the half-rule coefficients (down, then gate/up), frozen-mlp passes only the residual;
+  backward uses the half-rule coefficients (down, then gate/up), or, at positions that many targets
+  pass, the precomputed d×d Jacobian of that position's linearised MLP (:class:`MLPJacobians`);
+  frozen-mlp passes only the residual;
 - a chunk of targets only runs over positions up to its last target's position (causal truncation);
 - every constant the linearised model adds (b_dec, b_enc, attention biases, frozen MLP outputs, BOS
   features) is dotted with the gradient on the way down, so rows are complete: edges + constant = value.
@@ -72,13 +74,66 @@ class ChunkResult:
     constants: torch.Tensor  # [n]
 
 
-def _mlp_backward(lin: Linearization, layer: int, g: torch.Tensor) -> torch.Tensor:
+class MLPJacobians:
+    """relp: per layer, the linearised MLP's d×d Jacobian at positions ``< cut[layer]`` (norm included).
+
+    The half-rule MLP at position t maps a gradient g to ``(g W_down ⊙ c_t) [W_gate; W_up] ⊙ s_t``; as one
+    matrix ``M_t`` [d, d] a pass costs d² instead of 3·d·I multiply-adds, and building it costs d·I·d, so it
+    pays where more than ``break_even`` targets pass (≈ 93 at d 256, I 1024). Passes per position only fall
+    with position (targets reach back, never forward), so each layer's Jacobians cover a prefix.
+    """
+
+    def __init__(self, lin: Linearization, budget_bytes: int):
+        self.lin = lin
+        self.cut = [0] * lin.n_layers
+        self.mats: list[torch.Tensor | None] = [None] * lin.n_layers
+        d, i = lin.d_model, lin.weights[0].W_down.shape[1]
+        self.break_even = d * i / max(3 * i - d, 1)
+        self.bytes_per = d * d * lin.embeds.element_size()
+        self.budget = budget_bytes
+
+    def plan(self, passes: torch.Tensor) -> None:
+        """Extend the prefixes given the coming passes per (layer, position) [L, T]."""
+        if self.lin.mode != "relp":
+            return
+        want = passes >= self.break_even
+        for layer in range(self.lin.n_layers):
+            c = int(want[layer].int().cumprod(0).sum())
+            self.cut[layer] = max(self.cut[layer], c)
+        total = sum(self.cut)
+        if total * self.bytes_per > self.budget:  # keep the most travelled positions of every layer
+            scale = self.budget / (total * self.bytes_per)
+            self.cut = [min(int(c * scale), c) for c in self.cut]
+        for layer, c in enumerate(self.cut):
+            have = 0 if self.mats[layer] is None else self.mats[layer].shape[0]
+            if c > have:
+                new = self._build(layer, have, c)
+                self.mats[layer] = new if self.mats[layer] is None else torch.cat([self.mats[layer], new])
+
+    def _build(self, layer: int, start: int, stop: int, block: int = 16) -> torch.Tensor:
+        lin, w = self.lin, self.lin.weights[layer]
+        out = []
+        for a in range(start, stop, block):
+            b = min(a + block, stop)
+            K = lin.c_gate[layer, a:b, :, None] * w.W_gate + lin.c_up[layer, a:b, :, None] * w.W_up  # [p, I, d]
+            M = torch.matmul(w.W_down, K)  # [p, d, d]
+            out.append(M * (w.ln2 * lin.r2[layer, a:b, None])[:, None, :])
+        return torch.cat(out)
+
+
+def _mlp_backward(lin: Linearization, layer: int, g: torch.Tensor, jac: MLPJacobians | None) -> torch.Tensor:
     """relp MLP (half rule, σ frozen) backward from the MLP output to the pre-norm residual: [n, t, d]."""
     w, t = lin.weights[layer], g.shape[1]
-    gp = g @ w.W_down  # [n, t, I]
-    gx = (gp * lin.c_gate[layer, :t]) @ w.W_gate
-    gx += (gp * lin.c_up[layer, :t]) @ w.W_up
-    return gx * (w.ln2 * lin.r2[layer, :t, None])
+    c = min(jac.cut[layer], t) if jac is not None else 0
+    out = torch.empty_like(g)
+    if c:
+        out[:, :c] = torch.bmm(g[:, :c].transpose(0, 1), jac.mats[layer][:c]).transpose(0, 1)
+    if c < t:
+        gp = g[:, c:] @ w.W_down  # [n, t - c, I]
+        gx = (gp * lin.c_gate[layer, c:t]) @ w.W_gate
+        gx += (gp * lin.c_up[layer, c:t]) @ w.W_up
+        out[:, c:] = gx * (w.ln2 * lin.r2[layer, c:t, None])
+    return out
 
 
 def _attn_backward(lin: Linearization, layer: int, g: torch.Tensor) -> torch.Tensor:
@@ -93,8 +148,17 @@ def _attn_backward(lin: Linearization, layer: int, g: torch.Tensor) -> torch.Ten
     return (gv @ w.W_v) * (w.ln1 * lin.r1[layer, :t, None])
 
 
+def chunk_passes(n_layers: int, n_pos: int, layers: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """How many of a chunk's targets cross each layer's MLP at each position [L, T] (for :class:`MLPJacobians`)."""
+    t = int(positions.max()) + 1
+    live = torch.stack([(layers > layer).sum() for layer in range(n_layers)])  # MLP l serves targets above l
+    out = torch.zeros(n_layers, n_pos, dtype=torch.long)
+    out[:, :t] = live.cpu()[:, None]
+    return out
+
+
 def run_chunk(lin: Linearization, dec: DecoderBlocks, layers: torch.Tensor, positions: torch.Tensor,
-              seeds: torch.Tensor, constants: torch.Tensor) -> ChunkResult:
+              seeds: torch.Tensor, constants: torch.Tensor, jac: MLPJacobians | None = None) -> ChunkResult:
     """Backward for one chunk of targets, sorted by layer (highest first; logits have layer L).
 
     ``seeds`` [n, d]: each target's gradient at its reading point (MLP input of its layer for features,
@@ -124,7 +188,7 @@ def run_chunk(lin: Linearization, dec: DecoderBlocks, layers: torch.Tensor, posi
                 const[:live] += gsum @ w.b_dec
             const[:live] += g[:, 0] @ lin.bos_out[layer]
             if lin.mode == "relp":
-                g += _mlp_backward(lin, layer, g)
+                g += _mlp_backward(lin, layer, g, jac)
             else:
                 const[:live] += torch.einsum("ntd,td->n", g, lin.base_out[layer, :t])
         k = counts[layer]

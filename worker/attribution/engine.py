@@ -27,7 +27,14 @@ import torch
 from tqdm.auto import tqdm
 
 from training.adapter import AdapterModel
-from worker.attribution.backward import ChunkResult, DecoderBlocks, decoder_blocks, run_chunk
+from worker.attribution.backward import (
+    ChunkResult,
+    DecoderBlocks,
+    MLPJacobians,
+    chunk_passes,
+    decoder_blocks,
+    run_chunk,
+)
 from worker.attribution.graph import Graph
 from worker.attribution.linearize import MODES, Linearization, LinearMode, linearize
 
@@ -90,17 +97,21 @@ def _feature_targets(lin: Linearization, which: torch.Tensor) -> _Targets:
 
 
 def _run_targets(lin: Linearization, dec: DecoderBlocks, tg: _Targets, batch_size: int,
-                 bar: tqdm | None) -> ChunkResult:
+                 bar: tqdm | None, jac: MLPJacobians | None = None) -> ChunkResult:
     """Rows for all of ``tg`` (in its order): chunked by position, each chunk sorted by layer."""
     n = int(tg.layers.numel())
     by_pos = torch.argsort(tg.positions * (lin.n_layers + 1) + (lin.n_layers - tg.layers), stable=True)
+    chunks = []
+    for start in range(0, n, batch_size):
+        chunk = by_pos[start:start + batch_size]
+        chunks.append(chunk[torch.argsort(tg.layers[chunk], descending=True, stable=True)])
+    if jac is not None and chunks:
+        jac.plan(sum(chunk_passes(lin.n_layers, lin.n_pos, tg.layers[c], tg.positions[c]) for c in chunks))
     feat = torch.empty(n, int(lin.feat_act.numel()), dtype=lin.embeds.dtype, device=lin.embeds.device)
     tok = torch.empty(n, lin.n_pos, dtype=lin.embeds.dtype, device=lin.embeds.device)
     const = torch.empty(n, dtype=lin.embeds.dtype, device=lin.embeds.device)
-    for start in range(0, n, batch_size):
-        chunk = by_pos[start:start + batch_size]
-        chunk = chunk[torch.argsort(tg.layers[chunk], descending=True, stable=True)]
-        r = run_chunk(lin, dec, tg.layers[chunk], tg.positions[chunk], tg.seeds[chunk], tg.constants[chunk])
+    for chunk in chunks:
+        r = run_chunk(lin, dec, tg.layers[chunk], tg.positions[chunk], tg.seeds[chunk], tg.constants[chunk], jac)
         feat[chunk], tok[chunk], const[chunk] = r.feature_edges, r.token_edges, r.constants
         if bar is not None:
             bar.update(len(chunk))
@@ -136,7 +147,7 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
               max_feature_nodes: int = 10_000, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
               batch_size: int = 32, round_size: int = 1024, target_token: int | None = None,
               progress: bool = True, dtype: torch.dtype | None = None, exclude_bos: bool = True,
-              bos_token_id: int | None = None) -> Graph:
+              bos_token_id: int | None = None, jacobian_budget_mb: float = 512.0) -> Graph:
     """Attribution graph of the adapter model on one prompt ``input_ids`` [seq] (logits at the last position).
 
     - ``mode``: ``relp`` (half rule, σ frozen) or ``frozen-mlp`` (circuit-tracer: base MLP outputs constant).
@@ -147,6 +158,7 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
     - ``dtype``: compute dtype (default the model's; float64 for exactness checks).
     - ``exclude_bos``: features at position 0 are no nodes when token 0 is BOS (``bos_token_id``,
       default the model config's); their output is a constant.
+    - ``jacobian_budget_mb``: relp only, memory for per-position MLP Jacobians (0 disables them).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
@@ -167,6 +179,7 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
     t0 = time.perf_counter()
     lin = linearize(model, input_ids, mode, dtype=dtype, exclude_bos=exclude_bos, bos_token_id=bos_token_id)
     dec = decoder_blocks(lin)
+    jac = MLPJacobians(lin, int(jacobian_budget_mb * 2**20)) if mode == "relp" and jacobian_budget_mb > 0 else None
     n_active = int(lin.feat_act.numel())
     logger.info("phase 0: forward and frozen quantities in %.2fs; %d active features", time.perf_counter() - t0,
                 n_active)
@@ -194,7 +207,7 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
             infl = partial_influence(torch.cat(rows_f), torch.cat(rows_t), torch.cat(row_feature), weights)
             infl[visited] = -1.0
             todo = torch.topk(infl, min(round_size, left)).indices
-        r = _run_targets(lin, dec, _feature_targets(lin, todo), batch_size, bar)
+        r = _run_targets(lin, dec, _feature_targets(lin, todo), batch_size, bar, jac)
         rows_f.append(r.feature_edges)
         rows_t.append(r.token_edges)
         rows_c.append(r.constants)
@@ -209,6 +222,7 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
                           "mode": mode, "max_feature_nodes": max_feature_nodes, "max_n_logits": max_n_logits,
                           "desired_logit_prob": desired_logit_prob, "batch_size": batch_size,
                           "round_size": round_size, "target_token": target_token, "rounds": n_rounds,
+                          "mlp_jacobians": sum(jac.cut) if jac is not None else 0,
                           "backward_chunks": _n_chunks(len(logit_ids), batch_size) + _n_chunks(budget, batch_size),
                       })
     logger.info("attribution done in %.2fs: %d nodes", time.perf_counter() - t0, graph.n_nodes)
