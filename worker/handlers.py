@@ -18,7 +18,9 @@ The worker validates the job's payload with the model before calling the handler
 payload fails the job at once), and stores the handler's return value (JSON-able, or a pydantic
 model) as the job's result. Handlers must write idempotently: a job may run again after a crash or
 a retry, so a re-run replaces its rows and never duplicates them (``app.db.write.upsert`` and
-``replace_rows``). The CLI runs the same handlers in the foreground (``worker.loop.run_inline``).
+``replace_rows``). Keep write transactions short (commit per batch): on SQLite a long one holds
+the single write lock and delays the lease heartbeat. The CLI runs the same handlers in the
+foreground (``worker.loop.run_inline``).
 """
 
 from __future__ import annotations

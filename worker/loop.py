@@ -34,6 +34,7 @@ from worker.handlers import JobContext, JobInterrupted, UnknownJobKind, get_hand
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 5.0  # seconds to wait for a notification before polling the queue again
+STALE_WORKER_S = 600.0  # seconds of silence after which a workers row is pruned at a worker's start
 
 
 class WorkerAbort(BaseException):  # noqa: N818 (a control-flow signal like KeyboardInterrupt)
@@ -220,6 +221,7 @@ def run_worker(
     listener: queue.JobListener | None = None
     try:
         queue.register_worker(engine, worker_id, socket.gethostname(), os.getpid())
+        queue.prune_workers(engine, older_than_s=max(STALE_WORKER_S, 3 * lease_s))
         listener = queue.JobListener(engine, kinds) if wait else None
         while not stop.is_set():
             job = queue.claim_job(engine, worker_id, kinds, lease_s)
@@ -229,7 +231,9 @@ def run_worker(
                 queue.worker_heartbeat(engine, worker_id)
                 listener.wait(idle_wait_s, stop)
                 continue
-            process_job(engine, session_factory, job, worker_id, lease_s=lease_s, stop=stop, settings=settings)
+            process_job(
+                engine, session_factory, job, worker_id, lease_s=lease_s, stop=stop, settings=settings
+            )
             processed += 1
     except WorkerAbort:
         log.warning("Worker %s aborted", worker_id)

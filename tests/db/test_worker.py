@@ -238,3 +238,17 @@ def test_sigterm_releases_current_job(db_engine: Engine, worker_proc) -> None:
     assert job.status is JobStatus.TODO and job.attempts == 0 and job.locked_by is None
     with Session(db_engine) as session:
         assert session.scalar(select(func.count()).select_from(Worker)) == 0
+
+
+def test_sigint_stops_an_idle_worker(db_engine: Engine, worker_proc) -> None:
+    proc = worker_proc(30.0)
+
+    def registered() -> bool:
+        with Session(db_engine) as session:
+            return session.scalar(select(func.count()).select_from(Worker)) == 1
+
+    _until(registered, "the worker to register", proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=WAIT_S)
+    assert proc.returncode == 0, out
+    assert not registered()
