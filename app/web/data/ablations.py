@@ -1,0 +1,235 @@
+"""Ablation results (tokens per condition as the worker streams them) and the ablate request itself.
+
+Divergence: the first step where the ablated text differs from the unablated one; every later
+token of both is marked. The KL strip is the ablated condition's per-token KL (design.md: KL between
+the unablated and the ablated next-token distributions, both given the ablated text so far).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.schema import Ablation, AblationToken, Job
+from app.web.data.common import BadInput, NotFound, RunRef, get_run, hesitation_words, run_ref
+from app.web.data.runs import LinkItem, ablation_item
+from app.web.tokens import is_hesitation
+
+CONDITION_ORDER = ("unablated", "ablated", "hybrid", "target")
+DONE_STATES = ("done", "succeeded", "failed", "cancelled")  # ablation / job states after which nothing changes
+_FEATURE_RE = re.compile(r"^\s*(\d+)\s*[:/_,.]\s*(\d+)\s*$")
+
+
+class TokenCell(BaseModel):
+    step: int
+    text: str
+    id: int
+    logprob: float | None = None
+    kl: float | None = None
+    diverged: bool = False
+    hesitation: bool = False
+
+
+class Condition(BaseModel):
+    name: str
+    tokens: list[TokenCell]
+    n_tokens: int
+    n_hesitations: int
+
+
+class RequestView(BaseModel):
+    """The parts of a stored (resolved) request a page shows."""
+
+    prompt: str
+    features: list[tuple[int, int]]
+    layers: list[int] = []
+    complement: bool = False
+    mode: str
+    value: float | None
+    positions: str
+    max_new_tokens: int | None = None
+    compare: list[str] = []
+
+
+class AblationInfo(BaseModel):
+    id: int
+    status: str
+    request: RequestView
+    created: datetime | None
+    finished: datetime | None
+    summary: dict[str, Any] | None
+    error: str | None
+    job_id: int | None
+    job_status: str | None = None
+    progress: dict[str, Any] | None = None
+
+
+class AblationPage(BaseModel):
+    run: RunRef
+    ablation: AblationInfo
+    conditions: list[Condition]
+    divergence: int | None = Field(description="First step where ablated and unablated differ (None: identical).")
+    kl_total: float | None
+    kl_max: float | None
+    done: bool = Field(description="False while the worker may still add tokens (the page keeps polling).")
+    history: list[LinkItem]
+
+
+class AblationList(BaseModel):
+    run: RunRef
+    ablations: list[LinkItem]
+
+
+class AblateForm(BaseModel):
+    """What the ablate form posts; features as text: ``layer:index`` pairs separated by spaces or commas.
+
+    Everything else about a request (ranges, the run's geometry, prompt length) is checked by the
+    worker's own request model (``worker.ablation.request``), so there is one validation, not two.
+    """
+
+    prompt: str = Field("", max_length=100_000)
+    prompt_id: int | None = Field(None, description="A stored prompt (its token ids) instead of free text.")
+    prompt_tokens: int | None = Field(None, description="With prompt_id: keep only its first N tokens.")
+    features: str = Field(max_length=200_000)
+    mode: Literal["zero", "scale", "clamp"] = "zero"
+    value: float | None = None
+    positions: Literal["all", "prompt", "generated"] = "all"
+    max_new_tokens: int = Field(64, ge=1)
+    compare: list[Literal["target", "hybrid"]] = []
+
+    @field_validator("value", "prompt_id", "prompt_tokens", mode="before")
+    @classmethod
+    def _blank_value(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+
+def parse_features(text: str) -> list[tuple[int, int]]:
+    """``"3:17, 5:2"`` (or ``3/17``, one per line) → ``[(3, 17), (5, 2)]``, in order, without repeats."""
+    out: list[tuple[int, int]] = []
+    for part in re.split(r"[\s;,]+", text.strip()):
+        if not part:
+            continue
+        m = _FEATURE_RE.match(part)
+        if m is None:
+            raise BadInput(f"Cannot read feature {part!r}: write features as layer:index, e.g. 3:17", 422)
+        pair = (int(m.group(1)), int(m.group(2)))
+        if pair not in out:
+            out.append(pair)
+    if not out:
+        raise BadInput("No features given: write at least one as layer:index, e.g. 3:17", 422)
+    return out
+
+
+def request_from_form(run_id: int, form: AblateForm) -> dict[str, Any]:
+    """The form as the worker's ``AblationRequest`` payload (free-text prompt, chat-formatted)."""
+    prompt: dict[str, Any] = {"prompt": form.prompt}
+    if form.prompt_id is not None:
+        prompt = {"prompt_id": form.prompt_id, "prompt_tokens": form.prompt_tokens}
+    return {
+        "run_id": run_id, **prompt, "features": [list(f) for f in parse_features(form.features)],
+        "mode": form.mode, "value": None if form.mode == "zero" else form.value, "positions": form.positions,
+        "generation": {"max_new_tokens": form.max_new_tokens}, "compare": list(dict.fromkeys(form.compare)),
+    }
+
+
+def create_ablation(session: Session, run_key: str | int, form: AblateForm, settings: Any = None) -> int:
+    """Validate with the worker's rules, store the ablation and its high-priority ``ablate`` job; return its id.
+
+    One transaction: a refused request stores nothing. Refusals become :class:`BadInput` with the
+    worker's message and status (404 for a missing run/set/prompt, 422 otherwise).
+    """
+    from worker.ablation.request import AblationLimits, AblationRequestError, submit_ablation  # no torch
+
+    run = get_run(session, run_key)
+    limits = AblationLimits.from_settings(settings) if settings is not None else AblationLimits()
+    try:
+        ablation_id, _ = submit_ablation(session, request_from_form(run.id, form), limits=limits)
+        session.commit()
+    except AblationRequestError as exc:
+        session.rollback()
+        raise BadInput(str(exc), exc.status_code) from None
+    except BaseException:
+        session.rollback()
+        raise
+    return ablation_id
+
+
+def request_view(stored: dict[str, Any] | None) -> RequestView:
+    """Read ``ablations.request`` (the worker's ResolvedAblation, or a plain request) for display."""
+    stored = stored or {}
+    req = stored.get("request") if isinstance(stored.get("request"), dict) else stored
+    sel = stored.get("selection") if isinstance(stored.get("selection"), dict) else req
+    prompt = req.get("prompt")
+    if prompt is None:
+        prompt = stored.get("prompt_text") or (f"stored prompt {req.get('prompt_id')}" if req.get("prompt_id") else
+                                               f"stored example {req.get('example_id')}")
+    feats = [(int(f[0]), int(f[1])) for f in sel.get("features") or [] if isinstance(f, list | tuple) and len(f) == 2]
+    gen = req.get("generation") if isinstance(req.get("generation"), dict) else {}
+    return RequestView(
+        prompt=str(prompt), features=feats, layers=list(sel.get("all_layers") or sel.get("layers") or []),
+        complement=bool(sel.get("complement")), mode=str(sel.get("mode") or "zero"),
+        value=sel.get("value") if isinstance(sel.get("value"), int | float) else None,
+        positions=str(sel.get("positions") or "all"),
+        max_new_tokens=gen.get("max_new_tokens") or req.get("max_new_tokens"), compare=list(req.get("compare") or []),
+    )
+
+
+def _ablation(session: Session, run_id: int, ablation_id: int) -> Ablation:
+    a = session.get(Ablation, ablation_id)
+    if a is None or a.run_id != run_id:
+        raise NotFound(f"No ablation {ablation_id} in run {run_id}.")
+    return a
+
+
+def ablation_page(session: Session, run_key: str | int, ablation_id: int) -> AblationPage:
+    run = get_run(session, run_key)
+    a = _ablation(session, run.id, ablation_id)
+    words = hesitation_words(run)
+    by_cond: dict[str, list[TokenCell]] = {}
+    for t in session.scalars(
+        select(AblationToken).where(AblationToken.ablation_id == a.id).order_by(AblationToken.condition, AblationToken.step)
+    ):
+        by_cond.setdefault(t.condition, []).append(TokenCell(
+            step=t.step, text=t.token_str, id=t.token_id, logprob=t.logprob, kl=t.kl,
+            hesitation=is_hesitation(t.token_str, words)))
+    names = [c for c in CONDITION_ORDER if c in by_cond] + sorted(c for c in by_cond if c not in CONDITION_ORDER)
+    divergence = None
+    un, ab = by_cond.get("unablated", []), by_cond.get("ablated", [])
+    for i in range(min(len(un), len(ab))):
+        if un[i].id != ab[i].id:
+            divergence = i
+            break
+    else:
+        if un and ab and len(un) != len(ab) and a.status in DONE_STATES:
+            divergence = min(len(un), len(ab))
+    if divergence is not None:
+        for cells in (un, ab):
+            for c in cells[divergence:]:
+                c.diverged = True
+    conditions = [Condition(name=n, tokens=by_cond[n], n_tokens=len(by_cond[n]),
+                            n_hesitations=sum(c.hesitation for c in by_cond[n])) for n in names]
+    kls = [c.kl for c in ab if c.kl is not None]
+    job = session.get(Job, a.job_id) if a.job_id else None
+    job_status = (job.status.value if hasattr(job.status, "value") else str(job.status)) if job else None
+    done = a.status in DONE_STATES or job_status in DONE_STATES
+    history = [ablation_item(x) for x in session.scalars(
+        select(Ablation).where(Ablation.run_id == run.id).order_by(Ablation.id.desc()).limit(30))]
+    return AblationPage(
+        run=run_ref(run),
+        ablation=AblationInfo(id=a.id, status=a.status, request=request_view(a.request), created=a.created,
+                              finished=a.finished, summary=a.summary, error=a.error, job_id=a.job_id,
+                              job_status=job_status, progress=job.progress if job else None),
+        conditions=conditions, divergence=divergence, kl_total=sum(kls) if kls else None,
+        kl_max=max(kls) if kls else None, done=done, history=history,
+    )
+
+
+def ablation_list(session: Session, run_key: str | int) -> AblationList:
+    run = get_run(session, run_key)
+    return AblationList(run=run_ref(run), ablations=[ablation_item(x) for x in session.scalars(
+        select(Ablation).where(Ablation.run_id == run.id).order_by(Ablation.id.desc()).limit(200))])

@@ -1,0 +1,88 @@
+"""Shared pieces of the page contexts: errors, run lookup, small models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.schema import FeatureSet, Run
+from app.web.tokens import DEFAULT_HESITATION_WORDS, Vocab, find_vocab
+
+
+class NotFound(LookupError):
+    """A run, feature, graph … that does not exist; the app answers 404 with this message."""
+
+
+class BadInput(ValueError):
+    """A request that cannot be served as asked; the app answers ``status_code`` (400) with this message."""
+
+    def __init__(self, message: str, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class RunRef(BaseModel):
+    """Just enough of a run to name it and link to it."""
+
+    id: int
+    name: str
+    status: str
+    base_model: str
+    target_model: str
+    created: datetime | None = None
+
+
+def run_ref(run: Run) -> RunRef:
+    return RunRef(id=run.id, name=run.name, status=run.status, base_model=run.base_model,
+                  target_model=run.target_model, created=run.created)
+
+
+def get_run(session: Session, run: str | int) -> Run:
+    """A run by id (digits) or by name; :class:`NotFound` otherwise."""
+    key = str(run)
+    row = session.get(Run, int(key)) if key.isdigit() else None
+    if row is None:
+        row = session.scalars(select(Run).where(Run.name == key)).first()
+    if row is None:
+        raise NotFound(f"No run {key!r}. The index page lists the runs that exist.")
+    return row
+
+
+DATA_DIR_KEY = "adapterlens_data_dir"  # Session.info key: where organism:… model specs resolve
+
+
+def run_vocab(session: Session, run: Run) -> Vocab:
+    """The run's vocabulary; ``session.info[DATA_DIR_KEY]`` (set by the app) locates organism tokenizers."""
+    config = run.config or {}
+    tok = config.get("tokenizer") or (config.get("paths") or {}).get("tokenizer")
+    data_dir = session.info.get(DATA_DIR_KEY)
+    return find_vocab(tok if isinstance(tok, str) else None, run.target_model, Path(data_dir) if data_dir else None)
+
+
+def hesitation_words(run: Run) -> tuple[str, ...]:
+    config = run.config or {}
+    words = config.get("hesitation_words") or (config.get("hesitation") or {}).get("words")
+    if isinstance(words, list | tuple) and all(isinstance(w, str) for w in words) and words:
+        return tuple(words)
+    return DEFAULT_HESITATION_WORDS
+
+
+def hesitation_set(session: Session, run_id: int) -> FeatureSet | None:
+    """The run's hesitation feature set: the newest set whose name mentions hesitation, else None."""
+    return session.scalars(
+        select(FeatureSet)
+        .where(FeatureSet.run_id == run_id, FeatureSet.name.ilike("%hesitation%"))
+        .order_by(FeatureSet.id.desc())
+    ).first()
+
+
+def as_float(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None

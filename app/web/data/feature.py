@@ -1,0 +1,233 @@
+"""One feature's page: its examples with per-token activations, statistics, graphs and neighbours.
+
+Token text comes from the run's vocabulary (ids are stored, never text). Examples carry their whole
+stored context; ``window`` marks the part shown before the user expands it (around the focus token).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+from sqlalchemy import Text, cast, select, tuple_
+from sqlalchemy.orm import Session
+
+from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Graph
+from app.web.data.common import NotFound, RunRef, as_float, get_run, hesitation_words, run_ref, run_vocab
+from app.web.tokens import Vocab, is_hesitation
+
+WINDOW_BEFORE, WINDOW_AFTER = 12, 6  # tokens shown around the focus before "expand" (of 50 / 20 stored)
+KIND_ORDER = ("top", "quantile", "random")
+MAX_GRAPHS_SCANNED = 500  # graphs searched for this feature's nodes, newest first
+
+
+class Tok(BaseModel):
+    id: int
+    text: str
+    act: float = 0.0
+    hesitation: bool = False
+
+
+class ExampleView(BaseModel):
+    id: int
+    kind: str
+    rank: int
+    max_act: float
+    focus: int
+    window: tuple[int, int] = Field(description="[start, end) of the tokens shown before expanding.")
+    tokens: list[Tok]
+    prompt_id: int | None = None
+
+
+class Hist(BaseModel):
+    edges: list[float]
+    counts: list[float]
+
+
+class LensToken(BaseModel):
+    id: int | None
+    text: str
+    value: float | None
+
+
+class GraphUse(BaseModel):
+    id: int
+    slug: str
+    target: str | None
+    positions: list[int]
+    influence: float | None
+    roles: list[str]
+
+
+class SetUse(BaseModel):
+    id: int
+    name: str
+    role: str | None
+    score: float | None
+
+
+class Neighbour(BaseModel):
+    layer: int
+    index: int
+    cosine: float | None
+    label: str | None = None
+    top_token: str | None = None
+    exists: bool = False
+
+
+class FeatureInfo(BaseModel):
+    layer: int
+    index: int
+    frequency: float
+    max_act: float
+    mean_act: float
+    label: str | None
+    category: str | None
+
+
+class FeaturePage(BaseModel):
+    run: RunRef
+    feature: FeatureInfo
+    examples: dict[str, list[ExampleView]]
+    histogram: Hist | None
+    think_pos_hist: Hist | None
+    region_counts: dict[str, float]
+    logit_top: list[LensToken]
+    logit_bottom: list[LensToken]
+    graphs: list[GraphUse]
+    sets: list[SetUse]
+    neighbours: list[Neighbour]
+    vocab_source: str | None = Field(description="The tokenizer.json token text came from (None: ids shown).")
+
+
+def token_views(vocab: Vocab, ids: list[Any], acts: list[Any] | None, words: tuple[str, ...]) -> list[Tok]:
+    acts = acts or []
+    out = []
+    for i, tid in enumerate(ids):
+        text = vocab.text(int(tid))
+        act = acts[i] if i < len(acts) and isinstance(acts[i], int | float) else 0.0
+        out.append(Tok(id=int(tid), text=text, act=float(act), hesitation=is_hesitation(text, words)))
+    return out
+
+
+def _hist(raw: Any) -> Hist | None:
+    if not isinstance(raw, dict):
+        return None
+    edges, counts = raw.get("edges"), raw.get("counts")
+    if not isinstance(edges, list) or not isinstance(counts, list) or not counts:
+        return None
+    try:
+        return Hist(edges=[float(e) for e in edges], counts=[float(c) for c in counts])
+    except (TypeError, ValueError):
+        return None
+
+
+def _lens(entries: Any) -> list[LensToken]:
+    out = []
+    for e in entries or []:
+        if isinstance(e, list | tuple) and len(e) >= 3:
+            out.append(LensToken(id=e[0] if isinstance(e[0], int) else None, text=str(e[1]), value=as_float(e[2])))
+    return out
+
+
+def top_token(logit_lens: Any) -> str | None:
+    top = _lens((logit_lens or {}).get("top"))[:1] if isinstance(logit_lens, dict) else []
+    return top[0].text if top else None
+
+
+def get_feature(session: Session, run_id: int, layer: int, index: int) -> Feature:
+    feat = session.get(Feature, (run_id, layer, index))
+    if feat is None:
+        raise NotFound(f"No feature {layer}/{index} in run {run_id}: it was not collected, or the layer or "
+                       "index is out of range.")
+    return feat
+
+
+def graphs_with_feature(session: Session, run_id: int, layer: int, index: int) -> list[GraphUse]:
+    """Graphs whose nodes include this feature (node ids are ``{layer}_{index}_{pos}``)."""
+    pattern = f'%"{layer}\\_{index}\\_%'
+    rows = session.execute(
+        select(Graph.id, Graph.slug, Graph.target_token_str, Graph.nodes)
+        .where(Graph.run_id == run_id, cast(Graph.nodes, Text).like(pattern, escape="\\"))
+        .order_by(Graph.id.desc()).limit(MAX_GRAPHS_SCANNED)
+    ).all()
+    out = []
+    for g in rows:
+        positions, influence, roles = [], None, set()
+        for n in g.nodes or []:
+            if not isinstance(n, dict) or n.get("feature_type") in ("embedding", "logit", "mlp reconstruction error"):
+                continue
+            if str(n.get("layer")) == str(layer) and _node_index(n) == index:
+                positions.append(int(n.get("ctx_idx", -1)))
+                inf = as_float(n.get("influence"))
+                if inf is not None:
+                    influence = inf if influence is None else min(influence, inf)
+                if n.get("role"):
+                    roles.add(str(n["role"]))
+        if positions:
+            out.append(GraphUse(id=g.id, slug=g.slug, target=g.target_token_str, positions=sorted(positions),
+                                influence=influence, roles=sorted(roles)))
+    return out
+
+
+def _node_index(node: dict[str, Any]) -> int | None:
+    """The feature index of a feature node: our ``index`` key, else the middle of ``node_id``."""
+    if isinstance(node.get("index"), int):
+        return node["index"]
+    parts = str(node.get("node_id", "")).split("_")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def feature_page(session: Session, run_key: str | int, layer: int, index: int) -> FeaturePage:
+    run = get_run(session, run_key)
+    feat = get_feature(session, run.id, layer, index)
+    vocab = run_vocab(session, run)
+    words = hesitation_words(run)
+    examples: dict[str, list[ExampleView]] = {}
+    for ex in session.scalars(
+        select(Example).where(Example.run_id == run.id, Example.layer == layer, Example.index == index)
+        .order_by(Example.kind, Example.rank)
+    ):
+        toks = token_views(vocab, list(ex.token_ids or []), list(ex.acts or []), words)
+        focus = ex.focus if 0 <= ex.focus < len(toks) else 0
+        window = (max(0, focus - WINDOW_BEFORE), min(len(toks), focus + WINDOW_AFTER + 1))
+        examples.setdefault(ex.kind, []).append(ExampleView(
+            id=ex.id, kind=ex.kind, rank=ex.rank, max_act=ex.max_act, focus=focus, window=window, tokens=toks,
+            prompt_id=ex.prompt_id))
+    examples = {k: examples[k] for k in sorted(examples, key=lambda k: (KIND_ORDER + (k,)).index(k))}
+
+    sets = [
+        SetUse(id=s.id, name=s.name, role=s.role, score=s.score)
+        for s in session.execute(
+            select(FeatureSet.id, FeatureSet.name, FeatureSetMember.role, FeatureSetMember.score)
+            .join(FeatureSetMember, FeatureSetMember.set_id == FeatureSet.id)
+            .where(FeatureSet.run_id == run.id, FeatureSetMember.layer == layer, FeatureSetMember.index == index)
+        )
+    ]
+    neighbours = []
+    raw_nb = [n for n in (feat.neighbours or []) if isinstance(n, list | tuple) and len(n) >= 2][:20]
+    if raw_nb:
+        keys = [(int(n[0]), int(n[1])) for n in raw_nb]
+        found = {
+            (r.layer, r.index): r
+            for r in session.execute(
+                select(Feature.layer, Feature.index, Feature.label, Feature.logit_lens)
+                .where(Feature.run_id == run.id, tuple_(Feature.layer, Feature.index).in_(keys))
+            )
+        }
+        for n, key in zip(raw_nb, keys, strict=True):
+            r = found.get(key)
+            neighbours.append(Neighbour(layer=key[0], index=key[1], cosine=as_float(n[2]) if len(n) > 2 else None,
+                                        label=r.label if r else None, top_token=top_token(r.logit_lens) if r else None,
+                                        exists=r is not None))
+    lens = feat.logit_lens if isinstance(feat.logit_lens, dict) else {}
+    regions = {str(k): float(v) for k, v in (feat.region_counts or {}).items() if isinstance(v, int | float)}
+    return FeaturePage(
+        run=run_ref(run),
+        feature=FeatureInfo(layer=layer, index=index, frequency=feat.frequency, max_act=feat.max_act,
+                            mean_act=feat.mean_act, label=feat.label, category=feat.category),
+        examples=examples, histogram=_hist(feat.histogram), think_pos_hist=_hist(feat.think_pos_hist),
+        region_counts=regions, logit_top=_lens(lens.get("top")), logit_bottom=_lens(lens.get("bottom")),
+        graphs=graphs_with_feature(session, run.id, layer, index), sets=sets, neighbours=neighbours,
+        vocab_source=vocab.source,
+    )

@@ -1,0 +1,201 @@
+"""The feature index: filter, search and sort every feature of a run, paginated by keyset.
+
+Keyset pagination (``after`` = the last row's sort key) keeps each page an index range scan at
+millions of features, where OFFSET would read and discard every earlier row. Sorts and the index
+each uses: ``layer`` → the primary key (run_id, layer, index); ``frequency`` with a layer filter →
+ix_features_run_layer_freq; ``max_act`` → ix_features_run_max_act. Ties are broken by (layer, index),
+so the order is total and a cursor is unambiguous.
+
+Token search (``q``): the ids whose text is ``q`` (the run's vocabulary) are looked up among each
+feature's logit-lens top tokens and the focus tokens of its top examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from sqlalchemy import Float, Integer, Text, and_, cast, exists, false, func, or_, select, tuple_
+from sqlalchemy.orm import Session
+
+from app.db.schema import Example, Feature, FeatureSetMember
+from app.web.data.common import BadInput, RunRef, get_run, hesitation_set, run_ref, run_vocab
+
+Sort = Literal["layer", "frequency", "max_act"]
+MAX_QUERY_IDS = 50  # token ids a search may expand to (variants of one word)
+
+
+class FeatureQuery(BaseModel):
+    """The shareable state of the feature index (all of it lives in the URL)."""
+
+    layer: int | None = Field(None, ge=0, description="Only this layer.")
+    category: str | None = Field(None, max_length=100, description="Only this category.")
+    freq_min: float | None = Field(None, ge=0, le=1, description="Minimum activation frequency (0–1).")
+    freq_max: float | None = Field(None, ge=0, le=1, description="Maximum activation frequency (0–1).")
+    in_set: bool = Field(False, description="Only members of the run's hesitation feature set.")
+    q: str | None = Field(None, max_length=100, description="A token in the logit lens or top examples.")
+    sort: Sort = Field("layer", description="layer (ascending) or frequency / max_act (descending).")
+    after: str | None = Field(None, max_length=100, description="Keyset cursor: the previous page's next.")
+    limit: int = Field(50, ge=1, le=500)
+
+    @field_validator("category", "q", "after", mode="before")
+    @classmethod
+    def _blank_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("layer", "freq_min", "freq_max", mode="before")
+    @classmethod
+    def _blank_number_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @model_validator(mode="after")
+    def _range(self) -> FeatureQuery:
+        if self.freq_min is not None and self.freq_max is not None and self.freq_min > self.freq_max:
+            raise ValueError(f"freq_min ({self.freq_min}) is greater than freq_max ({self.freq_max})")
+        return self
+
+    def params(self, **changes: Any) -> dict[str, Any]:
+        """URL parameters for this query with ``changes`` applied (defaults and blanks left out)."""
+        data = self.model_dump() | changes
+        defaults = FeatureQuery().model_dump()
+        return {k: v for k, v in data.items() if v is not None and v != defaults.get(k) and v != ""}
+
+
+class FeatureRow(BaseModel):
+    layer: int
+    index: int
+    frequency: float
+    max_act: float
+    category: str | None
+    label: str | None
+    role: str | None = Field(None, description="Role in the hesitation set (output, template …), if a member.")
+    in_set: bool = False
+    top_token: str | None = Field(None, description="Top logit-lens token.")
+
+
+class FeatureListPage(BaseModel):
+    run: RunRef
+    query: FeatureQuery
+    rows: list[FeatureRow]
+    next: str | None = Field(None, description="Cursor for the next page (pass as after=).")
+    layers: list[int]
+    categories: list[str]
+    hesitation_set: str | None
+    search_ids: list[int] | None = Field(None, description="Token ids the search q expanded to.")
+    total: int | None = Field(None, description="Features in the run (unfiltered).")
+
+
+def _cursor_values(sort: Sort, after: str) -> tuple[float | None, int, int]:
+    parts = after.split(":")
+    try:
+        if sort == "layer":
+            if len(parts) != 2:
+                raise ValueError
+            return None, int(parts[0]), int(parts[1])
+        if len(parts) != 3:
+            raise ValueError
+        return float(parts[0]), int(parts[1]), int(parts[2])
+    except ValueError:
+        raise BadInput(f"after={after!r} is not a cursor for sort={sort!r}; follow the 'next' link instead") from None
+
+
+def _cursor(sort: Sort, row: FeatureRow) -> str:
+    if sort == "layer":
+        return f"{row.layer}:{row.index}"
+    value = row.frequency if sort == "frequency" else row.max_act
+    return f"{value!r}:{row.layer}:{row.index}"
+
+
+def _focus_token(session: Session) -> Any:
+    """The token id at an example's focus position, as an integer expression on either backend."""
+    if session.get_bind().dialect.name == "postgresql":
+        return cast(Example.token_ids.op("->>")(Example.focus), Integer)
+    return cast(func.json_extract(Example.token_ids, "$[" + cast(Example.focus, Text) + "]"), Integer)
+
+
+def _search_condition(session: Session, run_id: int, ids: list[int]) -> Any:
+    if not ids:
+        return false()
+    # Logit-lens entries are [id, text, value]; both backends print JSON arrays as "[id, ...".
+    lens = or_(*(cast(Feature.logit_lens, Text).like(f'%[{i}, "%') for i in ids))
+    in_examples = exists().where(
+        Example.run_id == run_id, Example.layer == Feature.layer, Example.index == Feature.index,
+        Example.kind == "top", _focus_token(session).in_(ids),
+    )
+    return or_(lens, in_examples)
+
+
+def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> FeatureListPage:
+    run = get_run(session, run_key)
+    hset = hesitation_set(session, run.id)
+    cond: list[Any] = [Feature.run_id == run.id]
+    if query.layer is not None:
+        cond.append(Feature.layer == query.layer)
+    if query.category is not None:
+        cond.append(Feature.category == query.category)
+    if query.freq_min is not None:
+        cond.append(Feature.frequency >= query.freq_min)
+    if query.freq_max is not None:
+        cond.append(Feature.frequency <= query.freq_max)
+    member = exists().where(
+        FeatureSetMember.set_id == (hset.id if hset else -1),
+        FeatureSetMember.layer == Feature.layer, FeatureSetMember.index == Feature.index,
+    )
+    if query.in_set:
+        cond.append(member if hset else false())
+    search_ids: list[int] | None = None
+    if query.q is not None:
+        q = query.q
+        search_ids = [int(q[1:])] if q.startswith("#") and q[1:].isdigit() else run_vocab(session, run).ids_matching(q, MAX_QUERY_IDS)
+        cond.append(_search_condition(session, run.id, search_ids))
+
+    key = tuple_(Feature.layer, Feature.index)
+    if query.sort == "layer":
+        order = [Feature.layer, Feature.index]
+        if query.after:
+            _, layer, index = _cursor_values("layer", query.after)
+            cond.append(key > tuple_(layer, index))
+    else:
+        col = Feature.frequency if query.sort == "frequency" else Feature.max_act
+        order = [col.desc(), Feature.layer.desc(), Feature.index.desc()]
+        if query.after:
+            value, layer, index = _cursor_values(query.sort, query.after)
+            # The first conjunct alone is an index range; the second breaks ties exactly.
+            cond.append(and_(col <= cast(value, Float), or_(col < cast(value, Float), key < tuple_(layer, index))))
+
+    stmt = (
+        select(Feature.layer, Feature.index, Feature.frequency, Feature.max_act, Feature.category, Feature.label,
+               Feature.logit_lens)
+        .where(*cond).order_by(*order).limit(query.limit + 1)
+    )
+    raw = session.execute(stmt).all()
+    more = len(raw) > query.limit
+    raw = raw[: query.limit]
+    roles: dict[tuple[int, int], str | None] = {}
+    if hset and raw:
+        for m in session.execute(
+            select(FeatureSetMember.layer, FeatureSetMember.index, FeatureSetMember.role).where(
+                FeatureSetMember.set_id == hset.id,
+                tuple_(FeatureSetMember.layer, FeatureSetMember.index).in_([(r.layer, r.index) for r in raw]),
+            )
+        ):
+            roles[(m.layer, m.index)] = m.role
+    rows = []
+    for r in raw:
+        top = ((r.logit_lens or {}).get("top") or [None])[0]
+        rows.append(FeatureRow(
+            layer=r.layer, index=r.index, frequency=r.frequency, max_act=r.max_act, category=r.category,
+            label=r.label, role=roles.get((r.layer, r.index)), in_set=(r.layer, r.index) in roles,
+            top_token=str(top[1]) if isinstance(top, list | tuple) and len(top) > 1 else None,
+        ))
+    layers = list(range(run.n_layers)) if run.n_layers else [
+        x for (x,) in session.execute(select(Feature.layer).where(Feature.run_id == run.id).distinct().order_by(Feature.layer))
+    ]
+    categories = [c for (c,) in session.execute(
+        select(Feature.category).where(Feature.run_id == run.id, Feature.category.is_not(None))
+        .distinct().order_by(Feature.category).limit(100))]
+    return FeatureListPage(
+        run=run_ref(run), query=query, rows=rows, next=_cursor(query.sort, rows[-1]) if more and rows else None,
+        layers=layers, categories=categories, hesitation_set=hset.name if hset else None, search_ids=search_ids,
+        total=run.n_features * run.n_layers if run.n_features and run.n_layers else None,
+    )

@@ -1,0 +1,194 @@
+"""The run overview: evaluation table, training curves and links to everything the run has."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.db.schema import (
+    Ablation,
+    Experiment,
+    Feature,
+    FeatureSet,
+    FeatureSetMember,
+    Graph,
+    Job,
+    Run,
+    RunMetric,
+)
+from app.web.data.common import RunRef, as_float, get_run, run_ref
+
+MODEL_ORDER = ("base", "hybrid", "adapted", "target")
+MAX_CURVE_POINTS = 2000  # per series; longer runs are thinned evenly so a page stays light
+
+
+class ModelRow(BaseModel):
+    name: str
+    kl_to_target: float | None = None
+    nmse_mean: float | None = None
+    hesitation_rate: float | None = None
+    mean_response_len: float | None = None
+    accuracy: float | None = None
+
+
+class Evaluation(BaseModel):
+    models: list[ModelRow]
+    kl_gap_closed: float | None = None
+    reproduced_hesitation: float | None = None
+    false_hesitation: float | None = None
+    same_output: float | None = None
+    l0_mean: float | None = None
+    l0_per_layer: list[float] = []
+    dead_features_per_layer: list[int] = []
+    n_prompts: int | None = None
+
+
+class Curves(BaseModel):
+    """Training metrics by step: one series per scalar key; list-valued keys become ``key[i]``."""
+
+    steps: list[int]
+    series: dict[str, list[float | None]]
+
+
+class LinkItem(BaseModel):
+    id: int
+    title: str
+    detail: str | None = None
+    status: str | None = None
+    created: datetime | None = None
+
+
+class RunPage(BaseModel):
+    run: RunRef
+    runs: list[RunRef]
+    config: dict[str, Any]
+    n_layers: int | None
+    n_features: int | None
+    d_model: int | None
+    checkpoint: str | None
+    evaluation: Evaluation | None
+    curves: Curves | None
+    n_collected: int
+    graphs: list[LinkItem]
+    feature_sets: list[LinkItem]
+    ablations: list[LinkItem]
+    experiments: list[LinkItem]
+    jobs: list[LinkItem]
+
+
+class IndexPage(BaseModel):
+    """What ``/`` knows: the latest run (the HTML page redirects to it) or nothing yet."""
+
+    latest: RunRef | None
+    runs: list[RunRef]
+
+
+def list_runs(session: Session, limit: int = 50) -> list[RunRef]:
+    return [run_ref(r) for r in session.scalars(select(Run).order_by(Run.id.desc()).limit(limit))]
+
+
+def index_page(session: Session) -> IndexPage:
+    runs = list_runs(session)
+    return IndexPage(latest=runs[0] if runs else None, runs=runs)
+
+
+def _evaluation(raw: dict[str, Any] | None) -> Evaluation | None:
+    if not raw or not isinstance(raw, dict):
+        return None
+    models = raw.get("models") or {}
+    names = [n for n in MODEL_ORDER if n in models] + sorted(n for n in models if n not in MODEL_ORDER)
+    rows = []
+    for name in names:
+        m = models.get(name) or {}
+        nmse = [x for x in (m.get("nmse_per_layer") or []) if isinstance(x, int | float)]
+        rows.append(ModelRow(
+            name=name, kl_to_target=as_float(m.get("kl_to_target")),
+            nmse_mean=sum(nmse) / len(nmse) if nmse else None,
+            hesitation_rate=as_float(m.get("hesitation_rate")),
+            mean_response_len=as_float(m.get("mean_response_len")), accuracy=as_float(m.get("accuracy")),
+        ))
+    return Evaluation(
+        models=rows, kl_gap_closed=as_float(raw.get("kl_gap_closed")),
+        reproduced_hesitation=as_float(raw.get("reproduced_hesitation")),
+        false_hesitation=as_float(raw.get("false_hesitation")), same_output=as_float(raw.get("same_output")),
+        l0_mean=as_float(raw.get("l0_mean")),
+        l0_per_layer=[float(x) for x in raw.get("l0_per_layer") or [] if isinstance(x, int | float)],
+        dead_features_per_layer=[int(x) for x in raw.get("dead_features_per_layer") or [] if isinstance(x, int | float)],
+        n_prompts=raw.get("n_prompts") if isinstance(raw.get("n_prompts"), int) else None,
+    )
+
+
+def _curves(session: Session, run_id: int) -> Curves | None:
+    rows = session.execute(
+        select(RunMetric.step, RunMetric.metrics).where(RunMetric.run_id == run_id).order_by(RunMetric.step)
+    ).all()
+    if not rows:
+        return None
+    if len(rows) > MAX_CURVE_POINTS:
+        stride = -(-len(rows) // MAX_CURVE_POINTS)
+        rows = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
+    flat: list[dict[str, float]] = []
+    for _, metrics in rows:
+        point: dict[str, float] = {}
+        for key, value in (metrics or {}).items():
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
+                point[key] = float(value)
+            elif isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+                point.update({f"{key}[{i}]": float(v) for i, v in enumerate(value)})
+        flat.append(point)
+    keys = sorted({k for p in flat for k in p})
+    return Curves(steps=[s for s, _ in rows], series={k: [p.get(k) for p in flat] for k in keys})
+
+
+def run_page(session: Session, run_key: str | int) -> RunPage:
+    run = get_run(session, run_key)
+    rid = run.id
+    n_collected = session.scalar(select(func.count()).select_from(Feature).where(Feature.run_id == rid)) or 0
+    graphs = [
+        LinkItem(id=g.id, title=g.slug, detail=(g.target_token_str and f"→ {g.target_token_str!r}"), created=g.created)
+        for g in session.execute(
+            select(Graph.id, Graph.slug, Graph.target_token_str, Graph.created)
+            .where(Graph.run_id == rid).order_by(Graph.id.desc()).limit(50)
+        )
+    ]
+    members = (select(FeatureSetMember.set_id, func.count().label("n")).group_by(FeatureSetMember.set_id).subquery())
+    sets = [
+        LinkItem(id=s.id, title=s.name, detail=f"{s.n or 0} features", created=s.created)
+        for s in session.execute(
+            select(FeatureSet.id, FeatureSet.name, FeatureSet.created, members.c.n)
+            .outerjoin(members, members.c.set_id == FeatureSet.id)
+            .where(FeatureSet.run_id == rid).order_by(FeatureSet.id)
+        )
+    ]
+    ablations = [ablation_item(a) for a in session.scalars(
+        select(Ablation).where(Ablation.run_id == rid).order_by(Ablation.id.desc()).limit(20))]
+    experiments = [
+        LinkItem(id=e.id, title=e.name, status=e.status, created=e.created)
+        for e in session.scalars(select(Experiment).where(Experiment.run_id == rid).order_by(Experiment.id.desc()).limit(20))
+    ]
+    jobs = [
+        LinkItem(id=j.id, title=j.kind, status=str(j.status.value if hasattr(j.status, "value") else j.status),
+                 detail=(j.progress or {}).get("message"), created=j.created)
+        for j in session.scalars(select(Job).where(Job.run_id == rid).order_by(Job.id.desc()).limit(20))
+    ]
+    return RunPage(
+        run=run_ref(run), runs=list_runs(session), config=run.config or {}, n_layers=run.n_layers,
+        n_features=run.n_features, d_model=run.d_model, checkpoint=run.checkpoint,
+        evaluation=_evaluation(run.evaluation), curves=_curves(session, rid), n_collected=n_collected,
+        graphs=graphs, feature_sets=sets, ablations=ablations, experiments=experiments, jobs=jobs,
+    )
+
+
+def ablation_item(a: Ablation) -> LinkItem:
+    from app.web.data.ablations import request_view
+
+    req = request_view(a.request)
+    n = len(req.features)
+    detail = f"{n} feature{'s' if n != 1 else ''}, {req.mode}: {req.prompt[:60]}"
+    return LinkItem(id=a.id, title=f"Ablation {a.id}", detail=detail, status=a.status, created=a.created)
