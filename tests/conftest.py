@@ -100,6 +100,24 @@ def _run_as_postgres(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=PG_START_TIMEOUT_S + 30)
 
 
+def _stop_orphaned_clusters(bindir: Path) -> None:
+    """Stop and delete throwaway clusters whose pytest process died without cleaning up (SIGKILL)."""
+    for owner_file in glob.glob(os.path.join(tempfile.gettempdir(), "adapterlens-pg-*", "owner.pid")):
+        root = Path(owner_file).parent
+        try:
+            os.kill(int(Path(owner_file).read_text()), 0)
+            continue  # its owner is alive
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError, OSError):
+            continue
+        if (root / "data" / "postmaster.pid").exists():
+            _run_as_postgres(
+                [str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "-w", "stop"]
+            )
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     """The URL (database ``postgres``) of a Postgres server the tests may create databases on."""
@@ -114,7 +132,9 @@ def pg_server_url() -> Iterator[str]:
             pwd.getpwnam("postgres")
         except KeyError:
             pytest.skip("running as root, and there is no 'postgres' user to run the throwaway cluster as")
+    _stop_orphaned_clusters(bindir)
     root = Path(tempfile.mkdtemp(prefix="adapterlens-pg-"))
+    (root / "owner.pid").write_text(str(os.getpid()))
     data, sockets, logfile = root / "data", root / "sock", root / "server.log"
     sockets.mkdir()
     if os.geteuid() == 0:
