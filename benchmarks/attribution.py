@@ -93,6 +93,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--features", type=int, default=2048)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float64"],
+                    help="attribution compute dtype (default: the model's, float32)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -104,14 +106,15 @@ def main() -> None:
     fb, fb_cpu = forward_backward_seconds(model, ids, args.repeats + 2)
     print(f"shape: {args.layers} layers, d {args.d_model}, mlp {args.intermediate}, heads {args.heads}/{args.kv_heads}, "
           f"vocab {args.vocab}, {args.features} features/layer, {args.seq} tokens, {args.threads} thread(s), "
-          f"device {args.device}")
+          f"device {args.device}, compute dtype {args.dtype or 'float32'}")
     print(f"forward+backward (grad to input embeddings): {fb * 1000:.1f} ms wall, {fb_cpu * 1000:.1f} ms CPU")
     for mode in args.modes:
         times, cpus, graph = [], [], None
         for _ in range(args.repeats):
             t0, c0 = time.perf_counter(), time.process_time()
             graph = attribute(model, ids, mode=mode, max_feature_nodes=args.max_feature_nodes,
-                              batch_size=args.batch_size, round_size=args.round_size, progress=False)
+                              batch_size=args.batch_size, round_size=args.round_size, progress=False,
+                              dtype=getattr(torch, args.dtype) if args.dtype else None)
             if args.device != "cpu":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

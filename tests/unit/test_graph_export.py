@@ -105,6 +105,15 @@ def real_pruned():
     return graph, prune_graph(graph, node_threshold=0.8, edge_threshold=0.98)
 
 
+def test_graph_save_load(real_pruned, tmp_path):
+    graph, _ = real_pruned
+    graph.save(str(tmp_path / "g.pt"))
+    back = Graph.load(str(tmp_path / "g.pt"))
+    assert torch.equal(back.adjacency_matrix, graph.adjacency_matrix)
+    assert torch.equal(back.active_features, graph.active_features)
+    assert (back.mode, back.n_layers, back.settings) == (graph.mode, graph.n_layers, graph.settings)
+
+
 def test_export_has_circuit_tracer_fields(real_pruned):
     graph, pruned = real_pruned
     data = to_circuit_tracer_json(pruned, CharTokenizer(), slug="g1", scan="tiny-adapters",

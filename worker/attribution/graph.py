@@ -92,6 +92,14 @@ class Graph:
             raise KeyError(f"token {token_id} is not a logit node of this graph")
         return self.n_feature_nodes + self.n_pos + int(hit[0])
 
+    def save(self, path: str) -> None:
+        """Write the graph with ``torch.save`` (tensors and plain values only, so loading needs no pickle)."""
+        torch.save({k: getattr(self, k) for k in self.__dataclass_fields__}, path)
+
+    @classmethod
+    def load(cls, path: str) -> Graph:
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
     def logit_weights(self) -> torch.Tensor:
         """Per node: the logit probability on logit nodes, 0 elsewhere (the influence seed)."""
         w = torch.zeros(self.n_nodes, dtype=self.adjacency_matrix.dtype)
