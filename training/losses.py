@@ -110,20 +110,23 @@ class _FusedHeadKL(torch.autograd.Function):
         for start in range(0, n_rows, chunk):
             rows = slice(start, min(start + chunk, n_rows))
             w = weights[rows]
-            logp_t = F.log_softmax(_wide(teacher_h[rows] @ teacher_w.T), dim=-1)
+            logp_t = F.log_softmax(_wide(F.linear(teacher_h[rows], teacher_w)), dim=-1)
             p_t = logp_t.exp()
+            neg_entropy = (p_t * logp_t).sum(-1)  # Σ p_T log p_T, shared by every student
+            del logp_t
             lab = labels[rows]
             has_label = lab != IGNORE_INDEX
             for j in range(n_students):
-                logp_s = F.log_softmax(_wide(hiddens[j][rows] @ heads[j].T), dim=-1)
-                kl_rows = (p_t * (logp_t - logp_s)).sum(-1)
+                logp_s = F.log_softmax(_wide(F.linear(hiddens[j][rows], heads[j])), dim=-1)
+                kl_rows = neg_entropy - (p_t * logp_s).sum(-1)
                 kl[j] += (w.to(kl_rows.dtype) * kl_rows).sum().double()
-                if has_label.any():
-                    picked = logp_s[has_label].gather(-1, lab[has_label].unsqueeze(-1))
-                    ce[j] -= picked.sum().double()
+                picked = logp_s.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                ce[j] -= (picked * has_label).sum().double()
                 if grads[j] is not None:
-                    g_logits = (logp_s.exp() - p_t) * w.to(p_t.dtype).unsqueeze(-1)
-                    grads[j][rows] = (g_logits.to(hiddens[j].dtype) @ heads[j].to(hiddens[j].dtype))
+                    g_logits = logp_s.exp_().sub_(p_t)  # p_S − p_T, in place: no second [rows × vocab] buffer
+                    g_h = g_logits.to(hiddens[j].dtype) @ heads[j].to(hiddens[j].dtype)
+                    grads[j][rows] = g_h * w.to(g_h.dtype).unsqueeze(-1)  # row weights on [rows × d], not × vocab
+                del logp_s
         ctx.save_for_backward(*[g for g in grads if g is not None])
         ctx.want_grad = want_grad
         ctx.n_students = n_students

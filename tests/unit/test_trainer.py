@@ -337,3 +337,15 @@ def test_jsonl_dataset_uses_the_tokenizer(tmp_path):
         TokenDataset.from_jsonl(path, tokenizer)
     with pytest.raises(ValueError, match="not found"):
         TokenDataset.from_jsonl(tmp_path / "missing.jsonl", tokenizer)
+
+
+def test_bf16_autocast_step_is_close_to_fp32():
+    model = _float32_model()
+    ids, mask = collate(_data(4))
+    fp32 = fused_step(model, ids, mask, weights=LossWeights(), cutoff=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = fused_step(model, ids, mask, weights=LossWeights(), cutoff=1, kl_chunk=7)
+    bf16.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.adapter_parameters())
+    for name in ("loss", "kl", "nmse", "bridge_a2t", "bridge_t2a"):
+        assert float(getattr(bf16, name)) == pytest.approx(float(getattr(fp32, name)), rel=0.1), name
