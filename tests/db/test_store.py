@@ -10,6 +10,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.db import write
 from app.db.schema import Example, Feature, Graph, Job, Run, RunMetric
 from app.db.session import make_engine, make_sessionmaker, session_scope
 from app.db.write import replace_rows, upsert
@@ -84,11 +85,20 @@ def test_upsert_on_a_unique_key_returns_the_existing_id(db_engine: Engine) -> No
         assert session.scalars(select(Graph.nodes)).all() == [[1]]
 
 
-def test_upsert_batches_beyond_parameter_limits(db_engine: Engine) -> None:
+def test_upsert_and_replace_batch_under_parameter_limits(db_engine: Engine, monkeypatch) -> None:
+    monkeypatch.setattr(write, "MAX_BOUND_PARAMS", 30)  # 10 rows of 3 columns per statement
     with Session(db_engine) as session, session.begin():
         run_id = _run(session)
-        rows = [{"run_id": run_id, "step": i, "metrics": {"loss": i}} for i in range(12_000)]
-        assert len(upsert(session, RunMetric, rows)) == 12_000
+        rows = [{"run_id": run_id, "step": i, "metrics": {"loss": i}} for i in range(95)]
+        assert sorted(upsert(session, RunMetric, rows)) == [(run_id, i) for i in range(95)]
+        assert (
+            replace_rows(
+                session, RunMetric, {"run_id": run_id}, [{"step": i, "metrics": {}} for i in range(45)]
+            )
+            == 45
+        )
+    with Session(db_engine) as session:
+        assert session.scalar(select(func.count()).select_from(RunMetric)) == 45
 
 
 def test_upsert_rejects_bad_input(db_engine: Engine) -> None:
