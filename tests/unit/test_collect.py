@@ -367,3 +367,23 @@ def test_corpus_windows_are_cut_at_sequence_ends() -> None:
     c = Corpus.from_sequences([[5, 6, 7], [8, 9]])
     w = c.windows(torch.tensor([0, 1]), torch.tensor([0, 1]), 1, 1)
     assert w.tolist() == [[-1, 5, 6], [8, 9, -1]]
+
+
+def test_hist_bins_equal_bucketize_at_and_between_edges() -> None:
+    from worker.collect.stats import hist_bins
+
+    for dtype in (torch.float32, torch.float64):
+        edges = HIST_EDGES.to(dtype)
+        v = torch.cat([edges, torch.nextafter(edges, torch.zeros_like(edges)), torch.logspace(-5, 4, 20001, dtype=dtype),
+                       torch.tensor([1e-30, 3e38], dtype=dtype)])
+        assert torch.equal(hist_bins(v), torch.bucketize(v, edges, right=True))
+
+
+def test_prefilter_keeps_the_exact_answer(model, corpus, result, monkeypatch) -> None:
+    monkeypatch.setattr("worker.collect.stats.PREFILTER_FACTOR", 0)  # every batch goes through the prefilter
+    again = collect(model, corpus, top_k=4, n_random=3, ctx_before=CTX[0], ctx_after=CTX[1], batch_size=5,
+                    max_batch_tokens=64, seed=3)
+    for layer in range(model.n_layers):
+        for kind in ("top", "random"):
+            a, b = getattr(again.stats[layer], kind), getattr(result.stats[layer], kind)
+            assert torch.equal(a.loc, b.loc) and torch.equal(a.data["acts"], b.data["acts"])

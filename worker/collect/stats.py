@@ -42,6 +42,7 @@ POS_MASK = (1 << POS_BITS) - 1
 
 # Activation histogram: fixed log-spaced bins so histograms of shards merge by addition.
 # Bin 0 is (0, 1e-3); bins 1..50 are [10^(-3 + (i-1)/10), 10^(-3 + i/10)); the last is [1e2, ∞).
+# Values are compared with the edges rounded to the activations' value dtype (float32 below float64).
 HIST_DECADES = (-3, 2)  # log10 of the lowest and highest finite edge
 HIST_BINS_PER_DECADE = 10
 HIST_EDGES = torch.logspace(HIST_DECADES[0], HIST_DECADES[1],
@@ -49,6 +50,7 @@ HIST_EDGES = torch.logspace(HIST_DECADES[0], HIST_DECADES[1],
 N_HIST = HIST_EDGES.numel() + 1
 N_REGIONS = len(REGION_NAMES)
 N_THINK_BINS = 10  # relative position p in the thinking span → bin min(floor(10 p), 9)
+_N_CODES = N_REGIONS * (N_THINK_BINS + 1)  # (region, thinking bin or none) per token
 
 _M32 = 0xFFFFFFFF
 _EMPTY_DATA = {"tokens": -1}  # payload of an empty slot (others 0)
@@ -80,13 +82,76 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def token_keys(seed: int, loc: torch.Tensor) -> torch.Tensor:
+    """A pseudo-random 32-bit number per location (int64 in [0, 2^32)), the same on every device.
+
+    A multiply-add of (sequence, position) through two rounds of a bijective mixer; two locations
+    may collide (equal keys), and the location then decides, so results stay deterministic.
+    """
+    salt = int(_mix32(torch.tensor((seed * 0x1E3779B1) & _M32)))
+    x = (((loc >> POS_BITS) & _M32) * 0x2C1B3C6D + (loc & POS_MASK) * 0x297A2D39 + salt) & _M32
+    return _mix32(_mix32(x) ^ salt)
+
+
+def feature_salts(seed: int, layer: int, n_features: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A pseudo-random 32-bit salt per feature of a layer, [F] int64."""
+    x = (torch.arange(n_features, device=device) * 0x5BD1E995 + ((seed * 0x1E3779B1) ^ (layer * 0x2545F491))) & _M32
+    return _mix32(_mix32(x) ^ 0x3C6EF372)
+
+
 def sample_keys(seed: int, layer: int, feature: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-    """Pseudo-random key in [0, 2^32) per (seed, layer, feature, location); the same on every device."""
-    h = torch.full_like(loc, ((seed * 0x1E3779B1) ^ (layer * 0x2545F491)) & _M32)
-    h = _mix32(h)
-    h = _mix32(h ^ feature)
-    h = _mix32(h ^ (loc & _M32))
-    return _mix32(h ^ (loc >> 32))
+    """Sampling key of each (feature, location): token key XOR feature salt.
+
+    XOR with a constant is a bijection, so for one feature the keys of its occurrences are as uniform
+    and independent as the token keys: keeping the k smallest is a uniform k-subset. (Features share
+    token keys, so samples of different features are not independent of each other; each is uniform.)
+    The token key is computed per token, the per-(token, feature) work is one gather and one XOR.
+    """
+    n = int(feature.max()) + 1 if feature.numel() else 0
+    return token_keys(seed, loc) ^ feature_salts(seed, layer, n, feature.device)[feature]
+
+
+def hist_bins(v: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each positive value: the number of edges <= v (``bucketize(right=True)``).
+
+    From log10 (cheap), then corrected by one step against the exact edges (in v's dtype), which
+    covers log10's rounding at an edge.
+    """
+    edges = HIST_EDGES.to(device=v.device, dtype=v.dtype)
+    inf = torch.full((1,), float("inf"), device=v.device, dtype=v.dtype)
+    padded = torch.cat([-inf, edges, inf])  # padded[b] = edges[b - 1]
+    guess = ((torch.log10(v) - HIST_DECADES[0]) * HIST_BINS_PER_DECADE).floor_().clamp_(-1, edges.numel() - 1)
+    b = guess.long() + 1
+    b += (v >= padded.index_select(0, b + 1)).long()
+    b -= (v < padded.index_select(0, b)).long()
+    return b
+
+
+PREFILTER_FACTOR = 4  # prefilter when candidates exceed this many times k per feature
+
+
+def _ordered32(key: torch.Tensor) -> torch.Tensor:
+    """Keys mapped to int64 in [0, 2^32) preserving order (floats through float32: non-decreasing)."""
+    if not key.is_floating_point():
+        return key
+    i = key.float().view(torch.int32).long()
+    return torch.where(i < 0, i ^ 0x7FFFFFFF, i) + (1 << 31)
+
+
+def _within_batch_k(feature: torch.Tensor, key: torch.Tensor, k: int, n_features: int) -> torch.Tensor:
+    """Indices of entries whose key is at most their feature's k-th smallest key in this set.
+
+    One sort of ``feature << 32 | key32``; a superset of each feature's k best (ties and float32
+    rounding keep extra entries, never drop one).
+    """
+    ordered = _ordered32(key)
+    srt = torch.sort(feature << 32 | ordered).values
+    counts = torch.bincount(feature, minlength=n_features)
+    starts = torch.cumsum(counts, 0) - counts
+    full = counts >= k
+    kth = torch.full((n_features,), _M32, dtype=torch.int64, device=key.device)
+    kth[full] = srt[(starts + k - 1)[full]] & _M32
+    return (ordered <= kth.index_select(0, feature)).nonzero().squeeze(1)
 
 
 @dataclass
@@ -133,21 +198,26 @@ class KeptExamples:
     def clone(self) -> KeptExamples:
         return KeptExamples(self.key.clone(), self.loc.clone(), {n: t.clone() for n, t in self.data.items()})
 
-    def offer(self, feature: torch.Tensor, key: torch.Tensor, loc: torch.Tensor,
+    def offer(self, feature: torch.Tensor, key: torch.Tensor, locate: Callable[[torch.Tensor], torch.Tensor],
               payload: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> None:
-        """Merge candidates (1-D tensors of one length) into the buffers, in place.
+        """Merge candidates (``feature`` and ``key``: 1-D tensors of one length) into the buffers, in place.
 
-        ``payload(idx)`` returns the data of candidates ``idx`` (only those that are kept are asked for).
+        ``locate(idx)`` gives the locations and ``payload(idx)`` the data of candidates ``idx``; both are
+        asked only about candidates that pass the thresholds (few, once the buffers are full).
         """
         k = self.k
         if k == 0 or feature.numel() == 0:
             return
         # A candidate can only enter if it is not worse than the feature's current k-th entry
         # (equal keys are kept: the location decides below).
-        cand = (key <= self.key[feature, k - 1]).nonzero().squeeze(1)
+        cand = (key <= self.key[:, k - 1].index_select(0, feature)).nonzero().squeeze(1)
+        if cand.numel() > PREFILTER_FACTOR * k * self.key.shape[0]:
+            # Many candidates (a dense batch, or the first ones): only each feature's own k best in
+            # this batch can enter, so cut to those with one sort before the exact three-sort merge.
+            cand = cand[_within_batch_k(feature[cand], key[cand], k, self.key.shape[0])]
         if cand.numel() == 0:
             return
-        feature, key, loc = feature[cand], key[cand], loc[cand]
+        feature, key, loc = feature[cand], key[cand], locate(cand)
         rows = torch.unique(feature)  # sorted
         n_rows = rows.numel()
         old_loc = self.loc[rows]  # [T, k]
@@ -211,6 +281,7 @@ class FeatureStats:
     top: KeptExamples
     random: KeptExamples
     shards: list[tuple[int, int]] = field(default_factory=list)
+    _salts: torch.Tensor | None = field(default=None, repr=False)  # feature_salts cache
 
     @classmethod
     def empty(cls, layer: int, n_features: int, *, top_k: int = 20, n_random: int = 10, ctx_before: int = 50,
@@ -251,34 +322,49 @@ class FeatureStats:
         tb = batch.think_bin[valid]
         self.think_tokens += torch.bincount(tb[tb >= 0], minlength=N_THINK_BINS)
 
-        b, s, j = ((f > 0) & valid.unsqueeze(-1)).nonzero(as_tuple=True)
-        if j.numel() == 0:
+        # Flat indices and index_select throughout: 1-D gathers are much cheaper than advanced indexing.
+        F_, width = self.n_features, f.shape[1]
+        f = f.contiguous()
+        flat_f = f.view(-1)
+        active = f.gt(0).logical_and_(valid.unsqueeze(-1))
+        nz = active.view(-1).nonzero().squeeze(1)
+        del active
+        if nz.numel() == 0:
             return
-        v = f[b, s, j].to(self.act_max.dtype)
-        F_ = self.n_features
+        tok = nz // F_  # row * width + position
+        j = nz - tok * F_
+        v = flat_f.index_select(0, nz).to(self.act_max.dtype)
         self.count += torch.bincount(j, minlength=F_)
         self.act_sum.index_add_(0, j, v.double())
         self.act_max.scatter_reduce_(0, j, v, reduce="amax")
-        hbin = torch.bucketize(v.double(), HIST_EDGES.to(v.device), right=True)
-        self.hist += torch.bincount(j * N_HIST + hbin, minlength=F_ * N_HIST).view(F_, N_HIST)
-        self.regions += torch.bincount(j * N_REGIONS + batch.region[b, s], minlength=F_ * N_REGIONS).view(F_, N_REGIONS)
-        tb = batch.think_bin[b, s]
-        thinking = tb >= 0
-        self.think_hist += torch.bincount(j[thinking] * N_THINK_BINS + tb[thinking],
-                                          minlength=F_ * N_THINK_BINS).view(F_, N_THINK_BINS)
+        self.hist += torch.bincount(j * N_HIST + hist_bins(v), minlength=F_ * N_HIST).view(F_, N_HIST)
+        # Region and thinking-position bin in one code per token: one gather and one bincount.
+        code = (batch.region * (N_THINK_BINS + 1) + batch.think_bin + 1).reshape(-1).index_select(0, tok)
+        joint = torch.bincount(j * _N_CODES + code, minlength=F_ * _N_CODES).view(F_, N_REGIONS, N_THINK_BINS + 1)
+        self.regions += joint.sum(2)
+        self.think_hist += joint[:, :, 1:].sum(1)
 
-        loc = batch.loc[b, s]
+        flat_loc = batch.loc.reshape(-1)
         offsets = torch.arange(-self.ctx_before, self.ctx_after + 1, device=f.device)
 
+        def locate(idx: torch.Tensor) -> torch.Tensor:
+            return flat_loc.index_select(0, tok.index_select(0, idx))
+
         def payload(idx: torch.Tensor) -> dict[str, torch.Tensor]:
-            rows, pos, feat = b[idx], s[idx], j[idx]
+            t, feat = tok[idx], j[idx]
+            rows, pos = t // width, t % width
             win = pos.unsqueeze(1) + offsets  # [n, W]
             inside = (win >= 0) & (win < batch.lengths[rows].unsqueeze(1))
-            acts = f[rows.unsqueeze(1), win.clamp(0, f.shape[1] - 1), feat.unsqueeze(1)]
-            return {"value": v[idx], "acts": acts.masked_fill(~inside, 0)}
+            src = ((rows * width).unsqueeze(1) + win.clamp(0, width - 1)) * F_ + feat.unsqueeze(1)
+            return {"value": v[idx], "acts": flat_f[src].masked_fill(~inside, 0)}
 
-        self.top.offer(j, -v, loc, payload)
-        self.random.offer(j, sample_keys(self.seed, self.layer, j, loc), loc, payload)
+        self.top.offer(j, -v, locate, payload)
+        if self.random.k:
+            if self._salts is None:
+                self._salts = feature_salts(self.seed, self.layer, F_, f.device)
+            # = sample_keys(seed, layer, j, loc), with the token part computed once per token
+            keys = token_keys(self.seed, flat_loc).index_select(0, tok) ^ self._salts.index_select(0, j)
+            self.random.offer(j, keys, locate, payload)
 
     # -- finishing --------------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> FeatureStats:
@@ -333,7 +419,8 @@ def merge(a: FeatureStats, b: FeatureStats) -> FeatureStats:
         occupied = src.loc >= 0
         feat = torch.arange(a.n_features, device=a.device).unsqueeze(1).expand_as(src.loc)[occupied]
         data = {n: t[occupied] for n, t in src.data.items()}
-        getattr(out, name).offer(feat, src.key[occupied], src.loc[occupied],
+        locs = src.loc[occupied]
+        getattr(out, name).offer(feat, src.key[occupied], lambda idx, locs=locs: locs[idx],
                                  lambda idx, data=data: {n: t[idx] for n, t in data.items()})
     out.shards = sorted(a.shards + b.shards)
     return out
