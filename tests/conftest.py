@@ -4,8 +4,8 @@ Databases (after procrastinate's ``tests/conftest.py``): the schema is migrated 
 into a template, and each test gets its own copy: ``CREATE DATABASE … TEMPLATE …`` on Postgres,
 a copied file on SQLite. Postgres is ``ADAPTERLENS_TEST_PG_URL`` when set (a server URL whose
 user may create databases), else a throwaway cluster started here with the local ``initdb`` on a
-free port and deleted at the end. Without PostgreSQL binaries the Postgres tier is skipped, with
-the reason in the report header and in each skip.
+free port and deleted at the end. Without PostgreSQL binaries (or with ``ADAPTERLENS_TEST_NO_PG=1``)
+the Postgres tier is skipped, with the reason in the report header and in each skip.
 
 Fixtures for other test files: ``db_url`` (parametrized: sqlite, postgres), ``sqlite_db_url``,
 ``pg_db_url``, ``db_engine``, ``db_settings`` (Settings with a temp data dir and that database).
@@ -38,6 +38,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before any import of huggingface_hub reads
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 PG_URL_ENV = "ADAPTERLENS_TEST_PG_URL"
+NO_PG_ENV = "ADAPTERLENS_TEST_NO_PG"  # set to 1 to run the SQLite tier alone (quick local runs)
 PG_START_TIMEOUT_S = 60  # seconds pg_ctl waits for the throwaway cluster to accept connections
 
 
@@ -70,6 +71,8 @@ def _pg_bindir() -> Path | None:
 
 
 def _pg_unavailable_reason() -> str | None:
+    if os.environ.get(NO_PG_ENV, "") not in ("", "0"):
+        return f"{NO_PG_ENV} is set: running the SQLite tier only"
     if os.environ.get(PG_URL_ENV) or _pg_bindir() is not None:
         return None
     return (
@@ -121,12 +124,14 @@ def _stop_orphaned_clusters(bindir: Path) -> None:
 @pytest.fixture(scope="session")
 def pg_server_url() -> Iterator[str]:
     """The URL (database ``postgres``) of a Postgres server the tests may create databases on."""
+    reason = _pg_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
     if os.environ.get(PG_URL_ENV):
         yield Settings(database_url=os.environ[PG_URL_ENV]).db_url
         return
     bindir = _pg_bindir()
-    if bindir is None:
-        pytest.skip(_pg_unavailable_reason() or "PostgreSQL unavailable")
+    assert bindir is not None  # _pg_unavailable_reason checked it
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("postgres")
