@@ -37,6 +37,8 @@ from app.settings import Settings
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any import of huggingface_hub reads it
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+pytest_plugins = ["tests.organism_fixtures"]  # the tiny built organism and a trained run, shared
+
 PG_URL_ENV = "ADAPTERLENS_TEST_PG_URL"
 NO_PG_ENV = "ADAPTERLENS_TEST_NO_PG"  # set to 1 to run the SQLite tier alone (quick local runs)
 PG_START_TIMEOUT_S = 60  # seconds pg_ctl waits for the throwaway cluster to accept connections

@@ -29,8 +29,8 @@ def tiny_run_settings(tiny_data_dir: Path) -> Settings:
     """Settings of a SQLite store (in the data directory) holding one trained tiny run (id 1)."""
     from app.db.session import make_engine, make_sessionmaker
     from training.config import preset, train_config_to_dict
+    from worker.demo import ensure_run
     from worker.loop import run_inline
-    from worker.pipeline import ensure_run
 
     settings = Settings(data_dir=tiny_data_dir)
     upgrade(settings.db_url)

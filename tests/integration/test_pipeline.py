@@ -11,10 +11,8 @@ from app.db.schema import Run, RunMetric
 from app.db.session import make_engine, make_sessionmaker
 from app.settings import Settings
 from training.config import preset, train_config_to_dict
+from worker.demo import ensure_run
 from worker.loop import run_inline
-from worker.pipeline import ensure_run
-
-pytest_plugins = ["tests.organism_fixtures"]
 
 
 @pytest.fixture
