@@ -130,7 +130,9 @@ def _language_model(model: AdapterModel, mode: MLPMode) -> torch.nn.Module:
 
 
 def _row_interventions(tracks: Sequence[Track]) -> tuple[Intervention, ...]:
-    """Each track's interventions restricted to its own batch row."""
+    """Each track's interventions restricted to its own batch row (a lone row needs no row mask)."""
+    if len(tracks) == 1:
+        return tracks[0].interventions
     return tuple(replace(iv, rows=(r,)) for r, t in enumerate(tracks) for iv in t.interventions)
 
 
