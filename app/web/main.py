@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from pydantic_core import to_jsonable_python
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db.session import make_engine, make_sessionmaker
@@ -201,6 +202,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         return error_response(request, 422, "Invalid parameters", _validation_detail(exc))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(ProgrammingError)
+    async def _db_not_ready(request: Request, exc: Exception) -> Response:
+        log.error("Database error on %s: %s", request.url.path, exc)
+        return error_response(request, 503, "Database not ready",
+                              "The database cannot answer (is it running, and migrated? run `adapterlens db upgrade`): "
+                              + str(getattr(exc, "orig", exc)).splitlines()[0])
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:

@@ -95,7 +95,7 @@ class AblateForm(BaseModel):
     prompt: str = Field("", max_length=100_000)
     prompt_id: int | None = Field(None, description="A stored prompt (its token ids) instead of free text.")
     prompt_tokens: int | None = Field(None, description="With prompt_id: keep only its first N tokens.")
-    features: str = Field(max_length=200_000)
+    features: str = Field("", max_length=200_000)
     mode: Literal["zero", "scale", "clamp"] = "zero"
     value: float | None = None
     positions: Literal["all", "prompt", "generated"] = "all"

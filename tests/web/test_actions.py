@@ -1,0 +1,81 @@
+"""POSTs: the ablate form (one row + one high-priority job, or a clear 4xx and nothing stored), retry, cancel."""
+
+from __future__ import annotations
+
+import html
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.db.schema import Ablation, Job, JobStatus
+
+
+def counts(web) -> tuple[int, int]:
+    with Session(web.engine) as s:
+        return s.scalar(select(func.count()).select_from(Ablation)), s.scalar(select(func.count()).select_from(Job))
+
+
+def test_ablate_form_creates_ablation_and_job(web):
+    before = counts(web)
+    resp = web.client.post(f"{web.run}/ablations", data={
+        "features": "1:3, 2/7\n0:2", "prompt": "3 + 4", "mode": "scale", "value": "2.5", "positions": "generated",
+        "max_new_tokens": "16", "compare": ["target"]}, follow_redirects=False)
+    assert resp.status_code == 303, resp.text[:300]
+    assert counts(web) == (before[0] + 1, before[1] + 1)
+    ablation_id = int(resp.headers["location"].rsplit("/", 1)[1])
+    with Session(web.engine) as s:
+        a = s.get(Ablation, ablation_id)
+        job = s.get(Job, a.job_id)
+        assert (job.kind, job.priority, job.status, job.payload) == ("ablate", 100, JobStatus.TODO, {"ablation_id": a.id})
+        sel = a.request["selection"]
+        assert sel["features"] == [[0, 2], [1, 3], [2, 7]] and sel["mode"] == "scale" and sel["value"] == 2.5
+        assert a.request["request"]["compare"] == ["target"]
+    page = web.client.get(resp.headers["location"])
+    assert 'hx-trigger="every 1s"' in page.text  # not done: the results partial polls itself
+    live = web.client.get(resp.headers["location"] + "/live", headers={"HX-Request": "true"})
+    assert live.text.lstrip().startswith('<div id="ablation-live"') and "Waiting for the worker" in live.text
+
+
+def test_ablate_json_from_a_stored_prompt(web):
+    resp = web.client.post(f"/api{web.run}/ablations", json={"features": "2:7", "prompt_id": 1, "prompt_tokens": 10})
+    assert resp.status_code == 201, resp.text
+    data = web.client.get(f"/api{web.run}/ablations/{resp.json()['id']}").json()
+    assert data["ablation"]["request"]["features"] == [[2, 7]] and data["done"] is False
+
+
+@pytest.mark.parametrize("form,status,message", [
+    ({"features": "1:3 99:1", "prompt": "3 + 4"}, 422, "unknown feature (99, 1)"),
+    ({"features": "1:3", "prompt": "   "}, 422, "prompt is empty"),
+    ({"features": "one:two", "prompt": "3 + 4"}, 422, "Cannot read feature 'one:two'"),
+    ({"features": "", "prompt": "3 + 4"}, 422, "No features given"),
+    ({"features": "1:3", "prompt": "x", "mode": "scale", "value": "1000"}, 422, "out of range"),
+    ({"features": "1:3", "prompt": "x", "mode": "clamp"}, 422, "needs a finite value"),
+    ({"features": "1:3", "prompt": "x", "mode": "explode"}, 422, "mode"),
+    ({"features": "1:3", "prompt": "x", "max_new_tokens": "100000"}, 422, "over the limit"),
+    ({"features": "1:3", "prompt_id": "999"}, 404, "unknown prompt 999"),
+])
+def test_bad_ablation_requests_store_nothing(web, form, status, message):
+    before = counts(web)
+    resp = web.client.post(f"{web.run}/ablations", data=form, follow_redirects=False)
+    assert resp.status_code == status
+    assert message in html.unescape(resp.text)
+    api = web.client.post(f"/api{web.run}/ablations", json={k: v for k, v in form.items()})
+    assert api.status_code == status and message in str(api.json()["detail"])
+    assert counts(web) == before
+
+
+def test_ablate_on_unknown_run_is_404(web):
+    assert web.client.post("/runs/nope/ablations", data={"features": "1:3", "prompt": "x"}).status_code == 404
+
+
+def test_retry_and_cancel_buttons(web):
+    failed, waiting = web.world.job_ids["attribute"], web.world.job_ids["experiment"]
+    resp = web.client.post(f"/jobs/{failed}/retry", follow_redirects=False)
+    assert resp.status_code == 303 and resp.headers["location"] == "/jobs"
+    resp = web.client.post(f"/api/jobs/{waiting}/cancel")
+    assert resp.json() == {"id": waiting, "changed": True, "status": "cancelled"}
+    assert web.client.post(f"/api/jobs/{waiting}/cancel").json()["changed"] is False
+    with Session(web.engine) as s:
+        assert s.get(Job, failed).status == JobStatus.TODO
+    assert web.client.post("/api/jobs/9999/retry").status_code == 404

@@ -1,0 +1,124 @@
+"""Markup checks on the seeded world: links, escaping, empty states, live partials."""
+
+from __future__ import annotations
+
+from bs4 import BeautifulSoup
+
+from tests.seed import N_FEATURES, N_LAYERS
+
+
+def soup(resp) -> BeautifulSoup:
+    assert resp.status_code == 200, resp.text[:500]
+    return BeautifulSoup(resp.text, "html.parser")
+
+
+def test_index_redirects_to_the_latest_run(web):
+    resp = web.client.get("/", follow_redirects=False)
+    assert resp.status_code == 307
+    assert resp.headers["location"] == f"/runs/{web.world.run_id}"
+
+
+def test_index_without_runs_says_what_to_run(empty_web):
+    page = soup(empty_web.get("/"))
+    assert "adapterlens up" in page.select_one("[data-empty] pre.cmd").text
+
+
+def test_run_page_links_into_everything(web):
+    page = soup(web.client.get(web.run))
+    rows = {tr.th.text: [td.text for td in tr.find_all("td")] for tr in page.select("[data-table=models] tbody tr")}
+    assert list(rows) == ["base", "hybrid", "adapted", "target"]
+    assert rows["adapted"][4] == "78.0%"  # accuracy
+    hrefs = {a["href"] for a in page.find_all("a", href=True)}
+    w = web.world
+    assert {f"{web.run}/features", f"{web.run}/graphs/{w.graph_id}", f"{web.run}/ablations/{w.ablation_id}",
+            f"{web.run}/experiments/{w.experiment_id}"} <= hrefs
+    assert page.select_one("[data-curves]") is not None
+
+
+def test_empty_run_shows_empty_states_with_commands(web):
+    page = soup(web.client.get(f"/runs/{web.world.empty_run_id}"))
+    texts = " ".join(e.text for e in page.select("[data-empty]"))
+    assert "Not evaluated yet" in texts and "No graphs yet" in texts
+    assert "adapterlens evaluate --run empty-run" in texts
+    page = soup(web.client.get(f"/runs/{web.world.empty_run_id}/features"))
+    assert "adapterlens collect --run empty-run" in page.select_one("[data-empty]").text
+
+
+def test_feature_tokens_are_escaped_text(web):
+    layer, index = web.world.script_feature
+    resp = web.client.get(f"{web.run}/features/{layer}/{index}")
+    assert "<script>alert" not in resp.text and '<script>"' not in resp.text
+    assert "&lt;script&gt;" in resp.text
+    page = soup(resp)
+    example = page.select_one("[data-examples=top] .example")
+    assert example.select_one(".tok.focus").text == "<script>"  # parsed back: the browser shows the text
+    texts = [t.text for t in example.select(".tok")]
+    assert texts[texts.index("<script>") + 1] == '"'
+    assert example.find("script") is None
+    assert page.select_one("[data-ablate] textarea[name=features]").text == f"{layer}:{index}"
+
+
+def test_feature_page_sections(web):
+    page = soup(web.client.get(f"{web.run}/features/2/7"))
+    assert len(page.select("[data-examples=top] .example")) == 5
+    assert len(page.select("[data-examples=random] .example")) == 3
+    assert page.select_one("[data-section=logit-lens] .tokchip").text == " Wait"
+    graph_links = [a["href"] for a in page.select("[data-section=graphs] a")]
+    assert graph_links == [f"{web.run}/graphs/{web.world.graph_id}"]
+    assert "output" in page.select_one(".feature-hero h1").text  # its role in the hesitation set
+    assert len(page.select("[data-section=neighbours] tr")) == 5
+
+
+def test_features_index_filters_live_in_the_url(web):
+    page = soup(web.client.get(f"{web.run}/features?layer=1&in_set=true"))
+    assert [tr["data-feature"] for tr in page.select("[data-table=features] tbody tr")] == ["1/3", "1/5"]
+    assert page.select_one("select[name=layer] option[selected]")["value"] == "1"
+    assert page.select_one("input[name=in_set]").has_attr("checked")
+    page = soup(web.client.get(f"{web.run}/features?limit=20"))
+    assert len(page.select("[data-table=features] tbody tr")) == 20
+    next_href = page.select_one("a[data-next]")["href"]
+    assert "after=0%3A19" in next_href or "after=1%3A3" in next_href
+    page = soup(web.client.get(next_href))
+    assert page.select_one("[data-table=features] tbody tr")["data-feature"] == "1/4"
+    page = soup(web.client.get(f"{web.run}/features?freq_min=0.9"))
+    assert "No feature matches" in page.select_one("[data-empty]").text
+
+
+def test_graph_page_prompt_lists_and_ablate_button(web):
+    page = soup(web.client.get(f"{web.run}/graphs/{web.world.graph_id}"))
+    target = page.select_one(".prompt-toks .tok.target")
+    assert target["data-pos"] == "14"
+    assert page.select_one(".prompt-toks .tok.next").text == " Wait"
+    outputs = [a.text for a in page.select("[data-flist=output] a.fid")]
+    assert outputs == ["L1/3", "L2/7", "L2/9"]
+    form = page.select_one("form[data-ablate-these]")
+    assert form.select_one("input[name=features]")["value"].split() == ["1:3", "2:7", "2:9", "0:2", "1:5"]
+    assert form.select_one("input[name=prompt_tokens]")["value"] == "15"
+    assert page.select_one("a[data-download]")["href"].endswith("/circuit-tracer.json")
+
+
+def test_ablation_page_marks_divergence_and_hesitations(web):
+    page = soup(web.client.get(f"{web.run}/ablations/{web.world.ablation_id}"))
+    live = page.select_one("#ablation-live")
+    assert live["data-done"] == "true" and not live.has_attr("hx-trigger")  # finished: polling stops
+    unablated = page.select("[data-condition=unablated] .tok")
+    assert [t.text for t in unablated if "hes" in t["class"]] == [" Wait"]
+    diverged = [t["data-step"] for t in page.select("[data-condition=ablated] .tok.div")]
+    assert diverged[0] == "3" and len(diverged) == 9
+    assert len(page.select("[data-condition=ablated] .kl-strip span")) == 12
+
+
+def test_jobs_page_shows_progress_errors_and_buttons(web):
+    page = soup(web.client.get("/jobs"))
+    running = page.select_one(f"tr[data-job='{web.world.job_ids['collect']}']")
+    assert "25%" in running.text and running.select_one("[data-cancel]")
+    failed = page.select_one(f"tr[data-job='{web.world.job_ids['attribute']}']")
+    assert failed.select_one("[data-retry]") is not None
+    assert page.select_one(".error-line").text == 'RuntimeError: CUDA out of memory <oops> & "quoted"'
+    assert page.select_one("#jobs-live").has_attr("hx-trigger")  # something runs: the page refreshes itself
+
+
+def test_every_feature_page_renders(web):
+    for layer in range(N_LAYERS):
+        for index in range(0, N_FEATURES, 5):
+            assert web.client.get(f"{web.run}/features/{layer}/{index}").status_code == 200
