@@ -296,6 +296,109 @@ def up(
                 proc.kill()
 
 
+# -- deployment: bootstrap, import, plan (docs/deploy.md) -----------------------------------------------------
+
+@app.command()
+def bootstrap(
+    demo: Annotated[bool, typer.Option(envvar="ADAPTERLENS_DEMO", help="Queue the demo pipeline on an empty store.")] = True,
+    organism_preset: Annotated[str, typer.Option(envvar="ADAPTERLENS_DEMO_ORGANISM", help="Organism preset of the demo.")] = DEFAULT_ORGANISM,
+    preset: Annotated[str, typer.Option(envvar="ADAPTERLENS_DEMO_PRESET", help="Training preset of the demo.")] = DEFAULT_TRAIN_PRESET,
+    seed: Annotated[int, typer.Option(envvar="ADAPTERLENS_DEMO_SEED", help="Organism seed.")] = 0,
+) -> None:
+    """First start (compose's migrate service): migrate, then queue the demo pipeline if the store has no run.
+
+    Torch-free and safe to run concurrently: a lock makes the check and the enqueue one step.
+    """
+    from app.db.migrate import upgrade
+    from app.db.session import make_engine
+    from worker.bootstrap import bootstrap as run_bootstrap
+
+    settings = _settings()
+    upgrade(settings.db_url)
+    engine = make_engine(settings)
+    try:
+        jobs = run_bootstrap(engine, demo=demo, organism_preset=organism_preset, train_preset=preset, seed=seed)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        engine.dispose()
+    if jobs:
+        typer.echo(f"empty store: queued the demo pipeline ({', '.join(f'{k} #{v}' for k, v in jobs.items())})")
+    else:
+        typer.echo("nothing to queue" + ("" if demo else " (demo disabled)"))
+
+
+@app.command("import-adapters")
+def import_adapters(
+    path: Annotated[str, typer.Argument(help="Checkpoint directory (paper/reference or AdapterLens format) or HF repo id.")],
+    base: Annotated[str | None, typer.Option(help="Base model spec (MLP donor), e.g. Qwen/Qwen2.5-Math-7B.")] = None,
+    target: Annotated[str | None, typer.Option(help="Target model spec, e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-7B.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name (default: the checkpoint's folder name).")] = None,
+    verify: Annotated[str, typer.Option(help="full (load it once) or tensors (names and shapes only).")] = "full",
+    queue_it: Annotated[bool, typer.Option("--queue", help="Queue an import job for a worker instead.")] = False,
+) -> None:
+    """Register adapters trained elsewhere (e.g. the paper's released checkpoints) as a trained run."""
+    payload = {"path": path, "base_model": base, "target_model": target, "name": name, "verify": verify}
+    if queue_it:
+        from app.db.migrate import upgrade
+        from app.db.session import make_engine
+        from worker import queue
+
+        settings = _settings()
+        upgrade(settings.db_url)
+        engine = make_engine(settings)
+        try:
+            job_id = queue.enqueue(engine, "import", payload)
+        finally:
+            engine.dispose()
+        typer.echo(f"queued job {job_id} (import)")
+        return
+    from app.db.migrate import upgrade
+    from worker.loop import run_inline
+
+    settings = _settings()
+    upgrade(settings.db_url)
+    try:
+        out = run_inline(settings, "import", payload, handler_modules=["worker.importing"])
+    except (ValueError, LookupError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(json.dumps(out, indent=1))
+
+
+@app.command()
+def plan(
+    target: Annotated[str, typer.Option(help="Target: named shape (qwen2.5-7b …), config.json, model dir or cached HF id.")] = "deepseek-r1-distill-qwen-7b",
+    base: Annotated[str | None, typer.Option(help="Base (MLP donor); default: same shape as the target.")] = None,
+    width: Annotated[int, typer.Option(help="Adapter features per layer.")] = 8192,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 10240,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 1,
+    kl_chunk: Annotated[int, typer.Option(help="Rows per chunk of the fused head + KL.")] = 1024,
+    weight_dtype: Annotated[str, typer.Option(help="Frozen weights: bf16 or fp32.")] = "bf16",
+    precision: Annotated[str, typer.Option(help="Compute: bf16 (autocast) or fp32.")] = "bf16",
+    gpu_gb: Annotated[float | None, typer.Option(help="Also say whether it fits, and the longest sequence that does.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Print the training memory plan of a pair: weights, adapters, optimizer, activations, KL buffers."""
+    from training.memory_plan import max_seq_len_for, plan_memory
+
+    kw = {"n_features": width, "kl_chunk": kl_chunk, "weight_dtype": weight_dtype, "precision": precision}
+    try:
+        result = plan_memory(base or target, target, seq_len=seq_len, batch_size=batch_size, **kw)
+        longest = max_seq_len_for(gpu_gb, base or target, target, **kw) if gpu_gb else None
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        out = result.to_dict()
+        if gpu_gb:
+            out |= {"gpu_gb": gpu_gb, "fits": result.fits(gpu_gb), "max_seq_len": longest}
+        typer.echo(json.dumps(out, indent=1))
+        return
+    typer.echo(result.format())
+    if gpu_gb:
+        verdict = "fits" if result.fits(gpu_gb) else "does NOT fit"
+        typer.echo(f"\non a {gpu_gb:g} GB device: {verdict}; the longest batch-1 sequence that fits: {longest} tokens")
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply migrations (idempotent)."""
