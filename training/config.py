@@ -93,7 +93,7 @@ PRESETS: dict[str, TrainConfig] = {
                             max_seq_len=10240, checkpoint_every=1000),
     # The demo organism (4 layers, d 128, traces ≤ ~60 tokens): many short sequences per step.
     "organism": TrainConfig(adapter=AdapterConfig(n_features=512), batch_size=32, max_seq_len=128,
-                            max_steps=1500, kl_chunk=4096, checkpoint_every=250),
+                            max_steps=800, kl_chunk=4096, checkpoint_every=200),
     # Seconds on a laptop CPU: for tests and smoke runs.
     "organism-tiny": TrainConfig(adapter=AdapterConfig(n_features=64), batch_size=8, max_seq_len=64,
                                  max_steps=30, kl_chunk=512, checkpoint_every=10),
