@@ -96,7 +96,7 @@ def _pickups(url: str, model: AdapterModel, tokenizer, n: int) -> list[tuple[flo
     settings = Settings(database_url=url, data_dir=Path(tempfile.mkdtemp(prefix="adapterlens-bench-")))
     stop = threading.Event()
     out = []
-    with use_model_loader(lambda _run_id: (model, tokenizer)):
+    with use_model_loader(lambda _ctx, _run_id: (model, tokenizer)):
         worker = threading.Thread(target=run_worker, args=(settings,), daemon=True,
                                   kwargs={"kinds": ["ablate"], "stop_event": stop, "migrate": False,
                                           "handler_modules": ["worker.ablation.job"]})

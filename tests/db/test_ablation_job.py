@@ -24,6 +24,7 @@ from app.db.schema import (
     Prompt,
     Run,
 )
+from app.db.session import make_engine
 from app.settings import Settings
 from tests.helpers import randomize_adapters, tiny_qwen2
 from training.adapter import AdapterModel, build_adapter_model
@@ -90,7 +91,7 @@ def run_id(engine: Engine) -> int:
 
 @pytest.fixture
 def loaded(model, tokenizer) -> Iterator[None]:
-    with use_model_loader(lambda run_id: (model, tokenizer)):
+    with use_model_loader(lambda ctx, run_id: (model, tokenizer)):
         yield
 
 
@@ -395,3 +396,38 @@ def test_bad_experiment_is_refused(engine, run_id, tmp_path):
         with Session(engine) as s, s.begin(), pytest.raises(AblationRequestError, match=message):
             submit_experiment(s, {"run_id": run_id, "name": "x", "features": [[0, 1]], **request})
     assert _count(engine, Experiment) == 0 and _count(engine, Job) == 0
+
+
+# ------------------------------------------------------------------------------- the real tiny run
+
+
+def test_ablation_and_experiment_on_the_trained_tiny_run(tiny_run_settings):
+    """End to end with the worker's own model cache: the built organism-tiny and its trained adapters."""
+    engine = make_engine(tiny_run_settings)
+    created: list[tuple[type, int]] = []
+    try:
+        with Session(engine) as s, s.begin():
+            run = s.scalars(select(Run).where(Run.name == "tiny")).one()
+            assert run.checkpoint  # trained by the fixture
+            ablation_id, ablation_job = submit_ablation(s, {
+                "run_id": run.id, "prompt": "47 + 38 = ?", "layers": [0], "answer": "85",
+                "generation": {"max_new_tokens": 24}, "compare": ["target"]})
+            experiment_id, experiment_job = submit_experiment(s, {
+                "run_id": run.id, "name": "necessity on held-out", "layers": [0, 1], "organism_heldout": 4,
+                "generation": {"max_new_tokens": 24}})
+            created = [(Ablation, ablation_id), (Experiment, experiment_id), (Job, ablation_job), (Job, experiment_job)]
+        assert run_worker(tiny_run_settings, kinds=["ablate", "experiment"], wait=False,
+                          handler_modules=JOB_MODULES, migrate=False) == 2
+        with Session(engine) as s:
+            ab, exp = s.get(Ablation, ablation_id), s.get(Experiment, experiment_id)
+            rows = s.scalars(select(ExperimentRow).where(ExperimentRow.experiment_id == experiment_id)).all()
+        assert ab.status == "done" and exp.status == "done", (ab.error, exp.error)
+        assert set(ab.summary["conditions"]) == {ABLATED, UNABLATED, "target"}
+        assert all(c["correct"] is not None for c in ab.summary["conditions"].values())
+        assert len(rows) == 8 and all(r.correct is not None for r in rows)  # held-out problems know their answers
+        assert exp.summary["conditions"][ABLATED]["n"] == 4 and exp.summary["n_prompts"] == 4
+    finally:
+        with Session(engine) as s, s.begin():
+            for model, key in created:
+                s.delete(s.get(model, key))
+        engine.dispose()

@@ -35,6 +35,7 @@ from sqlalchemy import select
 
 from app.db.schema import Ablation, AblationToken, Experiment, ExperimentRow, Prompt, Run, utcnow
 from app.db.write import replace_rows, upsert
+from app.settings import Settings
 from training.adapter import AdapterModel, MLPMode
 from training.chat import format_prompt
 from training.hesitation import count_hesitations, hesitation_token_ids
@@ -82,15 +83,20 @@ class ExperimentPayload(BaseModel):
 # ------------------------------------------------------------------------------------- the model
 
 
-ModelLoader = Callable[[int], tuple[AdapterModel, Any]]
+ModelLoader = Callable[[JobContext, int], tuple[AdapterModel, Any]]
 
 
-def load_run_model(run_id: int) -> tuple[AdapterModel, Any]:
+def job_settings(ctx: JobContext) -> Settings:
+    """The worker's settings (data directory, device) with the job's database."""
+    base = ctx.settings or Settings()
+    return base.model_copy(update={"database_url": ctx.engine.url.render_as_string(hide_password=False)})
+
+
+def load_run_model(ctx: JobContext, run_id: int) -> tuple[AdapterModel, Any]:
     """The run's adapter model and tokenizer, from the worker's model cache."""
-    from app.settings import get_settings
     from worker.models_cache import get_run_model
 
-    return get_run_model(get_settings(), run_id)
+    return get_run_model(job_settings(ctx), run_id)
 
 
 _loader: list[ModelLoader] = [load_run_model]
@@ -106,8 +112,8 @@ def use_model_loader(loader: ModelLoader) -> Iterator[None]:
         _loader.remove(loader)
 
 
-def _model(run_id: int) -> tuple[AdapterModel, Any]:
-    return _loader[-1](run_id)
+def _model(ctx: JobContext, run_id: int) -> tuple[AdapterModel, Any]:
+    return _loader[-1](ctx, run_id)
 
 
 # ------------------------------------------------------------------------------ building blocks
@@ -253,7 +259,7 @@ def ablate(ctx: JobContext) -> dict[str, Any]:
 
 def _run_ablation(ctx: JobContext, ablation_id: int, resolved: ResolvedAblation) -> dict[str, Any]:
     req = resolved.request
-    model, tokenizer = _model(req.run_id)
+    model, tokenizer = _model(ctx, req.run_id)
     settings = sampling_settings(req.generation, model, tokenizer)
     prompt_ids = resolved.prompt_ids if resolved.prompt_ids is not None else encode(tokenizer, resolved.prompt_text)
     check_prompt_length(len(prompt_ids), settings.context_length)
@@ -311,12 +317,13 @@ def experiment_plan(design: str, ivs: Sequence[Intervention], sel: ResolvedSelec
     return groups
 
 
-def _organism_items(run: Run, limit: int) -> list[PromptItem]:
+def _organism_items(run: Run, limit: int, settings: Settings) -> list[PromptItem]:
     """The held-out problems of the organism the run's target belongs to (its ``organism.json``)."""
     from training.organism.build import MANIFEST
     from training.organism.tasks import problem_from_id
+    from worker.models_cache import resolve_model
 
-    target = Path(run.target_model)
+    target = Path(resolve_model(run.target_model, settings, "target"))
     for manifest in (target / MANIFEST, target.parent / MANIFEST):
         if manifest.is_file():
             ids = json.loads(manifest.read_text())["heldout_ids"]
@@ -340,7 +347,7 @@ def _experiment_prompts(ctx: JobContext, resolved: ResolvedExperiment, tokenizer
     else:
         with ctx.session() as s:
             run = s.get(Run, req.run_id)
-        items = _organism_items(run, req.organism_heldout or 0)
+        items = _organism_items(run, req.organism_heldout or 0, job_settings(ctx))
     return [(encode(tokenizer, format_prompt(it.prompt) if req.chat else it.prompt), it.answer, it.prompt)
             for it in items]
 
@@ -412,7 +419,7 @@ def experiment(ctx: JobContext) -> dict[str, Any]:
 
 def _run_experiment(ctx: JobContext, experiment_id: int, resolved: ResolvedExperiment) -> dict[str, Any]:
     req = resolved.request
-    model, tokenizer = _model(req.run_id)
+    model, tokenizer = _model(ctx, req.run_id)
     settings = sampling_settings(req.generation, model, tokenizer)
     prompts = _experiment_prompts(ctx, resolved, tokenizer)
     for i, (ids, _, text) in enumerate(prompts):
