@@ -392,6 +392,7 @@ def test_bad_experiment_is_refused(engine, run_id, tmp_path):
         ({"jsonl": str(tmp_path / "missing.jsonl")}, "no prompt file"),
         ({"prompt_ids": [777]}, r"unknown prompt\(s\) \[777\]"),
         ({"items": ITEMS, "design": "sufficiency", "mode": "scale", "value": 2.0}, "sufficiency design"),
+        ({"organism_heldout": 10}, "is not an organism"),
     ]:
         with Session(engine) as s, s.begin(), pytest.raises(AblationRequestError, match=message):
             submit_experiment(s, {"run_id": run_id, "name": "x", "features": [[0, 1]], **request})

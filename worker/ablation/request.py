@@ -63,7 +63,7 @@ class AblationLimits:
 
     @classmethod
     def from_settings(cls, settings: Any) -> AblationLimits:
-        return cls(max_new_tokens=int(getattr(settings, "ablation_max_new_tokens", cls.max_new_tokens)))
+        return cls(max_new_tokens=settings.ablation_max_new_tokens)
 
 
 class GenerationOptions(BaseModel):
@@ -333,7 +333,18 @@ def validate_experiment(session: Session, data: ExperimentRequest | dict, *,
             raise AblationRequestError(f"unknown prompt(s) {missing[:10]} in run {run.id}", 404)
     if req.jsonl is not None:
         load_jsonl(req.jsonl)  # refuse a missing or malformed file now, not in the worker
+    if req.organism_heldout is not None and not _is_organism(run.target_model):
+        raise AblationRequestError(f"run {run.id}'s target {run.target_model!r} is not an organism, so it has no "
+                                   "held-out problems; give items, jsonl or prompt_ids instead")
     return ResolvedExperiment(request=req, selection=selection)
+
+
+def _is_organism(target_model: str) -> bool:
+    """An ``organism:<preset>:s<seed>`` spec, or a local model directory beside an ``organism.json``."""
+    if target_model.startswith("organism:"):
+        return True
+    path = Path(target_model).expanduser()
+    return (path / "organism.json").is_file() or (path.parent / "organism.json").is_file()
 
 
 def load_jsonl(path: str) -> list[PromptItem]:
