@@ -196,6 +196,37 @@ def _first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def _set_row(ctx: JobContext, table: type[Ablation] | type[Experiment], row_id: int, **values: Any) -> None:
+    with ctx.session() as s:
+        row = s.get(table, row_id)
+        for k, v in values.items():
+            setattr(row, k, v)
+
+
+def _tracked(ctx: JobContext, table: type[Ablation] | type[Experiment], row_id: int, children: type, key: str,
+             resolved_model: type[BaseModel], body: Callable[[JobContext, int, Any], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``body`` for a stored request row: status running (a re-run first clears its child rows), then done
+    with the summary, failed with the error, or cancelled (``todo`` again when the worker gave the job back)."""
+    with ctx.session() as s:
+        row = s.get(table, row_id)
+        if row is None:
+            raise ValueError(f"{table.__tablename__} row {row_id} does not exist (deleted after it was queued?)")
+        resolved = resolved_model.model_validate(row.request)
+        replace_rows(s, children, {key: row_id}, [])
+        row.status, row.error, row.finished, row.summary = "running", None, None, None
+    try:
+        summary = body(ctx, row_id, resolved)
+    except JobInterrupted:
+        cancelled = ctx.job_id is not None and queue.is_cancelled(ctx.engine, ctx.job_id)
+        _set_row(ctx, table, row_id, status="cancelled" if cancelled else "todo", finished=utcnow())
+        raise
+    except Exception as exc:
+        _set_row(ctx, table, row_id, status="failed", error=str(exc), finished=utcnow())
+        raise
+    _set_row(ctx, table, row_id, status="done", summary=summary, finished=utcnow())
+    return summary
+
+
 # ------------------------------------------------------------------------------------- ablate
 
 
@@ -226,35 +257,11 @@ class _TokenWriter:
         self.last = time.monotonic()
 
 
-def _set_ablation(ctx: JobContext, ablation_id: int, **values: Any) -> None:
-    with ctx.session() as s:
-        row = s.get(Ablation, ablation_id)
-        for k, v in values.items():
-            setattr(row, k, v)
-
-
 @register("ablate", AblatePayload)
 def ablate(ctx: JobContext) -> dict[str, Any]:
     """Run a stored ablation request (see the module docstring); returns its summary."""
-    ablation_id = ctx.payload.ablation_id
-    with ctx.session() as s:
-        row = s.get(Ablation, ablation_id)
-        if row is None:
-            raise ValueError(f"ablation {ablation_id} does not exist (deleted after it was queued?)")
-        resolved = ResolvedAblation.model_validate(row.request)
-        replace_rows(s, AblationToken, {"ablation_id": ablation_id}, [])  # a re-run starts clean
-        row.status, row.error, row.finished, row.summary = "running", None, None, None
-    try:
-        summary = _run_ablation(ctx, ablation_id, resolved)
-    except JobInterrupted:
-        cancelled = ctx.job_id is not None and queue.is_cancelled(ctx.engine, ctx.job_id)
-        _set_ablation(ctx, ablation_id, status="cancelled" if cancelled else "todo", finished=utcnow())
-        raise
-    except Exception as exc:
-        _set_ablation(ctx, ablation_id, status="failed", error=str(exc), finished=utcnow())
-        raise
-    _set_ablation(ctx, ablation_id, status="done", summary=summary, finished=utcnow())
-    return summary
+    return _tracked(ctx, Ablation, ctx.payload.ablation_id, AblationToken, "ablation_id", ResolvedAblation,
+                    _run_ablation)
 
 
 def _run_ablation(ctx: JobContext, ablation_id: int, resolved: ResolvedAblation) -> dict[str, Any]:
@@ -386,35 +393,11 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _set_experiment(ctx: JobContext, experiment_id: int, **values: Any) -> None:
-    with ctx.session() as s:
-        row = s.get(Experiment, experiment_id)
-        for k, v in values.items():
-            setattr(row, k, v)
-
-
 @register("experiment", ExperimentPayload)
 def experiment(ctx: JobContext) -> dict[str, Any]:
     """Run a stored experiment over its prompt set; rows are written prompt by prompt."""
-    experiment_id = ctx.payload.experiment_id
-    with ctx.session() as s:
-        row = s.get(Experiment, experiment_id)
-        if row is None:
-            raise ValueError(f"experiment {experiment_id} does not exist (deleted after it was queued?)")
-        resolved = ResolvedExperiment.model_validate(row.request)
-        replace_rows(s, ExperimentRow, {"experiment_id": experiment_id}, [])
-        row.status, row.error, row.finished, row.summary = "running", None, None, None
-    try:
-        summary = _run_experiment(ctx, experiment_id, resolved)
-    except JobInterrupted:
-        cancelled = ctx.job_id is not None and queue.is_cancelled(ctx.engine, ctx.job_id)
-        _set_experiment(ctx, experiment_id, status="cancelled" if cancelled else "todo", finished=utcnow())
-        raise
-    except Exception as exc:
-        _set_experiment(ctx, experiment_id, status="failed", error=str(exc), finished=utcnow())
-        raise
-    _set_experiment(ctx, experiment_id, status="done", summary=summary, finished=utcnow())
-    return summary
+    return _tracked(ctx, Experiment, ctx.payload.experiment_id, ExperimentRow, "experiment_id",
+                    ResolvedExperiment, _run_experiment)
 
 
 def _run_experiment(ctx: JobContext, experiment_id: int, resolved: ResolvedExperiment) -> dict[str, Any]:
