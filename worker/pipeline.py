@@ -28,13 +28,13 @@ METRICS_FLUSH_EVERY = 25  # steps buffered before metrics rows are written
 
 # -- helpers -------------------------------------------------------------------------------------------
 
-def _settings(ctx: JobContext) -> Settings:
+def settings_of(ctx: JobContext) -> Settings:
     """Settings of the process that runs the job (data directory, device), with the job's database."""
     base = ctx.settings or Settings()
     return base.model_copy(update={"database_url": ctx.engine.url.render_as_string(hide_password=False)})
 
 
-def _run(ctx: JobContext, run_id: int) -> Run:
+def get_run(ctx: JobContext, run_id: int) -> Run:
     with ctx.session() as s:
         run = s.get(Run, run_id)
         if run is None:
@@ -43,7 +43,7 @@ def _run(ctx: JobContext, run_id: int) -> Run:
         return run
 
 
-def _set_run(ctx: JobContext, run_id: int, **values: Any) -> None:
+def update_run(ctx: JobContext, run_id: int, **values: Any) -> None:
     with ctx.session() as s:
         run = s.get(Run, run_id)
         for k, v in values.items():
@@ -71,7 +71,7 @@ def organism_job(ctx: JobContext) -> dict:
         ctx.progress(steps["n"], None, f"{metrics.get('phase', 'train')} loss {metrics.get('loss', float('nan')):.3f}")
         ctx.check()
 
-    paths = build_organism(p.preset, p.seed, data_dir=_settings(ctx).resolved_data_dir, force=p.force,
+    paths = build_organism(p.preset, p.seed, data_dir=settings_of(ctx).resolved_data_dir, force=p.force,
                            progress=ctx.job_id is None, on_step=on_step)
     manifest = paths.read_manifest()
     return {"root": str(paths.root), "evaluation": manifest.get("evaluation"), "timings": manifest.get("timings")}
@@ -128,15 +128,15 @@ def train_job(ctx: JobContext) -> dict:
     from training.trainer import total_steps, train
 
     p: TrainPayload = ctx.payload
-    settings = _settings(ctx)
-    run = _run(ctx, p.run_id)
+    settings = settings_of(ctx)
+    run = get_run(ctx, p.run_id)
     cfg = train_config_from_dict((run.config or {}).get("train") or {})
     model, tokenizer = load_run_model(settings, run.base_model, run.target_model, None,
                                       adapter_cfg={**cfg.adapter.__dict__})
     data = training_data(run, tokenizer, settings)
     n_total = total_steps(cfg, len(data))
     run_dir = settings.runs_dir / run.name
-    _set_run(ctx, p.run_id, status="training", n_layers=model.n_layers, n_features=model.n_features,
+    update_run(ctx, p.run_id, status="training", n_layers=model.n_layers, n_features=model.n_features,
              d_model=model.hf.config.hidden_size)
     buffer: list[dict] = []
 
@@ -159,7 +159,7 @@ def train_job(ctx: JobContext) -> dict:
                        progress=ctx.job_id is None, base_name=run.base_model, target_name=run.target_model)
     finally:
         flush()
-    _set_run(ctx, p.run_id, status="trained", checkpoint=str(result.checkpoint_dir))
+    update_run(ctx, p.run_id, status="trained", checkpoint=str(result.checkpoint_dir))
     return {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
             "checkpoint": str(result.checkpoint_dir), "final": result.final}
 
@@ -198,8 +198,8 @@ def evaluate_job(ctx: JobContext) -> dict:
     from worker.models_cache import resolve_model
 
     p: EvaluatePayload = ctx.payload
-    settings = _settings(ctx)
-    run = _run(ctx, p.run_id)
+    settings = settings_of(ctx)
+    run = get_run(ctx, p.run_id)
     if not run.checkpoint:
         raise LookupError(f"run {run.name!r} has no trained adapters to evaluate")
     ctx.progress(0, 3, "loading models")
@@ -215,7 +215,7 @@ def evaluate_job(ctx: JobContext) -> dict:
     run_dir = settings.runs_dir / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(out, indent=1))
-    _set_run(ctx, p.run_id, evaluation=out, status="evaluated")
+    update_run(ctx, p.run_id, evaluation=out, status="evaluated")
     ctx.progress(3, 3, "done")
     return {"table": table, "kl_gap_closed": result.kl_gap_closed,
             "reproduced_hesitation": result.reproduced_hesitation, "false_hesitation": result.false_hesitation}

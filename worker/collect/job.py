@@ -1,0 +1,122 @@
+"""The ``collect`` job kind: feature statistics for a run, in one job or split into shards.
+
+The corpus for the organism is the target's own greedy responses to the held-out problems, in its
+chat format (what the paper collects on: the reasoning model's text); for real models a JSONL file
+of texts. It is built once per run and saved beside the checkpoint, so every shard sees the same
+sequences. With ``n_shards > 1`` the job queues one ``collect`` job per shard; each shard saves its
+partial statistics, and the shard that finds all others saved merges and writes them (a merge is
+exact, and the write replaces the run's rows, so a repeated merge is harmless).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field, model_validator
+
+from worker import queue
+from worker.collect.corpus import Corpus, Markers
+from worker.collect.result import CollectionResult, merge_results
+from worker.collect.runner import collect
+from worker.collect.store import write_collection
+from worker.handlers import JobContext, register
+
+log = logging.getLogger(__name__)
+
+
+class CollectPayload(BaseModel):
+    run_id: int
+    n_prompts: int = Field(600, ge=1, description="organism: held-out problems whose target responses form the corpus")
+    max_new_tokens: int = Field(96, ge=1, le=8192)
+    corpus_path: str | None = Field(None, description="JSONL with a 'text' field (real models)")
+    top_k: int = Field(20, ge=1, le=1000)
+    n_random: int = Field(10, ge=0, le=1000)
+    n_shards: int = Field(1, ge=1, le=1024)
+    shard: int | None = Field(None, ge=0, description="set on the shard jobs that a sharded collect queues")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> CollectPayload:
+        if self.shard is not None and self.shard >= self.n_shards:
+            raise ValueError(f"shard {self.shard} out of range for n_shards={self.n_shards}")
+        return self
+
+
+def _collect_dir(ctx: JobContext, run_name: str) -> Path:
+    from worker.pipeline import settings_of
+
+    path = settings_of(ctx).runs_dir / run_name / "collect"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build_corpus(ctx: JobContext, model, tokenizer, run, p: CollectPayload) -> Corpus:
+    """The run's collection corpus (cached in the run directory)."""
+    from training.generation import generate
+    from worker.pipeline import evaluation_prompts
+
+    path = _collect_dir(ctx, run.name) / f"corpus-{p.n_prompts}-{p.max_new_tokens}.pt"
+    markers = Markers.from_tokenizer(tokenizer)
+    if path.is_file():
+        data = torch.load(path, weights_only=True)
+        return Corpus(data["tokens"], data["offsets"], data["regions"])
+    if p.corpus_path is not None:
+        from worker.collect.corpus import load_corpus
+
+        corpus = load_corpus(p.corpus_path, tokenizer)
+    else:
+        prompts, _, _ = evaluation_prompts(run, p.n_prompts, None)
+        ctx.progress(0, None, f"generating the corpus: target responses to {len(prompts)} prompts")
+        with model.mode("target"):
+            gens = generate(model, tokenizer, prompts, max_new_tokens=p.max_new_tokens, greedy=True)
+        corpus = Corpus.from_sequences([g.token_ids for g in gens], markers=markers,
+                                       prompt_lengths=[len(g.prompt_ids) for g in gens])
+    _atomic_torch_save({"tokens": corpus.tokens, "offsets": corpus.offsets, "regions": corpus.regions}, path)
+    return corpus
+
+
+@register("collect", CollectPayload)
+def collect_job(ctx: JobContext) -> dict:
+    from worker.models_cache import get_run_model
+    from worker.pipeline import get_run, settings_of, update_run
+
+    p: CollectPayload = ctx.payload
+    run = get_run(ctx, p.run_id)
+    if p.n_shards > 1 and p.shard is None:  # the parent: queue one job per shard
+        ids = [queue.enqueue(ctx.engine, "collect", {**p.model_dump(), "shard": i}, run_id=p.run_id)
+               for i in range(p.n_shards)]
+        return {"shard_jobs": ids}
+    model, tokenizer = get_run_model(settings_of(ctx), p.run_id)
+    corpus = build_corpus(ctx, model, tokenizer, run, p)
+    shard = (p.shard, p.n_shards) if p.shard is not None else None
+
+    def progress(done: float, total: float | None, message: str | None = None) -> None:
+        ctx.progress(done, total, message or "collecting")
+        ctx.check()
+
+    result = collect(model, corpus, top_k=p.top_k, n_random=p.n_random, shard=shard, seed=p.seed, progress=progress)
+    if shard is not None:
+        folder = _collect_dir(ctx, run.name) / f"shards-{p.n_shards}"
+        folder.mkdir(exist_ok=True)
+        _atomic_torch_save(result, folder / f"shard-{p.shard}.pt")
+        files = [folder / f"shard-{i}.pt" for i in range(p.n_shards)]
+        if not all(f.is_file() for f in files):
+            return {"shard": p.shard, "sequences": result.n_sequences, "merged": False}
+        result = merge_results(*(torch.load(f, weights_only=False) for f in files))
+    counts = _write(ctx, p.run_id, result, tokenizer)
+    update_run(ctx, p.run_id, status="collected")
+    return {"sequences": result.n_sequences, "tokens": corpus.n_tokens, **counts, "merged": True}
+
+
+def _write(ctx: JobContext, run_id: int, result: CollectionResult, tokenizer) -> dict[str, int]:
+    ctx.progress(0, None, "writing features and examples")
+    return write_collection(ctx.engine, run_id, result, tokenizer)
