@@ -19,10 +19,18 @@ def result() -> CollectionResult:
     torch.set_num_threads(1)
     model = tiny_adapter_model(0, n_features=8)
     g = torch.Generator().manual_seed(0)
-    seqs = [[1] + torch.randint(6, 64, (5,), generator=g).tolist() + [3, 4]
-            + torch.randint(6, 64, (int(n),), generator=g).tolist() + [5, 9] for n in (3, 9, 14, 0, 6)]
+    seqs = [
+        [1]
+        + torch.randint(6, 64, (5,), generator=g).tolist()
+        + [3, 4]
+        + torch.randint(6, 64, (int(n),), generator=g).tolist()
+        + [5, 9]
+        for n in (3, 9, 14, 0, 6)
+    ]
     corpus = Corpus.from_sequences(seqs, markers=Markers(3, 4, 5))
-    return collect(model, corpus, top_k=3, n_random=2, ctx_before=4, ctx_after=2, n_neighbours=3, lens_tokens=2)
+    return collect(
+        model, corpus, top_k=3, n_random=2, ctx_before=4, ctx_after=2, n_neighbours=3, lens_tokens=2
+    )
 
 
 class _Tok:
@@ -42,8 +50,12 @@ def _run(engine: Engine, name: str = "r") -> int:
 
 def _counts(engine: Engine, run_id: int) -> tuple[int, int]:
     with engine.connect() as conn:
-        n_f = conn.execute(select(func.count()).select_from(Feature).where(Feature.run_id == run_id)).scalar_one()
-        n_e = conn.execute(select(func.count()).select_from(Example).where(Example.run_id == run_id)).scalar_one()
+        n_f = conn.execute(
+            select(func.count()).select_from(Feature).where(Feature.run_id == run_id)
+        ).scalar_one()
+        n_e = conn.execute(
+            select(func.count()).select_from(Example).where(Example.run_id == run_id)
+        ).scalar_one()
     return n_f, n_e
 
 
@@ -66,11 +78,19 @@ def test_rows_match_the_result(db_engine: Engine, result: CollectionResult) -> N
                 assert row.region_counts == dict(zip(REGION_NAMES, s.regions[feat].tolist(), strict=True))
                 assert row.think_pos_hist["counts"] == s.think_hist[feat].tolist()
                 top_id = int(result.lens[layer].top_ids[feat, 0])
-                assert row.logit_lens["top"][0][:2] == [top_id, f"<{top_id}>"] and len(row.logit_lens["bottom"]) == 2
+                assert (
+                    row.logit_lens["top"][0][:2] == [top_id, f"<{top_id}>"]
+                    and len(row.logit_lens["bottom"]) == 2
+                )
                 nb = result.neighbours[layer]
-                assert [r[:2] for r in row.neighbours] == [[int(a), int(b)] for a, b in zip(nb.layer[feat], nb.index[feat], strict=True)]
-                stored = session.scalars(select(Example).where(
-                    Example.run_id == run_id, Example.layer == layer, Example.index == feat).order_by(Example.kind.desc(), Example.rank)).all()
+                assert [r[:2] for r in row.neighbours] == [
+                    [int(a), int(b)] for a, b in zip(nb.layer[feat], nb.index[feat], strict=True)
+                ]
+                stored = session.scalars(
+                    select(Example)
+                    .where(Example.run_id == run_id, Example.layer == layer, Example.index == feat)
+                    .order_by(Example.kind.desc(), Example.rank)
+                ).all()
                 expected = list(result.examples(layer, feat))
                 assert [(e.kind, e.rank) for e in stored] == [(e.kind, e.rank) for e in expected]
                 for db_ex, ex in zip(stored, expected, strict=True):
@@ -108,3 +128,18 @@ def test_bad_targets_are_clear(db_engine: Engine, result: CollectionResult) -> N
         write_collection(db_engine, 999, result)
     with pytest.raises(ValueError, match="layers"):
         write_collection(db_engine, _run(db_engine), result, layers=[7])
+
+
+def test_plain_json_fallback_stores_the_same(db_engine: Engine, result: CollectionResult, monkeypatch) -> None:
+    from worker.collect import store
+
+    run_a, run_b = _run(db_engine, "fast"), _run(db_engine, "plain")
+    write_collection(db_engine, run_a, result)
+    monkeypatch.setattr(store, "_orjson", None)
+    write_collection(db_engine, run_b, result)
+    with Session(db_engine) as session:
+        def rows(run_id: int) -> list[tuple]:
+            q = select(Example).where(Example.run_id == run_id).order_by(Example.layer, Example.index, Example.kind, Example.rank)
+            return [(e.layer, e.index, e.kind, e.rank, e.token_ids, e.acts, e.focus, e.max_act) for e in session.scalars(q)]
+
+        assert rows(run_a) == rows(run_b) and len(rows(run_a)) > 0

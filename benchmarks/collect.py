@@ -1,0 +1,196 @@
+"""Feature collection throughput against a bare forward pass, and the cost of storing the result.
+
+In one run, on the same batches of the same tokens (interleaved, so machine load hits both alike):
+
+- **bare**: the adapter model's decoder forward in ``adapted`` mode (no LM head, as collection runs it);
+- **collect**: ``worker.collect.collect`` over the same corpus (the pass only: logit lens and neighbours,
+  which depend on weights alone, are timed separately).
+
+Prints tokens/s of both and the ratio collect/bare (target ≥ 0.7). Adapter encoder biases are calibrated
+so that about ``--density`` of (token, feature) pairs fire (a trained adapter: L0 / F, e.g. 0.15 for the
+organism's 70–100 of 512, 0.001 for the paper's 8 of 8192).
+
+Then the store: a complete organism-sized result (4 layers × 512 features, 20 top + 10 random examples
+each) written to a fresh SQLite file, and to Postgres when ``--pg-url`` names a database it may migrate
+(the run it creates is deleted again).
+
+    python benchmarks/collect.py                         # CPU, organism shape
+    python benchmarks/collect.py --shape wide --device cuda --dtype bf16 --density 0.002 --tokens 262144
+    python benchmarks/collect.py --pg-url postgresql+psycopg://postgres@127.0.0.1:5432/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from training.adapter import AdapterModel, build_adapter_model
+from training.config import AdapterConfig
+from worker.collect import Corpus, Markers, collect, write_collection
+from worker.collect.runner import _batch_tensors, _batches
+
+SHAPES = {
+    "organism": {"layers": 4, "d": 128, "mlp": 512, "features": 512, "vocab": 512, "seq": 60},
+    "wide": {"layers": 8, "d": 512, "mlp": 2048, "features": 8192, "vocab": 8192, "seq": 512},
+    "7b-layer": {"layers": 2, "d": 3584, "mlp": 18944, "features": 8192, "vocab": 32768, "seq": 1024},
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _qwen(shape: dict, seed: int, device: torch.device, dtype: torch.dtype) -> Qwen2ForCausalLM:
+    cfg = Qwen2Config(vocab_size=shape["vocab"], hidden_size=shape["d"], intermediate_size=shape["mlp"],
+                      num_hidden_layers=shape["layers"], num_attention_heads=max(1, shape["d"] // 64),
+                      num_key_value_heads=max(1, shape["d"] // 256), max_position_embeddings=8192,
+                      tie_word_embeddings=False, use_sliding_window=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def _calibrate(model: AdapterModel, ids: torch.Tensor, density: float, seed: int) -> None:
+    """Random decoders; encoder biases set layer by layer so that ~density of pairs fire on ``ids``."""
+    g = torch.Generator().manual_seed(seed)
+    for layer, ad in enumerate(model.adapters):
+        ad.W_dec.copy_(torch.randn(ad.W_dec.shape, generator=g) * 0.02)
+        x = {}
+        h = model.layers[layer].post_attention_layernorm.register_forward_hook(lambda m, a, o, x=x: x.setdefault("x", o))
+        model.hf.model(input_ids=ids, use_cache=False)
+        h.remove()
+        pre = (x["x"].reshape(-1, x["x"].shape[-1]) @ ad.W_enc.T).float()
+        ad.b_enc.copy_(-torch.quantile(pre[: 4096], 1 - density, dim=0))
+
+
+def _corpus(shape: dict, n_tokens: int, seed: int) -> Corpus:
+    g = torch.Generator().manual_seed(seed)
+    seqs, total = [], 0
+    while total < n_tokens:
+        n = int(torch.randint(shape["seq"] // 2, shape["seq"] + 1, (1,), generator=g))
+        think = n // 2
+        seq = ([1] + torch.randint(6, shape["vocab"], (n // 4,), generator=g).tolist() + [3, 4]
+               + torch.randint(6, shape["vocab"], (think,), generator=g).tolist() + [5]
+               + torch.randint(6, shape["vocab"], (n - n // 4 - think - 4,), generator=g).tolist())
+        seqs.append(seq)
+        total += len(seq)
+    return Corpus.from_sequences(seqs, markers=Markers(3, 4, 5))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def _bare(model: AdapterModel, corpus: Corpus, batch_size: int, max_tokens: int, device: torch.device) -> float:
+    batches = _batches(torch.arange(len(corpus)), corpus.lengths, batch_size, max_tokens)
+    _sync(device)
+    t = time.perf_counter()
+    with model.mode("adapted"):
+        for rows in batches:
+            ids, mask, _ = _batch_tensors(corpus, rows, 0, device)
+            model.hf.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def bench_pass(shape: dict, args: argparse.Namespace, device: torch.device) -> None:
+    dtype = DTYPES[args.dtype]
+    model = build_adapter_model(_qwen(shape, 0, device, dtype), _qwen(shape, 1, device, dtype),
+                                AdapterConfig(n_features=shape["features"]))
+    corpus = _corpus(shape, args.tokens, 0)
+    _calibrate(model, corpus[0].long().unsqueeze(0).to(device) if corpus.lengths[0] > 64 else
+               torch.cat([corpus[i] for i in range(8)]).long().unsqueeze(0).to(device), args.density, 0)
+    kw = {"batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens}
+    _bare(model, corpus, device=device, batch_size=args.batch_size, max_tokens=args.max_batch_tokens)  # warm-up
+    bare, coll = [], []
+    for _ in range(args.reps):
+        bare.append(_bare(model, corpus, args.batch_size, args.max_batch_tokens, device))
+        _sync(device)
+        t = time.perf_counter()
+        result = collect(model, corpus, weight_views=False, **kw)
+        _sync(device)
+        coll.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    collect(model, Corpus.from_sequences([corpus[0].tolist()]), weight_views=True, **kw)
+    views = time.perf_counter() - t - min(coll) * corpus.lengths[0].item() / corpus.n_tokens
+    n = corpus.n_tokens
+    s = result.stats[0]
+    print(f"shape {args.shape} on {device} ({args.dtype}): {shape['layers']} layers × {shape['features']} features, "
+          f"{n} tokens in {len(corpus)} sequences, density {float(s.count.sum()) / (n * shape['features']):.4f}")
+    print(f"  bare forward : {n / statistics.median(bare):10.0f} tok/s  (median of {args.reps})")
+    print(f"  collect pass : {n / statistics.median(coll):10.0f} tok/s  (includes moving results to CPU, token windows)")
+    print(f"  ratio collect/bare: {statistics.median(bare) / statistics.median(coll):.2f}  (target >= 0.7)")
+    print(f"  logit lens + neighbours (weights only): {views:.2f} s")
+
+
+def bench_store(args: argparse.Namespace) -> None:
+    from sqlalchemy.orm import Session
+
+    from app.db.migrate import upgrade
+    from app.db.schema import Run
+    from app.db.session import make_engine
+
+    shape = SHAPES["organism"]
+    torch.manual_seed(0)
+    model = build_adapter_model(_qwen(shape, 0, torch.device("cpu"), torch.float32),
+                                _qwen(shape, 1, torch.device("cpu"), torch.float32), AdapterConfig(n_features=512))
+    corpus = _corpus(shape, 16384, 1)
+    _calibrate(model, torch.cat([corpus[i] for i in range(8)]).long().unsqueeze(0), 0.15, 0)
+    result = collect(model, corpus, top_k=20, n_random=10, n_neighbours=10)
+    n_ex = sum(int((s.top.loc >= 0).sum() + (s.random.loc >= 0).sum()) for s in result.stats.values())
+    print(f"store: {len(result.layers)} layers × 512 features, {n_ex} examples "
+          f"({n_ex / (len(result.layers) * 512):.1f} per feature)")
+    urls = []
+    tmp = tempfile.TemporaryDirectory()
+    urls.append(("sqlite", f"sqlite:///{Path(tmp.name) / 'bench.db'}"))
+    if args.pg_url:
+        urls.append(("postgres", args.pg_url))
+    for name, url in urls:
+        upgrade(url)
+        engine = make_engine(url)
+        with Session(engine) as session, session.begin():
+            run = Run(name=f"bench-collect-{time.time_ns()}", base_model="b", target_model="t")
+            session.add(run)
+            session.flush()
+            run_id = run.id
+        times = []
+        for _ in range(2):  # the second write replaces the first (delete + insert in one transaction)
+            t = time.perf_counter()
+            write_collection(engine, run_id, result)
+            times.append(time.perf_counter() - t)
+        print(f"  {name:8s}: first write {times[0]:.2f} s, rewrite {times[1]:.2f} s")
+        with Session(engine) as session, session.begin():
+            session.delete(session.get(Run, run_id))
+        engine.dispose()
+    tmp.cleanup()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="organism")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--tokens", type=int, default=32768, help="corpus size in tokens")
+    p.add_argument("--density", type=float, default=0.15, help="fraction of (token, feature) pairs that fire")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--pg-url", default=None, help="also time the store on this Postgres database (migrated here)")
+    p.add_argument("--skip-store", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    bench_pass(SHAPES[args.shape], args, device)
+    if not args.skip_store:
+        bench_store(args)
+
+
+if __name__ == "__main__":
+    main()
