@@ -1,0 +1,145 @@
+"""The ``import`` job / ``adapterlens import-adapters``: a released-format checkpoint becomes a trained run.
+
+Checkpoints are written by our own savers from a tiny random pair (the paper's 7B files are ~30 GB):
+the reference format (sharded, as ``save_pretrained`` writes the release) and ours.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from app.db.schema import Run
+from app.db.session import make_engine, make_sessionmaker
+from app.settings import Settings
+from tests.helpers import randomize_adapters, tiny_pair
+from training.adapter import build_adapter_model
+from training.checkpoint import save_adapters, save_reference_checkpoint
+from training.config import AdapterConfig
+from worker.importing import l1_from_name
+from worker.loop import run_inline
+from worker.models_cache import load_run_model
+
+
+def _save_pair(tmp: Path):
+    """A random tiny pair saved as model directories, and a trained-looking adapter model on it."""
+    base_hf, target_hf = tiny_pair(3)
+    base_hf.save_pretrained(tmp / "base")
+    target_hf.save_pretrained(tmp / "target")
+    model = randomize_adapters(build_adapter_model(base_hf, target_hf, AdapterConfig(n_features=16)), seed=3)
+    return model, str(tmp / "base"), str(tmp / "target")
+
+
+@pytest.fixture
+def settings(sqlite_db_url: str, tmp_path: Path) -> Settings:
+    """SQLite is enough where the database is not the point (the first test runs on both backends)."""
+    return Settings(data_dir=tmp_path / "data", database_url=sqlite_db_url)
+
+
+def _import(settings: Settings, **payload):
+    return run_inline(settings, "import", payload, show_progress=False, handler_modules=["worker.importing"])
+
+
+def _run(settings: Settings, name: str) -> Run:
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as s:
+            run = s.scalar(select(Run).where(Run.name == name))
+            s.expunge_all()
+            return run
+    finally:
+        engine.dispose()
+
+
+def _same_adapters(a, b) -> bool:
+    return all(torch.equal(x.W_enc, y.W_enc) and torch.equal(x.W_dec, y.W_dec) and torch.equal(x.b_dec, y.b_dec)
+               for x, y in zip(a.adapters, b.adapters, strict=True))
+
+
+def test_reference_checkpoint_imports_as_a_trained_run_that_loads(db_settings: Settings, tmp_path: Path) -> None:
+    model, base, target = _save_pair(tmp_path)
+    ckpt = save_reference_checkpoint(model, tmp_path / "transcoder-adapters-tiny-l1w0.001-l0-1.4", max_shard_size="20KB")
+    assert (ckpt / "model.safetensors.index.json").is_file()  # sharded like the release
+
+    out = _import(db_settings, path=str(ckpt), base_model=base, target_model=target)
+    assert out["format"] == "reference" and out["target_checked"] is True
+    run = _run(db_settings, "transcoder-adapters-tiny-l1w0.001-l0-1.4")
+    assert run.status == "trained" and run.checkpoint == str(ckpt.resolve())
+    assert (run.n_layers, run.n_features, run.d_model) == (model.n_layers, 16, 32)
+    assert run.config["imported"]["l1"] == 0.001 and run.config["adapter"]["n_features"] == 16
+
+    # what collect / attribute do with a run: assemble it from the specs and the checkpoint
+    loaded, _ = load_run_model(db_settings, run.base_model, run.target_model, run.checkpoint, device="cpu")
+    assert _same_adapters(loaded, model)
+
+    again = _import(db_settings, path=str(ckpt), base_model=base, target_model=target, verify="tensors")
+    assert again["run_id"] == out["run_id"]  # idempotent: the same run, updated
+
+
+def test_our_format_takes_models_from_the_checkpoint(settings: Settings, tmp_path: Path) -> None:
+    model, base, target = _save_pair(tmp_path)
+    ckpt = save_adapters(model, tmp_path / "ours", base_name=base, target_name=target)
+    out = _import(settings, path=str(ckpt), name="ours")
+    assert (out["base_model"], out["target_model"], out["format"]) == (base, target, "adapterlens-adapters")
+    assert _run(settings, "ours").status == "trained"
+
+
+def test_reference_without_models_is_a_clear_error(settings: Settings, tmp_path: Path) -> None:
+    model, _, _ = _save_pair(tmp_path)
+    ckpt = save_reference_checkpoint(model, tmp_path / "ref")
+    with pytest.raises(ValueError, match="Qwen/Qwen2.5-Math-7B"):
+        _import(settings, path=str(ckpt))
+
+
+def test_missing_transcoder_tensor_is_refused(settings: Settings, tmp_path: Path) -> None:
+    model, base, target = _save_pair(tmp_path)
+    ckpt = save_reference_checkpoint(model, tmp_path / "ref")
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys() if k != "model.layers.1.mlp.transcoder_enc.weight"}
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    for verify in ("tensors", "full"):
+        with pytest.raises(ValueError, match="transcoder"):
+            _import(settings, path=str(ckpt), base_model=base, target_model=target, verify=verify)
+    assert _run(settings, "ref") is None
+
+
+def test_target_of_another_geometry_is_refused(settings: Settings, tmp_path: Path) -> None:
+    model, base, target = _save_pair(tmp_path)
+    ckpt = save_reference_checkpoint(model, tmp_path / "ref")
+    cfg = json.loads((Path(target) / "config.json").read_text())
+    cfg["num_hidden_layers"] = 5
+    (Path(target) / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="num_hidden_layers|n_layers"):
+        _import(settings, path=str(ckpt), base_model=base, target_model=target, verify="tensors")
+
+
+def test_hub_id_offline_and_not_cached_names_the_fix(settings: Settings) -> None:
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download nathu0/not-a-cached-repo"):
+        _import(settings, path="nathu0/not-a-cached-repo", base_model="a/b", target_model="c/d")
+
+
+def test_cli_import_adapters(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.cli import app
+
+    model, base, target = _save_pair(tmp_path)
+    ckpt = save_reference_checkpoint(model, tmp_path / "ref")
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("ADAPTERLENS_DATA_DIR", str(settings.data_dir))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["import-adapters", str(ckpt), "--base", base, "--target", target, "--name", "cli"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output[ok.output.index("{"):])["name"] == "cli"
+    bad = runner.invoke(app, ["import-adapters", str(tmp_path / "nowhere"), "--base", base, "--target", target])
+    assert bad.exit_code == 2 and "not a directory" in bad.output
+
+
+def test_l1_from_released_names() -> None:
+    assert l1_from_name("nathu0/transcoder-adapters-R1-Distill-Qwen-7B-l1w0.0003-l0-0.4") == 0.0003
+    assert l1_from_name("/data/checkpoints/my-run") is None
