@@ -15,8 +15,10 @@ from worker.ablation.generate import (
     Track,
     ablation_tracks,
     collect,
+    collect_prompts,
     generate,
     lockstep,
+    lockstep_prompts,
 )
 
 N_FEATURES = 16
@@ -110,6 +112,25 @@ def test_a_track_that_stops_early_leaves_the_others_unchanged(model):
     assert out[UNABLATED].token_ids == unablated[:unablated.index(stop) + 1]
     assert out[ABLATED].token_ids == ablated and out[ABLATED].stop == "max_new_tokens"
     assert all(kl is not None for kl in out[ABLATED].kls)  # its reference row stayed with it
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_several_prompts_at_once_match_each_prompt_alone(model, temperature):
+    """Left padding, logical positions and per-prompt budgets: a batch of prompts is each prompt alone."""
+    prompts = [PROMPT, [1, 7, 3], [1, 30, 31, 32, 33, 34, 35, 36, 37, 38]]
+    iv = Intervention(tuple((layer, i) for layer in range(2) for i in range(0, N_FEATURES, 3)), mode="scale",
+                      value=3.0, positions="generated")
+    settings = SamplingSettings(max_new_tokens=10, temperature=temperature, seed=4, context_length=18)
+    together = collect_prompts(lockstep_prompts(model, prompts, ablation_tracks([iv]), settings), len(prompts))
+    for prompt, got in zip(prompts, together, strict=True):
+        alone = collect(lockstep(model, prompt, ablation_tracks([iv]), settings))
+        for name in (ABLATED, UNABLATED):
+            assert got[name].token_ids == alone[name].token_ids
+            assert got[name].stop == alone[name].stop
+            assert got[name].logprobs == pytest.approx(alone[name].logprobs, abs=1e-4)
+        assert got[ABLATED].kls == pytest.approx(alone[ABLATED].kls, abs=1e-4)
+    assert [len(g[ABLATED].token_ids) for g in together] == [10, 10, 8]  # the last one meets the context
+    assert together[2][ABLATED].stop == "context"
 
 
 def test_context_length_caps_the_generation(model):

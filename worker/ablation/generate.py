@@ -79,6 +79,7 @@ class Step:
     logprob: float  # log p(token | prompt + earlier tokens) under this track, temperature 1
     kl: float | None  # KL(p_follower ‖ p_track) in nats before this token, where a scoring track follows
     stop: StopReason | None = None  # set on the track's last step
+    prompt: int = 0  # which prompt, in a multi-prompt batch (:func:`lockstep_prompts`)
 
 
 @dataclass
@@ -129,11 +130,26 @@ def _language_model(model: AdapterModel, mode: MLPMode) -> torch.nn.Module:
     return model.hf
 
 
-def _row_interventions(tracks: Sequence[Track]) -> tuple[Intervention, ...]:
-    """Each track's interventions restricted to its own batch row (a lone row needs no row mask)."""
-    if len(tracks) == 1:
-        return tracks[0].interventions
-    return tuple(replace(iv, rows=(r,)) for r, t in enumerate(tracks) for iv in t.interventions)
+@dataclass(frozen=True)
+class _Row:
+    prompt: int  # index into the prompts of the batch
+    track: Track
+
+    @property
+    def text_of(self) -> tuple[int, str]:
+        """The (prompt, sampling track) whose tokens this row is fed."""
+        return self.prompt, self.track.follows or self.track.name
+
+
+def _row_interventions(rows: Sequence[_Row]) -> tuple[Intervention, ...]:
+    """Each track's interventions restricted to its own batch rows (one intervention per distinct one)."""
+    if len(rows) == 1:
+        return rows[0].track.interventions
+    where: dict[Intervention, list[int]] = {}
+    for r, row in enumerate(rows):
+        for iv in row.track.interventions:
+            where.setdefault(iv, []).append(r)
+    return tuple(replace(iv, rows=tuple(rs)) for iv, rs in where.items())
 
 
 def _pick(logp: torch.Tensor, temperature: float, u: float) -> torch.Tensor:
@@ -144,6 +160,20 @@ def _pick(logp: torch.Tensor, temperature: float, u: float) -> torch.Tensor:
     return torch.searchsorted(cdf, cdf[:, -1:] * u).squeeze(-1).clamp(max=logp.shape[-1] - 1)
 
 
+def _budget(prompt: Sequence[int], settings: SamplingSettings) -> tuple[int, StopReason]:
+    """How many tokens a prompt may generate, and the stop reason when it uses them all."""
+    if not prompt:
+        raise ValueError("the prompt is empty; generation needs at least one token")
+    if settings.context_length is not None:
+        room = settings.context_length - len(prompt)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(prompt)} tokens and leaves no room in the model's context "
+                             f"of {settings.context_length}")
+        if room < settings.max_new_tokens:
+            return room, "context"
+    return settings.max_new_tokens, "max_new_tokens"
+
+
 def lockstep(model: AdapterModel, prompt_ids: Sequence[int], tracks: Sequence[Track],
              settings: SamplingSettings, *, mode: MLPMode = "adapted") -> Iterator[list[Step]]:
     """Generate every sampling track of ``tracks`` together; yield each step's :class:`Step` per live track.
@@ -152,39 +182,54 @@ def lockstep(model: AdapterModel, prompt_ids: Sequence[int], tracks: Sequence[Tr
     at a stop id, at ``max_new_tokens`` or when the context is full; its row (and its follower's) then
     leaves the batch. Stop iterating (or ``close()``) to cancel: nothing stays switched on in the model.
     """
+    return lockstep_prompts(model, [prompt_ids], tracks, settings, mode=mode)
+
+
+def lockstep_prompts(model: AdapterModel, prompts: Sequence[Sequence[int]], tracks: Sequence[Track],
+                     settings: SamplingSettings, *, mode: MLPMode = "adapted") -> Iterator[list[Step]]:
+    """:func:`lockstep` over several prompts at once: one row per (prompt, track), prompts left-padded.
+
+    Steps carry their prompt's index. Positions are logical (0 = a row's first real token), so
+    interventions by position and the model see each prompt as if alone; each prompt keeps its own
+    budget against the context. Sampling shares one uniform per step across all rows, as alone.
+    """
     _check_tracks(tracks)
-    prompt = [int(t) for t in prompt_ids]
-    if not prompt:
-        raise ValueError("the prompt is empty; generation needs at least one token")
-    budget, budget_reason = settings.max_new_tokens, "max_new_tokens"
-    if settings.context_length is not None:
-        room = settings.context_length - len(prompt)
-        if room < 1:
-            raise ValueError(f"the prompt has {len(prompt)} tokens and leaves no room in the model's context "
-                             f"of {settings.context_length}")
-        if room < budget:
-            budget, budget_reason = room, "context"
+    prompts = [[int(t) for t in p] for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts to generate from")
+    budgets = [_budget(p, settings) for p in prompts]
     lm = _language_model(model, mode)
     device = next(lm.parameters()).device
     stop_ids = set(settings.stop_ids)
     rng = torch.Generator().manual_seed(settings.seed)
     cache = DynamicCache(config=lm.config)
 
-    active = list(tracks)
+    active = [_Row(p, t) for p in range(len(prompts)) for t in tracks]
+    width = max(len(p) for p in prompts)
+    step_input = torch.tensor([[0] * (width - len(prompts[r.prompt])) + prompts[r.prompt] for r in active],
+                              device=device)
+    # only a padded batch needs a mask (a lone prompt keeps the exact unpadded computation)
+    mask = None if all(len(p) == width for p in prompts) else \
+        torch.tensor([[0] * (width - len(prompts[r.prompt])) + [1] * len(prompts[r.prompt]) for r in active],
+                     device=device)
     row_ivs = _row_interventions(active)
-    step_input = torch.tensor([prompt] * len(active), device=device)
-    for index in range(budget):
+    for index in range(max(n for n, _ in budgets)):
         u = torch.rand((), generator=rng, dtype=torch.float64).item()  # drawn every step: seeds stay aligned
+        lengths = [len(prompts[r.prompt]) for r in active]
+        kwargs = {}
+        if mask is not None:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_input.shape[1]:]
+            kwargs = {"attention_mask": mask, "position_ids": positions}
         with torch.inference_mode():
-            with model.mode(mode), model.intervene(row_ivs, prompt_lengths=[len(prompt)] * len(active)):
-                logits = lm(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1).logits
+            with model.mode(mode), model.intervene(row_ivs, prompt_lengths=lengths):
+                logits = lm(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1, **kwargs).logits
             logp = torch.log_softmax(logits[:, -1].float(), dim=-1)  # [rows, V]
             picked = _pick(logp, settings.temperature, u)
-            samplers = [r for r, t in enumerate(active) if t.follows is None]
-            followers = {t.follows: r for r, t in enumerate(active) if t.follows is not None}
+            samplers = [r for r, row in enumerate(active) if row.track.follows is None]
+            followers = {row.text_of: r for r, row in enumerate(active) if row.track.follows is not None}
             chosen = picked[samplers]
             chosen_logp = logp[samplers].gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-            pairs = [(r, followers[active[r].name]) for r in samplers if active[r].name in followers]
+            pairs = [(r, followers[active[r].text_of]) for r in samplers if active[r].text_of in followers]
             if pairs:
                 s_rows, f_rows = zip(*pairs, strict=True)
                 ref = logp[list(f_rows)]
@@ -193,29 +238,38 @@ def lockstep(model: AdapterModel, prompt_ids: Sequence[int], tracks: Sequence[Tr
         kl_of = dict(zip((s for s, _ in pairs), kl_vals, strict=True)) if pairs else {}
         steps, token_of = [], {}
         for j, r in enumerate(samplers):
-            name, tok = active[r].name, tokens[j]
-            token_of[name] = tok
-            stop = "eos" if tok in stop_ids else (budget_reason if index == budget - 1 else None)
-            steps.append(Step(name, index, tok, lps[j], kl_of.get(r), stop))
+            row, tok = active[r], tokens[j]
+            token_of[row.text_of] = tok
+            budget, reason = budgets[row.prompt]
+            stop = "eos" if tok in stop_ids else (reason if index == budget - 1 else None)
+            steps.append(Step(row.track.name, index, tok, lps[j], kl_of.get(r), stop, row.prompt))
         yield steps
 
-        ended = {s.track for s in steps if s.stop is not None}
-        keep = [r for r, t in enumerate(active) if (t.follows or t.name) not in ended]
+        ended = {(s.prompt, s.track) for s in steps if s.stop is not None}
+        keep = [r for r, row in enumerate(active) if row.text_of not in ended]
         if not keep:
             return
         if len(keep) < len(active):
             cache.batch_select_indices(torch.tensor(keep, device=device))
             active = [active[r] for r in keep]
+            mask = None if mask is None else mask[keep]
             row_ivs = _row_interventions(active)
-        step_input = torch.tensor([[token_of[t.follows or t.name]] for t in active], device=device)
+        step_input = torch.tensor([[token_of[row.text_of]] for row in active], device=device)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
 
 
 def collect(steps: Iterable[list[Step]]) -> dict[str, Generated]:
     """Run a :func:`lockstep` iterator to the end: ``{track: Generated}`` for every sampling track."""
-    out: dict[str, Generated] = {}
+    return collect_prompts(steps, 1)[0]
+
+
+def collect_prompts(steps: Iterable[list[Step]], n_prompts: int) -> list[dict[str, Generated]]:
+    """Run a :func:`lockstep_prompts` iterator to the end: ``{track: Generated}`` per prompt."""
+    out: list[dict[str, Generated]] = [{} for _ in range(n_prompts)]
     for batch in steps:
         for s in batch:
-            out.setdefault(s.track, Generated()).add(s)
+            out[s.prompt].setdefault(s.track, Generated()).add(s)
     return out
 
 
