@@ -387,3 +387,25 @@ def test_prefilter_keeps_the_exact_answer(model, corpus, result, monkeypatch) ->
         for kind in ("top", "random"):
             a, b = getattr(again.stats[layer], kind), getattr(result.stats[layer], kind)
             assert torch.equal(a.loc, b.loc) and torch.equal(a.data["acts"], b.data["acts"])
+
+
+def test_vectorised_region_labels_equal_label_regions() -> None:
+    g = random.Random(3)
+    for _ in range(300):
+        ids = [g.choice([3, 4, 5, 6, 7, 8]) for _ in range(g.randrange(0, 25))]
+        pl = g.choice([None, g.randrange(0, 30)])
+        assert MARKERS.label_tensor(torch.tensor(ids, dtype=torch.long), pl).tolist() == \
+            [int(r) for r in MARKERS.label(ids, pl)], (ids, pl)
+
+
+def test_bfloat16_model_collects(corpus) -> None:
+    base, target = tiny_pair(0, dtype=torch.bfloat16)
+    m = randomize_adapters(build_adapter_model(base, target, AdapterConfig(n_features=N_FEATURES)), seed=1)
+    r = collect(m, corpus, top_k=3, n_random=2, ctx_before=2, ctx_after=1)
+    s = r.stats[0]
+    assert s.top.data["acts"].dtype == torch.bfloat16 and s.top.data["value"].dtype == torch.float32
+    assert int(s.count.sum()) > 0 and int(s.hist.sum()) == int(s.count.sum())
+    for feat in range(N_FEATURES):
+        top = [e for e in r.examples(0, feat) if e.kind == "top"]
+        assert [e.value for e in top] == sorted((e.value for e in top), reverse=True)
+        assert all(e.acts[e.focus] == e.value > 0 for e in top)
