@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup, escape
 from pydantic_core import to_jsonable_python
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -87,6 +88,30 @@ def shade(act: float | None, max_act: float | None) -> str:
     return f"{min(1.0, max(0.0, float(act) / float(max_act))):.3f}"
 
 
+def token_cells(ex: Any, max_act: float | None) -> list[tuple[str, str, str, str, int]]:
+    """Per token of an example: (css classes, shade, activation text, display text, id) for ``_tokens.html``.
+
+    Computed here in one pass because a feature page shows thousands of tokens; the text is returned
+    raw and escaped by the template's autoescape like any other value.
+    """
+    lo, hi = ex.window
+    out = []
+    for i, (text, act, tid) in enumerate(zip(ex.tokens, ex.acts, ex.token_ids, strict=True)):
+        cls = "tok"
+        if i == ex.focus:
+            cls += " focus"
+        if i < lo or i >= hi:
+            cls += " out"
+        if act > 0:
+            cls += " on"
+        if "\n" in text:
+            cls += " nl"
+        # Class, shade and activation are strings we generate from numbers: marked safe so that only the
+        # token text (the one untrusted value) goes through autoescaping, once per token.
+        out.append((Markup(cls), Markup(shade(act, max_act)), Markup(fmt(act)), visible(text), tid))
+    return out
+
+
 def visible(text: str) -> str:
     """Token text with layout characters made visible (a newline token must not vanish)."""
     return text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍") if text else "∅"
@@ -145,6 +170,7 @@ def build_templates(app: FastAPI) -> Jinja2Templates:
         shade=shade,
         hist_traces=hist_traces,
         hist_fig=hist_fig,
+        token_cells=token_cells,
         path=lambda name, **params: app.url_path_for(name, **{k: str(v) for k, v in params.items()}),
         qs=lambda params: ("?" + urlencode(params)) if params else "",
         htmx_src=f"/static/{HTMX_FILE}",
@@ -173,8 +199,6 @@ def error_response(request: Request, status: int, title: str, detail: Any) -> Re
 
 
 def _escape(text: str) -> str:
-    from markupsafe import escape
-
     return str(escape(text))
 
 

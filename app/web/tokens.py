@@ -150,7 +150,12 @@ def find_vocab(tokenizer: str | None, target_model: str | None, data_dir: Path |
     return EMPTY_VOCAB
 
 
+@lru_cache(maxsize=64)
+def _word_set(words: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(w.strip(_STRIP) for w in words)
+
+
 def is_hesitation(text: str, words: Sequence[str] = DEFAULT_HESITATION_WORDS) -> bool:
     """Whether a displayed token is a hesitation token (the word up to spaces and punctuation)."""
     word = text.strip(_STRIP)
-    return bool(word) and word in {w.strip(_STRIP) for w in words}
+    return bool(word) and word in _word_set(tuple(words))

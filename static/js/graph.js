@@ -78,7 +78,7 @@
       if (n.fl) { g.dataset.layer = n.fl[0]; g.dataset.index = n.fl[1]; }
       const lines = [n.fl ? `L${n.fl[0]}/${n.fl[1]} @ pos ${n.ctx_idx}` : `${n.kind} @ pos ${n.ctx_idx}`];
       if (n.clerp) lines.push(n.clerp);
-      if (n.top_token !== null && n.top_token !== undefined) lines.push("top logit: " + JSON.stringify(n.top_token));
+      if (n.top_tokens && n.top_tokens.length) lines.push("promotes: " + n.top_tokens.map((t) => JSON.stringify(t)).join(" "));
       if (n.label) lines.push(n.label);
       if (n.role) lines.push("role: " + n.role);
       if (n.activation !== null && n.activation !== undefined) lines.push("activation " + n.activation.toPrecision(3));

@@ -71,8 +71,9 @@ def test_feature_json(web):
     top = data["examples"]["top"]
     assert len(top) == 5 and [e["rank"] for e in top] == list(range(5))
     first = top[0]
-    assert first["tokens"][first["focus"]]["text"] == "<script>"
-    assert first["tokens"][first["focus"]]["act"] == pytest.approx(first["max_act"])
+    assert first["tokens"][first["focus"]] == "<script>" and first["tokens"][first["focus"] + 1] == '"'
+    assert first["acts"][first["focus"]] == pytest.approx(first["max_act"])
+    assert len(first["tokens"]) == len(first["token_ids"]) == len(first["acts"]) == 30
     assert data["sets"] == [{"id": web.world.set_id, "name": "hesitation", "role": "output", "score": data["sets"][0]["score"]}]
     assert data["graphs"][0]["positions"] == [14]
     assert len(data["logit_top"]) == 10 and data["histogram"]["counts"]

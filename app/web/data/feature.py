@@ -13,7 +13,7 @@ from sqlalchemy import Text, cast, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Graph
-from app.web.data.common import NotFound, RunRef, as_float, get_run, hesitation_words, run_ref, run_vocab
+from app.web.data.common import NotFound, RunRef, as_float, get_run, run_ref, run_vocab
 from app.web.tokens import Vocab, is_hesitation
 
 WINDOW_BEFORE, WINDOW_AFTER = 12, 6  # tokens shown around the focus before "expand" (of 50 / 20 stored)
@@ -29,13 +29,17 @@ class Tok(BaseModel):
 
 
 class ExampleView(BaseModel):
+    """One example; per-token data as parallel lists (circuit-tracer's ``tokens`` / ``tokens_acts_list``)."""
+
     id: int
     kind: str
     rank: int
     max_act: float
     focus: int
     window: tuple[int, int] = Field(description="[start, end) of the tokens shown before expanding.")
-    tokens: list[Tok]
+    tokens: list[str] = Field(description="Each token's text, decoded on its own.")
+    token_ids: list[int]
+    acts: list[float] = Field(description="The feature's activation at each token.")
     prompt_id: int | None = None
 
 
@@ -182,18 +186,20 @@ def feature_page(session: Session, run_key: str | int, layer: int, index: int) -
     run = get_run(session, run_key)
     feat = get_feature(session, run.id, layer, index)
     vocab = run_vocab(session, run)
-    words = hesitation_words(run)
     examples: dict[str, list[ExampleView]] = {}
     for ex in session.scalars(
         select(Example).where(Example.run_id == run.id, Example.layer == layer, Example.index == index)
         .order_by(Example.kind, Example.rank)
     ):
-        toks = token_views(vocab, list(ex.token_ids or []), list(ex.acts or []), words)
-        focus = ex.focus if 0 <= ex.focus < len(toks) else 0
-        window = (max(0, focus - WINDOW_BEFORE), min(len(toks), focus + WINDOW_AFTER + 1))
+        ids = [int(t) for t in ex.token_ids or []]
+        raw_acts = list(ex.acts or [])
+        acts = [float(a) if isinstance(a, int | float) else 0.0 for a in raw_acts[: len(ids)]]
+        acts += [0.0] * (len(ids) - len(acts))
+        focus = ex.focus if 0 <= ex.focus < len(ids) else 0
+        window = (max(0, focus - WINDOW_BEFORE), min(len(ids), focus + WINDOW_AFTER + 1))
         examples.setdefault(ex.kind, []).append(ExampleView(
-            id=ex.id, kind=ex.kind, rank=ex.rank, max_act=ex.max_act, focus=focus, window=window, tokens=toks,
-            prompt_id=ex.prompt_id))
+            id=ex.id, kind=ex.kind, rank=ex.rank, max_act=ex.max_act, focus=focus, window=window,
+            tokens=vocab.decode(ids), token_ids=ids, acts=acts, prompt_id=ex.prompt_id))
     examples = {k: examples[k] for k in sorted(examples, key=lambda k: (KIND_ORDER + (k,)).index(k))}
 
     sets = [

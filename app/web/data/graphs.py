@@ -24,7 +24,7 @@ from app.web.data.common import (
     run_ref,
     run_vocab,
 )
-from app.web.data.feature import Tok, _node_index, token_views, top_token
+from app.web.data.feature import Tok, _lens, _node_index, token_views, top_token
 
 NON_FEATURE_TYPES = ("embedding", "logit", "mlp reconstruction error")
 SCHEMA_VERSION = 1  # circuit-tracer's graph JSON schema_version (2026 releases)
@@ -42,6 +42,7 @@ class GraphNode(BaseModel):
     activation: float | None = None
     role: str | None = None
     top_token: str | None = None
+    top_tokens: list[str] = Field([], description="The feature's top logit-lens tokens (up to 5).")
     label: str | None = None
 
 
@@ -156,6 +157,7 @@ def graph_page(session: Session, run_key: str | int, graph_id: int) -> GraphPage
             clerp=n.get("clerp") or None, influence=as_float(n.get("influence")),
             activation=as_float(n.get("activation")), role=role,
             top_token=top_token(r.logit_lens) if r else None, label=r.label if r else None,
+            top_tokens=[t.text for t in _lens((r.logit_lens or {}).get("top"))[:5]] if r and isinstance(r.logit_lens, dict) else [],
         )
         nodes.append(node)
         if fl:

@@ -74,7 +74,7 @@ def ablation_html(request: Request, run: str, ablation_id: AblationId, session: 
 @router.get("/runs/{run}/ablations/{ablation_id}/live", include_in_schema=False, name="ablation_live")
 def ablation_live(request: Request, run: str, ablation_id: AblationId, session: SessionDep) -> Response:
     """The results partial; while not done it carries the htmx trigger that polls it again."""
-    return render(request, "_ablation_live.html", ablation_page(session, run, ablation_id))
+    return render(request, "_ablation_live.html", ablation_page(session, run, ablation_id), oob=True)
 
 
 @router.get("/api/runs/{run}/ablations/{ablation_id}", response_model=AblationPage, name="api_ablation",

@@ -1,0 +1,249 @@
+"""Dashboard latency under concurrent load, at the paper's scale, on SQLite and Postgres.
+
+Fills a fresh database with synthetic rows shaped like a real collection (28 layers × 8192 features,
+20 top + 10 random examples of 71 tokens each = 229,376 features and 6.9M examples at ``--scale 1``),
+starts the real server (``python -m app.web``) on it, and requests feature pages and the feature
+index from ``--concurrency`` client threads. Prints p50 / p99 / max per endpoint.
+
+    python benchmarks/web.py --scale 0.02 --db sqlite           # quick (~4.6k features, ~140k examples)
+    python benchmarks/web.py --scale 1 --db both                # the paper's scale (tens of GB of disk time)
+
+Postgres: ``--pg-url`` names a server whose user may create databases (default: the local one); a
+throwaway database is created and dropped. Client and server share this machine's cores, so numbers
+are end-to-end latencies including queueing, not server CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sqlalchemy import create_engine, insert, text
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.db.migrate import upgrade  # noqa: E402
+from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Run  # noqa: E402
+from app.db.session import make_engine  # noqa: E402
+
+PAPER_LAYERS, PAPER_FEATURES = 28, 8192  # 229,376 features
+N_TOP, N_RANDOM = 20, 10  # examples per feature, as the collector keeps them
+CTX_BEFORE, CTX_AFTER = 50, 20  # tokens around the focus
+VOCAB = 5000  # synthetic vocabulary size (token ids in examples and the logit lens)
+CHUNK = 2000  # rows per INSERT batch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer.json with ``VOCAB`` pieces, so pages decode tokens as in a real run."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    data = {"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}, "added_tokens": []}
+    (directory / "tokenizer.json").write_text(json.dumps(data))
+
+
+def fill(url: str, scale: float, tok_dir: Path, seed: int = 0) -> tuple[int, int, int]:
+    """Create the schema and the synthetic run; returns (run id, layers, features per layer)."""
+    rng = random.Random(seed)
+    upgrade(url)
+    n_layers = PAPER_LAYERS
+    n_feat = max(1, round(PAPER_FEATURES * scale))
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        run_id = conn.execute(insert(Run).values(
+            name=f"bench-{uuid.uuid4().hex[:6]}", base_model="Qwen/Qwen2.5-Math-7B",
+            target_model="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", config={"tokenizer": str(tok_dir)},
+            status="ready", n_layers=n_layers, n_features=n_feat, d_model=3584).returning(Run.id)).scalar_one()
+        set_id = conn.execute(insert(FeatureSet).values(run_id=run_id, name="hesitation").returning(FeatureSet.id)).scalar_one()
+    categories = ["reasoning", "language", "domain", "uninterpretable", None]
+    total = n_layers * n_feat
+    bar = tqdm(total=total, desc="features", unit="feat")
+    features, examples, members = [], [], []
+
+    def flush(force: bool = False) -> None:
+        with engine.begin() as conn:
+            if features and (force or len(features) >= CHUNK):
+                conn.execute(insert(Feature), features)
+                features.clear()
+            if examples and (force or len(examples) >= CHUNK * 5):
+                conn.execute(insert(Example), examples)
+                examples.clear()
+            if members and force:
+                conn.execute(insert(FeatureSetMember), members)
+                members.clear()
+
+    for layer in range(n_layers):
+        for index in range(n_feat):
+            max_act = rng.uniform(1, 30)
+            lens = {k: [[rng.randrange(VOCAB), f"w{rng.randrange(VOCAB)}", rng.uniform(-5, 5)] for _ in range(10)]
+                    for k in ("top", "bottom")}
+            features.append({
+                "run_id": run_id, "layer": layer, "index": index, "frequency": rng.random() ** 4 * 0.1,
+                "max_act": max_act, "mean_act": max_act / 4, "category": rng.choice(categories),
+                "label": None, "histogram": {"edges": [0.01 * 1.6 ** k for k in range(21)],
+                                             "counts": [rng.randrange(1000) for _ in range(20)]},
+                "logit_lens": lens, "region_counts": {"prompt": rng.randrange(100), "thinking": rng.randrange(1000)},
+                "think_pos_hist": {"edges": [k / 20 for k in range(21)], "counts": [rng.randrange(50) for _ in range(20)]},
+                "neighbours": [[rng.randrange(n_layers), rng.randrange(n_feat), rng.random()] for _ in range(10)],
+            })
+            for kind, n in (("top", N_TOP), ("random", N_RANDOM)):
+                for rank in range(n):
+                    length = CTX_BEFORE + 1 + CTX_AFTER
+                    acts = [0.0] * length
+                    for _ in range(6):
+                        acts[rng.randrange(length)] = round(rng.uniform(0, max_act), 3)
+                    acts[CTX_BEFORE] = round(max_act * (1 - rank / 40), 3)
+                    examples.append({
+                        "run_id": run_id, "layer": layer, "index": index, "kind": kind, "rank": rank,
+                        "token_ids": [rng.randrange(VOCAB) for _ in range(length)], "acts": acts,
+                        "focus": CTX_BEFORE, "prompt_id": None, "max_act": max(acts),
+                    })
+            if rng.random() < 0.024:  # ~2.4% of features form the hesitation set (the paper's share)
+                members.append({"set_id": set_id, "layer": layer, "index": index,
+                                "role": rng.choice(["output", "template"]), "score": rng.random()})
+            flush()
+            bar.update()
+    flush(force=True)
+    bar.close()
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("ANALYZE"))
+    else:
+        with engine.begin() as conn:
+            conn.execute(text("ANALYZE"))
+    engine.dispose()
+    return run_id, n_layers, n_feat
+
+
+def start_server(url: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": url, "ADAPTERLENS_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "app.web", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(150):
+        try:
+            with urllib.request.urlopen(base + "/api/", timeout=2):
+                return proc, base
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError("the server exited at start") from None
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+def fetch(url: str) -> float:
+    start = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{url} answered {resp.status}")
+    return time.perf_counter() - start
+
+
+def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, concurrency: int, seed: int = 1) -> dict:
+    rng = random.Random(seed)
+    endpoints = {
+        "feature page (HTML)": lambda: f"/runs/{run_id}/features/{rng.randrange(n_layers)}/{rng.randrange(n_feat)}",
+        "feature (JSON)": lambda: f"/api/runs/{run_id}/features/{rng.randrange(n_layers)}/{rng.randrange(n_feat)}",
+        "index: first page": lambda: f"/runs/{run_id}/features",
+        "index: keyset page": lambda: f"/runs/{run_id}/features?after={rng.randrange(n_layers)}:{rng.randrange(n_feat)}",
+        "index: layer by frequency": lambda: f"/runs/{run_id}/features?layer={rng.randrange(n_layers)}&sort=frequency",
+        "index: by max act, next page": lambda: f"/runs/{run_id}/features?sort=max_act&after={rng.uniform(1, 30)!r}:0:0",
+        "index: hesitation set": lambda: f"/runs/{run_id}/features?in_set=true",
+        "run overview": lambda: f"/runs/{run_id}",
+    }
+    results = {}
+    with ThreadPoolExecutor(concurrency) as pool:
+        for name, make in endpoints.items():
+            urls = [base + make() for _ in range(requests)]
+            list(pool.map(fetch, urls[: concurrency * 2]))  # warm-up (connections, caches)
+            t0 = time.perf_counter()
+            times = sorted(pool.map(fetch, urls))
+            wall = time.perf_counter() - t0
+            results[name] = {
+                "p50_ms": 1000 * statistics.median(times), "p99_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
+                "max_ms": 1000 * times[-1], "req_per_s": len(times) / wall,
+            }
+    return results
+
+
+def run_backend(kind: str, args: argparse.Namespace, work: Path) -> dict:
+    tok_dir = work / "tokenizer"
+    write_tokenizer(tok_dir)
+    admin = None
+    if kind == "sqlite":
+        url = f"sqlite:///{work / 'bench.db'}"
+    else:
+        name = f"adapterlens_bench_{uuid.uuid4().hex[:8]}"
+        admin = create_engine(args.pg_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = args.pg_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        t0 = time.perf_counter()
+        run_id, n_layers, n_feat = fill(url, args.scale, tok_dir)
+        fill_s = time.perf_counter() - t0
+        proc, base = start_server(url, work)
+        try:
+            results = load(base, run_id, n_layers, n_feat, args.requests, args.concurrency)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        return {"backend": kind, "features": n_layers * n_feat, "examples": n_layers * n_feat * (N_TOP + N_RANDOM),
+                "fill_s": fill_s, "results": results}
+    finally:
+        if admin is not None:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=0.02, help="fraction of the paper's 8192 features per layer")
+    parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--requests", type=int, default=200, help="requests per endpoint")
+    parser.add_argument("--concurrency", type=int, default=8, help="client threads")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if not 0 < args.scale <= 1:
+        parser.error(f"--scale must be in (0, 1], got {args.scale}")
+    backends = ["sqlite", "postgres"] if args.db == "both" else [args.db]
+    out = []
+    for kind in backends:
+        with tempfile.TemporaryDirectory(prefix="adapterlens-bench-") as tmp:
+            res = run_backend(kind, args, Path(tmp))
+        out.append(res)
+        print(f"\n{kind}: {res['features']:,} features, {res['examples']:,} examples (filled in {res['fill_s']:.0f}s); "
+              f"{args.concurrency} client threads, {args.requests} requests per endpoint")
+        print(f"{'endpoint':32} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>7}")
+        for name, r in res["results"].items():
+            print(f"{name:32} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f} {r['req_per_s']:7.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": out}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
