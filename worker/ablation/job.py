@@ -51,6 +51,7 @@ from worker.ablation.generate import (
     Track,
     ablation_tracks,
     lockstep,
+    lockstep_prompts,
 )
 from worker.ablation.request import (
     AblationRequestError,
@@ -182,10 +183,11 @@ def _drain(steps: Iterator[list[Step]], ctx: JobContext, on_step: Callable[[list
         steps.close()
 
 
-def _accumulate(into: dict[str, Generated]) -> Callable[[list[Step]], None]:
+def _accumulate(into: list[dict[str, Generated]]) -> Callable[[list[Step]], None]:
+    """A step callback that files each step under its prompt and track."""
     def add(batch: list[Step]) -> None:
         for s in batch:
-            into.setdefault(s.track, Generated()).add(s)
+            into[s.prompt].setdefault(s.track, Generated()).add(s)
     return add
 
 
@@ -272,8 +274,9 @@ def _run_ablation(ctx: JobContext, ablation_id: int, resolved: ResolvedAblation)
     check_prompt_length(len(prompt_ids), settings.context_length)
     ivs = build_interventions(resolved.selection, model.n_layers)
     writer = _TokenWriter(ctx, ablation_id, tokenizer)
-    done: dict[str, Generated] = {}
-    record = _accumulate(done)
+    per_prompt: list[dict[str, Generated]] = [{}]
+    done = per_prompt[0]
+    record = _accumulate(per_prompt)
     total = req.generation.max_new_tokens
 
     def on_step(batch: list[Step]) -> None:
@@ -414,22 +417,25 @@ def _run_experiment(ctx: JobContext, experiment_id: int, resolved: ResolvedExper
     groups = experiment_plan(req.design, ivs, resolved.selection, model.n_layers, req.compare)
     all_rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    for i, (ids, answer, _) in enumerate(prompts):
+    for start in range(0, len(prompts), req.batch_size):
         ctx.check()
-        done: dict[str, Generated] = {}
+        chunk = prompts[start:start + req.batch_size]
+        done: list[dict[str, Generated]] = [{} for _ in chunk]
         for g in groups:
-            _drain(lockstep(model, ids, g.tracks, settings, mode=g.mode), ctx, _accumulate(done))
+            _drain(lockstep_prompts(model, [ids for ids, _, _ in chunk], g.tracks, settings, mode=g.mode), ctx,
+                   _accumulate(done))
         rows = []
-        for cond, gen in done.items():
-            s = summarize(gen, tokenizer, answer)
-            rows.append({"experiment_id": experiment_id, "prompt_idx": i, "condition": cond,
-                         "response_len": s["response_length"], "hesitations": s["hesitations"],
-                         "correct": s["correct"], "answer": s["answer"],
-                         "meta": {"token_ids": gen.token_ids, "stop": gen.stop, "mean_kl": s.get("mean_kl")}})
+        for offset, ((_, answer, _), gens) in enumerate(zip(chunk, done, strict=True)):
+            for cond, gen in gens.items():
+                s = summarize(gen, tokenizer, answer)
+                rows.append({"experiment_id": experiment_id, "prompt_idx": start + offset, "condition": cond,
+                             "response_len": s["response_length"], "hesitations": s["hesitations"],
+                             "correct": s["correct"], "answer": s["answer"],
+                             "meta": {"token_ids": gen.token_ids, "stop": gen.stop, "mean_kl": s.get("mean_kl")}})
         with ctx.session() as session:
             upsert(session, ExperimentRow, rows)
         all_rows += rows
-        ctx.progress(i + 1, len(prompts), f"{i + 1}/{len(prompts)} prompts")
+        ctx.progress(start + len(chunk), len(prompts), f"{start + len(chunk)}/{len(prompts)} prompts")
     summary = {"design": req.design, "n_prompts": len(prompts), "seconds": time.perf_counter() - t0,
                "conditions": aggregate(all_rows)}
     log.info("experiment %s: %d prompts in %.1f s", experiment_id, len(prompts), summary["seconds"])

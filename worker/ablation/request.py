@@ -170,6 +170,7 @@ class ExperimentRequest(InterventionSpec):
     organism_heldout: int | None = Field(None, ge=0)
     chat: bool = True
     generation: GenerationOptions = Field(default_factory=lambda: GenerationOptions(max_new_tokens=96))
+    batch_size: int = Field(16, ge=1, le=256)  # prompts generated together (left-padded) per condition group
     compare: list[Compare] = Field(default_factory=list)
 
     @model_validator(mode="after")
