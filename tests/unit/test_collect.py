@@ -409,3 +409,15 @@ def test_bfloat16_model_collects(corpus) -> None:
         top = [e for e in r.examples(0, feat) if e.kind == "top"]
         assert [e.value for e in top] == sorted((e.value for e in top), reverse=True)
         assert all(e.acts[e.focus] == e.value > 0 for e in top)
+
+
+def test_summary_and_an_empty_shard(model, corpus, result) -> None:
+    summary = result.summary()
+    json.dumps(summary)
+    assert summary["n_tokens"] == corpus.n_tokens and sum(summary["region_tokens"].values()) == corpus.n_tokens
+    l0 = float(result.stats[1].count.sum()) / corpus.n_tokens
+    assert summary["layers"]["1"]["l0"] == pytest.approx(l0) and summary["settings"]["top_k"] == 4
+    calls = []
+    empty = collect(model, corpus, shard=(len(corpus) + 3, len(corpus) + 4), progress=lambda *a: calls.append(a))
+    assert empty.n_sequences == 0 and int(empty.stats[0].n_tokens) == 0 and calls == [(0, 0, "empty corpus")]
+    assert list(empty.examples(0, 0)) == [] and empty.lens is None

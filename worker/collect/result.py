@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from training.chat import REGION_NAMES
 from worker.collect.lens import LayerLens, LayerNeighbours
 from worker.collect.stats import FeatureStats, KeptExamples, merge, unpack_loc
 
@@ -59,6 +60,28 @@ class CollectionResult:
         """Whether every shard of the split is in (always true for a whole pass)."""
         shards = self.shards
         return bool(shards) and len(shards) == shards[0][1]
+
+    def summary(self) -> dict:
+        """Corpus totals and per-layer figures for a run or job record (plain JSON-able values).
+
+        ``region_tokens`` / ``think_tokens`` are what region counts and thinking-position histograms
+        of single features are normalised by; ``l0`` is active features per token, ``dead`` the number
+        of features that never fired.
+        """
+        if not self.stats:
+            return {"n_sequences": self.n_sequences, "layers": {}}
+        first = self.stats[self.layers[0]]
+        return {
+            "n_sequences": self.n_sequences,
+            "n_tokens": int(first.n_tokens),
+            "region_tokens": dict(zip(REGION_NAMES, first.region_tokens.tolist(), strict=True)),
+            "think_tokens": first.think_tokens.tolist(),
+            "shards": [list(x) for x in self.shards],
+            "layers": {str(layer): {"l0": float(s.count.sum()) / max(int(s.n_tokens), 1),
+                                    "dead": int((s.count == 0).sum())}
+                       for layer, s in self.stats.items()},
+            "settings": {k: v for k, v in self.meta.items() if k not in ("hist_edges", "think_pos_edges")},
+        }
 
     def examples(self, layer: int, feature: int) -> Iterator[ExampleWindow]:
         """The kept top-k (rank order) and random examples of one feature."""

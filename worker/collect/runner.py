@@ -65,7 +65,7 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
         s.shards = [shard]
 
     t0 = time.perf_counter()
-    ids = torch.arange(shard[0], len(corpus), shard[1])
+    ids = torch.arange(len(corpus))[shard[0]::shard[1]]
     ids = ids[corpus.lengths[ids] > 0]
     batches = _batches(ids, corpus.lengths, batch_size, max_batch_tokens)
     n_tokens = int(corpus.lengths[ids].sum())
