@@ -1,0 +1,439 @@
+"""The ``attribute`` and ``hesitation`` job handlers.
+
+``attribute``: one attribution graph of a run's adapter model on one prompt (text, token ids, or a stored
+prompt), pruned, stored in ``graphs`` under (run_id, slug) in circuit-tracer's node format.
+
+``hesitation``: the study of :mod:`worker.hesitation.study` on a run: traces from the target on held-out
+prompts (the organism's, or a JSONL file's), graphs at sampled hesitation sites (stored as
+``hesitation-NNN``), aggregated influence, roles (:mod:`worker.hesitation.roles`), and the named feature set
+chosen by zero-ablation, with its measured numbers in the set's description and the job's result.
+
+Both are idempotent: a re-run replaces its graphs and the set's members.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from app.db.schema import Prompt, Run
+from training.hesitation import DEFAULT_HESITATION_WORDS, hesitation_token_ids
+from worker.handlers import JobContext, register
+from worker.hesitation import store
+from worker.hesitation.roles import OUTPUT, ROLES, TEMPLATE, RoleRules, classify_all
+from worker.hesitation.study import (
+    EvalPrompt,
+    GraphEvidence,
+    GraphSettings,
+    Metrics,
+    Trace,
+    aggregate,
+    choose_set,
+    collect_sites,
+    formatting_flags,
+    graph_evidence,
+    lens_ranks,
+    measure,
+    random_control,
+    removal,
+    sample_sites,
+    site_graph,
+)
+from worker.pipeline import get_run, settings_of
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTE_MAX_TOKENS = 2048  # tokens: graphs cost ~quadratically in length; longer prompts are refused
+STUDY_SLUG_PREFIX = "hesitation-"
+SLUG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"
+HESITATION_SET_NAME = "hesitation features"
+
+
+# -- shared ---------------------------------------------------------------------------------------------
+
+
+def _model(ctx: JobContext, run_id: int):
+    from worker.models_cache import get_run_model
+
+    return get_run_model(settings_of(ctx), run_id)
+
+
+def _context_limit(model) -> int:
+    ctx_len = getattr(model.config, "max_position_embeddings", None) or ATTRIBUTE_MAX_TOKENS
+    return min(int(ctx_len), ATTRIBUTE_MAX_TOKENS)
+
+
+def _word(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id]).strip(" \t\n\r,.;:!?")
+
+
+# -- attribute ------------------------------------------------------------------------------------------
+
+
+class AttributePayload(BaseModel):
+    """One graph. Give exactly one of ``prompt`` (text), ``token_ids`` or ``prompt_id`` (a stored prompt)."""
+
+    run_id: int
+    prompt: str | None = Field(None, min_length=1, description="Text, tokenized with the run's tokenizer (+ bos).")
+    token_ids: list[int] | None = Field(None, min_length=1, description="Token ids exactly as the model sees them.")
+    prompt_id: int | None = Field(None, description="A row of `prompts` of this run (its token ids).")
+    chat: bool = Field(False, description="Wrap `prompt` in the chat format (user turn, assistant, <think>).")
+    target_token: int | str | None = Field(None, description="Vocab id or single-token text; always a logit node.")
+    mode: Literal["relp", "frozen-mlp"] = "relp"
+    max_feature_nodes: int = Field(10_000, ge=1, le=100_000)
+    max_n_logits: int = Field(10, ge=1, le=100)
+    desired_logit_prob: float = Field(0.95, gt=0.0, le=1.0)
+    node_threshold: float = Field(0.8, ge=0.0, le=1.0)
+    edge_threshold: float = Field(0.98, ge=0.0, le=1.0)
+    batch_size: int = Field(32, ge=1, le=4096)
+    slug: str | None = Field(None, pattern=SLUG_PATTERN, description="Graph id in the run (default: from content).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AttributePayload:
+        given = [k for k in ("prompt", "token_ids", "prompt_id") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt, token_ids, prompt_id (got {given or 'none'})")
+        if self.slug is not None and self.slug.startswith(STUDY_SLUG_PREFIX):
+            raise ValueError(f"slug {self.slug!r}: the prefix {STUDY_SLUG_PREFIX!r} belongs to the hesitation study")
+        return self
+
+
+def resolve_prompt(ctx: JobContext, p: AttributePayload, tokenizer: Any, vocab: int,
+                   limit: int) -> tuple[list[int], str, int | None]:
+    """(token ids, prompt text, prompt id) of the payload, checked against the vocabulary and ``limit``."""
+    prompt_id = None
+    if p.prompt_id is not None:
+        with ctx.session() as s:
+            row = s.get(Prompt, p.prompt_id)
+            if row is None or row.run_id != p.run_id:
+                raise LookupError(f"prompt {p.prompt_id} does not exist in run {p.run_id}")
+            ids, text, prompt_id = [int(t) for t in row.token_ids], row.text, row.id
+    elif p.token_ids is not None:
+        ids = list(p.token_ids)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        text = tokenizer.decode(ids)
+    else:
+        from training.chat import format_prompt
+
+        text = format_prompt(p.prompt) if p.chat else p.prompt
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if not ids:
+        raise ValueError("the prompt has no tokens")
+    if len(ids) > limit:
+        raise ValueError(f"the prompt has {len(ids)} tokens; attribution takes at most {limit} "
+                         f"(the model's context and the limit of {ATTRIBUTE_MAX_TOKENS})")
+    return ids, text, prompt_id
+
+
+def resolve_target(target: int | str | None, tokenizer: Any, vocab: int) -> int | None:
+    """A vocab id from an id or a text that is exactly one token."""
+    if target is None:
+        return None
+    if isinstance(target, int):
+        if not 0 <= target < vocab:
+            raise ValueError(f"target token {target} is outside the vocabulary [0, {vocab})")
+        return target
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"target token {target!r} is {len(ids)} tokens in this tokenizer; give one token or its id")
+    return int(ids[0])
+
+
+def default_slug(ids: list[int], target: int | None, p: AttributePayload) -> str:
+    """A slug from what determines the graph, so that the same request replaces the same row."""
+    key = json.dumps([ids, target, p.mode, p.max_feature_nodes, p.max_n_logits, p.desired_logit_prob,
+                      p.node_threshold, p.edge_threshold])
+    return f"attr-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
+@register("attribute", AttributePayload)
+def attribute_job(ctx: JobContext) -> dict:
+    """Build, prune and store one attribution graph of the run's adapter model."""
+    p: AttributePayload = ctx.payload
+    get_run(ctx, p.run_id)
+    ctx.progress(0, 3, "loading the model")
+    model, tokenizer = _model(ctx, p.run_id)
+    vocab = int(model.hf.lm_head.weight.shape[0])
+    ids, text, prompt_id = resolve_prompt(ctx, p, tokenizer, vocab, _context_limit(model))
+    target = resolve_target(p.target_token, tokenizer, vocab)
+    ctx.check()
+    ctx.progress(1, 3, f"attributing {len(ids)} tokens")
+    t0 = time.perf_counter()
+    settings = GraphSettings(mode=p.mode, max_feature_nodes=p.max_feature_nodes, node_threshold=p.node_threshold,
+                             edge_threshold=p.edge_threshold, max_n_logits=p.max_n_logits,
+                             desired_logit_prob=p.desired_logit_prob, batch_size=p.batch_size)
+    graph, pruned = site_graph(model, ids, target, settings, progress=ctx.job_id is None)
+    seconds = time.perf_counter() - t0
+    ctx.check()
+    ctx.progress(2, 3, "storing")
+    slug = p.slug or default_slug(ids, target, p)
+    with ctx.session() as s:
+        clerps = store.clerps_for(s, p.run_id, pruned.feature_ids())
+        row = store.graph_row(p.run_id, slug, graph, pruned, tokenizer, prompt=text, prompt_id=prompt_id,
+                              clerps=clerps, params={"seconds": seconds})
+        graph_id = store.write_graph(s, row)
+    ctx.progress(3, 3, "done")
+    return {"graph_id": graph_id, "slug": slug, "n_tokens": len(ids), "target_token_id": row["target_token_id"],
+            "target_token": row["target_token_str"], "seconds": seconds, "scores": row["scores"]}
+
+
+# -- hesitation -----------------------------------------------------------------------------------------
+
+
+class HesitationPayload(BaseModel):
+    """The study. Defaults reproduce the organism run reported in the README."""
+
+    run_id: int
+    n_graphs: int = Field(24, ge=1, le=500, description="Graphs at sampled hesitation sites.")
+    mode: Literal["relp", "frozen-mlp"] = "relp"
+    max_feature_nodes: int = Field(10_000, ge=1, le=100_000)
+    node_threshold: float = Field(0.8, ge=0.0, le=1.0)
+    edge_threshold: float = Field(0.98, ge=0.0, le=1.0)
+    hesitation_words: list[str] | None = Field(None, min_length=1, description="Default: training.hesitation's.")
+    seed: int = Field(0, ge=0)
+    traces: Literal["generated", "reference"] = Field(
+        "generated", description="Sites in the target's greedy generations, or in the organism's reference traces.")
+    prompts_path: str | None = Field(None, description="JSONL of {prompt, answer?} (real models; default: organism).")
+    n_site_prompts: int = Field(200, ge=1, description="Prompts whose traces are searched for sites.")
+    n_validation: int = Field(150, ge=1, description="Prompts the set is chosen on.")
+    n_report: int = Field(250, ge=1, description="Prompts the chosen set is measured on (disjoint).")
+    max_new_tokens: int = Field(96, ge=1, le=4096)
+    target_removal: float = Field(0.8, gt=0.0, le=1.0, description="Share of hesitation tokens to remove.")
+    chunk_fraction: float = Field(0.005, gt=0.0, le=1.0, description="Set growth step, share of all features.")
+    cap_fraction: float = Field(0.05, gt=0.0, le=1.0, description="Largest set, share of all features.")
+    set_name: str = Field(HESITATION_SET_NAME, min_length=1, max_length=200)
+    control: bool = Field(True, description="Also ablate a random same-size set of active features.")
+
+
+def split_sizes(total: int, wanted: tuple[int, ...]) -> tuple[int, ...]:
+    """Sizes of disjoint parts: ``wanted`` when they fit in ``total``, else scaled down (each ≥ 1 if possible)."""
+    if sum(wanted) <= total:
+        return wanted
+    if total < len(wanted):
+        raise ValueError(f"{total} prompts cannot be split into {len(wanted)} disjoint non-empty parts")
+    scaled = [max(1, math.floor(w * total / sum(wanted))) for w in wanted]
+    while sum(scaled) > total:
+        scaled[scaled.index(max(scaled))] -= 1
+    return tuple(scaled)
+
+
+def study_prompts(run: Run, prompts_path: str | None) -> list[EvalPrompt]:
+    """The prompts the study draws from: the organism's held-out problems or a JSONL file's prompts."""
+    from training.chat import format_prompt
+    from worker.models_cache import parse_organism_spec
+
+    org = parse_organism_spec(run.target_model)
+    if prompts_path is None and org is not None:
+        from worker.pipeline import organism_problems
+
+        return [EvalPrompt(format_prompt(p.text), p.answer, p.family) for p in organism_problems(org, "heldout")]
+    if prompts_path is None:
+        raise ValueError(f"run {run.name!r} is not the organism: the study needs prompts_path (JSONL of {{prompt}})")
+    path = Path(prompts_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompt file at {prompts_path}")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out.append(EvalPrompt(format_prompt(str(row["prompt"])), row.get("answer"), str(row.get("group", ""))))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{prompts_path} line {n} is not a {{\"prompt\", \"answer\"?}} object: {exc}") from None
+    return out
+
+
+def reference_traces(run: Run, prompts: list[EvalPrompt], tokenizer: Any) -> list[Trace]:
+    """The organism's reference reasoning traces for ``prompts`` (tokenized as training saw them)."""
+    from training.chat import THINK_END, format_prompt
+    from training.organism.tasks import reasoning_trace
+    from worker.models_cache import parse_organism_spec
+    from worker.pipeline import organism_problems
+
+    org = parse_organism_spec(run.target_model)
+    if org is None:
+        raise ValueError("traces='reference' needs an organism run; real models use traces='generated'")
+    by_prompt = {format_prompt(p.text): p for p in organism_problems(org, "heldout")}
+    out = []
+    for ep in prompts:
+        prob = by_prompt.get(ep.text)
+        if prob is None:
+            continue
+        prompt_ids = list(tokenizer(ep.text)["input_ids"])
+        done = tokenizer(reasoning_trace(prob) + THINK_END + prob.answer, add_special_tokens=False)["input_ids"]
+        out.append(Trace(tuple(prompt_ids + list(done) + [tokenizer.eos_token_id]), len(prompt_ids), ep.group, ep.text))
+    return out
+
+
+def generated_traces(model, tokenizer: Any, prompts: list[EvalPrompt], max_new_tokens: int) -> list[Trace]:
+    """The target's greedy generations on ``prompts`` (AdapterModel target mode)."""
+    from training.generation import generate
+
+    with model.mode("target"):
+        gens = generate(model, tokenizer, [p.text for p in prompts], max_new_tokens=max_new_tokens)
+    return [Trace(tuple(g.token_ids), len(g.prompt_ids), p.group, p.text) for p, g in zip(prompts, gens, strict=True)]
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def describe(size: int, n_total: int, roles: dict[str, int], report: dict[str, Any]) -> str:
+    """The set's description: what it is and what removing it measured on the report prompts."""
+    a, z = report["adapted"], report["ablated"]
+    return (f"{size} features ({_pct(size / n_total)} of {n_total}): {roles.get(OUTPUT, 0)} output, "
+            f"{roles.get(TEMPLATE, 0)} template, {roles.get('other', 0)} other. Zero-ablating them at every "
+            f"position removes {_pct(report['removal'])} of the adapted model's hesitation tokens on "
+            f"{a['n']} held-out report prompts (hesitating generations {_pct(a['hesitation_rate'])} → "
+            f"{_pct(z['hesitation_rate'])}; accuracy {_pct(a['accuracy'])} → {_pct(z['accuracy'])}; "
+            f"mean response {a['mean_length']:.1f} → {z['mean_length']:.1f} tokens).")
+
+
+@register("hesitation", HesitationPayload)
+def hesitation_job(ctx: JobContext) -> dict:
+    """Run the hesitation study on a run and store its graphs and the named feature set."""
+    p: HesitationPayload = ctx.payload
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}  # seconds per phase
+    run = get_run(ctx, p.run_id)
+    rules = RoleRules()
+    words = tuple(p.hesitation_words or DEFAULT_HESITATION_WORDS)
+    prompts = study_prompts(run, p.prompts_path)
+    order = list(range(len(prompts)))
+    random.Random(f"hesitation-{p.seed}").shuffle(order)
+    n_sites, n_val, n_rep = split_sizes(len(prompts), (p.n_site_prompts, p.n_validation, p.n_report))
+    pool = [prompts[i] for i in order[:n_sites]]
+    validation = [prompts[i] for i in order[n_sites:n_sites + n_val]]
+    report_prompts = [prompts[i] for i in order[n_sites + n_val:n_sites + n_val + n_rep]]
+    total_steps = p.n_graphs + 8 + max(1, math.ceil(p.cap_fraction / p.chunk_fraction))
+    ctx.progress(0, total_steps, "loading the model")
+    model, tokenizer = _model(ctx, p.run_id)
+    hes_ids = hesitation_token_ids(tokenizer, words)
+    if not hes_ids:
+        raise ValueError(f"none of the hesitation words {list(words)} is a single token of this tokenizer")
+    n_total = model.n_layers * model.n_features
+
+    # 1. sites
+    t = time.perf_counter()
+    ctx.progress(1, total_steps, f"{p.traces} traces on {len(pool)} prompts")
+    traces = (reference_traces(run, pool, tokenizer) if p.traces == "reference"
+              else generated_traces(model, tokenizer, pool, p.max_new_tokens))
+    sites = collect_sites(traces, hes_ids, lambda tid: _word(tokenizer, tid))
+    chosen_sites = sample_sites(sites, p.n_graphs, p.seed) if sites else []
+    timings["traces_s"] = time.perf_counter() - t
+    log.info("%d hesitation sites in %d traces; %d sampled", len(sites), len(traces), len(chosen_sites))
+    ctx.check()
+
+    # 2. graphs
+    t = time.perf_counter()
+    gset = GraphSettings(mode=p.mode, max_feature_nodes=p.max_feature_nodes, node_threshold=p.node_threshold,
+                         edge_threshold=p.edge_threshold)
+    evidence: list[GraphEvidence] = []
+    slugs, graph_ids = [], []
+    decode_one = lambda tid: tokenizer.decode([tid])  # noqa: E731
+    for k, site in enumerate(chosen_sites):
+        ctx.progress(2 + k, total_steps, f"graph {k + 1}/{len(chosen_sites)} ({site.word!r}, {site.group or '-'})")
+        trace = traces[site.trace]
+        ids = list(trace.token_ids[:site.position])
+        graph, pruned = site_graph(model, ids, site.token_id, gset)
+        evidence.append(graph_evidence(graph, pruned, site.token_id, formatting_flags(ids, decode_one)))
+        slug = f"{STUDY_SLUG_PREFIX}{k:03d}"
+        with ctx.session() as s:
+            row = store.graph_row(p.run_id, slug, graph, pruned, tokenizer, prompt=tokenizer.decode(ids),
+                                  clerps=store.clerps_for(s, p.run_id, pruned.feature_ids()),
+                                  params={"study": {"word": site.word, "group": site.group, "trace": site.trace,
+                                                    "position": site.position, "seed": p.seed}})
+            graph_ids.append(store.write_graph(s, row))
+        slugs.append(slug)
+        ctx.check()
+    with ctx.session() as s:
+        store.delete_graphs_except(s, p.run_id, STUDY_SLUG_PREFIX, slugs)
+    timings["graphs_s"] = time.perf_counter() - t
+
+    # 3-4. aggregate and classify
+    features = aggregate(evidence)
+    ranks = lens_ranks(model, [f.key for f in features], hes_ids, k=rules.lens_top_k, decode=decode_one)
+    for f in features:
+        f.lens_rank, f.lens_top = ranks[f.key]
+    classify_all(features, len(evidence), rules)
+    by_key = {f.key: f for f in features}
+    ranked = [f.key for f in features if f.influence > 0]
+
+    # 5. choose the set on validation prompts, measure it on report prompts
+    t = time.perf_counter()
+    step = {"n": 2 + len(chosen_sites)}
+
+    def progress(message: str) -> None:
+        step["n"] += 1
+        ctx.progress(min(step["n"], total_steps - 1), total_steps, message)
+        ctx.check()
+
+    gen_kw = {"max_new_tokens": p.max_new_tokens}
+    progress("baseline on validation prompts")
+    baseline = measure(model, tokenizer, validation, hes_ids, **gen_kw)
+    chunk = max(1, round(p.chunk_fraction * n_total))
+    cap = max(chunk, math.floor(p.cap_fraction * n_total))
+    choice = choose_set(ranked, lambda feats: measure(model, tokenizer, validation, hes_ids, ablate=feats, **gen_kw),
+                        baseline, chunk=chunk, cap=cap, target_removal=p.target_removal,
+                        on_step=lambda size, _: progress(f"ablating {size} features on validation prompts"))
+    timings["choose_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report: dict[str, Any] = {}
+    progress("report: target")
+    report["target"] = measure(model, tokenizer, report_prompts, hes_ids, mode="target", **gen_kw).to_dict()
+    progress("report: adapted")
+    adapted = measure(model, tokenizer, report_prompts, hes_ids, **gen_kw)
+    progress("report: ablated")
+    ablated = measure(model, tokenizer, report_prompts, hes_ids, ablate=choice.features, **gen_kw)
+    report.update(adapted=adapted.to_dict(), ablated=ablated.to_dict(), removal=removal(adapted, ablated))
+    if p.control and choice.features:
+        progress("report: random control")
+        control = random_control(by_key, len(choice.features), choice.features, p.seed)
+        ctrl: Metrics = measure(model, tokenizer, report_prompts, hes_ids, ablate=control, **gen_kw)
+        report["control"] = {**ctrl.to_dict(), "removal": removal(adapted, ctrl), "size": len(control)}
+    timings["report_s"] = time.perf_counter() - t
+
+    roles = dict.fromkeys(ROLES, 0)
+    for key in choice.features:
+        roles[by_key[key].role] += 1
+    members = [{"layer": key[0], "index": key[1], "role": by_key[key].role,
+                "score": by_key[key].influence / max(len(evidence), 1)} for key in choice.features]
+    description = describe(len(choice.features), n_total, roles, report) if choice.features else (
+        f"no hesitation features: {len(sites)} hesitation sites found in {len(traces)} {p.traces} traces")
+    with ctx.session() as s:
+        set_id = store.write_feature_set(s, p.run_id, p.set_name, description, members)
+    timings["total_s"] = time.perf_counter() - t_start
+    ctx.progress(total_steps, total_steps, "done")
+    recurring = [f for f in features if f.n_graphs >= max(rules.min_graphs,
+                                                          math.ceil(rules.min_graph_fraction * len(evidence)))]
+    log.info("hesitation study of run %d: %s", p.run_id, description)
+    return {
+        "set": {"id": set_id, "name": p.set_name, "size": len(choice.features), "n_features": n_total,
+                "fraction": len(choice.features) / n_total, "roles": roles, "description": description},
+        "choice": {"reached_target": choice.reached_target, "validation_removal": choice.removal,
+                   "chunk": chunk, "cap": cap, "history": choice.history, "baseline": baseline.to_dict()},
+        "report": report,
+        "sites": {"n_traces": len(traces), "n_sites": len(sites), "n_graphs": len(evidence),
+                  "words": sorted({s.word for s in chosen_sites}), "groups": sorted({s.group for s in chosen_sites})},
+        "graphs": {"ids": graph_ids, "slugs": slugs},
+        "features": {"n_seen": len(features), "n_recurring": len(recurring),
+                     "roles_recurring": {r: sum(f.role == r for f in recurring) for r in ROLES},
+                     "top": [{**{k: v for k, v in asdict(f).items() if k != "lens_top"},
+                              "lens_top": list(f.lens_top[:5]), "direct_share": f.direct_share,
+                              "format_share": f.format_share} for f in features[:20]]},
+        "prompts": {"sites": len(pool), "validation": len(validation), "report": len(report_prompts)},
+        "rules": asdict(rules), "words": list(words), "timings": timings,
+    }
