@@ -9,9 +9,9 @@ changed and is correct where the answer is known, KL statistics) goes into ``abl
 
 ``experiment`` (batch): the same intervention over a prompt set. ``necessity``: conditions ``unablated``
 and ``ablated`` (the paper's experiment: remove a feature set from the adapted model); ``sufficiency``:
-``unablated``, ``set-only`` (every feature outside the set zeroed) and ``hybrid``. One
-``experiment_rows`` row per prompt and condition as each prompt finishes; distributions per condition in
-``experiments.summary``.
+``unablated``, ``set-only`` (every feature outside the set zeroed) and ``hybrid``. Prompts are generated
+``batch_size`` at a time (left-padded, one lockstep batch per model mode); one ``experiment_rows`` row per
+prompt and condition as each batch finishes; distributions per condition in ``experiments.summary``.
 
 Both handlers are idempotent: a re-run replaces the rows of its ablation or experiment.
 """
@@ -44,6 +44,7 @@ from training.organism.tasks import extract_answer
 from worker import queue
 from worker.ablation.generate import (
     ABLATED,
+    REFERENCE,
     UNABLATED,
     Generated,
     SamplingSettings,
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 0.2  # seconds between token writes while generating (the first token is written at once)
 TOKEN_STR_MAX = 200  # characters of a token's text stored (the column's width)
 SET_ONLY = "set-only"
-HYBRID, TARGET = "hybrid", "target"
+HYBRID = "hybrid"
 
 
 class AblatePayload(BaseModel):
@@ -147,6 +148,7 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 @lru_cache(maxsize=8)
 def _hesitation_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokenizer's hesitation token ids (a vocabulary scan: done once per tokenizer)."""
     return frozenset(hesitation_token_ids(tokenizer))
 
 
@@ -165,7 +167,7 @@ def summarize(gen: Generated, tokenizer: Any, answer: str | None) -> dict[str, A
     found = extract_answer(tokenizer.decode(ids, skip_special_tokens=False))
     kls = [k for k in gen.kls if k is not None]
     out: dict[str, Any] = {
-        "response_length": len(ids), "hesitations": count_hesitations(ids, set(_hesitation_ids(tokenizer))),
+        "response_length": len(ids), "hesitations": count_hesitations(ids, _hesitation_ids(tokenizer)),
         "answer": found, "correct": None if answer is None else _same_answer(found, answer), "stop": gen.stop,
     }
     if kls:
@@ -274,9 +276,8 @@ def _run_ablation(ctx: JobContext, ablation_id: int, resolved: ResolvedAblation)
     check_prompt_length(len(prompt_ids), settings.context_length)
     ivs = build_interventions(resolved.selection, model.n_layers)
     writer = _TokenWriter(ctx, ablation_id, tokenizer)
-    per_prompt: list[dict[str, Generated]] = [{}]
-    done = per_prompt[0]
-    record = _accumulate(per_prompt)
+    done: dict[str, Generated] = {}
+    record = _accumulate([done])
     total = req.generation.max_new_tokens
 
     def on_step(batch: list[Step]) -> None:
@@ -320,7 +321,7 @@ def experiment_plan(design: str, ivs: Sequence[Intervention], sel: ResolvedSelec
     else:  # sufficiency: only the set's features on top of the hybrid (+ decoder biases)
         keep = ResolvedSelection(**{**sel.model_dump(), "complement": True, "mode": "zero"})
         groups = [_Group("adapted", (Track(SET_ONLY, tuple(build_interventions(keep, n_layers))),
-                                     Track("reference", (), follows=SET_ONLY), Track(UNABLATED))),
+                                     Track(REFERENCE, (), follows=SET_ONLY), Track(UNABLATED))),
                   _Group("hybrid", (Track(HYBRID),))]
     have = {t.name for g in groups for t in g.tracks}
     groups += [_Group(mode, (Track(mode),)) for mode in dict.fromkeys(compare) if mode not in have]
