@@ -17,6 +17,9 @@ random numbers: one uniform per step, drawn from ``seed`` and shared by all samp
 a token by inverse CDF. With the same seed and settings a track therefore produces the same tokens alone
 as beside others, and an intervention that changes nothing changes no token.
 
+:func:`lockstep_prompts` does the same for several prompts at once (left-padded, with logical positions),
+one row per (prompt, track): the experiments' batch path.
+
 Interventions are the one implementation in ``training/interventions.py``, entered through
 ``AdapterModel.intervene`` around each forward (never held open across a ``yield``).
 """
