@@ -299,8 +299,8 @@ def reference_step(model: AdapterModel, input_ids: torch.Tensor, attention_mask:
     """The same objective as :func:`fused_step`, computed plainly: a separate forward per model and per
     bridging direction, each from the embeddings, through the Hugging Face decoder layers, with full logits.
 
-    Slow (~2× the fused step) and memory-hungry at large vocabularies; it exists to check the fused step and
-    to show what the fusion saves.
+    Slower (1.4–1.5× the fused step on CPU at the benchmark's shapes) and memory-hungry at large
+    vocabularies; it exists to check the fused step and to show what the fusion saves.
     """
     _check_batch(model, input_ids, attention_mask, cutoff)
     L = model.n_layers

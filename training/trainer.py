@@ -224,8 +224,8 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
         resumed_from = step
         writer.truncate_after(step)
         log.info("resumed %s at step %d of %d", run_dir, step, n_total)
-    elif not resume and (run_dir / METRICS_FILE).exists():
-        (run_dir / METRICS_FILE).unlink()
+    else:
+        writer.truncate_after(0)  # a fresh start: lines of an earlier attempt would duplicate steps
 
     def checkpoint() -> Path:
         state = {"step": step, "tokens": tokens, "epoch": epoch, "index": index,

@@ -349,3 +349,17 @@ def test_bf16_autocast_step_is_close_to_fp32():
     assert all(torch.isfinite(p.grad).all() for p in model.adapter_parameters())
     for name in ("loss", "kl", "nmse", "bridge_a2t", "bridge_t2a"):
         assert float(getattr(bf16, name)) == pytest.approx(float(getattr(fp32, name)), rel=0.1), name
+
+
+def test_restart_without_a_checkpoint_starts_clean(tmp_path):
+    cfg = _tiny_cfg(max_steps=3, checkpoint_every=10)
+
+    def crash(m: dict) -> None:
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, _float32_model(), _data(), run_dir=tmp_path, on_step=crash, progress=False)
+    result = train(cfg, _float32_model(), _data(), run_dir=tmp_path, progress=False)
+    assert result.resumed_from is None
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
