@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="organism")
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--pickups", type=int, default=10)
+    parser.add_argument("--pickups", type=int, default=10, help="submissions timed per backend (0: skip)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -237,7 +237,8 @@ def main() -> None:
     print(f"shape {args.shape}: {shape}, vocab {len(tokenizer)}, torch {torch.__version__}, "
           f"{args.threads} thread(s)")
     pg_url = Settings(database_url=args.pg_url).db_url if args.pg_url else None
-    pickup_latency(pg_url, model, tokenizer, args.pickups)
+    if args.pickups > 0:
+        pickup_latency(pg_url, model, tokenizer, args.pickups)
     throughput(model, args.tokens, args.reps)
 
 
