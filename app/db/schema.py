@@ -160,10 +160,13 @@ class Feature(Base):
     category: Mapped[str | None] = mapped_column(String(100))
     neighbours: Mapped[list[Any] | None] = mapped_column(JSONType)
 
+    # The sort indexes end in (layer, index), the tie-break of the feature index's keyset pagination,
+    # so every page is one index range scan (migration 0002).
     __table_args__ = (
-        Index("ix_features_run_layer_freq", "run_id", "layer", "frequency"),
+        Index("ix_features_run_layer_freq", "run_id", "layer", "frequency", "index"),
         Index("ix_features_run_category", "run_id", "category"),
-        Index("ix_features_run_max_act", "run_id", "max_act"),
+        Index("ix_features_run_max_act", "run_id", "max_act", "layer", "index"),
+        Index("ix_features_run_frequency", "run_id", "frequency", "layer", "index"),
     )
 
 

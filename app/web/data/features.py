@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from sqlalchemy import Float, Integer, Text, and_, cast, exists, false, func, or_, select, tuple_
+from sqlalchemy import Float, Integer, Text, and_, cast, exists, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.db.schema import Example, Feature, FeatureSetMember
@@ -137,55 +137,51 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
         cond.append(Feature.frequency >= query.freq_min)
     if query.freq_max is not None:
         cond.append(Feature.frequency <= query.freq_max)
-    member = exists().where(
-        FeatureSetMember.set_id == (hset.id if hset else -1),
-        FeatureSetMember.layer == Feature.layer, FeatureSetMember.index == Feature.index,
-    )
-    if query.in_set:
-        cond.append(member if hset else false())
+    if query.in_set and hset is None:
+        cond.append(false())
     search_ids: list[int] | None = None
     if query.q is not None:
         q = query.q
         search_ids = [int(q[1:])] if q.startswith("#") and q[1:].isdigit() else run_vocab(session, run).ids_matching(q, MAX_QUERY_IDS)
         cond.append(_search_condition(session, run.id, search_ids))
 
-    key = tuple_(Feature.layer, Feature.index)
+    # Keyset conditions are written so that their first conjunct is a plain index range (both SQLite
+    # and Postgres plan it as one); the rest breaks ties exactly. Row-value comparisons read better but
+    # SQLite does not use them as an index range here.
     if query.sort == "layer":
         order = [Feature.layer, Feature.index]
         if query.after:
             _, layer, index = _cursor_values("layer", query.after)
-            cond.append(key > tuple_(layer, index))
+            cond.append(and_(Feature.layer >= layer, or_(Feature.layer > layer, Feature.index > index)))
     else:
         col = Feature.frequency if query.sort == "frequency" else Feature.max_act
         order = [col.desc(), Feature.layer.desc(), Feature.index.desc()]
         if query.after:
             value, layer, index = _cursor_values(query.sort, query.after)
-            # The first conjunct alone is an index range; the second breaks ties exactly.
-            cond.append(and_(col <= cast(value, Float), or_(col < cast(value, Float), key < tuple_(layer, index))))
+            v = cast(value, Float)
+            cond.append(and_(col <= v, or_(col < v, Feature.layer < layer,
+                                           and_(Feature.layer == layer, Feature.index < index))))
 
+    # Membership in the hesitation set: an inner join when filtering by it (the members' primary key
+    # (set_id, layer, index) then drives the scan), else an outer join for the role column.
+    member = FeatureSetMember.__table__.alias("m")
+    on = and_(member.c.set_id == (hset.id if hset else -1), member.c.layer == Feature.layer,
+              member.c.index == Feature.index)
     stmt = (
         select(Feature.layer, Feature.index, Feature.frequency, Feature.max_act, Feature.category, Feature.label,
-               Feature.logit_lens)
+               Feature.logit_lens, member.c.set_id.label("member_of"), member.c.role)
+        .join(member, on, isouter=not query.in_set)
         .where(*cond).order_by(*order).limit(query.limit + 1)
     )
     raw = session.execute(stmt).all()
     more = len(raw) > query.limit
     raw = raw[: query.limit]
-    roles: dict[tuple[int, int], str | None] = {}
-    if hset and raw:
-        for m in session.execute(
-            select(FeatureSetMember.layer, FeatureSetMember.index, FeatureSetMember.role).where(
-                FeatureSetMember.set_id == hset.id,
-                tuple_(FeatureSetMember.layer, FeatureSetMember.index).in_([(r.layer, r.index) for r in raw]),
-            )
-        ):
-            roles[(m.layer, m.index)] = m.role
     rows = []
     for r in raw:
         top = ((r.logit_lens or {}).get("top") or [None])[0]
         rows.append(FeatureRow(
             layer=r.layer, index=r.index, frequency=r.frequency, max_act=r.max_act, category=r.category,
-            label=r.label, role=roles.get((r.layer, r.index)), in_set=(r.layer, r.index) in roles,
+            label=r.label, role=r.role, in_set=r.member_of is not None,
             top_token=str(top[1]) if isinstance(top, list | tuple) and len(top) > 1 else None,
         ))
     layers = list(range(run.n_layers)) if run.n_layers else [
