@@ -143,3 +143,26 @@ def test_cli_import_adapters(settings: Settings, tmp_path: Path, monkeypatch: py
 def test_l1_from_released_names() -> None:
     assert l1_from_name("nathu0/transcoder-adapters-R1-Distill-Qwen-7B-l1w0.0003-l0-0.4") == 0.0003
     assert l1_from_name("/data/checkpoints/my-run") is None
+
+
+def test_a_worker_runs_a_queued_import(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`import-adapters --queue` hands the job to a worker, which finds the handler without being told."""
+    from app.cli import app
+    from worker import queue
+    from worker.loop import run_worker
+
+    model, base, target = _save_pair(tmp_path)
+    ckpt = save_reference_checkpoint(model, tmp_path / "queued")
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("ADAPTERLENS_DATA_DIR", str(settings.data_dir))
+    out = CliRunner().invoke(app, ["import-adapters", str(ckpt), "--base", base, "--target", target, "--queue"])
+    assert out.exit_code == 0, out.output
+    job_id = int(out.output.split("queued job ")[1].split()[0])
+    assert run_worker(settings, wait=False, migrate=False) == 1  # default handler discovery
+    engine = make_engine(settings)
+    try:
+        job = queue.get_job(engine, job_id)
+    finally:
+        engine.dispose()
+    assert job.status.value == "succeeded", job
+    assert _run(settings, "queued").status == "trained"
