@@ -4,7 +4,7 @@ The organism is 4 layers × d 128; the paper's pair is 28 × 3584 with a 152k vo
 between them, so shape-dependent code paths (chunked head + KL over a 32k vocabulary, multi-batch
 collection, attribution rounds) run on something bigger than a toy without a GPU or a download:
 random weights saved with ``save_pretrained`` and loaded back through the same loaders as real models.
-Run with ``pytest -m slow tests/slow/test_midsize_cpu.py`` (measured: 5 min on 2 busy shared cores at twice these sizes; ~1.5 min of CPU time).
+Run with ``pytest -m slow tests/slow/test_midsize_cpu.py`` (measured on 2 busy shared cores: train 3 steps 82 s, collect + write 94 s, attribute + prune 40 s).
 """
 
 from __future__ import annotations
