@@ -86,17 +86,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class _Clock:
+    """Wall time and this process's CPU time (steadier than wall time on a shared machine)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> _Clock:
+        _sync(self.device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _sync(self.device)
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 @torch.no_grad()
-def _bare(model: AdapterModel, corpus: Corpus, batch_size: int, max_tokens: int, device: torch.device) -> float:
+def _bare(model: AdapterModel, corpus: Corpus, batch_size: int, max_tokens: int, device: torch.device) -> _Clock:
     batches = _batches(torch.arange(len(corpus)), corpus.lengths, batch_size, max_tokens)
-    _sync(device)
-    t = time.perf_counter()
-    with model.mode("adapted"):
+    with model.mode("adapted"), _Clock(device) as clock:
         for rows in batches:
             ids, mask, _ = _batch_tensors(corpus, rows, 0, device)
             model.hf.model(input_ids=ids, attention_mask=mask, use_cache=False)
-    _sync(device)
-    return time.perf_counter() - t
+    return clock
 
 
 def bench_pass(shape: dict, args: argparse.Namespace, device: torch.device) -> None:
@@ -111,21 +124,21 @@ def bench_pass(shape: dict, args: argparse.Namespace, device: torch.device) -> N
     bare, coll = [], []
     for _ in range(args.reps):
         bare.append(_bare(model, corpus, args.batch_size, args.max_batch_tokens, device))
-        _sync(device)
-        t = time.perf_counter()
-        result = collect(model, corpus, weight_views=False, **kw)
-        _sync(device)
-        coll.append(time.perf_counter() - t)
+        with _Clock(device) as clock:
+            result = collect(model, corpus, weight_views=False, **kw)
+        coll.append(clock)
     t = time.perf_counter()
     collect(model, Corpus.from_sequences([corpus[0].tolist()]), weight_views=True, **kw)
-    views = time.perf_counter() - t - min(coll) * corpus.lengths[0].item() / corpus.n_tokens
+    views = time.perf_counter() - t - min(c.wall for c in coll) * corpus.lengths[0].item() / corpus.n_tokens
     n = corpus.n_tokens
     s = result.stats[0]
     print(f"shape {args.shape} on {device} ({args.dtype}): {shape['layers']} layers × {shape['features']} features, "
           f"{n} tokens in {len(corpus)} sequences, density {float(s.count.sum()) / (n * shape['features']):.4f}")
-    print(f"  bare forward : {n / statistics.median(bare):10.0f} tok/s  (median of {args.reps})")
-    print(f"  collect pass : {n / statistics.median(coll):10.0f} tok/s  (includes moving results to CPU, token windows)")
-    print(f"  ratio collect/bare: {statistics.median(bare) / statistics.median(coll):.2f}  (target >= 0.7)")
+    for what, get in (("wall", lambda c: c.wall), ("process CPU", lambda c: c.cpu)):
+        b, c = statistics.median(map(get, bare)), statistics.median(map(get, coll))
+        print(f"  {what} time (median of {args.reps}): bare forward {n / b:8.0f} tok/s, collect pass {n / c:8.0f} tok/s"
+              f" → ratio {b / c:.2f} (target >= 0.7)")
+    print("  (the collect pass includes moving the results to the CPU and cutting token windows)")
     print(f"  logit lens + neighbours (weights only): {views:.2f} s")
 
 

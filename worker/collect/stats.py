@@ -326,18 +326,20 @@ class FeatureStats:
         F_, width = self.n_features, f.shape[1]
         f = f.contiguous()
         flat_f = f.view(-1)
-        active = f.gt(0).logical_and_(valid.unsqueeze(-1))
-        nz = active.view(-1).nonzero().squeeze(1)
-        del active
+        nz = flat_f.gt(0).nonzero().squeeze(1)
+        tok = nz // F_  # row * width + position
+        if not bool(valid.all()):  # padding: few entries once batches are sorted by length
+            keep = valid.reshape(-1).index_select(0, tok).nonzero().squeeze(1)
+            nz, tok = nz.index_select(0, keep), tok.index_select(0, keep)
         if nz.numel() == 0:
             return
-        tok = nz // F_  # row * width + position
         j = nz - tok * F_
         v = flat_f.index_select(0, nz).to(self.act_max.dtype)
-        self.count += torch.bincount(j, minlength=F_)
         self.act_sum.index_add_(0, j, v.double())
         self.act_max.scatter_reduce_(0, j, v, reduce="amax")
-        self.hist += torch.bincount(j * N_HIST + hist_bins(v), minlength=F_ * N_HIST).view(F_, N_HIST)
+        hist = torch.bincount(j * N_HIST + hist_bins(v), minlength=F_ * N_HIST).view(F_, N_HIST)
+        self.hist += hist
+        self.count += hist.sum(1)
         # Region and thinking-position bin in one code per token: one gather and one bincount.
         code = (batch.region * (N_THINK_BINS + 1) + batch.think_bin + 1).reshape(-1).index_select(0, tok)
         joint = torch.bincount(j * _N_CODES + code, minlength=F_ * _N_CODES).view(F_, N_REGIONS, N_THINK_BINS + 1)
@@ -351,12 +353,13 @@ class FeatureStats:
             return flat_loc.index_select(0, tok.index_select(0, idx))
 
         def payload(idx: torch.Tensor) -> dict[str, torch.Tensor]:
-            t, feat = tok[idx], j[idx]
+            t, feat = tok.index_select(0, idx), j.index_select(0, idx)
             rows, pos = t // width, t % width
             win = pos.unsqueeze(1) + offsets  # [n, W]
             inside = (win >= 0) & (win < batch.lengths[rows].unsqueeze(1))
             src = ((rows * width).unsqueeze(1) + win.clamp(0, width - 1)) * F_ + feat.unsqueeze(1)
-            return {"value": v[idx], "acts": flat_f[src].masked_fill(~inside, 0)}
+            acts = flat_f.index_select(0, src.reshape(-1)).view(src.shape)
+            return {"value": v.index_select(0, idx), "acts": acts.masked_fill(~inside, 0)}
 
         self.top.offer(j, -v, locate, payload)
         if self.random.k:
