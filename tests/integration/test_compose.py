@@ -67,6 +67,11 @@ def test_commands_are_the_cli(compose: dict) -> None:
     assert migrate.index("db upgrade") < migrate.index("bootstrap")
 
 
+def test_app_reads_tokenizers_from_the_shared_hf_cache(compose: dict) -> None:
+    app = compose["services"]["app"]
+    assert "hf-cache:/hf:ro" in app["volumes"] and app["environment"]["HF_HOME"] == "/hf"
+
+
 def test_app_is_published_on_localhost_only(compose: dict) -> None:
     ports = compose["services"]["app"]["ports"]
     assert ports and all(str(p).startswith("127.0.0.1:") for p in ports)
