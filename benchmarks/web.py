@@ -37,14 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.db.migrate import upgrade  # noqa: E402
-from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Run  # noqa: E402
+from app.db.schema import FeatureSet, Run  # noqa: E402
 from app.db.session import make_engine  # noqa: E402
 
 PAPER_LAYERS, PAPER_FEATURES = 28, 8192  # 229,376 features
 N_TOP, N_RANDOM = 20, 10  # examples per feature, as the collector keeps them
 CTX_BEFORE, CTX_AFTER = 50, 20  # tokens around the focus
 VOCAB = 5000  # synthetic vocabulary size (token ids in examples and the logit lens)
-CHUNK = 2000  # rows per INSERT batch
+EXAMPLE_POOL, FEATURE_POOL = 4000, 500  # distinct pre-serialized payloads the rows draw from
 
 
 def free_port() -> int:
@@ -61,8 +61,34 @@ def write_tokenizer(directory: Path) -> None:
     (directory / "tokenizer.json").write_text(json.dumps(data))
 
 
+def _payload_pools(rng: random.Random, n_feat: int, n_layers: int) -> tuple[list, list]:
+    """Pre-serialized JSON for examples and features, reused across rows (the content is synthetic;
+    what matters for latency is row count and size, and drawing 10⁹ random numbers would dominate)."""
+    length = CTX_BEFORE + 1 + CTX_AFTER
+    examples = []
+    for _ in range(EXAMPLE_POOL):
+        max_act = rng.uniform(1, 30)
+        acts = [0.0] * length
+        for _ in range(6):
+            acts[rng.randrange(length)] = round(rng.uniform(0, max_act), 3)
+        acts[CTX_BEFORE] = round(max_act, 3)
+        examples.append((json.dumps([rng.randrange(VOCAB) for _ in range(length)]), json.dumps(acts), max(acts)))
+    features = []
+    for _ in range(FEATURE_POOL):
+        lens = {k: [[rng.randrange(VOCAB), f"w{rng.randrange(VOCAB)}", round(rng.uniform(-5, 5), 3)] for _ in range(10)]
+                for k in ("top", "bottom")}
+        features.append(tuple(json.dumps(x) for x in (
+            {"edges": [0.01 * 1.6 ** k for k in range(21)], "counts": [rng.randrange(1000) for _ in range(20)]},
+            lens,
+            {"prompt": rng.randrange(100), "thinking": rng.randrange(1000)},
+            {"edges": [k / 20 for k in range(21)], "counts": [rng.randrange(50) for _ in range(20)]},
+            [[rng.randrange(n_layers), rng.randrange(n_feat), round(rng.random(), 3)] for _ in range(10)],
+        )))
+    return examples, features
+
+
 def fill(url: str, scale: float, tok_dir: Path, seed: int = 0) -> tuple[int, int, int]:
-    """Create the schema and the synthetic run; returns (run id, layers, features per layer)."""
+    """Create the schema and the synthetic run (bulk-loaded through the driver); returns (run, layers, features)."""
     rng = random.Random(seed)
     upgrade(url)
     n_layers = PAPER_LAYERS
@@ -74,57 +100,45 @@ def fill(url: str, scale: float, tok_dir: Path, seed: int = 0) -> tuple[int, int
             target_model="deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", config={"tokenizer": str(tok_dir)},
             status="ready", n_layers=n_layers, n_features=n_feat, d_model=3584).returning(Run.id)).scalar_one()
         set_id = conn.execute(insert(FeatureSet).values(run_id=run_id, name="hesitation").returning(FeatureSet.id)).scalar_one()
+    ex_pool, feat_pool = _payload_pools(rng, n_feat, n_layers)
     categories = ["reasoning", "language", "domain", "uninterpretable", None]
-    total = n_layers * n_feat
-    bar = tqdm(total=total, desc="features", unit="feat")
-    features, examples, members = [], [], []
-
-    def flush(force: bool = False) -> None:
-        with engine.begin() as conn:
-            if features and (force or len(features) >= CHUNK):
-                conn.execute(insert(Feature), features)
-                features.clear()
-            if examples and (force or len(examples) >= CHUNK * 5):
-                conn.execute(insert(Example), examples)
-                examples.clear()
-            if members and force:
-                conn.execute(insert(FeatureSetMember), members)
-                members.clear()
-
-    for layer in range(n_layers):
-        for index in range(n_feat):
-            max_act = rng.uniform(1, 30)
-            lens = {k: [[rng.randrange(VOCAB), f"w{rng.randrange(VOCAB)}", rng.uniform(-5, 5)] for _ in range(10)]
-                    for k in ("top", "bottom")}
-            features.append({
-                "run_id": run_id, "layer": layer, "index": index, "frequency": rng.random() ** 4 * 0.1,
-                "max_act": max_act, "mean_act": max_act / 4, "category": rng.choice(categories),
-                "label": None, "histogram": {"edges": [0.01 * 1.6 ** k for k in range(21)],
-                                             "counts": [rng.randrange(1000) for _ in range(20)]},
-                "logit_lens": lens, "region_counts": {"prompt": rng.randrange(100), "thinking": rng.randrange(1000)},
-                "think_pos_hist": {"edges": [k / 20 for k in range(21)], "counts": [rng.randrange(50) for _ in range(20)]},
-                "neighbours": [[rng.randrange(n_layers), rng.randrange(n_feat), rng.random()] for _ in range(10)],
-            })
-            for kind, n in (("top", N_TOP), ("random", N_RANDOM)):
-                for rank in range(n):
-                    length = CTX_BEFORE + 1 + CTX_AFTER
-                    acts = [0.0] * length
-                    for _ in range(6):
-                        acts[rng.randrange(length)] = round(rng.uniform(0, max_act), 3)
-                    acts[CTX_BEFORE] = round(max_act * (1 - rank / 40), 3)
-                    examples.append({
-                        "run_id": run_id, "layer": layer, "index": index, "kind": kind, "rank": rank,
-                        "token_ids": [rng.randrange(VOCAB) for _ in range(length)], "acts": acts,
-                        "focus": CTX_BEFORE, "prompt_id": None, "max_act": max(acts),
-                    })
-            if rng.random() < 0.024:  # ~2.4% of features form the hesitation set (the paper's share)
-                members.append({"set_id": set_id, "layer": layer, "index": index,
-                                "role": rng.choice(["output", "template"]), "score": rng.random()})
-            flush()
-            bar.update()
-    flush(force=True)
-    bar.close()
-    if engine.dialect.name == "postgresql":
+    pg = engine.dialect.name == "postgresql"
+    feat_cols = ("run_id", "layer", "index", "frequency", "max_act", "mean_act", "category", "label", "histogram",
+                 "logit_lens", "region_counts", "think_pos_hist", "neighbours")
+    ex_cols = ("run_id", "layer", "index", "kind", "rank", "token_ids", "acts", "focus", "max_act")
+    member_rows = []
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        for layer in tqdm(range(n_layers), desc="layers", unit="layer"):
+            feats, exs = [], []
+            for index in range(n_feat):
+                max_act = rng.uniform(1, 30)
+                hist, lens, regions, think, nbrs = feat_pool[rng.randrange(FEATURE_POOL)]
+                feats.append((run_id, layer, index, rng.random() ** 4 * 0.1, max_act, max_act / 4,
+                              rng.choice(categories), None, hist, lens, regions, think, nbrs))
+                for kind, n in (("top", N_TOP), ("random", N_RANDOM)):
+                    for rank in range(n):
+                        ids, acts, mx = ex_pool[rng.randrange(EXAMPLE_POOL)]
+                        exs.append((run_id, layer, index, kind, rank, ids, acts, CTX_BEFORE, mx))
+                if rng.random() < 0.024:  # ~2.4% of features form the hesitation set (the paper's share)
+                    member_rows.append((set_id, layer, index, rng.choice(["output", "template"]), rng.random()))
+            for table, cols, rows in (("features", feat_cols, feats), ("examples", ex_cols, exs)):
+                names = ", ".join(f'"{c}"' for c in cols)
+                if pg:
+                    with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                else:
+                    cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({', '.join('?' * len(cols))})", rows)
+            raw.commit()
+        placeholder = "%s" if pg else "?"
+        cur.executemany(f'INSERT INTO feature_set_members (set_id, layer, "index", role, score) VALUES '
+                        f"({', '.join([placeholder] * 5)})", member_rows)
+        raw.commit()
+    finally:
+        raw.close()
+    if pg:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("ANALYZE"))
     else:

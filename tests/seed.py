@@ -135,10 +135,18 @@ def seed_world(engine: Engine, tokenizer_dir: Path) -> World:
                                    (2, 9, "output")]:
             s.add(FeatureSetMember(set_id=hset.id, layer=layer, index=index, role=role, score=rng.random()))
         jobs = _jobs(s, rng, rid)
-        ablation = Ablation(run_id=rid, job_id=jobs["ablate"], status="succeeded", finished=now,
-                            request={"run_id": rid, "prompt": "3 + 4", "features": [[1, 3], [2, 7]], "mode": "zero",
-                                     "value": 0.0, "positions": "all", "max_new_tokens": 12},
-                            summary={"diverged_at": 3})
+        # The request as worker/ablation/request.py stores it (a ResolvedAblation dump).
+        request = {
+            "request": {"run_id": rid, "prompt": "3 + 4", "features": [[1, 3], [2, 7]], "mode": "zero", "value": None,
+                        "positions": "all", "feature_set": None, "roles": None, "layers": [], "complement": False,
+                        "prompt_id": None, "example_id": None, "prompt_tokens": None, "chat": True, "answer": None,
+                        "generation": {"max_new_tokens": 12, "temperature": 0.0, "seed": 0}, "compare": []},
+            "selection": {"features": [[1, 3], [2, 7]], "all_layers": [], "complement": False, "mode": "zero",
+                          "value": 0.0, "positions": "all"},
+            "prompt_ids": None, "prompt_text": "<｜User｜>3 + 4<｜Assistant｜><think>\n", "answer": None,
+        }
+        ablation = Ablation(run_id=rid, job_id=jobs["ablate"], status="done", finished=now, request=request,
+                            summary={"first_divergence": 3, "answer_changed": False})
         s.add(ablation)
         s.flush()
         unablated = ["The", " sum", " is", " Wait", ",", " let", " me", " check", " again", ".", " 7", "."]

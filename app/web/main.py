@@ -88,15 +88,15 @@ def shade(act: float | None, max_act: float | None) -> str:
     return f"{min(1.0, max(0.0, float(act) / float(max_act))):.3f}"
 
 
-def token_cells(ex: Any, max_act: float | None) -> list[tuple[str, str, str, str, int]]:
-    """Per token of an example: (css classes, shade, activation text, display text, id) for ``_tokens.html``.
+def token_cells(ex: Any, max_act: float | None) -> list[tuple[str, str, str, str]]:
+    """Per token of an example: (css classes, shade, activation text, display text) for ``_tokens.html``.
 
     Computed here in one pass because a feature page shows thousands of tokens; the text is returned
     raw and escaped by the template's autoescape like any other value.
     """
     lo, hi = ex.window
     out = []
-    for i, (text, act, tid) in enumerate(zip(ex.tokens, ex.acts, ex.token_ids, strict=True)):
+    for i, (text, act) in enumerate(zip(ex.tokens, ex.acts, strict=True)):
         cls = "tok"
         if i == ex.focus:
             cls += " focus"
@@ -108,7 +108,7 @@ def token_cells(ex: Any, max_act: float | None) -> list[tuple[str, str, str, str
             cls += " nl"
         # Class, shade and activation are strings we generate from numbers: marked safe so that only the
         # token text (the one untrusted value) goes through autoescaping, once per token.
-        out.append((Markup(cls), Markup(shade(act, max_act)), Markup(fmt(act)), visible(text), tid))
+        out.append((Markup(cls), Markup(shade(act, max_act)), Markup(fmt(act)), visible(text)))
     return out
 
 
