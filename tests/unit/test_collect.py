@@ -421,3 +421,15 @@ def test_summary_and_an_empty_shard(model, corpus, result) -> None:
     empty = collect(model, corpus, shard=(len(corpus) + 3, len(corpus) + 4), progress=lambda *a: calls.append(a))
     assert empty.n_sequences == 0 and int(empty.stats[0].n_tokens) == 0 and calls == [(0, 0, "empty corpus")]
     assert list(empty.examples(0, 0)) == [] and empty.lens is None
+
+
+def test_progress_may_stop_the_pass_cleanly(model, corpus, monkeypatch) -> None:
+    monkeypatch.setattr("worker.collect.runner.PROGRESS_INTERVAL", 0.0)
+
+    def stop(done: int, total: int, message: str) -> None:
+        raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        collect(model, corpus, batch_size=2, progress=stop)
+    assert model.state.captures is None and model.state.mode == "adapted"
+    assert all(not mlp._forward_hooks for mlp in model.mlps)

@@ -50,7 +50,9 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
     ``shard=(i, n)``: only sequences i, i+n, i+2n, …; merge the n results with ``merge_results``.
     ``batch_size`` rows and at most ``max_batch_tokens`` padded tokens per forward (a longer sequence
     runs alone). ``weight_views``: compute logit lens and neighbours (default: unless a shard other
-    than 0). ``progress(done, total, message)`` is called every few seconds with sequences done.
+    than 0). ``progress(done, total, message)`` is called every few seconds with sequences done; it
+    may raise (e.g. a job's cancellation check) to stop the pass, leaving the model as it was.
+    Activations are those of the model as set: interventions active on it apply.
     """
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.from_sequences(corpus)
     layers = _check_args(model, corpus, top_k=top_k, n_random=n_random, ctx_before=ctx_before, ctx_after=ctx_after,
