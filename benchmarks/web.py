@@ -167,11 +167,15 @@ def start_server(url: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def fetch(url: str) -> float:
+    """Seconds until the whole response arrived; ``inf`` for an error or a timeout (counted, not raised)."""
     start = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=60) as resp:
-        resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"{url} answered {resp.status}")
+    try:
+        with urllib.request.urlopen(url, timeout=120) as resp:
+            resp.read()
+            if resp.status != 200:
+                return float("inf")
+    except OSError:
+        return float("inf")
     return time.perf_counter() - start
 
 
@@ -186,16 +190,21 @@ def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, conc
         "index: by max act, next page": lambda: f"/runs/{run_id}/features?sort=max_act&after={rng.uniform(1, 30)!r}:0:0",
         "index: hesitation set": lambda: f"/runs/{run_id}/features?in_set=true",
         "run overview": lambda: f"/runs/{run_id}",
+        "index: token search": lambda: f"/runs/{run_id}/features?q=w{rng.randrange(VOCAB)}",
     }
+    slow = {"index: token search"}  # scans JSON: fewer requests
     results = {}
     with ThreadPoolExecutor(concurrency) as pool:
         for name, make in endpoints.items():
-            urls = [base + make() for _ in range(requests)]
+            urls = [base + make() for _ in range(max(concurrency, requests // 10) if name in slow else requests)]
             list(pool.map(fetch, urls[: concurrency * 2]))  # warm-up (connections, caches)
             t0 = time.perf_counter()
             times = sorted(pool.map(fetch, urls))
             wall = time.perf_counter() - t0
+            errors = sum(t == float("inf") for t in times)
+            times = [t for t in times if t != float("inf")] or [float("nan")]
             results[name] = {
+                "errors": errors, "n": len(urls),
                 "p50_ms": 1000 * statistics.median(times), "p99_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
                 "max_ms": 1000 * times[-1], "req_per_s": len(times) / wall,
             }
@@ -252,9 +261,10 @@ def main() -> None:
         out.append(res)
         print(f"\n{kind}: {res['features']:,} features, {res['examples']:,} examples (filled in {res['fill_s']:.0f}s); "
               f"{args.concurrency} client threads, {args.requests} requests per endpoint")
-        print(f"{'endpoint':32} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>7}")
+        print(f"{'endpoint':32} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>7} {'errors':>7}")
         for name, r in res["results"].items():
-            print(f"{name:32} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f} {r['req_per_s']:7.1f}")
+            print(f"{name:32} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f} {r['req_per_s']:7.1f} "
+                  f"{r['errors']:>3}/{r['n']}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": out}, indent=2))
 

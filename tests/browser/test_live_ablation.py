@@ -39,11 +39,14 @@ def test_submit_ablation_and_watch_tokens_arrive(live, page):
     page.click("[data-submit-ablation]")
     page.wait_for_url("**/runs/1/ablations/*")
     assert "/live" not in page.url
+    done_at_load = page.locator("#ablation-live").get_attribute("data-done") == "true"
+    page.evaluate("window.swaps = 0; document.body.addEventListener('htmx:afterSwap', () => window.swaps++)")
     try:
         page.wait_for_selector("#ablation-live[data-done=true]", timeout=120_000)
     except Exception:
         pytest.fail(f"the ablation did not finish; worker log:\n{worker_log.read_text()[-3000:]}")
     assert worker.poll() is None, worker_log.read_text()
+    assert done_at_load or page.evaluate("window.swaps") >= 1  # the tokens came in by polling, no reload
     ablated = page.locator("[data-condition=ablated] .tok")
     unablated = page.locator("[data-condition=unablated] .tok")
     assert ablated.count() > 0 and unablated.count() > 0

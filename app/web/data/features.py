@@ -7,7 +7,9 @@ ix_features_run_layer_freq; ``max_act`` → ix_features_run_max_act. Ties are br
 so the order is total and a cursor is unambiguous.
 
 Token search (``q``): the ids whose text is ``q`` (the run's vocabulary) are looked up among each
-feature's logit-lens top tokens and the focus tokens of its top examples.
+feature's logit-lens tokens and the focus tokens of its top ``SEARCH_TOP_EXAMPLES`` examples. This
+reads JSON row by row in index order and stops at a page of matches: fast for common tokens, a scan
+of the run for a token that almost never matches.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from app.web.data.common import BadInput, RunRef, get_run, hesitation_set, run_r
 
 Sort = Literal["layer", "frequency", "max_act"]
 MAX_QUERY_IDS = 50  # token ids a search may expand to (variants of one word)
+SEARCH_TOP_EXAMPLES = 5  # a search looks at the focus token of this many top examples per feature
 
 
 class FeatureQuery(BaseModel):
@@ -120,7 +123,7 @@ def _search_condition(session: Session, run_id: int, ids: list[int]) -> Any:
     lens = or_(*(cast(Feature.logit_lens, Text).like(f'%[{i}, "%') for i in ids))
     in_examples = exists().where(
         Example.run_id == run_id, Example.layer == Feature.layer, Example.index == Feature.index,
-        Example.kind == "top", _focus_token(session).in_(ids),
+        Example.kind == "top", Example.rank < SEARCH_TOP_EXAMPLES, _focus_token(session).in_(ids),
     )
     return or_(lens, in_examples)
 
