@@ -10,15 +10,20 @@ ascending, with ties broken by location (sequence id, then position), so the res
 the order in which batches or shards arrive:
 
 - top-k: key = −activation (the largest activations first; equal activations → earlier location);
-- random: key = a hash of (seed, layer, feature, location) → a uniform 32-bit number; keeping the k
-  smallest keys is a uniform random k-subset of the feature's nonzero occurrences (bottom-k sampling,
-  equivalent to reservoir sampling). Because a key depends only on the occurrence and the seed, the
-  union of two shards' bottom-k sets contains the bottom-k of the whole corpus: shard + merge gives
-  *exactly* the one-pass sample, which weighted reservoir merging would only give in distribution.
+- random: key = a pseudo-random 32-bit number from (seed, layer, feature, location) (a per-token hash
+  XOR a per-feature salt, :func:`sample_keys`); keeping the k smallest keys is a uniform random k-subset
+  of the feature's nonzero occurrences (bottom-k sampling, equivalent to reservoir sampling). Because a
+  key depends only on the occurrence and the seed, the union of two shards' bottom-k sets contains the
+  bottom-k of the whole corpus: shard + merge gives *exactly* the one-pass sample, where weighted
+  reservoir merging by counts would give it only in distribution.
 
-A buffer update is vectorised: candidates are filtered against each feature's current k-th key,
-then the touched rows and the candidates are ordered by (feature, key, location) with three stable
-sorts and the first k per feature are scattered back. No Python loop runs per feature or per token.
+A buffer update is vectorised: candidates are filtered against each feature's current k-th key (and,
+when a batch brings many per feature, against the feature's own k-th key in the batch, found with one
+sort), then the touched rows and the candidates are ordered by (feature, key, location) with three
+stable sorts and the first k per feature are scattered back. No Python loop runs per feature or token.
+
+Cost per batch and layer: one ``nonzero`` over f [rows, seq, F] and a few dozen elementwise passes over
+the nonzero entries; on a GPU a handful of host syncs (each ``nonzero``/``unique``).
 
 With each kept example the accumulator stores that feature's activations over the context window
 ``[pos - ctx_before, pos + ctx_after]`` (cut from the batch's activations while they are on the
