@@ -1,0 +1,145 @@
+"""Jinja2 for the pages: the environment (autoescape on, strict undefined) and its filters and helpers.
+
+Token text is only ever escaped by autoescape; helpers that return ``Markup`` build it from numbers
+and fixed class names, never from token text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
+from pydantic_core import to_jsonable_python
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number for people: significant digits, no scientific notation for ordinary sizes."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if math.isnan(x):
+        return "nan"
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e5 or abs(x) < 1e-3:
+        return f"{x:.{max(digits - 1, 1)}e}"
+    return f"{x:.{digits}g}"
+
+
+def pct(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * float(value):.1f}%"
+
+
+def shade(act: float | None, max_act: float | None) -> str:
+    """Opacity (0–1) of a token's highlight: its activation relative to the feature's maximum."""
+    if not act or not max_act or max_act <= 0:
+        return "0"
+    return f"{min(1.0, max(0.0, float(act) / float(max_act))):.3f}"
+
+
+def token_cells(ex: Any, max_act: float | None) -> list[tuple[str, str, str, str]]:
+    """Per token of an example: (css classes, shade, activation text, display text) for ``_tokens.html``.
+
+    Computed here in one pass because a feature page shows thousands of tokens; the text is returned
+    raw and escaped by the template's autoescape like any other value.
+    """
+    lo, hi = ex.window
+    out = []
+    for i, (text, act) in enumerate(zip(ex.tokens, ex.acts, strict=True)):
+        cls = "tok"
+        if i == ex.focus:
+            cls += " focus"
+        if i < lo or i >= hi:
+            cls += " out"
+        if act > 0:
+            cls += " on"
+        if "\n" in text:
+            cls += " nl"
+        # Class, shade and activation are strings we generate from numbers: marked safe so that only the
+        # token text (the one untrusted value) goes through autoescaping, once per token.
+        out.append((Markup(cls), Markup(shade(act, max_act)), Markup(fmt(act)), visible(text)))
+    return out
+
+
+def visible(text: str) -> str:
+    """Token text with layout characters made visible (a newline token must not vanish)."""
+    return text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍") if text else "∅"
+
+
+PALETTE = ("#8a8f98", "#e8793a", "#4a7bd0", "#3aa675", "#b04ad0")  # condition colours, baseline first
+
+
+def hist_traces(conditions: list[Any], key: str) -> list[dict[str, Any]]:
+    """Overlaid Plotly histograms of one per-prompt quantity, one trace per condition."""
+    return [
+        {"type": "histogram", "name": c.name, "x": [v for v in getattr(c, key) if v is not None], "opacity": 0.6,
+         "marker": {"color": PALETTE[i % len(PALETTE)]}, "bingroup": key}
+        for i, c in enumerate(conditions)
+    ]
+
+
+def hist_fig(hist: Any, color: str, xtitle: str, *, x_range: list[float] | None = None) -> dict[str, Any]:
+    """A Plotly bar figure of a stored histogram (``edges`` has one more entry than ``counts``).
+
+    Bars span their bins exactly (left edge + width), so log-spaced bins draw right on a log axis,
+    which is used when the edges are positive and span more than two decades.
+    """
+    edges, counts = list(hist.edges), list(hist.counts)
+    if len(edges) == len(counts) + 1:
+        left, width = edges[:-1], [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    else:
+        left, width = edges[: len(counts)], None
+    log = bool(edges) and edges[0] > 0 and edges[-1] / edges[0] > 100
+    trace: dict[str, Any] = {"type": "bar", "x": left, "y": counts, "offset": 0, "marker": {"color": color},
+                             "hovertemplate": "%{x:.3g}: %{y}<extra></extra>"}
+    if width is not None:
+        trace["width"] = width
+    xaxis: dict[str, Any] = {"title": {"text": xtitle}, "type": "log" if log else "linear"}
+    if x_range is not None:
+        xaxis["range"] = x_range
+    return {"data": [trace], "layout": {"xaxis": xaxis, "yaxis": {"title": {"text": "count"}}, "bargap": 0}}
+
+
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    return json.dumps(to_jsonable_python(obj), **kwargs)
+
+
+def build_templates(app: FastAPI, templates_dir: str, htmx_src: str, plotly_src: str) -> Jinja2Templates:
+    """The page renderer of ``app``: ``path()`` in templates builds URLs from route names."""
+    env = Environment(
+        loader=FileSystemLoader(templates_dir),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(fmt=fmt, pct=pct, visible=visible)
+    env.policies["json.dumps_function"] = _dumps  # |tojson takes pydantic models too
+    env.policies["json.dumps_kwargs"] = {"sort_keys": False}
+    env.globals.update(
+        shade=shade,
+        hist_traces=hist_traces,
+        hist_fig=hist_fig,
+        token_cells=token_cells,
+        path=lambda name, **params: app.url_path_for(name, **{k: str(v) for k, v in params.items()}),
+        qs=lambda params: ("?" + urlencode(params)) if params else "",
+        htmx_src=htmx_src,
+        plotly_src=plotly_src,
+    )
+    return Jinja2Templates(env=env)
