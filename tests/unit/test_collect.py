@@ -433,3 +433,18 @@ def test_progress_may_stop_the_pass_cleanly(model, corpus, monkeypatch) -> None:
         collect(model, corpus, batch_size=2, progress=stop)
     assert model.state.captures is None and model.state.mode == "adapted"
     assert all(not mlp._forward_hooks for mlp in model.mlps)
+
+
+def test_load_corpus_sources(tmp_path, corpus) -> None:
+    from worker.collect import load_corpus
+
+    corpus.save(tmp_path / "c.pt")
+    back = load_corpus(tmp_path / "c.pt")
+    assert torch.equal(back.tokens, corpus.tokens) and torch.equal(back.regions, corpus.regions)
+    assert load_corpus(corpus) is corpus
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "2 + 2"}) + "\n")
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_corpus(tmp_path / "c.jsonl")
+    assert load_corpus(tmp_path / "c.jsonl", _tokenizer())[0].tolist() == [2, 3, 2]
+    plain = load_corpus([[7, 3, 4, 8]], _tokenizer())  # markers from the tokenizer: 3, 4 are not markers there
+    assert plain.regions_of(0).tolist() == [0, 0, 0, 0]

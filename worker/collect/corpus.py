@@ -129,6 +129,15 @@ class Corpus:
         flat = (self.offsets[seq].unsqueeze(1) + rel).clamp(0, max(self.n_tokens - 1, 0))
         return self.tokens[flat].masked_fill(~inside, -1)
 
+    def save(self, path: str | Path) -> None:
+        """Keep a tokenised corpus (e.g. in the data dir) so shard jobs need not tokenise again."""
+        torch.save({"tokens": self.tokens, "offsets": self.offsets, "regions": self.regions}, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Corpus:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        return cls(state["tokens"], state["offsets"], state["regions"])
+
     # -- sources ---------------------------------------------------------------------------------
     @classmethod
     def from_sequences(cls, sequences: Iterable[Sequence[int] | torch.Tensor], *,
@@ -229,11 +238,14 @@ class Corpus:
 
 
 def load_corpus(source: Corpus | str | Path | Sequence[Sequence[int]], tokenizer: Any = None, **kw: Any) -> Corpus:
-    """A corpus from whatever the caller has: a Corpus, token-id lists, a .jsonl file or a saved dataset dir."""
+    """A corpus from whatever the caller has: a Corpus, token-id lists, a saved corpus (.pt), a .jsonl
+    file or a saved Hugging Face dataset directory (the last two need the tokenizer)."""
     if isinstance(source, Corpus):
         return source
     if isinstance(source, str | Path):
         path = Path(source)
+        if path.suffix == ".pt" and path.is_file():
+            return Corpus.load(path)
         if tokenizer is None:
             raise ValueError(f"reading {str(path)!r} needs the target tokenizer")
         if path.is_dir():
