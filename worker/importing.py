@@ -43,8 +43,9 @@ class ImportPayload(BaseModel):
     target_model: str | None = Field(None, description="target model spec; default: the checkpoint's record")
     name: str | None = Field(None, description="run name (default: from the path)")
     verify: Literal["full", "tensors"] = Field(
-        "full", description="full: load the checkpoint once (catches every missing or mis-shaped tensor); "
-                            "tensors: check names and shapes from the file headers only (fast, little memory)")
+        "full", description="full: load a reference checkpoint once (catches every missing or mis-shaped tensor); "
+                            "tensors: check adapter names and shapes from the file headers only (fast, little "
+                            "memory; all that is done for our format, which holds adapters only)")
 
 
 def _settings(ctx: JobContext) -> Settings:
@@ -133,7 +134,10 @@ def _model_config(spec: str, settings: Settings) -> dict | None:
         return json.loads(cfg.read_text()) if cfg.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(where, "config.json")
+    try:
+        found = try_to_load_from_cache(where, "config.json")
+    except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError is a ValueError)
+        return None
     return json.loads(Path(found).read_text()) if isinstance(found, str) else None
 
 
@@ -172,13 +176,15 @@ def import_job(ctx: JobContext) -> dict:
     from training.checkpoint import read_adapter_config
 
     p: ImportPayload = ctx.payload
-    settings = _settings(ctx)
+    settings = ctx.job_settings()
     ctx.progress(0, 3, "resolving the checkpoint")
     path = resolve_checkpoint_path(p.path)
     meta = read_adapter_config(path)
     fmt = meta.get("format", "adapterlens")
-    base = p.base_model or meta.get("base_model")
-    target = p.target_model or meta.get("target_model")
+    # Ours records the model names; a reference config.json's _name_or_path may be the authors' local path.
+    recorded = meta if fmt != "reference" else {}
+    base = p.base_model or recorded.get("base_model")
+    target = p.target_model or recorded.get("target_model")
     if not base or not target:
         raise ValueError(f"checkpoint {p.path!r} ({fmt} format) does not record its base and target models; give "
                          f"both (for the paper's release: base {PAPER_BASE!r}, target {PAPER_TARGET!r})")

@@ -166,3 +166,16 @@ def test_a_worker_runs_a_queued_import(settings: Settings, tmp_path: Path, monke
         engine.dispose()
     assert job.status.value == "succeeded", job
     assert _run(settings, "queued").status == "trained"
+
+
+def test_target_not_on_disk_yet_is_registered_unchecked(settings: Settings, tmp_path: Path) -> None:
+    """The released adapters can be registered before the ~30 GB pair is downloaded; the geometry check waits."""
+    model, base, _ = _save_pair(tmp_path)
+    ckpt = save_reference_checkpoint(model, tmp_path / "early")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(cfg | {"_name_or_path": "/authors/scratch/r1-distill"}))
+    with pytest.raises(ValueError, match="does not record its base and target"):  # _name_or_path is not trusted
+        _import(settings, path=str(ckpt), base_model=base, verify="tensors")
+    out = _import(settings, path=str(ckpt), base_model=base, target_model="someorg/not-downloaded-yet",
+                  verify="tensors")
+    assert out["target_checked"] is False and _run(settings, "early").status == "trained"
