@@ -105,7 +105,8 @@ def decoder_neighbours(model: AdapterModel, *, n: int = 10, layers: list[int] | 
             stop = min(start + chunk, (layer + 1) * F_)
             sims = (unit[start:stop] @ unit.T).float()  # [c, L·F]
             sims[:, ~alive] = float("-inf")
-            sims[torch.arange(stop - start), torch.arange(start, stop)] = float("-inf")  # not oneself
+            diag = torch.arange(stop - start, device=sims.device)
+            sims[diag, diag + start] = float("-inf")  # not oneself
             top = sims.topk(n, dim=1)
             idx = top.indices
             cos = top.values
