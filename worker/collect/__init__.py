@@ -1,7 +1,15 @@
 """Feature collection: per-feature dashboard statistics from one streaming pass, shardable, stored in the DB.
 
-``collect(model, corpus, …) -> CollectionResult``; ``merge_results(*shard_results)``;
-``write_collection(session_or_engine, run_id, result, tokenizer)``.
+Typical use (a ``collect`` job, or its shards)::
+
+    corpus = load_corpus("data/corpus.jsonl", tokenizer)        # or Corpus.from_sequences(ids, markers=…)
+    result = collect(model, corpus, shard=(i, n))               # FeatureStats per layer + lens + neighbours
+    result.save(f"shard-{i}.pt")                                # … then, in the merge job:
+    merged = merge_results(*(CollectionResult.load(p) for p in paths))
+    write_collection(engine, run_id, merged, tokenizer)         # replaces the run's features and examples
+
+Modules: ``stats`` (device accumulators and ``merge``), ``corpus`` (sources), ``lens`` (logit lens and
+decoder neighbours), ``runner`` (the pass), ``result`` (the result object), ``store`` (DB writes).
 """
 
 from worker.collect.corpus import Corpus, Markers, load_corpus
