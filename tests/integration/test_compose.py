@@ -190,3 +190,40 @@ def test_docker_compose_config_accepts_the_files(files: list[Path], tmp_path: Pa
     if GPUS_OVERRIDE in files:
         devices = resolved["services"]["worker-gpu1"]["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "device_ids": ["1"], "capabilities": ["gpu"]}]
+
+
+def _shell_argv(service: dict, env: dict[str, str]) -> tuple[int, list[str]]:
+    """What a service's ``sh -c`` command would run: compose's $$ unescaped, ``adapterlens`` echoed."""
+    import shlex
+
+    cmd = [part.replace("$$", "$") for part in service["command"]]
+    assert cmd[:2] == ["sh", "-c"]
+    script = cmd[2].replace("adapterlens ", "echo adapterlens ")
+    out = subprocess.run(["sh", "-c", script], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True)
+    return out.returncode, shlex.split(out.stdout.splitlines()[0]) if out.stdout else []
+
+
+def test_paper_profile_commands(compose: dict) -> None:
+    from training.config import load_train_config
+
+    services = compose["services"]
+    assert services["import-released"]["profiles"] == services["train-paper"]["profiles"] == ["paper"]
+    paper = {"ADAPTERLENS_PAPER_BASE": "Qwen/Qwen2.5-Math-7B",
+             "ADAPTERLENS_PAPER_TARGET": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"}
+
+    rc, _ = _shell_argv(services["import-released"], paper)
+    assert rc != 0  # no checkpoint named: refuse, do not import ""
+    rc, argv = _shell_argv(services["import-released"], paper | {"ADAPTERLENS_IMPORT": "nathu0/x"})
+    assert rc == 0 and argv[:3] == ["adapterlens", "import-adapters", "nathu0/x"]
+    assert argv[argv.index("--base") + 1] == "Qwen/Qwen2.5-Math-7B"
+
+    env = paper | {"ADAPTERLENS_PAPER_MAX_SEQ_LEN": "2048", "ADAPTERLENS_PAPER_RUN": "paper-7b"}
+    rc, _ = _shell_argv(services["train-paper"], env)
+    assert rc != 0  # no training data named
+    rc, argv = _shell_argv(services["train-paper"], env | {"ADAPTERLENS_PAPER_DATA": "/data/t.jsonl"})
+    assert rc == 0 and argv[:2] == ["adapterlens", "train"]
+    assert argv[argv.index("--data") + 1] == "/data/t.jsonl"
+    cfg = load_train_config(ROOT / argv[argv.index("--config") + 1], preset_name=argv[argv.index("--preset") + 1],
+                            overrides=[argv[argv.index("--set") + 1]])
+    assert cfg.max_seq_len == 2048 and cfg.adapter.n_features == 8192 and cfg.precision == "bf16"
+    assert services["train-paper"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
