@@ -149,6 +149,11 @@ class JobContext:
     _last_cancel_check: float = field(default=0.0, repr=False)
     _cancelled: bool = field(default=False, repr=False)
 
+    def job_settings(self) -> Settings:
+        """The worker's settings (data directory, device) pointed at this job's database."""
+        base = self.settings or Settings()
+        return base.model_copy(update={"database_url": self.engine.url.render_as_string(hide_password=False)})
+
     @property
     def engine(self) -> Engine:
         bind = self.session_factory.kw["bind"]

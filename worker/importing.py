@@ -48,11 +48,6 @@ class ImportPayload(BaseModel):
                             "memory; all that is done for our format, which holds adapters only)")
 
 
-def _settings(ctx: JobContext) -> Settings:
-    base = ctx.settings or Settings()
-    return base.model_copy(update={"database_url": ctx.engine.url.render_as_string(hide_password=False)})
-
-
 def resolve_checkpoint_path(path: str) -> Path:
     """A local directory as is; ``org/name`` through the Hugging Face cache (weights and config only)."""
     local = Path(path).expanduser()

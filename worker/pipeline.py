@@ -28,12 +28,6 @@ METRICS_FLUSH_EVERY = 25  # steps buffered before metrics rows are written
 
 # -- helpers -------------------------------------------------------------------------------------------
 
-def settings_of(ctx: JobContext) -> Settings:
-    """Settings of the process that runs the job (data directory, device), with the job's database."""
-    base = ctx.settings or Settings()
-    return base.model_copy(update={"database_url": ctx.engine.url.render_as_string(hide_password=False)})
-
-
 def get_run(ctx: JobContext, run_id: int) -> Run:
     with ctx.session() as s:
         run = s.get(Run, run_id)
@@ -71,7 +65,7 @@ def organism_job(ctx: JobContext) -> dict:
         ctx.progress(steps["n"], None, f"{metrics.get('phase', 'train')} loss {metrics.get('loss', float('nan')):.3f}")
         ctx.check()
 
-    paths = build_organism(p.preset, p.seed, data_dir=settings_of(ctx).resolved_data_dir, force=p.force,
+    paths = build_organism(p.preset, p.seed, data_dir=ctx.job_settings().resolved_data_dir, force=p.force,
                            progress=ctx.job_id is None, on_step=on_step)
     manifest = paths.read_manifest()
     return {"root": str(paths.root), "evaluation": manifest.get("evaluation"), "timings": manifest.get("timings")}
@@ -128,7 +122,7 @@ def train_job(ctx: JobContext) -> dict:
     from training.trainer import total_steps, train
 
     p: TrainPayload = ctx.payload
-    settings = settings_of(ctx)
+    settings = ctx.job_settings()
     run = get_run(ctx, p.run_id)
     cfg = train_config_from_dict((run.config or {}).get("train") or {})
     model, tokenizer = load_run_model(settings, run.base_model, run.target_model, None,
@@ -198,7 +192,7 @@ def evaluate_job(ctx: JobContext) -> dict:
     from worker.models_cache import resolve_model
 
     p: EvaluatePayload = ctx.payload
-    settings = settings_of(ctx)
+    settings = ctx.job_settings()
     run = get_run(ctx, p.run_id)
     if not run.checkpoint:
         raise LookupError(f"run {run.name!r} has no trained adapters to evaluate")

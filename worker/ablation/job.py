@@ -88,17 +88,11 @@ class ExperimentPayload(BaseModel):
 ModelLoader = Callable[[JobContext, int], tuple[AdapterModel, Any]]
 
 
-def job_settings(ctx: JobContext) -> Settings:
-    """The worker's settings (data directory, device) with the job's database."""
-    base = ctx.settings or Settings()
-    return base.model_copy(update={"database_url": ctx.engine.url.render_as_string(hide_password=False)})
-
-
 def load_run_model(ctx: JobContext, run_id: int) -> tuple[AdapterModel, Any]:
     """The run's adapter model and tokenizer, from the worker's model cache."""
     from worker.models_cache import get_run_model
 
-    return get_run_model(job_settings(ctx), run_id)
+    return get_run_model(ctx.job_settings(), run_id)
 
 
 _loader: list[ModelLoader] = [load_run_model]
@@ -358,7 +352,7 @@ def _experiment_prompts(ctx: JobContext, resolved: ResolvedExperiment, tokenizer
     else:
         with ctx.session() as s:
             run = s.get(Run, req.run_id)
-        items = _organism_items(run, req.organism_heldout or 0, job_settings(ctx))
+        items = _organism_items(run, req.organism_heldout or 0, ctx.job_settings())
     return [(encode(tokenizer, format_prompt(it.prompt) if req.chat else it.prompt), it.answer, it.prompt)
             for it in items]
 

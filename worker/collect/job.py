@@ -46,9 +46,7 @@ class CollectPayload(BaseModel):
 
 
 def _collect_dir(ctx: JobContext, run_name: str) -> Path:
-    from worker.pipeline import settings_of
-
-    path = settings_of(ctx).runs_dir / run_name / "collect"
+    path = ctx.job_settings().runs_dir / run_name / "collect"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -87,7 +85,7 @@ def build_corpus(ctx: JobContext, model, tokenizer, run, p: CollectPayload) -> C
 @register("collect", CollectPayload)
 def collect_job(ctx: JobContext) -> dict:
     from worker.models_cache import get_run_model
-    from worker.pipeline import get_run, settings_of, update_run
+    from worker.pipeline import get_run, update_run
 
     p: CollectPayload = ctx.payload
     run = get_run(ctx, p.run_id)
@@ -95,7 +93,7 @@ def collect_job(ctx: JobContext) -> dict:
         ids = [queue.enqueue(ctx.engine, "collect", {**p.model_dump(), "shard": i}, run_id=p.run_id)
                for i in range(p.n_shards)]
         return {"shard_jobs": ids}
-    model, tokenizer = get_run_model(settings_of(ctx), p.run_id)
+    model, tokenizer = get_run_model(ctx.job_settings(), p.run_id)
     corpus = build_corpus(ctx, model, tokenizer, run, p)
     shard = (p.shard, p.n_shards) if p.shard is not None else None
 

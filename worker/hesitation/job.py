@@ -48,7 +48,7 @@ from worker.hesitation.study import (
     sample_sites,
     site_graph,
 )
-from worker.pipeline import get_run, settings_of
+from worker.pipeline import get_run
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ HESITATION_SET_NAME = "hesitation features"
 def _model(ctx: JobContext, run_id: int):
     from worker.models_cache import get_run_model
 
-    return get_run_model(settings_of(ctx), run_id)
+    return get_run_model(ctx.job_settings(), run_id)
 
 
 def _context_limit(model) -> int:
@@ -293,7 +293,7 @@ def _pct(x: float | None) -> str:
 def describe(size: int, n_total: int, roles: dict[str, int], report: dict[str, Any]) -> str:
     """The set's description: what it is and what removing it measured on the report prompts."""
     a, z = report["adapted"], report["ablated"]
-    return (f"{size} features ({_pct(size / n_total)} of {n_total}): {roles.get(OUTPUT, 0)} output, "
+    return (f"{size} feature{'s' if size != 1 else ''} ({_pct(size / n_total)} of {n_total}): {roles.get(OUTPUT, 0)} output, "
             f"{roles.get(TEMPLATE, 0)} template, {roles.get('other', 0)} other. Zero-ablating them at every "
             f"position removes {_pct(report['removal'])} of the adapted model's hesitation tokens on "
             f"{a['n']} held-out report prompts (hesitating generations {_pct(a['hesitation_rate'])} → "
