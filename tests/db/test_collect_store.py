@@ -74,7 +74,8 @@ def test_rows_match_the_result(db_engine: Engine, result: CollectionResult) -> N
                 assert row.max_act == pytest.approx(float(s.act_max[feat]))
                 assert row.mean_act == pytest.approx(float(s.mean_act()[feat]))
                 assert row.histogram["counts"] == s.hist[feat].tolist()
-                assert len(row.histogram["edges"]) == len(row.histogram["counts"])
+                assert len(row.histogram["edges"]) == len(row.histogram["counts"]) + 1
+                assert row.histogram["edges"][1] == pytest.approx(1e-3) and row.histogram["edges"][-2] == pytest.approx(100)
                 assert row.region_counts == dict(zip(REGION_NAMES, s.regions[feat].tolist(), strict=True))
                 assert row.think_pos_hist["counts"] == s.think_hist[feat].tolist()
                 top_id = int(result.lens[layer].top_ids[feat, 0])

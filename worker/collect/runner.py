@@ -31,7 +31,14 @@ from training.chat import REGION_NAMES, Region
 from worker.collect.corpus import Corpus
 from worker.collect.lens import decoder_neighbours, logit_lens
 from worker.collect.result import CollectionResult
-from worker.collect.stats import HIST_EDGES, N_THINK_BINS, POS_BITS, BatchInfo, FeatureStats, pack_loc
+from worker.collect.stats import (
+    N_THINK_BINS,
+    POS_BITS,
+    BatchInfo,
+    FeatureStats,
+    hist_edges_for_display,
+    pack_loc,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +97,7 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
                 t1 - t0, n_tokens / max(t1 - t0, 1e-9), t2 - t1, t3 - t2)
     meta = {
         "top_k": top_k, "n_random": n_random, "ctx_before": ctx_before, "ctx_after": ctx_after, "seed": seed,
-        "hist_edges": [0.0] + HIST_EDGES.tolist(), "regions": list(REGION_NAMES),
+        "hist_edges": hist_edges_for_display(), "regions": list(REGION_NAMES),
         "think_pos_edges": [i / N_THINK_BINS for i in range(N_THINK_BINS + 1)],
         "lens": "W_U (g * W_dec[:, i]), demeaned over the vocabulary; g = final RMSNorm gain, no 1/rms",
     }

@@ -116,6 +116,16 @@ def sample_keys(seed: int, layer: int, feature: torch.Tensor, loc: torch.Tensor)
     return token_keys(seed, loc) ^ feature_salts(seed, layer, n, feature.device)[feature]
 
 
+def hist_edges_for_display() -> list[float]:
+    """``N_HIST + 1`` edges, numpy-style: the finite edges plus nominal outer edges one decade out.
+
+    The first bin holds every value in (0, 1e-3) and the last every value >= 1e2; their outer edges
+    (1e-4, 1e3) only give those bins a width on a log axis.
+    """
+    low, high = HIST_DECADES
+    return [10.0 ** (low - 1)] + HIST_EDGES.tolist() + [10.0 ** (high + 1)]
+
+
 def hist_bins(v: torch.Tensor) -> torch.Tensor:
     """Histogram bin of each positive value: the number of edges <= v (``bucketize(right=True)``).
 

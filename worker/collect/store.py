@@ -6,8 +6,9 @@ time (bounded memory at the paper's 229k features) and written in bulk: ``COPY �
 psycopg on Postgres, ``executemany`` batches elsewhere.
 
 JSON layouts (the feature page reads these):
-- ``histogram``: ``{"edges": [0, 1e-3, 10^-2.9, …, 1e2], "counts": [...]}``, one count per edge; bin i
-  is ``[edges[i], edges[i+1])`` and the last bin ``[1e2, ∞)``; counts are of tokens with f > 0.
+- ``histogram``: ``{"edges": [1e-4, 1e-3, 10^-2.9, …, 1e2, 1e3], "counts": [52 counts]}`` (numpy style,
+  one more edge than counts; 10 bins a decade); counts are of tokens with f > 0. The first bin holds
+  all of (0, 1e-3) and the last all of [1e2, ∞): their outer edges are nominal, for drawing.
 - ``logit_lens``: ``{"top": [[token_id, token_str, value], …], "bottom": [...]}``, most extreme first
   (convention in worker/collect/lens.py: gain-scaled decoder through W_U, demeaned over the vocabulary).
 - ``region_counts``: ``{"prompt": n, "think-start": n, "thinking": n, "think-end": n, "answer": n}``,
