@@ -380,7 +380,7 @@ def test_hist_bins_equal_bucketize_at_and_between_edges() -> None:
 
 
 def test_prefilter_keeps_the_exact_answer(model, corpus, result, monkeypatch) -> None:
-    monkeypatch.setattr("worker.collect.stats.PREFILTER_FACTOR", 0)  # every batch goes through the prefilter
+    monkeypatch.setattr("worker.collect.kept.PREFILTER_FACTOR", 0)  # every batch goes through the prefilter
     again = collect(model, corpus, top_k=4, n_random=3, ctx_before=CTX[0], ctx_after=CTX[1], batch_size=5,
                     max_batch_tokens=64, seed=3)
     for layer in range(model.n_layers):

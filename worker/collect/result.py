@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from training.chat import REGION_NAMES
+from worker.collect.kept import KeptExamples
 from worker.collect.lens import LayerLens, LayerNeighbours
-from worker.collect.stats import FeatureStats, KeptExamples, merge, unpack_loc
+from worker.collect.stats import FeatureStats, merge, unpack_loc
 
 logger = logging.getLogger(__name__)
 

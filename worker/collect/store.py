@@ -35,8 +35,9 @@ from sqlalchemy.orm import Session
 
 from app.db.schema import Example, Feature, Run
 from training.chat import REGION_NAMES
+from worker.collect.kept import KeptExamples
 from worker.collect.result import CollectionResult
-from worker.collect.stats import FeatureStats, KeptExamples
+from worker.collect.stats import FeatureStats
 
 try:  # optional: only makes large writes faster
     import orjson as _orjson

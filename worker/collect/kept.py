@@ -1,0 +1,139 @@
+"""Per-feature buffers of the k best entries by (key, location), merged with vectorised torch ops.
+
+The machinery behind both the top-k examples (key = −activation) and the random sample (key = a
+pseudo-random number): see worker/collect/stats.py for how keys are chosen and why the result does
+not depend on the order of batches or shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+_M32 = 0xFFFFFFFF
+_EMPTY_DATA = {"tokens": -1}  # payload of an empty slot (others 0)
+_EMPTY_KEY = {torch.float32: float("inf"), torch.float64: float("inf"), torch.int64: torch.iinfo(torch.int64).max}
+
+
+def value_dtype(act_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of kept activation values and top-k keys: the activations' own, at least float32."""
+    return torch.promote_types(act_dtype, torch.float32)
+
+
+PREFILTER_FACTOR = 4  # prefilter when candidates exceed this many times k per feature
+
+
+def _ordered32(key: torch.Tensor) -> torch.Tensor:
+    """Keys mapped to int64 in [0, 2^32) preserving order (floats through float32: non-decreasing)."""
+    if not key.is_floating_point():
+        return key
+    i = key.float().view(torch.int32).long()
+    return torch.where(i < 0, i ^ 0x7FFFFFFF, i) + (1 << 31)
+
+
+def _within_batch_k(feature: torch.Tensor, key: torch.Tensor, k: int, n_features: int) -> torch.Tensor:
+    """Indices of entries whose key is at most their feature's k-th smallest key in this set.
+
+    One sort of ``feature << 32 | key32``; a superset of each feature's k best (ties and float32
+    rounding keep extra entries, never drop one).
+    """
+    ordered = _ordered32(key)
+    srt = torch.sort(feature << 32 | ordered).values
+    counts = torch.bincount(feature, minlength=n_features)
+    starts = torch.cumsum(counts, 0) - counts
+    full = counts >= k
+    kth = torch.full((n_features,), _M32, dtype=torch.int64, device=key.device)
+    kth[full] = srt[(starts + k - 1)[full]] & _M32
+    return (ordered <= kth.index_select(0, feature)).nonzero().squeeze(1)
+
+
+@dataclass
+class KeptExamples:
+    """Per-feature buffers of the k best entries by (key, location), ascending; ``loc == -1`` = empty.
+
+    ``data`` holds payload tensors shaped ``[F, k, ...]`` that travel with the entries: ``value`` (the
+    activation at the focus token), ``acts`` (the window's activations) and, after ``fill_tokens``,
+    ``tokens`` (the window's token ids, -1 outside the sequence).
+    """
+
+    key: torch.Tensor  # [F, k]
+    loc: torch.Tensor  # [F, k] int64
+    data: dict[str, torch.Tensor]
+
+    @classmethod
+    def empty(cls, n_features: int, k: int, key_dtype: torch.dtype, window: int, act_dtype: torch.dtype,
+              device: torch.device | str) -> KeptExamples:
+        return cls(
+            key=torch.full((n_features, k), _EMPTY_KEY[key_dtype], dtype=key_dtype, device=device),
+            loc=torch.full((n_features, k), -1, dtype=torch.int64, device=device),
+            data={"value": torch.zeros(n_features, k, dtype=value_dtype(act_dtype), device=device),
+                  "acts": torch.zeros(n_features, k, window, dtype=act_dtype, device=device)},
+        )
+
+    @property
+    def k(self) -> int:
+        return self.key.shape[1]
+
+    def to(self, device: torch.device | str) -> KeptExamples:
+        return KeptExamples(self.key.to(device), self.loc.to(device), {n: t.to(device) for n, t in self.data.items()})
+
+    def clone(self) -> KeptExamples:
+        return KeptExamples(self.key.clone(), self.loc.clone(), {n: t.clone() for n, t in self.data.items()})
+
+    def offer(self, feature: torch.Tensor, key: torch.Tensor, locate: Callable[[torch.Tensor], torch.Tensor],
+              payload: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        """Merge candidates (``feature`` and ``key``: 1-D tensors of one length) into the buffers, in place.
+
+        ``locate(idx)`` gives the locations and ``payload(idx)`` the data of candidates ``idx``; both are
+        asked only about candidates that pass the thresholds (few, once the buffers are full).
+        """
+        k = self.k
+        if k == 0 or feature.numel() == 0:
+            return
+        # A candidate can only enter if it is not worse than the feature's current k-th entry
+        # (equal keys are kept: the location decides below).
+        cand = (key <= self.key[:, k - 1].index_select(0, feature)).nonzero().squeeze(1)
+        if cand.numel() > PREFILTER_FACTOR * k * self.key.shape[0]:
+            # Many candidates (a dense batch, or the first ones): only each feature's own k best in
+            # this batch can enter, so cut to those with one sort before the exact three-sort merge.
+            cand = cand[_within_batch_k(feature[cand], key[cand], k, self.key.shape[0])]
+        if cand.numel() == 0:
+            return
+        feature, key, loc = feature[cand], key[cand], locate(cand)
+        rows = torch.unique(feature)  # sorted
+        n_rows = rows.numel()
+        old_loc = self.loc[rows]  # [T, k]
+        occupied = old_loc >= 0
+        slot = (rows.unsqueeze(1) * k + torch.arange(k, device=rows.device)).masked_select(occupied)
+        old_row = torch.arange(n_rows, device=rows.device).unsqueeze(1).expand(n_rows, k).masked_select(occupied)
+        all_row = torch.cat([old_row, torch.searchsorted(rows, feature)])
+        all_key = torch.cat([self.key.reshape(-1)[slot], key])
+        all_loc = torch.cat([old_loc.masked_select(occupied), loc])
+        n_old = slot.numel()
+        # Order by (row, key, location): stable sorts from the least to the most significant field.
+        order = torch.argsort(all_loc, stable=True)
+        order = order[torch.argsort(all_key[order], stable=True)]
+        order = order[torch.argsort(all_row[order], stable=True)]
+        row = all_row[order]
+        rank = torch.arange(row.numel(), device=row.device) - torch.searchsorted(row, row)
+        keep = rank < k
+        order, row, rank = order[keep], row[keep], rank[keep]
+        from_old = order < n_old
+        new_idx = cand[order[~from_old] - n_old]
+
+        new_key = torch.full((n_rows, k), _EMPTY_KEY[self.key.dtype], dtype=self.key.dtype, device=rows.device)
+        new_loc = torch.full((n_rows, k), -1, dtype=torch.int64, device=rows.device)
+        new_key[row, rank] = all_key[order]
+        new_loc[row, rank] = all_loc[order]
+        fresh = payload(new_idx) if new_idx.numel() else {}
+        for name, buf in self.data.items():
+            flat = buf.reshape(buf.shape[0] * k, *buf.shape[2:])
+            new = torch.full((n_rows, k, *buf.shape[2:]), _EMPTY_DATA.get(name, 0), dtype=buf.dtype, device=buf.device)
+            new[row[from_old], rank[from_old]] = flat[slot[order[from_old]]]
+            if new_idx.numel():
+                new[row[~from_old], rank[~from_old]] = fresh[name].to(buf.dtype)
+            buf[rows] = new
+        self.key[rows] = new_key
+        self.loc[rows] = new_loc
