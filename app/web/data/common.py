@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import and_, false, or_, select
 from sqlalchemy.orm import Session
 
 from app.db.schema import FeatureSet, Run
@@ -79,6 +80,19 @@ def hesitation_set(session: Session, run_id: int) -> FeatureSet | None:
         .where(FeatureSet.run_id == run_id, FeatureSet.name.ilike("%hesitation%"))
         .order_by(FeatureSet.id.desc())
     ).first()
+
+
+def keys_condition(layer_col: Any, index_col: Any, keys: Iterable[tuple[int, int]]) -> Any:
+    """``(layer, index) IN keys`` written as ``OR`` of ``layer = L AND index IN (...)`` per layer.
+
+    Both backends turn this into primary-key lookups; a row-value ``IN`` makes SQLite scan the run.
+    """
+    by_layer: dict[int, list[int]] = {}
+    for layer, index in keys:
+        by_layer.setdefault(int(layer), []).append(int(index))
+    if not by_layer:
+        return false()
+    return or_(*(and_(layer_col == layer, index_col.in_(sorted(set(idx)))) for layer, idx in sorted(by_layer.items())))
 
 
 def as_float(value: Any) -> float | None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Text, cast, select, tuple_
+from sqlalchemy import Text, cast, select
 from sqlalchemy.orm import Session
 
 from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Graph
-from app.web.data.common import NotFound, RunRef, as_float, get_run, run_ref, run_vocab
+from app.web.data.common import NotFound, RunRef, as_float, get_run, keys_condition, run_ref, run_vocab
 from app.web.tokens import Vocab, is_hesitation
 
 WINDOW_BEFORE, WINDOW_AFTER = 12, 6  # tokens shown around the focus before "expand" (of 50 / 20 stored)
@@ -218,7 +218,7 @@ def feature_page(session: Session, run_key: str | int, layer: int, index: int) -
             (r.layer, r.index): r
             for r in session.execute(
                 select(Feature.layer, Feature.index, Feature.label, Feature.logit_lens)
-                .where(Feature.run_id == run.id, tuple_(Feature.layer, Feature.index).in_(keys))
+                .where(Feature.run_id == run.id, keys_condition(Feature.layer, Feature.index, keys))
             )
         }
         for n, key in zip(raw_nb, keys, strict=True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.schema import Feature, FeatureSetMember, Graph, Prompt
@@ -21,6 +21,7 @@ from app.web.data.common import (
     get_run,
     hesitation_set,
     hesitation_words,
+    keys_condition,
     run_ref,
     run_vocab,
 )
@@ -131,14 +132,14 @@ def graph_page(session: Session, run_key: str | int, graph_id: int) -> GraphPage
     for chunk in (key_list[i:i + 500] for i in range(0, len(key_list), 500)):
         for r in session.execute(
             select(Feature.layer, Feature.index, Feature.label, Feature.logit_lens)
-            .where(Feature.run_id == run.id, tuple_(Feature.layer, Feature.index).in_(chunk))
+            .where(Feature.run_id == run.id, keys_condition(Feature.layer, Feature.index, chunk))
         ):
             info[(r.layer, r.index)] = r
         if hset is not None:
             for m in session.execute(
                 select(FeatureSetMember.layer, FeatureSetMember.index, FeatureSetMember.role, FeatureSetMember.score)
                 .where(FeatureSetMember.set_id == hset.id,
-                       tuple_(FeatureSetMember.layer, FeatureSetMember.index).in_(chunk))
+                       keys_condition(FeatureSetMember.layer, FeatureSetMember.index, chunk))
             ):
                 roles[(m.layer, m.index)] = (m.role, m.score)
 
