@@ -170,6 +170,8 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
     member = FeatureSetMember.__table__.alias("m")
     on = and_(member.c.set_id == (hset.id if hset else -1), member.c.layer == Feature.layer,
               member.c.index == Feature.index)
+    if query.in_set and query.sort == "layer":
+        order = [member.c.layer, member.c.index]  # the same order, read off the members' primary key
     stmt = (
         select(Feature.layer, Feature.index, Feature.frequency, Feature.max_act, Feature.category, Feature.label,
                Feature.logit_lens, member.c.set_id.label("member_of"), member.c.role)
