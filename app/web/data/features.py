@@ -151,11 +151,17 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
     # Keyset conditions are written so that their first conjunct is a plain index range (both SQLite
     # and Postgres plan it as one); the rest breaks ties exactly. Row-value comparisons read better but
     # SQLite does not use them as an index range here.
+    # Membership in the hesitation set: an inner join when filtering by it (the members' primary key
+    # (set_id, layer, index) then drives the scan, so keys are read off it), else an outer join for roles.
+    member = FeatureSetMember.__table__.alias("m")
+    on = and_(member.c.set_id == (hset.id if hset else -1), member.c.layer == Feature.layer,
+              member.c.index == Feature.index)
+    layer_col, index_col = (member.c.layer, member.c.index) if query.in_set else (Feature.layer, Feature.index)
     if query.sort == "layer":
-        order = [Feature.layer, Feature.index]
+        order = [layer_col, index_col]
         if query.after:
             _, layer, index = _cursor_values("layer", query.after)
-            cond.append(and_(Feature.layer >= layer, or_(Feature.layer > layer, Feature.index > index)))
+            cond.append(and_(layer_col >= layer, or_(layer_col > layer, index_col > index)))
     else:
         col = Feature.frequency if query.sort == "frequency" else Feature.max_act
         order = [col.desc(), Feature.layer.desc(), Feature.index.desc()]
@@ -165,13 +171,6 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
             cond.append(and_(col <= v, or_(col < v, Feature.layer < layer,
                                            and_(Feature.layer == layer, Feature.index < index))))
 
-    # Membership in the hesitation set: an inner join when filtering by it (the members' primary key
-    # (set_id, layer, index) then drives the scan), else an outer join for the role column.
-    member = FeatureSetMember.__table__.alias("m")
-    on = and_(member.c.set_id == (hset.id if hset else -1), member.c.layer == Feature.layer,
-              member.c.index == Feature.index)
-    if query.in_set and query.sort == "layer":
-        order = [member.c.layer, member.c.index]  # the same order, read off the members' primary key
     stmt = (
         select(Feature.layer, Feature.index, Feature.frequency, Feature.max_act, Feature.category, Feature.label,
                Feature.logit_lens, member.c.set_id.label("member_of"), member.c.role)
