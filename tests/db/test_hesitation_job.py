@@ -133,6 +133,7 @@ def test_hesitation_study_stores_graphs_and_a_set_idempotently(settings: Setting
     other = run_inline(settings, "attribute", {"run_id": run_id, "prompt": "x", "slug": "keep-me"},
                        show_progress=False, handler_modules=MODULES)
     payload = {"run_id": run_id, "n_graphs": 3, "traces": "reference", **LOOSE, "max_new_tokens": 8,
+               "max_feature_nodes": 300,
                "hesitation_words": ["Wait", "Hmm", "Actually"], "cap_fraction": 0.1}
     out = run_inline(settings, "hesitation", payload, show_progress=False, handler_modules=MODULES)
     assert out["sites"]["n_graphs"] == 3 and out["sites"]["n_sites"] >= 3
@@ -151,7 +152,7 @@ def test_hesitation_study_stores_graphs_and_a_set_idempotently(settings: Setting
             assert g.nodes[-1]["feature_type"] == "logit"
             assert any(n.get("is_target_logit") for n in g.nodes)
         fs = s.scalar(select(FeatureSet).where(FeatureSet.run_id == run_id))
-        assert fs.name == "hesitation features" and f"{size} features" in fs.description
+        assert fs.name == "hesitation features" and fs.description.startswith(f"{size} feature")
         members = s.scalars(select(FeatureSetMember).where(FeatureSetMember.set_id == fs.id)).all()
         assert len(members) == size and all(m.role in ROLES and m.score > 0 for m in members)
         first_set = fs.id

@@ -98,7 +98,7 @@ def test_sampling_is_stratified_spread_and_seeded():
 def _hand_graph() -> Graph:
     """Two features (0,3)@0 → (1,5)@1 → logit 40 (target) and logit 41; two tokens. Nodes: f0 f1 t0 t1 L40 L41."""
     adj = torch.zeros(6, 6, dtype=torch.float64)
-    adj[1, 0], adj[1, 2] = 1.0, -3.0  # f1 ← f0, t0
+    adj[1, 0], adj[1, 2] = -1.0, -3.0  # f1 ← f0 (inhibits), t0
     adj[0, 2] = 2.0  # f0 ← t0
     adj[4, 1], adj[4, 3] = 2.0, 2.0  # L40 ← f1, t1
     adj[5, 0], adj[5, 3] = 4.0, 1.0  # L41 ← f0, t1
@@ -106,7 +106,7 @@ def _hand_graph() -> Graph:
         input_ids=torch.tensor([10, 11]), active_features=torch.tensor([[0, 0, 3], [1, 1, 5]]),
         activation_values=torch.tensor([1.5, 0.5]), selected_features=torch.tensor([0, 1]),
         adjacency_matrix=adj, logit_tokens=torch.tensor([40, 41]), logit_probabilities=torch.tensor([0.6, 0.3]),
-        target_values=torch.zeros(6), constant_contributions=torch.zeros(6), dropped_contributions=torch.zeros(6),
+        target_values=torch.tensor([1.5, 0.5, 0.0, 0.0, 0.0, 0.0]), constant_contributions=torch.zeros(6), dropped_contributions=torch.zeros(6),
         mode="relp", n_layers=2, n_features_per_layer=8, target_token=40)
 
 
@@ -114,8 +114,9 @@ def test_graph_evidence_is_the_influence_on_the_target_logit_alone():
     g = _hand_graph()
     ev = graph_evidence(g, prune_graph(g, 1.0, 1.0), 40, [True, False])
     # seeded at L40 only: f1 gets 2/4 = 0.5 directly; f0 gets 0.5 × 1/4 through f1 (its L41 edge does not count)
-    assert ev.shares[(1, 5)] == pytest.approx([0.8, 0.8, 0.0])
-    assert ev.shares[(0, 3)] == pytest.approx([0.2, 0.0, 0.2])  # at position 0, a formatting position
+    # signed effect on L40: f1 adds 2; removing f0 raises f1 by 1 (its edge is -1), worth 2 / 0.5 per unit: -4
+    assert ev.shares[(1, 5)] == pytest.approx([0.8, 0.8, 0.0, 2 / 6])
+    assert ev.shares[(0, 3)] == pytest.approx([0.2, 0.0, 0.2, -4 / 6])  # at position 0, a formatting position
     assert ev.kept == {(0, 3), (1, 5)}
     assert ev.target_prob == pytest.approx(0.6)
     with pytest.raises(ValueError, match="positions"):
@@ -125,13 +126,14 @@ def test_graph_evidence_is_the_influence_on_the_target_logit_alone():
 
 
 def test_aggregate_sums_shares_and_counts_kept_graphs():
-    a = GraphEvidence({(0, 1): [0.6, 0.5, 0.0], (1, 2): [0.4, 0.0, 0.4]}, {(0, 1), (1, 2)}, 0.5)
-    b = GraphEvidence({(0, 1): [0.1, 0.1, 0.0], (1, 2): [0.9, 0.0, 0.3]}, {(1, 2)}, 0.5)
+    a = GraphEvidence({(0, 1): [0.6, 0.5, 0.0, 0.2], (1, 2): [0.4, 0.0, 0.4, -0.1]}, {(0, 1), (1, 2)}, 0.5)
+    b = GraphEvidence({(0, 1): [0.1, 0.1, 0.0, 0.3], (1, 2): [0.9, 0.0, 0.3, 0.4]}, {(1, 2)}, 0.5)
     got = aggregate([a, b])
     assert [f.key for f in got] == [(1, 2), (0, 1)]
     f12, f01 = got
     assert (f12.influence, f12.n_graphs, f12.format_share) == pytest.approx((1.3, 2, 0.7 / 1.3))
     assert (f01.influence, f01.n_graphs, f01.direct_share) == pytest.approx((0.7, 1, 0.6 / 0.7))
+    assert (f01.effect, f12.effect) == pytest.approx((0.5, 0.3))
 
 
 # -- roles ------------------------------------------------------------------------------------------------------

@@ -214,6 +214,8 @@ class HesitationPayload(BaseModel):
     cap_fraction: float = Field(0.05, gt=0.0, le=1.0, description="Largest set, share of all features.")
     set_name: str = Field(HESITATION_SET_NAME, min_length=1, max_length=200)
     control: bool = Field(True, description="Also ablate a random same-size set of active features.")
+    promoting_only: bool = Field(
+        True, description="Rank only features whose summed signed effect promotes the hesitation token.")
 
 
 def split_sizes(total: int, wanted: tuple[int, ...]) -> tuple[int, ...]:
@@ -369,7 +371,7 @@ def hesitation_job(ctx: JobContext) -> dict:
         f.lens_rank, f.lens_top = ranks[f.key]
     classify_all(features, len(evidence), rules)
     by_key = {f.key: f for f in features}
-    ranked = [f.key for f in features if f.influence > 0]
+    ranked = [f.key for f in features if f.influence > 0 and (f.effect > 0 or not p.promoting_only)]
 
     # 5. choose the set on validation prompts, measure it on report prompts
     t = time.perf_counter()

@@ -55,8 +55,9 @@ class FeatureEvidence:
     ``influence``: its influence on each graph's hesitation logit as a share of the graph's total feature
     influence, summed over graphs (each graph weighs the same). ``direct``: the part of that carried by its
     direct edge to the hesitation logit. ``format_influence``: the part at positions holding a formatting
-    token. ``n_graphs``: graphs whose pruned version keeps it. ``lens_rank``: 0-based rank of the best
-    hesitation token among its top logit-lens tokens (None when none is among them or not computed).
+    token. ``effect``: its signed linear effect on the hesitation logit (positive: promotes it), as a share of
+    each graph's total |effect|, summed. ``n_graphs``: graphs whose pruned version keeps it. ``lens_rank``:
+    0-based rank of the best hesitation token among its top logit-lens tokens (None when none is among them or not computed).
     """
 
     layer: int
@@ -64,6 +65,7 @@ class FeatureEvidence:
     influence: float = 0.0
     direct: float = 0.0
     format_influence: float = 0.0
+    effect: float = 0.0
     n_graphs: int = 0
     lens_rank: int | None = None
     lens_top: tuple[str, ...] = ()

@@ -149,11 +149,33 @@ def site_graph(model: AdapterModel, token_ids: Sequence[int], target_token: int 
 
 @dataclass
 class GraphEvidence:
-    """One graph's view of its features: per (layer, index), [influence, direct, formatting] shares."""
+    """One graph's view of its features: per (layer, index), [influence, direct, formatting, effect] shares."""
 
     shares: dict[FeatureKey, list[float]]
     kept: set[FeatureKey]  # features the pruned graph keeps
     target_prob: float
+
+
+def signed_effect(graph: Graph, row: int, max_iter: int = 1000) -> torch.Tensor:
+    """Per node, the linear effect on node ``row`` (a logit) of removing it, through every path [n_nodes].
+
+    Removing source s changes target t's pre-activation by ``-A[t, s]``; a feature's activation follows its
+    pre-activation (ReLU, active), and a unit of it moves the logit by ``e_t / a_t``. So
+    ``e = w (B + B² + …)`` with ``B = A`` whose feature rows are divided by their activations and ``w`` the
+    one-hot of ``row``: the signed counterpart of the influence (positive: the node promotes the token).
+    """
+    adj = graph.adjacency_matrix.double()
+    n_feat = graph.n_feature_nodes
+    b = adj.clone()
+    b[:n_feat] /= graph.target_values[:n_feat].double().clamp(min=1e-12)[:, None]
+    cur = b[row].clone()
+    total = cur.clone()
+    for _ in range(max_iter):
+        cur = cur @ b
+        if not bool(cur.any()):
+            return total
+        total += cur
+    raise RuntimeError(f"signed effect did not converge in {max_iter} iterations (is the graph acyclic?)")
 
 
 def graph_evidence(graph: Graph, pruned: PrunedGraph, target_token: int,
@@ -162,25 +184,30 @@ def graph_evidence(graph: Graph, pruned: PrunedGraph, target_token: int,
 
     ``formatting[pos]``: whether the token at ``pos`` is a formatting token. A feature active at several
     positions sums them. The direct part is the first term of the influence series: the feature's share of
-    the logit row's |edges| (``normalize_rows``), which is exactly what its direct edge contributes.
+    the logit row's |edges| (``normalize_rows``), which is exactly what its direct edge contributes. The
+    effect (:func:`signed_effect`) is a share of the graph's total |effect| of features, with its sign.
     """
     if len(formatting) != graph.n_pos:
         raise ValueError(f"formatting flags for {len(formatting)} positions, graph has {graph.n_pos}")
     adj = graph.adjacency_matrix.double()
     row = graph.logit_node_index(int(target_token))
+    n_feat = graph.n_feature_nodes
     w = torch.zeros(graph.n_nodes, dtype=adj.dtype)
     w[row] = 1.0
-    infl = compute_node_influence(adj, w)[:graph.n_feature_nodes]
-    direct = normalize_rows(adj)[row, :graph.n_feature_nodes]
-    total = float(infl.sum())
+    infl = compute_node_influence(adj, w)[:n_feat]
+    direct = normalize_rows(adj)[row, :n_feat]
+    effect = signed_effect(graph, row)[:n_feat]
+    total, total_effect = float(infl.sum()), float(effect.abs().sum())
     shares: dict[FeatureKey, list[float]] = {}
     if total > 0:
-        for (layer, pos, index), f, d in zip(graph.feature_nodes.tolist(), (infl / total).tolist(),
-                                             (direct / total).tolist(), strict=True):
-            acc = shares.setdefault((layer, index), [0.0, 0.0, 0.0])
+        effect = effect / total_effect if total_effect > 0 else effect
+        for (layer, pos, index), f, d, e in zip(graph.feature_nodes.tolist(), (infl / total).tolist(),
+                                                (direct / total).tolist(), effect.tolist(), strict=True):
+            acc = shares.setdefault((layer, index), [0.0, 0.0, 0.0, 0.0])
             acc[0] += f
             acc[1] += d
             acc[2] += f if formatting[pos] else 0.0
+            acc[3] += e
     k = (graph.logit_tokens == int(target_token)).nonzero()
     prob = float(graph.logit_probabilities[int(k[0])]) if k.numel() else 0.0
     return GraphEvidence(shares, pruned.feature_ids(), prob)
@@ -190,11 +217,12 @@ def aggregate(graphs: Sequence[GraphEvidence]) -> list[FeatureEvidence]:
     """Sum each feature's shares over graphs and count the pruned graphs keeping it; most influential first."""
     out: dict[FeatureKey, FeatureEvidence] = {}
     for g in graphs:
-        for key, (f, d, fmt) in g.shares.items():
+        for key, (f, d, fmt, e) in g.shares.items():
             ev = out.get(key) or out.setdefault(key, FeatureEvidence(*key))
             ev.influence += f
             ev.direct += d
             ev.format_influence += fmt
+            ev.effect += e
         for key in g.kept:
             (out.get(key) or out.setdefault(key, FeatureEvidence(*key))).n_graphs += 1
     return sorted(out.values(), key=lambda e: (-e.influence, e.layer, e.index))
