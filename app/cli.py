@@ -269,14 +269,14 @@ def up(
     from app.db.migrate import upgrade
     from app.db.session import make_engine
     from app.web.main import serve as run_server
-    from worker.demo import enqueue_demo_pipeline, has_runs
+    from worker.bootstrap import bootstrap as queue_demo_if_empty
 
     settings = _settings()
     upgrade(settings.db_url)
     engine = make_engine(settings)
     try:
-        if not has_runs(engine):
-            jobs = enqueue_demo_pipeline(engine, organism_preset=organism_preset, train_preset=preset, seed=seed)
+        jobs = queue_demo_if_empty(engine, organism_preset=organism_preset, train_preset=preset, seed=seed)
+        if jobs:
             typer.echo(f"empty store: queued the demo pipeline ({', '.join(jobs)}); watch it at /jobs")
     finally:
         engine.dispose()

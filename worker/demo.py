@@ -57,16 +57,18 @@ def enqueue_demo_pipeline(engine: Engine, *, organism_preset: str = "organism", 
     spec = organism_spec(organism_preset, seed)
     config = {"train": train_config_to_dict(preset(train_preset)), "data": {"kind": "organism"},
               "preset": train_preset}
+    jobs: dict[str, int] = {}
+    # one transaction: the run and all its jobs exist together or not at all (a crash half-way would
+    # otherwise leave a run that makes the next start believe the pipeline was queued)
     with make_sessionmaker(engine)() as s, s.begin():
         run_id = ensure_run(s, name=organism_run_name(organism_preset, seed, train_preset), base_model=spec,
                             target_model=spec, config=config)
-    payloads = {"organism": {"preset": organism_preset, "seed": seed}, "train": {"run_id": run_id},
-                "evaluate": {"run_id": run_id}, "collect": {"run_id": run_id}, "hesitation": {"run_id": run_id}}
-    jobs: dict[str, int] = {}
-    previous = None
-    for step in steps:
-        previous = queue.enqueue(engine, step, payloads[step], priority=PIPELINE_PRIORITY, depends_on=previous,
-                                 run_id=run_id if step != "organism" else None)
-        jobs[step] = previous
+        payloads = {"organism": {"preset": organism_preset, "seed": seed}, "train": {"run_id": run_id},
+                    "evaluate": {"run_id": run_id}, "collect": {"run_id": run_id}, "hesitation": {"run_id": run_id}}
+        previous = None
+        for step in steps:
+            previous = queue.enqueue(s, step, payloads[step], priority=PIPELINE_PRIORITY, depends_on=previous,
+                                     run_id=run_id if step != "organism" else None)
+            jobs[step] = previous
     log.info("queued the demo pipeline for run %d: %s", run_id, jobs)
     return jobs
