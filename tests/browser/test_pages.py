@@ -96,3 +96,10 @@ def test_not_found_page(server, page):
     resp = page.goto(server.url + "/runs/does-not-exist")
     assert resp.status == 404
     assert "does-not-exist" in page.inner_text(".error-message")
+
+
+def test_empty_run_lights_up_nothing_and_says_what_to_run(server, world, page):
+    page.goto(f"{server.url}/runs/{world.empty_run_id}")
+    assert page.locator("[data-empty]").count() >= 3
+    assert "adapterlens evaluate --run empty-run" in page.inner_text("[data-section=evaluation]")
+    shot(page, "run-empty")
