@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 _M32 = 0xFFFFFFFF
-_EMPTY_DATA = {"tokens": -1}  # payload of an empty slot (others 0)
 _EMPTY_KEY = {torch.float32: float("inf"), torch.float64: float("inf"), torch.int64: torch.iinfo(torch.int64).max}
 
 
@@ -51,7 +50,10 @@ def _within_batch_k(feature: torch.Tensor, key: torch.Tensor, k: int, n_features
 
 @dataclass
 class KeptExamples:
-    """Per-feature buffers of the k best entries by (key, location), ascending; ``loc == -1`` = empty.
+    """Per-feature buffers of the k best entries by (key, location); ``loc == -1`` = empty.
+
+    While streaming the slots of a row are in no particular order; after :meth:`sort_` (which
+    ``collect`` and ``merge`` call) they are in rank order, ascending (key, location), empty last.
 
     ``data`` holds payload tensors shaped ``[F, k, ...]`` that travel with the entries: ``value`` (the
     activation at the focus token), ``acts`` (the window's activations) and, after ``fill_tokens``,
@@ -88,13 +90,18 @@ class KeptExamples:
 
         ``locate(idx)`` gives the locations and ``payload(idx)`` the data of candidates ``idx``; both are
         asked only about candidates that pass the thresholds (few, once the buffers are full).
+
+        Slots are not kept in order while streaming: an entering candidate takes the slot of the entry
+        it evicts (or an empty one), so only the entering entries' data is written. :meth:`sort_`
+        orders every row by (key, location) at the end.
         """
         k = self.k
         if k == 0 or feature.numel() == 0:
             return
-        # A candidate can only enter if it is not worse than the feature's current k-th entry
-        # (equal keys are kept: the location decides below).
-        cand = (key <= self.key[:, k - 1].index_select(0, feature)).nonzero().squeeze(1)
+        # A candidate can only enter if it is not worse than the feature's worst kept entry (empty slots
+        # have the largest key); equal keys are kept: the location decides below.
+        worst = self.key.amax(dim=1)
+        cand = (key <= worst.index_select(0, feature)).nonzero().squeeze(1)
         if cand.numel() > PREFILTER_FACTOR * k * self.key.shape[0]:
             # Many candidates (a dense batch, or the first ones): only each feature's own k best in
             # this batch can enter, so cut to those with one sort before the exact three-sort merge.
@@ -103,37 +110,45 @@ class KeptExamples:
             return
         feature, key, loc = feature[cand], key[cand], locate(cand)
         rows = torch.unique(feature)  # sorted
-        n_rows = rows.numel()
+        n_rows, dev = rows.numel(), rows.device
         old_loc = self.loc[rows]  # [T, k]
         occupied = old_loc >= 0
-        slot = (rows.unsqueeze(1) * k + torch.arange(k, device=rows.device)).masked_select(occupied)
-        old_row = torch.arange(n_rows, device=rows.device).unsqueeze(1).expand(n_rows, k).masked_select(occupied)
+        old_row, old_slot = occupied.nonzero(as_tuple=True)
         all_row = torch.cat([old_row, torch.searchsorted(rows, feature)])
-        all_key = torch.cat([self.key.reshape(-1)[slot], key])
-        all_loc = torch.cat([old_loc.masked_select(occupied), loc])
-        n_old = slot.numel()
+        all_key = torch.cat([self.key[rows[old_row], old_slot], key])
+        all_loc = torch.cat([old_loc[old_row, old_slot], loc])
+        n_old = old_row.numel()
         # Order by (row, key, location): stable sorts from the least to the most significant field.
         order = torch.argsort(all_loc, stable=True)
         order = order[torch.argsort(all_key[order], stable=True)]
         order = order[torch.argsort(all_row[order], stable=True)]
         row = all_row[order]
-        rank = torch.arange(row.numel(), device=row.device) - torch.searchsorted(row, row)
-        keep = rank < k
-        order, row, rank = order[keep], row[keep], rank[keep]
-        from_old = order < n_old
-        new_idx = cand[order[~from_old] - n_old]
+        rank = torch.arange(row.numel(), device=dev) - torch.searchsorted(row, row)
+        kept = order[rank < k]
+        entering = kept[kept >= n_old] - n_old  # index into this call's candidates, grouped by row
+        if entering.numel() == 0:
+            return
+        # Free slots: empty ones and those of evicted entries (every kept old entry stays where it is).
+        free = torch.ones(n_rows, k, dtype=torch.bool, device=dev)
+        stay = kept[kept < n_old]
+        free[old_row[stay], old_slot[stay]] = False
+        free_row, free_slot = free.nonzero(as_tuple=True)  # row-major: grouped by row, ascending
+        new_row = all_row[entering + n_old]
+        nth = torch.arange(new_row.numel(), device=dev) - torch.searchsorted(new_row, new_row)
+        slot = free_slot[torch.searchsorted(free_row, new_row) + nth]
+        target_row = rows[new_row]
+        self.key[target_row, slot] = key[entering]
+        self.loc[target_row, slot] = loc[entering]
+        for name, value in payload(cand[entering]).items():
+            self.data[name][target_row, slot] = value.to(self.data[name].dtype)
 
-        new_key = torch.full((n_rows, k), _EMPTY_KEY[self.key.dtype], dtype=self.key.dtype, device=rows.device)
-        new_loc = torch.full((n_rows, k), -1, dtype=torch.int64, device=rows.device)
-        new_key[row, rank] = all_key[order]
-        new_loc[row, rank] = all_loc[order]
-        fresh = payload(new_idx) if new_idx.numel() else {}
+    def sort_(self) -> KeptExamples:
+        """Order each feature's entries by (key, location), empty slots last; in place, returns self."""
+        by_loc = torch.argsort(self.loc, dim=1, stable=True)
+        order = by_loc.gather(1, torch.argsort(self.key.gather(1, by_loc), dim=1, stable=True))
+        self.key = self.key.gather(1, order)
+        self.loc = self.loc.gather(1, order)
         for name, buf in self.data.items():
-            flat = buf.reshape(buf.shape[0] * k, *buf.shape[2:])
-            new = torch.full((n_rows, k, *buf.shape[2:]), _EMPTY_DATA.get(name, 0), dtype=buf.dtype, device=buf.device)
-            new[row[from_old], rank[from_old]] = flat[slot[order[from_old]]]
-            if new_idx.numel():
-                new[row[~from_old], rank[~from_old]] = fresh[name].to(buf.dtype)
-            buf[rows] = new
-        self.key[rows] = new_key
-        self.loc[rows] = new_loc
+            idx = order.view(*order.shape, *([1] * (buf.dim() - 2))).expand_as(buf)
+            self.data[name] = buf.gather(1, idx)
+        return self

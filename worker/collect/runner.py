@@ -83,7 +83,7 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
     _run_pass(model, corpus, batches, stats, device, n_tokens, progress, len(ids))
     t1 = time.perf_counter()
 
-    cpu = {layer: s.to("cpu") for layer, s in stats.items()}
+    cpu = {layer: s.to("cpu").sort_examples() for layer, s in stats.items()}
     for s in cpu.values():
         s.fill_tokens(lambda loc, s=s: corpus.windows(loc >> POS_BITS, loc & ((1 << POS_BITS) - 1),
                                                       s.ctx_before, s.ctx_after))

@@ -5,8 +5,8 @@ Every statistic is computed from the *sparse* list of nonzero activations of a b
 scales with the number of active (token, feature) pairs, not with tokens × features: with a trained
 adapter (L0 of 1–10 per token) that is a few thousand entries per batch and layer.
 
-Kept examples (top-k and random) live in fixed-size per-feature buffers ``[F, k]`` sorted by a key,
-ascending, with ties broken by location (sequence id, then position), so the result never depends on
+Kept examples (top-k and random) live in fixed-size per-feature buffers ``[F, k]`` holding the k
+smallest keys, ties broken by location (sequence id, then position), so the result never depends on
 the order in which batches or shards arrive:
 
 - top-k: key = −activation (the largest activations first; equal activations → earlier location);
@@ -20,7 +20,8 @@ the order in which batches or shards arrive:
 A buffer update is vectorised: candidates are filtered against each feature's current k-th key (and,
 when a batch brings many per feature, against the feature's own k-th key in the batch, found with one
 sort), then the touched rows and the candidates are ordered by (feature, key, location) with three
-stable sorts and the first k per feature are scattered back. No Python loop runs per feature or token.
+stable sorts, and entering candidates take the slots of the entries they evict (only their window
+data is written). No Python loop runs per feature or token.
 
 Cost per batch and layer: one ``nonzero`` over f [rows, seq, F] and a few dozen elementwise passes over
 the nonzero entries; on a GPU a handful of host syncs (each ``nonzero``/``unique``).
@@ -268,6 +269,12 @@ class FeatureStats:
                             ctx_after=self.ctx_after, seed=self.seed, top=self.top.to(device),
                             random=self.random.to(device), shards=list(self.shards), **moved)
 
+    def sort_examples(self) -> FeatureStats:
+        """Put kept examples in rank order (streaming leaves slots unordered); in place, returns self."""
+        self.top.sort_()
+        self.random.sort_()
+        return self
+
     def fill_tokens(self, windows: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Attach token ids of every kept window: ``windows(loc [n]) -> [n, W]`` (-1 outside the sequence)."""
         for kept in (self.top, self.random):
@@ -318,4 +325,4 @@ def merge(a: FeatureStats, b: FeatureStats) -> FeatureStats:
         getattr(out, name).offer(feat, src.key[occupied], lambda idx, locs=locs: locs[idx],
                                  lambda idx, data=data: {n: t[idx] for n, t in data.items()})
     out.shards = sorted(a.shards + b.shards)
-    return out
+    return out.sort_examples()
