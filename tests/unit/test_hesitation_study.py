@@ -237,3 +237,28 @@ def test_payloads_refuse_ambiguous_or_reserved_input():
     with pytest.raises(ValueError):
         HesitationPayload(run_id=1, n_graphs=0)
     assert HesitationPayload(run_id=1).n_graphs == 24
+
+
+def test_site_margins_and_single_feature_effects():
+    """The margin is logit(target) − best non-hesitation logit; a dead feature's effect is exactly 0."""
+    from tests.helpers import randomize_adapters, tiny_pair
+    from training.adapter import build_adapter_model
+    from training.config import AdapterConfig
+    from worker.hesitation.study import site_ablation_effects, site_margins
+
+    model = randomize_adapters(build_adapter_model(*tiny_pair(0), AdapterConfig(n_features=16)), 0)
+    with torch.no_grad():
+        model.adapters[1].W_enc[7].zero_()
+        model.adapters[1].b_enc[7] = -1.0  # feature (1, 7) never fires
+    prefixes, targets, hes = [[5, 6, 7, 8], [9, 10]], [11, 12], {11, 12, 13}
+    margins = site_margins(model, prefixes, targets, hes)
+    with model.mode("adapted"):
+        logits = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits[0, -1]
+    others = logits.clone()
+    others[sorted(hes)] = float("-inf")
+    assert margins[0] == pytest.approx(float(logits[11] - others.max()), abs=1e-5)  # left padding changes nothing
+    effects = site_ablation_effects(model, prefixes, targets, hes, [(1, 7), (0, 3)])
+    assert effects[(1, 7)] == 0.0
+    ablated = site_margins(model, prefixes, targets, hes, ablate=[(0, 3)])
+    assert effects[(0, 3)] == pytest.approx(float((margins - ablated).mean()))
+    assert effects[(0, 3)] != 0.0

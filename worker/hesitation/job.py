@@ -46,6 +46,7 @@ from worker.hesitation.study import (
     random_control,
     removal,
     sample_sites,
+    site_ablation_effects,
     site_graph,
 )
 from worker.pipeline import get_run
@@ -214,8 +215,10 @@ class HesitationPayload(BaseModel):
     cap_fraction: float = Field(0.05, gt=0.0, le=1.0, description="Largest set, share of all features.")
     set_name: str = Field(HESITATION_SET_NAME, min_length=1, max_length=200)
     control: bool = Field(True, description="Also ablate a random same-size set of active features.")
-    promoting_only: bool = Field(
-        True, description="Rank only features whose summed signed effect promotes the hesitation token.")
+    ranking: Literal["site-effect", "influence"] = Field(
+        "site-effect", description="Order the set grows in: measured margin drop at the sites of the top-influence "
+        "candidates, or aggregated influence itself (promoting features only).")
+    n_candidates: int | None = Field(None, ge=1, description="site-effect: candidates scored (default 4 × cap).")
 
 
 def split_sizes(total: int, wanted: tuple[int, ...]) -> tuple[int, ...]:
@@ -371,7 +374,23 @@ def hesitation_job(ctx: JobContext) -> dict:
         f.lens_rank, f.lens_top = ranks[f.key]
     classify_all(features, len(evidence), rules)
     by_key = {f.key: f for f in features}
-    ranked = [f.key for f in features if f.influence > 0 and (f.effect > 0 or not p.promoting_only)]
+    chunk = max(1, round(p.chunk_fraction * n_total))
+    cap = max(chunk, math.floor(p.cap_fraction * n_total))
+    promoting = [f.key for f in features if f.influence > 0 and f.effect > 0]
+    scores = {f.key: f.influence / max(len(evidence), 1) for f in features}  # mean influence share per graph
+    if p.ranking == "influence" or not chosen_sites:
+        ranked = promoting
+    else:
+        t = time.perf_counter()
+        candidates = [f.key for f in features if f.influence > 0][:p.n_candidates or 4 * cap]
+        prefixes = [traces[site.trace].token_ids[:site.position] for site in chosen_sites]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ctx.progress(2 + len(chosen_sites), total_steps, f"scoring {len(candidates)} candidates at the sites")
+        effects = site_ablation_effects(model, prefixes, [site.token_id for site in chosen_sites], hes_ids, candidates,
+                                        pad_id=pad, on_step=lambda _: ctx.check())
+        ranked = sorted((k for k in candidates if effects[k] > 0), key=lambda k: -effects[k])
+        scores = effects
+        timings["scoring_s"] = time.perf_counter() - t
 
     # 5. choose the set on validation prompts, measure it on report prompts
     t = time.perf_counter()
@@ -385,8 +404,6 @@ def hesitation_job(ctx: JobContext) -> dict:
     gen_kw = {"max_new_tokens": p.max_new_tokens}
     progress("baseline on validation prompts")
     baseline = measure(model, tokenizer, validation, hes_ids, **gen_kw)
-    chunk = max(1, round(p.chunk_fraction * n_total))
-    cap = max(chunk, math.floor(p.cap_fraction * n_total))
     choice = choose_set(ranked, lambda feats: measure(model, tokenizer, validation, hes_ids, ablate=feats, **gen_kw),
                         baseline, chunk=chunk, cap=cap, target_removal=p.target_removal,
                         on_step=lambda size, _: progress(f"ablating {size} features on validation prompts"))
@@ -411,8 +428,8 @@ def hesitation_job(ctx: JobContext) -> dict:
     roles = dict.fromkeys(ROLES, 0)
     for key in choice.features:
         roles[by_key[key].role] += 1
-    members = [{"layer": key[0], "index": key[1], "role": by_key[key].role,
-                "score": by_key[key].influence / max(len(evidence), 1)} for key in choice.features]
+    members = [{"layer": key[0], "index": key[1], "role": by_key[key].role, "score": scores[key]}
+               for key in choice.features]
     description = describe(len(choice.features), n_total, roles, report) if choice.features else (
         f"no hesitation features: {len(sites)} hesitation sites found in {len(traces)} {p.traces} traces")
     with ctx.session() as s:
@@ -425,7 +442,7 @@ def hesitation_job(ctx: JobContext) -> dict:
     return {
         "set": {"id": set_id, "name": p.set_name, "size": len(choice.features), "n_features": n_total,
                 "fraction": len(choice.features) / n_total, "roles": roles, "description": description},
-        "choice": {"reached_target": choice.reached_target, "validation_removal": choice.removal,
+        "choice": {"ranking": p.ranking, "n_ranked": len(ranked), "reached_target": choice.reached_target, "validation_removal": choice.removal,
                    "chunk": chunk, "cap": cap, "history": choice.history, "baseline": baseline.to_dict()},
         "report": report,
         "sites": {"n_traces": len(traces), "n_sites": len(sites), "n_graphs": len(evidence),
