@@ -192,6 +192,8 @@ def _add_feature(s: Session, rng: random.Random, rid: int, layer: int, index: in
     bottom = [[TOK[t], t, round(-3 + 0.3 * k - rng.random() * 0.1, 3)] for k, t in enumerate(rng.sample(WORDS, 10))]
     if (layer, index) == (2, 7):
         top[0] = [TOK[" Wait"], " Wait", 4.2]
+    if (layer, index) == (0, 0):  # the collector writes null text when it had no decoder
+        top = [[tid, None, v] for tid, _, v in top]
     neighbours = [[rng.randrange(N_LAYERS), rng.randrange(N_FEATURES), round(rng.uniform(0.2, 0.9), 3)] for _ in range(5)]
     s.add(Feature(
         run_id=rid, layer=layer, index=index, frequency=round(rng.random() ** 3 * 0.2, 5), max_act=max_act,

@@ -80,6 +80,15 @@ def test_feature_json(web):
     assert data["vocab_source"].endswith("tokenizer.json")
 
 
+def test_logit_lens_without_text_is_decoded(web):
+    from tests.seed import VOCAB
+
+    data = get(web, f"/api{web.run}/features/0/0")
+    assert all(t["text"] == VOCAB[t["id"]] for t in data["logit_top"])
+    rows = get(web, f"/api{web.run}/features?layer=0&limit=1")["rows"]
+    assert rows[0]["top_token"] == data["logit_top"][0]["text"]
+
+
 def test_graph_json_and_circuit_tracer_download(web):
     gid = web.world.graph_id
     data = get(web, f"/api{web.run}/graphs/{gid}")

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Graph
 from app.web.data.common import NotFound, RunRef, as_float, get_run, keys_condition, run_ref, run_vocab
-from app.web.tokens import Vocab, is_hesitation
+from app.web.tokens import EMPTY_VOCAB, Vocab, is_hesitation
 
 WINDOW_BEFORE, WINDOW_AFTER = 12, 6  # tokens shown around the focus before "expand" (of 50 / 20 stored)
 KIND_ORDER = ("top", "quantile", "random")
@@ -126,16 +126,19 @@ def _hist(raw: Any) -> Hist | None:
         return None
 
 
-def _lens(entries: Any) -> list[LensToken]:
+def _lens(entries: Any, vocab: Vocab | None = None) -> list[LensToken]:
+    """Logit-lens entries ``[id, text, value]``; a missing text (the collector had no decoder) is decoded here."""
     out = []
     for e in entries or []:
         if isinstance(e, list | tuple) and len(e) >= 3:
-            out.append(LensToken(id=e[0] if isinstance(e[0], int) else None, text=str(e[1]), value=as_float(e[2])))
+            tid = e[0] if isinstance(e[0], int) else None
+            text = e[1] if isinstance(e[1], str) else (vocab or EMPTY_VOCAB).text(tid) if tid is not None else "?"
+            out.append(LensToken(id=tid, text=text, value=as_float(e[2])))
     return out
 
 
-def top_token(logit_lens: Any) -> str | None:
-    top = _lens((logit_lens or {}).get("top"))[:1] if isinstance(logit_lens, dict) else []
+def top_token(logit_lens: Any, vocab: Vocab | None = None) -> str | None:
+    top = _lens((logit_lens or {}).get("top"), vocab)[:1] if isinstance(logit_lens, dict) else []
     return top[0].text if top else None
 
 
@@ -224,7 +227,7 @@ def feature_page(session: Session, run_key: str | int, layer: int, index: int) -
         for n, key in zip(raw_nb, keys, strict=True):
             r = found.get(key)
             neighbours.append(Neighbour(layer=key[0], index=key[1], cosine=as_float(n[2]) if len(n) > 2 else None,
-                                        label=r.label if r else None, top_token=top_token(r.logit_lens) if r else None,
+                                        label=r.label if r else None, top_token=top_token(r.logit_lens, vocab) if r else None,
                                         exists=r is not None))
     lens = feat.logit_lens if isinstance(feat.logit_lens, dict) else {}
     regions = {str(k): float(v) for k, v in (feat.region_counts or {}).items() if isinstance(v, int | float)}
@@ -233,7 +236,7 @@ def feature_page(session: Session, run_key: str | int, layer: int, index: int) -
         feature=FeatureInfo(layer=layer, index=index, frequency=feat.frequency, max_act=feat.max_act,
                             mean_act=feat.mean_act, label=feat.label, category=feat.category),
         examples=examples, histogram=_hist(feat.histogram), think_pos_hist=_hist(feat.think_pos_hist),
-        region_counts=regions, logit_top=_lens(lens.get("top")), logit_bottom=_lens(lens.get("bottom")),
+        region_counts=regions, logit_top=_lens(lens.get("top"), vocab), logit_bottom=_lens(lens.get("bottom"), vocab),
         graphs=graphs_with_feature(session, run.id, layer, index), sets=sets, neighbours=neighbours,
         vocab_source=vocab.source,
     )

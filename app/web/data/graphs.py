@@ -143,6 +143,7 @@ def graph_page(session: Session, run_key: str | int, graph_id: int) -> GraphPage
             ):
                 roles[(m.layer, m.index)] = (m.role, m.score)
 
+    vocab = run_vocab(session, run)
     nodes, features = [], {}
     for n in raw_nodes:
         kind = _kind(n)
@@ -157,8 +158,9 @@ def graph_page(session: Session, run_key: str | int, graph_id: int) -> GraphPage
             feature=n.get("feature") if isinstance(n.get("feature"), int) else None, fl=fl,
             clerp=n.get("clerp") or None, influence=as_float(n.get("influence")),
             activation=as_float(n.get("activation")), role=role,
-            top_token=top_token(r.logit_lens) if r else None, label=r.label if r else None,
-            top_tokens=[t.text for t in _lens((r.logit_lens or {}).get("top"))[:5]] if r and isinstance(r.logit_lens, dict) else [],
+            top_token=top_token(r.logit_lens, vocab) if r else None, label=r.label if r else None,
+            top_tokens=[t.text for t in _lens((r.logit_lens or {}).get("top"), vocab)[:5]]
+            if r and isinstance(r.logit_lens, dict) else [],
         )
         nodes.append(node)
         if fl:

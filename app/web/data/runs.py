@@ -23,6 +23,7 @@ from app.db.schema import (
 from app.web.data.common import RunRef, as_float, get_run, run_ref
 
 MODEL_ORDER = ("base", "hybrid", "adapted", "target")
+COUNT_CAP = 10_000  # features counted row by row on the overview before the run's geometry is used
 MAX_CURVE_POINTS = 2000  # per series; longer runs are thinned evenly so a page stays light
 
 
@@ -149,7 +150,12 @@ def _curves(session: Session, run_id: int) -> Curves | None:
 def run_page(session: Session, run_key: str | int) -> RunPage:
     run = get_run(session, run_key)
     rid = run.id
-    n_collected = session.scalar(select(func.count()).select_from(Feature).where(Feature.run_id == rid)) or 0
+    # Counting 229k index entries per page view is slow under load; count up to a cap, and past it take the
+    # run's geometry (the collector stores a row for every feature, dead ones included).
+    capped = select(Feature.index).where(Feature.run_id == rid).limit(COUNT_CAP + 1).subquery()
+    n_collected = session.scalar(select(func.count()).select_from(capped)) or 0
+    if n_collected > COUNT_CAP:
+        n_collected = run.n_layers * run.n_features if run.n_layers and run.n_features else COUNT_CAP
     graphs = [
         LinkItem(id=g.id, title=g.slug, detail=(g.target_token_str and f"→ {g.target_token_str!r}"), created=g.created)
         for g in session.execute(
