@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from sqlalchemy import Float, Integer, Text, and_, cast, exists, false, func, or_, select, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from app.db.schema import Example, Feature, FeatureSetMember
@@ -120,9 +121,12 @@ def _focus_token(session: Session) -> Any:
 def _search_condition(session: Session, run_id: int, ids: list[int]) -> Any:
     if not ids:
         return false()
-    # Logit-lens entries are [id, text, value]; both backends print JSON arrays as "[id, ...", and ids are
-    # the only numbers that follow a "[".
-    lens = or_(*(cast(Feature.logit_lens, Text).like(f"%[{i}, %") for i in ids))
+    if session.get_bind().dialect.name == "postgresql":
+        # JSONB containment: an entry [id, text, value] contains [id]; no text rendering of the document.
+        lens = or_(*(Feature.logit_lens.op("@>")(cast({part: [[i]]}, JSONB)) for i in ids for part in ("top", "bottom")))
+    else:
+        # Entries [id, text, value] print as "[id, ..." and ids are the only numbers that follow a "[".
+        lens = or_(*(cast(Feature.logit_lens, Text).like(f"%[{i}, %") for i in ids))
     in_examples = exists().where(
         Example.run_id == run_id, Example.layer == Feature.layer, Example.index == Feature.index,
         Example.kind == "top", Example.rank < SEARCH_TOP_EXAMPLES, _focus_token(session).in_(ids),
