@@ -14,7 +14,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from pydantic import BaseModel, Field, model_validator
 
 from worker import queue
@@ -51,9 +50,10 @@ def _collect_dir(ctx: JobContext, run_name: str) -> Path:
     return path
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+def _atomic_save(obj: Corpus | CollectionResult, path: Path) -> None:
+    """Save through a temporary file, so a shard never reads another's half-written file."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
+    obj.save(tmp)
     os.replace(tmp, path)
 
 
@@ -65,8 +65,7 @@ def build_corpus(ctx: JobContext, model, tokenizer, run, p: CollectPayload) -> C
     path = _collect_dir(ctx, run.name) / f"corpus-{p.n_prompts}-{p.max_new_tokens}.pt"
     markers = Markers.from_tokenizer(tokenizer)
     if path.is_file():
-        data = torch.load(path, weights_only=True)
-        return Corpus(data["tokens"], data["offsets"], data["regions"])
+        return Corpus.load(path)
     if p.corpus_path is not None:
         from worker.collect.corpus import load_corpus
 
@@ -78,7 +77,7 @@ def build_corpus(ctx: JobContext, model, tokenizer, run, p: CollectPayload) -> C
             gens = generate(model, tokenizer, prompts, max_new_tokens=p.max_new_tokens, greedy=True)
         corpus = Corpus.from_sequences([g.token_ids for g in gens], markers=markers,
                                        prompt_lengths=[len(g.prompt_ids) for g in gens])
-    _atomic_torch_save({"tokens": corpus.tokens, "offsets": corpus.offsets, "regions": corpus.regions}, path)
+    _atomic_save(corpus, path)
     return corpus
 
 
@@ -105,14 +104,15 @@ def collect_job(ctx: JobContext) -> dict:
     if shard is not None:
         folder = _collect_dir(ctx, run.name) / f"shards-{p.n_shards}"
         folder.mkdir(exist_ok=True)
-        _atomic_torch_save(result, folder / f"shard-{p.shard}.pt")
+        _atomic_save(result, folder / f"shard-{p.shard}.pt")
         files = [folder / f"shard-{i}.pt" for i in range(p.n_shards)]
         if not all(f.is_file() for f in files):
             return {"shard": p.shard, "sequences": result.n_sequences, "merged": False}
-        result = merge_results(*(torch.load(f, weights_only=False) for f in files))
+        result = merge_results(*(CollectionResult.load(f) for f in files))
     counts = _write(ctx, p.run_id, result, tokenizer)
     update_run(ctx, p.run_id, status="collected")
-    return {"sequences": result.n_sequences, "tokens": corpus.n_tokens, **counts, "merged": True}
+    return {"sequences": result.n_sequences, "tokens": corpus.n_tokens, **counts, "merged": True,
+            "summary": result.summary()}
 
 
 def _write(ctx: JobContext, run_id: int, result: CollectionResult, tokenizer) -> dict[str, int]:
