@@ -203,8 +203,9 @@ class HesitationPayload(BaseModel):
     edge_threshold: float = Field(0.98, ge=0.0, le=1.0)
     hesitation_words: list[str] | None = Field(None, min_length=1, description="Default: training.hesitation's.")
     seed: int = Field(0, ge=0)
-    traces: Literal["generated", "reference"] = Field(
-        "generated", description="Sites in the target's greedy generations, or in the organism's reference traces.")
+    traces: Literal["generated", "adapted", "reference"] = Field(
+        "generated", description="Sites in the target's greedy generations (the paper), the adapted model's, or the "
+        "organism's reference traces.")
     prompts_path: str | None = Field(None, description="JSONL of {prompt, answer?} (real models; default: organism).")
     n_site_prompts: int = Field(200, ge=1, description="Prompts whose traces are searched for sites.")
     n_validation: int = Field(150, ge=1, description="Prompts the set is chosen on.")
@@ -282,11 +283,12 @@ def reference_traces(run: Run, prompts: list[EvalPrompt], tokenizer: Any) -> lis
     return out
 
 
-def generated_traces(model, tokenizer: Any, prompts: list[EvalPrompt], max_new_tokens: int) -> list[Trace]:
-    """The target's greedy generations on ``prompts`` (AdapterModel target mode)."""
+def generated_traces(model, tokenizer: Any, prompts: list[EvalPrompt], max_new_tokens: int,
+                     mode: str = "target") -> list[Trace]:
+    """Greedy generations on ``prompts`` by the target (AdapterModel target mode) or the adapted model."""
     from training.generation import generate
 
-    with model.mode("target"):
+    with model.mode(mode):
         gens = generate(model, tokenizer, [p.text for p in prompts], max_new_tokens=max_new_tokens)
     return [Trace(tuple(g.token_ids), len(g.prompt_ids), p.group, p.text) for p, g in zip(prompts, gens, strict=True)]
 
@@ -334,7 +336,8 @@ def hesitation_job(ctx: JobContext) -> dict:
     t = time.perf_counter()
     ctx.progress(1, total_steps, f"{p.traces} traces on {len(pool)} prompts")
     traces = (reference_traces(run, pool, tokenizer) if p.traces == "reference"
-              else generated_traces(model, tokenizer, pool, p.max_new_tokens))
+              else generated_traces(model, tokenizer, pool, p.max_new_tokens,
+                                    "adapted" if p.traces == "adapted" else "target"))
     sites = collect_sites(traces, hes_ids, lambda tid: _word(tokenizer, tid))
     chosen_sites = sample_sites(sites, p.n_graphs, p.seed) if sites else []
     timings["traces_s"] = time.perf_counter() - t
