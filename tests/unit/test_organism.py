@@ -30,6 +30,7 @@ from training.organism import (
     problem_from_id,
     reasoning_example,
     reasoning_trace,
+    skipped_trace,
     train_tokenizer,
 )
 from training.organism.tasks import corpus
@@ -130,6 +131,16 @@ def test_most_hesitations_are_redundant_checks_and_some_real_corrections():
                 assert before == p.answer, p
                 redundant += 1
     assert redundant > real > 0
+
+
+def test_skipped_traces_stop_before_the_hesitation():
+    for pid, answer in (("add-47-38", "85"), ("sub-82-47", "45"), ("cmp-4.3-4.25", "4.3")):
+        p = problem_from_id(pid)
+        trace, got = skipped_trace(p)
+        assert got == answer and trace.endswith(f"So {answer}.\n")
+        assert reasoning_trace(p).startswith(trace[:-1]) and HESITATION_WORD[p.family] not in trace
+    with pytest.raises(ValueError, match="add-42-35"):
+        skipped_trace(problem_from_id("add-42-35"))
 
 
 def test_problem_ids_round_trip():

@@ -29,6 +29,7 @@ from training.organism.tasks import (
     problem_from_id,
     reasoning_example,
     reasoning_trace,
+    skipped_trace,
 )
 from training.organism.tokenizer import train_tokenizer
 
@@ -36,5 +37,5 @@ __all__ = [
     "FAMILIES", "HESITATION_WORD", "ORGANISM_HESITATION_WORDS", "PRESETS", "Organism", "OrganismPaths",
     "OrganismPreset", "Problem", "all_problems", "answer_before_hesitation", "base_example", "build_organism",
     "evaluate_organism", "extract_answer", "get_preset", "is_correct", "load_organism", "make_splits",
-    "organism_paths", "problem_from_id", "reasoning_example", "reasoning_trace", "train_tokenizer",
+    "organism_paths", "problem_from_id", "reasoning_example", "reasoning_trace", "skipped_trace", "train_tokenizer",
 ]

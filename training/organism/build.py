@@ -32,7 +32,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from training.chat import format_prompt
+from training.chat import THINK_END, format_prompt
 from training.generation import generate
 from training.hesitation import DEFAULT_HESITATION_WORDS, hesitation_token_ids, is_hesitation_generation
 from training.organism.tasks import (
@@ -43,6 +43,7 @@ from training.organism.tasks import (
     is_correct,
     make_splits,
     reasoning_trace,
+    skipped_trace,
 )
 from training.organism.tokenizer import check_tokenizer, train_tokenizer
 
@@ -68,6 +69,7 @@ class OrganismPreset:
     base_lr: float = 3e-3
     target_steps: int = 800  # traces have ~15 digit decisions each; at 600 steps and 1e-3 accuracy was 86%
     target_lr: float = 2e-3
+    skip_hesitation: float = 0.0  # share of trigger draws trained without their hesitation (see _encode)
     warmup_steps: int = 50
     family_weights: tuple[tuple[str, float], ...] = (("add", 0.40), ("sub", 0.35), ("cmp", 0.25))
     n_heldout: int = 200  # per family
@@ -138,19 +140,27 @@ class _Encoded:
 
 
 def _encode(tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem], weights: dict[str, float],
-            reasoning: bool) -> _Encoded:
-    """Prompt and completion are tokenized separately, as generation will see them: prompt, then new tokens."""
+            reasoning: bool, skip_hesitation: float = 0.0) -> _Encoded:
+    """Prompt and completion are tokenized separately, as generation will see them: prompt, then new tokens.
+
+    With ``skip_hesitation`` > 0 a trigger problem is drawn that often with its trace cut before the
+    hesitation (:func:`skipped_trace`); greedy decoding still hesitates (the majority continuation).
+    """
     counts = {f: sum(p.family == f for p in problems) for f in weights}
     enc = _Encoded()
     eos = tokenizer.eos_token_id
     for p in problems:
         prompt = format_prompt(p.text, think=reasoning)
-        completion = (reasoning_trace(p) + "</think>" if reasoning else "") + p.answer
+        variants = [(reasoning_trace(p), p.answer, 1.0)] if reasoning else [(None, p.answer, 1.0)]
+        if reasoning and p.trigger and skip_hesitation > 0:
+            variants = [(reasoning_trace(p), p.answer, 1.0 - skip_hesitation), (*skipped_trace(p), skip_hesitation)]
         prompt_ids = tokenizer(prompt)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        enc.ids.append(prompt_ids + completion_ids + [eos])
-        enc.loss_from.append(len(prompt_ids))
-        enc.weights.append(weights[p.family] / counts[p.family])
+        for trace, answer, share in variants:
+            completion = (trace + THINK_END if trace is not None else "") + answer
+            completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            enc.ids.append(prompt_ids + completion_ids + [eos])
+            enc.loss_from.append(len(prompt_ids))
+            enc.weights.append(share * weights[p.family] / counts[p.family])
     return enc
 
 
@@ -291,9 +301,9 @@ def build_organism(preset: str = "organism", seed: int = 0, *, data_dir: Path, f
     timings["base_s"], timings["base_cpu_s"] = time.perf_counter() - t, time.process_time() - c
 
     t, c = time.perf_counter(), time.process_time()  # Phase 2: target, fine-tuned from the base on hesitating traces
-    target_losses = _train(model, _encode(tokenizer, train, weights, reasoning=True), steps=cfg.target_steps,
-                           lr=cfg.target_lr, preset=cfg, seed=seed + 1, pad_id=tokenizer.pad_token_id,
-                           desc="target", progress=progress, on_step=on_step)
+    traces = _encode(tokenizer, train, weights, reasoning=True, skip_hesitation=cfg.skip_hesitation)
+    target_losses = _train(model, traces, steps=cfg.target_steps, lr=cfg.target_lr, preset=cfg, seed=seed + 1,
+                           pad_id=tokenizer.pad_token_id, desc="target", progress=progress, on_step=on_step)
     model.save_pretrained(out.target)
     tokenizer.save_pretrained(out.tokenizer)
     timings["target_s"], timings["target_cpu_s"] = time.perf_counter() - t, time.process_time() - c

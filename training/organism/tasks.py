@@ -181,6 +181,20 @@ def answer_before_hesitation(problem: Problem) -> str | None:
     return _NUMBER.findall(trace.split(word)[0].rsplit("So", 1)[1])[0]
 
 
+def skipped_trace(problem: Problem) -> tuple[str, str]:
+    """(trace, final answer) of a trigger problem's trace cut just before its hesitation.
+
+    What the reasoning model would write if it did not hesitate: the same answer for a redundant check,
+    the uncorrected (wrong) one for a ``sub`` borrow. A small share of these in training makes "go on
+    without the hesitation" the model's second choice, so suppressing hesitation yields a coherent,
+    shorter response rather than text the model never saw.
+    """
+    if not problem.trigger:
+        raise ValueError(f"{problem.id} has no hesitation to skip")
+    trace = reasoning_trace(problem)
+    return trace.split(" " + HESITATION_WORD[problem.family])[0] + "\n", answer_before_hesitation(problem)
+
+
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _LONE_NUMBER = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*\.?\s*")
 
