@@ -72,7 +72,7 @@ def _extra_handler_modules() -> list[str]:
     """Handler modules beyond the pipeline's, when present (they land issue by issue)."""
     import importlib.util
 
-    names = ["worker.collect.job", "worker.attribution.job", "worker.ablation.job"]
+    names = ["worker.collect.job", "worker.hesitation.job", "worker.ablation.job", "worker.importing"]
     return [n for n in names if importlib.util.find_spec(n) is not None]
 
 
@@ -187,14 +187,16 @@ def pipeline(
     seed: Annotated[int, typer.Option()] = 0,
     n_prompts: Annotated[int, typer.Option(help="Held-out prompts for the evaluation.")] = 300,
 ) -> None:
-    """The embedded default, in the foreground: build the organism, train adapters, evaluate, collect."""
+    """The embedded default, in the foreground: organism, train, evaluate, collect, hesitation study."""
     _inline("organism", {"preset": organism_preset, "seed": seed})
     run_id = _create_run(None, None, None, preset, organism_preset, seed, None, [], None)
     _inline("train", {"run_id": run_id})
     out = _inline("evaluate", {"run_id": run_id, "n_prompts": n_prompts})
     typer.echo(out["table"])
-    if "worker.collect.job" in _extra_handler_modules():
-        _inline("collect", {"run_id": run_id})
+    for kind, module in (("collect", "worker.collect.job"), ("hesitation", "worker.hesitation.job")):
+        if module in _extra_handler_modules():
+            out = _inline(kind, {"run_id": run_id})
+            typer.echo(json.dumps({kind: {k: v for k, v in out.items() if k != "summary"}}, indent=1, default=str))
 
 
 @app.command()
