@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from sqlalchemy import Float, Integer, Text, and_, cast, exists, false, func, or_, select, text
+from sqlalchemy import Float, Integer, Text, and_, cast, false, func, literal, or_, select, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
@@ -127,9 +127,13 @@ def _search_condition(session: Session, run_id: int, ids: list[int]) -> Any:
     else:
         # Entries [id, text, value] print as "[id, ..." and ids are the only numbers that follow a "[".
         lens = or_(*(cast(Feature.logit_lens, Text).like(f"%[{i}, %") for i in ids))
-    in_examples = exists().where(
-        Example.run_id == run_id, Example.layer == Feature.layer, Example.index == Feature.index,
-        Example.kind == "top", Example.rank < SEARCH_TOP_EXAMPLES, _focus_token(session).in_(ids),
+    # A correlated scalar subquery rather than EXISTS: Postgres would hash an EXISTS here, i.e. scan every
+    # example of the run before returning the first page; this stays a few index lookups per feature.
+    in_examples = (
+        select(literal(1)).where(
+            Example.run_id == run_id, Example.layer == Feature.layer, Example.index == Feature.index,
+            Example.kind == "top", Example.rank < SEARCH_TOP_EXAMPLES, _focus_token(session).in_(ids),
+        ).limit(1).scalar_subquery().is_not(None)
     )
     return or_(lens, in_examples)
 
