@@ -155,8 +155,10 @@ def _ev(**kw) -> FeatureEvidence:
 def test_role_rules():
     n = 20  # graphs: recurring means a node of at least 5 (25%)
     assert classify(_ev(lens_rank=0, direct=0.6), n) == OUTPUT
-    assert classify(_ev(lens_rank=9, direct=0.3), n) == OUTPUT  # both thresholds inclusive
-    assert classify(_ev(lens_rank=10, direct=0.9), n) == OTHER  # the hesitation token is not in the top 10
+    assert classify(_ev(lens_rank=1, direct=0.6), n) == OTHER  # by default the hesitation must be its top token
+    top10 = RoleRules(lens_top_k=10)
+    assert classify(_ev(lens_rank=9, direct=0.3), n, top10) == OUTPUT  # both thresholds inclusive
+    assert classify(_ev(lens_rank=10, direct=0.9), n, top10) == OTHER  # the hesitation token is not in the top 10
     assert classify(_ev(lens_rank=0, direct=0.29), n) == OTHER  # promotes, but far from the logit
     assert classify(_ev(lens_rank=0, direct=0.1, format_influence=0.8), n) == TEMPLATE
     assert classify(_ev(format_influence=0.5), n) == TEMPLATE

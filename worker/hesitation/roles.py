@@ -12,8 +12,9 @@ Rules (thresholds in :class:`RoleRules`, defaults chosen on the organism and sta
 
 1. *recurring*: the feature is a node of at least ``min_graph_fraction`` of the pruned graphs (and at least
    ``min_graphs`` of them); a feature seen in one graph gets no role (``other``).
-2. *output*: a hesitation token is among the top ``lens_top_k`` logit-lens tokens **and** at least
-   ``min_direct_share`` of its influence on the hesitation logit is its direct edge.
+2. *output*: a hesitation token is among the top ``lens_top_k`` logit-lens tokens (default 1: the token it
+   promotes most is a hesitation word; a small vocabulary puts some hesitation word in almost every top 10)
+   **and** at least ``min_direct_share`` of its influence on the hesitation logit is its direct edge.
 3. *template*: not output, and at least ``min_format_share`` of its influence comes from positions whose
    token is a formatting token (:func:`is_formatting_token`).
 4. anything else: ``other``.
@@ -35,7 +36,7 @@ class RoleRules:
 
     min_graph_fraction: float = 0.25  # of the graphs: a node in at least this share of them
     min_graphs: int = 2  # and in at least this many
-    lens_top_k: int = 10  # a hesitation token among this many top logit-lens tokens
+    lens_top_k: int = 1  # a hesitation token among this many top logit-lens tokens (1: it is the top one)
     min_direct_share: float = 0.3  # share of the feature's influence carried by its direct edge to the logit
     min_format_share: float = 0.5  # share of its influence from positions holding a formatting token
 
