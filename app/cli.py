@@ -180,6 +180,45 @@ def evaluate(
     typer.echo(out["table"])
 
 
+@app.command("collect")
+def collect_cmd(
+    run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
+    n_prompts: Annotated[int, typer.Option(help="Organism: held-out prompts whose target responses form the corpus.")] = 600,
+    corpus: Annotated[Path | None, typer.Option(help="JSONL with a 'text' field (real models).")] = None,
+    top_k: Annotated[int, typer.Option(help="Top-activating examples kept per feature.")] = 20,
+) -> None:
+    """Collect every feature's statistics and examples into the store."""
+    out = _inline("collect", {"run_id": _run_id(run), "n_prompts": n_prompts, "top_k": top_k,
+                              "corpus_path": str(corpus) if corpus else None})
+    typer.echo(json.dumps({k: v for k, v in out.items() if k != "summary"}, indent=1))
+
+
+@app.command()
+def attribute(
+    prompt: Annotated[str, typer.Argument(help="Text to explain (its last position's next token).")],
+    run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat format (user turn, <think>).")] = False,
+    target_token: Annotated[str | None, typer.Option(help="A token that must be a logit node, e.g. Wait.")] = None,
+    mode: Annotated[str, typer.Option(help="relp (the paper) or frozen-mlp (circuit-tracer's semantics).")] = "relp",
+    max_feature_nodes: Annotated[int, typer.Option(help="Feature node cap, chosen by influence.")] = 10_000,
+) -> None:
+    """Build, prune and store one attribution graph on a run's adapter model."""
+    out = _inline("attribute", {"run_id": _run_id(run), "prompt": prompt, "chat": chat, "target_token": target_token,
+                                "mode": mode, "max_feature_nodes": max_feature_nodes})
+    typer.echo(json.dumps(out, indent=1, default=str))
+
+
+@app.command()
+def hesitation(
+    run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
+    n_graphs: Annotated[int, typer.Option(help="Graphs at sampled hesitation sites.")] = 24,
+    mode: Annotated[str, typer.Option(help="relp or frozen-mlp.")] = "relp",
+) -> None:
+    """The hesitation study: graphs at hesitation tokens, the features behind them, a named feature set."""
+    out = _inline("hesitation", {"run_id": _run_id(run), "n_graphs": n_graphs, "mode": mode})
+    typer.echo(json.dumps(out, indent=1, default=str))
+
+
 @app.command()
 def pipeline(
     organism_preset: Annotated[str, typer.Option(help="organism or organism-tiny")] = DEFAULT_ORGANISM,
