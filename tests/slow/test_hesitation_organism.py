@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from app.db.migrate import upgrade
 from app.db.schema import FeatureSet, FeatureSetMember
 from app.db.session import make_engine, make_sessionmaker
 from app.settings import Settings
-from training.config import preset, train_config_to_dict
-from worker.demo import ensure_run, organism_run_name, organism_spec
+from tests.organism_fixtures import trained_organism_run
 from worker.loop import run_inline
 
 pytestmark = pytest.mark.slow
@@ -29,17 +27,7 @@ MODULES = ["worker.pipeline", "worker.hesitation.job"]
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> tuple[Settings, int, dict]:
     data_dir = Path(os.environ.get("ADAPTERLENS_ORGANISM_TEST_DIR") or tmp_path_factory.mktemp("data"))
-    settings = Settings(data_dir=data_dir)
-    upgrade(settings.db_url)
-    run_inline(settings, "organism", {"preset": "organism", "seed": 0}, show_progress=False, handler_modules=MODULES)
-    engine = make_engine(settings)
-    with make_sessionmaker(engine)() as s, s.begin():
-        spec = organism_spec("organism", 0)
-        run_id = ensure_run(s, name=organism_run_name("organism", 0, "organism"), base_model=spec, target_model=spec,
-                            config={"train": train_config_to_dict(preset("organism")), "data": {"kind": "organism"},
-                                    "preset": "organism"})
-    engine.dispose()
-    run_inline(settings, "train", {"run_id": run_id}, show_progress=False, handler_modules=MODULES)
+    settings, run_id = trained_organism_run(data_dir, MODULES)
     out = run_inline(settings, "hesitation", {"run_id": run_id}, show_progress=False, handler_modules=MODULES)
     return settings, run_id, out
 

@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from app.db.migrate import upgrade
 from app.db.session import make_engine, make_sessionmaker
-from app.settings import Settings
-from training.config import preset, train_config_to_dict
-from worker.demo import ensure_run, organism_run_name, organism_spec
+from tests.organism_fixtures import trained_organism_run
 from worker.loop import run_inline
 
 pytestmark = pytest.mark.slow
@@ -27,16 +24,7 @@ MODULES = ["worker.pipeline"]
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory) -> dict:
     data_dir = Path(os.environ.get("ADAPTERLENS_ORGANISM_TEST_DIR") or tmp_path_factory.mktemp("data"))
-    settings = Settings(data_dir=data_dir)
-    upgrade(settings.db_url)
-    run_inline(settings, "organism", {"preset": "organism", "seed": 0}, show_progress=False, handler_modules=MODULES)
-    engine = make_engine(settings)
-    with make_sessionmaker(engine)() as s, s.begin():
-        spec = organism_spec("organism", 0)
-        run_id = ensure_run(s, name=organism_run_name("organism", 0, "organism"), base_model=spec, target_model=spec,
-                            config={"train": train_config_to_dict(preset("organism")), "data": {"kind": "organism"}})
-    engine.dispose()
-    run_inline(settings, "train", {"run_id": run_id}, show_progress=False, handler_modules=MODULES)
+    settings, run_id = trained_organism_run(data_dir, MODULES)
     run_inline(settings, "evaluate", {"run_id": run_id, "n_prompts": 300}, show_progress=False,
                handler_modules=MODULES)
     engine = make_engine(settings)
