@@ -7,7 +7,6 @@ Shuffling is a pure function of (seed, epoch), so a resumed run sees exactly the
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from training.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +61,10 @@ class TokenDataset:
         if not path.is_file():
             raise ValueError(f"training data file not found: {path}")
         texts = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                    raise ValueError(f"{path}:{lineno}: expected an object with a string {text_field!r} field")
-                texts.append(row[text_field])
+        for lineno, row in read_jsonl(path):
+            if not isinstance(row.get(text_field), str):
+                raise ValueError(f"{path}:{lineno}: expected an object with a string {text_field!r} field")
+            texts.append(row[text_field])
         ids = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
         kept = [s for s in ids if len(s) > 0]
         if len(kept) < len(ids):

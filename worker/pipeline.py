@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -180,8 +179,13 @@ def evaluation_prompts(run: Run, n: int, prompts_path: str | None) -> tuple[list
         return [format_prompt(p.text) for p in problems], [p.answer for p in problems], extract_answer
     if prompts_path is None:
         raise ValueError("evaluating a non-organism run needs prompts_path (JSONL with a 'prompt' field)")
-    rows = [json.loads(line) for line in Path(prompts_path).read_text().splitlines() if line.strip()]
-    return [format_prompt(r["prompt"]) for r in rows[:n]], [r.get("answer") for r in rows[:n]], None
+    from training.jsonl import read_jsonl
+
+    rows = [row for _, row in read_jsonl(prompts_path)][:n]
+    missing = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
+    if missing:
+        raise ValueError(f"{prompts_path}: row {missing[0] + 1} has no string 'prompt' field")
+    return [format_prompt(r["prompt"]) for r in rows], [r.get("answer") for r in rows], None
 
 
 @register("evaluate", EvaluatePayload)

@@ -13,7 +13,6 @@ Sources:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from training.chat import ASSISTANT, THINK_END, THINK_START, Region, format_prompt, label_regions
+from training.jsonl import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class Corpus:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"corpus file {str(path)!r} does not exist")
-        return cls.from_rows(_read_jsonl(path), tokenizer, **kw)
+        return cls.from_rows((row for _, row in read_jsonl(path)), tokenizer, **kw)
 
     @classmethod
     def from_hf_dataset(cls, path: str | Path, tokenizer: Any, *, split: str | None = None, **kw: Any) -> Corpus:
@@ -253,20 +253,6 @@ def load_corpus(source: Corpus | str | Path | Sequence[Sequence[int]], tokenizer
         return Corpus.from_jsonl(path, tokenizer, **kw)
     markers = kw.pop("markers", None) or (Markers.from_tokenizer(tokenizer) if tokenizer is not None else None)
     return Corpus.from_sequences(source, markers=markers, **kw)
-
-
-def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            yield row
 
 
 def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:

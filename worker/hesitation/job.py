@@ -250,15 +250,13 @@ def study_prompts(run: Run, prompts_path: str | None) -> list[EvalPrompt]:
     path = Path(prompts_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no prompt file at {prompts_path}")
+    from training.jsonl import read_jsonl
+
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            out.append(EvalPrompt(format_prompt(str(row["prompt"])), row.get("answer"), str(row.get("group", ""))))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{prompts_path} line {n} is not a {{\"prompt\", \"answer\"?}} object: {exc}") from None
+    for n, row in read_jsonl(path):
+        if "prompt" not in row:
+            raise ValueError(f"{prompts_path} line {n} is not a {{\"prompt\", \"answer\"?}} object: no 'prompt'")
+        out.append(EvalPrompt(format_prompt(str(row["prompt"])), row.get("answer"), str(row.get("group", ""))))
     return out
 
 
