@@ -103,15 +103,10 @@ def organism_problems(org: OrganismSpec, split: str) -> list:
 
 def organism_sequences(org: OrganismSpec, tokenizer, split: str) -> list[list[int]]:
     """Chat-formatted reasoning traces, tokenized like generation sees them (prompt, then completion, eos)."""
-    from training.chat import THINK_END, format_prompt
-    from training.organism.tasks import reasoning_trace
+    from training.organism.build import reasoning_token_ids
 
-    out = []
-    for p in organism_problems(org, split):
-        prompt = tokenizer(format_prompt(p.text))["input_ids"]
-        completion = tokenizer(reasoning_trace(p) + THINK_END + p.answer, add_special_tokens=False)["input_ids"]
-        out.append(prompt + completion + [tokenizer.eos_token_id])
-    return out
+    pairs = (reasoning_token_ids(tokenizer, p) for p in organism_problems(org, split))
+    return [prompt + completion for prompt, completion in pairs]
 
 
 @register("train", TrainPayload)

@@ -139,6 +139,15 @@ class _Encoded:
     weights: list[float] = field(default_factory=list)  # sampling weight per sequence
 
 
+def reasoning_token_ids(tokenizer: PreTrainedTokenizerFast, problem: Problem) -> tuple[list[int], list[int]]:
+    """A problem's reference reasoning example as the target was trained on it: the chat prompt's ids
+    (with bos) and the completion's (trace, ``</think>``, answer, eos), tokenized separately as generation
+    sees them."""
+    prompt_ids = tokenizer(format_prompt(problem.text))["input_ids"]
+    completion = tokenizer(reasoning_trace(problem) + THINK_END + problem.answer, add_special_tokens=False)["input_ids"]
+    return list(prompt_ids), list(completion) + [tokenizer.eos_token_id]
+
+
 def _encode(tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem], weights: dict[str, float],
             reasoning: bool, skip_hesitation: float = 0.0) -> _Encoded:
     """Prompt and completion are tokenized separately, as generation will see them: prompt, then new tokens.

@@ -262,8 +262,8 @@ def study_prompts(run: Run, prompts_path: str | None) -> list[EvalPrompt]:
 
 def reference_traces(run: Run, prompts: list[EvalPrompt], tokenizer: Any) -> list[Trace]:
     """The organism's reference reasoning traces for ``prompts`` (tokenized as training saw them)."""
-    from training.chat import THINK_END, format_prompt
-    from training.organism.tasks import reasoning_trace
+    from training.chat import format_prompt
+    from training.organism.build import reasoning_token_ids
     from worker.models_cache import parse_organism_spec
     from worker.pipeline import organism_problems
 
@@ -276,9 +276,8 @@ def reference_traces(run: Run, prompts: list[EvalPrompt], tokenizer: Any) -> lis
         prob = by_prompt.get(ep.text)
         if prob is None:
             continue
-        prompt_ids = list(tokenizer(ep.text)["input_ids"])
-        done = tokenizer(reasoning_trace(prob) + THINK_END + prob.answer, add_special_tokens=False)["input_ids"]
-        out.append(Trace(tuple(prompt_ids + list(done) + [tokenizer.eos_token_id]), len(prompt_ids), ep.group, ep.text))
+        prompt_ids, completion = reasoning_token_ids(tokenizer, prob)
+        out.append(Trace(tuple(prompt_ids + completion), len(prompt_ids), ep.group, ep.text))
     return out
 
 
