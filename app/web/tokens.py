@@ -7,6 +7,10 @@ id decodes to on its own: byte-level pieces (``Ġwait`` → `` wait``), Sentence
 (``▁wait`` → `` wait``), added tokens as written. A token that holds only part of a UTF-8 character
 shows as U+FFFD; that is honest for a single token.
 
+:func:`find_prompt_checker` also encodes free text with the same ``tokenizer.json`` (the ``tokenizers``
+library, no torch) and reads the model's context length from its ``config.json``, so that the web app can
+refuse an over-long ablation prompt with a 4xx before anything is queued.
+
 Where the tokenizer lives, in order: ``runs.config["tokenizer"]`` (a directory or a tokenizer.json),
 an organism spec's ``<data_dir>/models/organism-<preset>-s<seed>/tokenizer/`` (``organism:<preset>:s<seed>``,
 as ``worker/models_cache.py`` resolves it), the target model's directory, its sibling ``tokenizer/``, the
@@ -159,3 +163,51 @@ def is_hesitation(text: str, words: Sequence[str] = DEFAULT_HESITATION_WORDS) ->
     """Whether a displayed token is a hesitation token (the word up to spaces and punctuation)."""
     word = text.strip(_STRIP)
     return bool(word) and word in _word_set(tuple(words))
+
+
+@dataclass(frozen=True)
+class PromptChecker:
+    """Encodes a prompt as the worker will (the run's tokenizer, special tokens added) and knows the context."""
+
+    encode: Any  # Callable[[str], list[int]]
+    context_length: int | None
+
+
+@lru_cache(maxsize=32)
+def _encoder_cached(path: str, mtime: float) -> Any:
+    from tokenizers import Tokenizer  # a small Rust wheel, no torch
+
+    return Tokenizer.from_file(path)
+
+
+def _context_length(target_model: str | None, data_dir: Path | None) -> int | None:
+    """``max_position_embeddings`` from the target model's ``config.json`` (organism: its ``target/``)."""
+    if not target_model:
+        return None
+    if target_model.startswith(ORGANISM_PREFIX):
+        preset, _, seed = target_model[len(ORGANISM_PREFIX):].rpartition(":")
+        if data_dir is None or not seed.startswith("s"):
+            return None
+        model_dir = Path(data_dir) / "models" / f"organism-{preset}-s{seed[1:]}" / "target"
+    else:
+        model_dir = Path(target_model).expanduser()
+    try:
+        value = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def find_prompt_checker(tokenizer: str | None, target_model: str | None,
+                        data_dir: Path | None = None) -> PromptChecker | None:
+    """An encoder for the run's tokenizer and its context length, or None (then the worker checks)."""
+    for cand in _candidates(tokenizer, target_model, data_dir):
+        path = cand / "tokenizer.json" if cand.is_dir() else cand
+        try:
+            if path.is_file():
+                tok = _encoder_cached(str(path.resolve()), path.stat().st_mtime)
+                return PromptChecker(lambda text, tok=tok: tok.encode(text).ids,
+                                     _context_length(target_model, data_dir))
+        except Exception as exc:  # ImportError without tokenizers; tokenizers raises a plain Exception on a bad file
+            log.warning("Cannot load tokenizer %s to check prompt lengths: %s", path, exc)
+    return None

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Ablation, Job, JobStatus
+from app.db.schema import Ablation, Job, JobStatus, Run
 
 
 def counts(web) -> tuple[int, int]:
@@ -79,3 +79,29 @@ def test_retry_and_cancel_buttons(web):
     with Session(web.engine) as s:
         assert s.get(Job, failed).status == JobStatus.TODO
     assert web.client.post("/api/jobs/9999/retry").status_code == 404
+
+
+def test_free_text_prompt_longer_than_the_context_is_refused_before_queueing(web, tmp_path):
+    """The web app encodes free text with the run's tokenizer and checks the target's context length itself
+    (the worker's check would only fail the job later)."""
+    from training.organism import train_tokenizer
+    from training.organism.tasks import corpus
+
+    tok_dir, model_dir = tmp_path / "real-tokenizer", tmp_path / "target-model"
+    train_tokenizer(corpus(0, per_family=20)).save_pretrained(tok_dir)
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"max_position_embeddings": 24}')
+    with Session(web.engine) as s:
+        run = s.get(Run, web.world.run_id)
+        run.config = {**run.config, "tokenizer": str(tok_dir)}
+        run.target_model = str(model_dir)
+        s.commit()
+    before = counts(web)
+    long_prompt = " ".join(["47 + 38 = ?"] * 10)
+    resp = web.client.post(f"{web.run}/ablations", data={"features": "1:3", "prompt": long_prompt})
+    assert resp.status_code == 422 and "the model's context is 24 tokens" in html.unescape(resp.text)
+    api = web.client.post(f"/api{web.run}/ablations", json={"features": "1:3", "prompt": long_prompt})
+    assert api.status_code == 422 and "context is 24" in str(api.json()["detail"])
+    assert counts(web) == before
+    ok = web.client.post(f"/api{web.run}/ablations", json={"features": "1:3", "prompt": "47 + 38 = ?"})
+    assert ok.status_code == 201, ok.text

@@ -16,7 +16,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.schema import Ablation, AblationToken, Job
-from app.web.data.common import BadInput, NotFound, RunRef, get_run, hesitation_words, run_ref
+from app.web.data.common import (
+    BadInput,
+    NotFound,
+    RunRef,
+    get_run,
+    hesitation_words,
+    run_prompt_checker,
+    run_ref,
+)
 from app.web.data.runs import LinkItem, ablation_item
 from app.web.tokens import is_hesitation
 
@@ -147,8 +155,11 @@ def create_ablation(session: Session, run_key: str | int, form: AblateForm, sett
 
     run = get_run(session, run_key)
     limits = AblationLimits.from_settings(settings) if settings is not None else AblationLimits()
+    checker = run_prompt_checker(session, run) if form.prompt else None  # stored prompts carry their ids
     try:
-        ablation_id, _ = submit_ablation(session, request_from_form(run.id, form), limits=limits)
+        ablation_id, _ = submit_ablation(session, request_from_form(run.id, form), limits=limits,
+                                         encode=checker.encode if checker else None,
+                                         context_length=checker.context_length if checker else None)
         session.commit()
     except AblationRequestError as exc:
         session.rollback()

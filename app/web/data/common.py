@@ -12,7 +12,7 @@ from sqlalchemy import and_, false, or_, select
 from sqlalchemy.orm import Session
 
 from app.db.schema import FeatureSet, Run
-from app.web.tokens import DEFAULT_HESITATION_WORDS, Vocab, find_vocab
+from app.web.tokens import DEFAULT_HESITATION_WORDS, PromptChecker, Vocab, find_prompt_checker, find_vocab
 
 
 class NotFound(LookupError):
@@ -63,6 +63,15 @@ def run_vocab(session: Session, run: Run) -> Vocab:
     tok = config.get("tokenizer") or (config.get("paths") or {}).get("tokenizer")
     data_dir = session.info.get(DATA_DIR_KEY)
     return find_vocab(tok if isinstance(tok, str) else None, run.target_model, Path(data_dir) if data_dir else None)
+
+
+def run_prompt_checker(session: Session, run: Run) -> PromptChecker | None:
+    """The run's prompt encoder and context length (see :func:`run_vocab` for where the tokenizer is found)."""
+    config = run.config or {}
+    tok = config.get("tokenizer") or (config.get("paths") or {}).get("tokenizer")
+    data_dir = session.info.get(DATA_DIR_KEY)
+    return find_prompt_checker(tok if isinstance(tok, str) else None, run.target_model,
+                               Path(data_dir) if data_dir else None)
 
 
 def hesitation_words(run: Run) -> tuple[str, ...]:
