@@ -4,7 +4,8 @@ Every function takes a ``mask`` [batch, seq] (1 = real token, 0 = padding) and a
 positions only, so padded batches give the same numbers as their sequences would alone (token-weighted).
 
 - :func:`forward_kl`: mean_t KL(p_T || p_A) at temperature 1 (the main term and both bridging terms).
-- :func:`residual_nmse`: Σ‖h_A − h_T‖² / Σ‖h_T‖² per residual point, averaged over points.
+- :func:`residual_nmse`: Σ‖h_A − h_T‖² / Σ‖h_T‖² per residual point, averaged over points
+  (:func:`residual_energy`: the denominators).
 - :func:`decoder_weighted_l1`: mean_t Σ_i f_i ‖W_dec[:, i]‖₂ for one layer (summed over layers by the caller).
 - :func:`l0`: mean number of active features per token.
 - :func:`lm_cross_entropy`: next-token cross-entropy (logged, never trained on).
@@ -45,20 +46,28 @@ def forward_kl(target_logits: torch.Tensor, student_logits: torch.Tensor, mask: 
     return masked_mean(kl_per_position(target_logits, student_logits), mask)
 
 
-def residual_nmse(adapted: Sequence[torch.Tensor], target: Sequence[torch.Tensor],
-                  mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_energy(target: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Σ‖h_T‖² over real positions at each residual point [points]: the denominators of :func:`residual_nmse`."""
+    return torch.stack([(_wide(t).square() * mask.to(t.dtype).unsqueeze(-1)).sum() for t in target])
+
+
+def residual_nmse(adapted: Sequence[torch.Tensor], target: Sequence[torch.Tensor], mask: torch.Tensor, *,
+                  ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean over points, per-point NMSE [points]) for residual streams [batch, seq, d] at matching points.
 
     Per point: summed squared error over real positions / summed squared target activations there.
+    ``ref`` [points] replaces those denominators: data-parallel training passes the whole global batch's
+    energies, so that each rank's NMSE is its share of the global one (a ratio of sums does not split by
+    token counts).
     """
     if len(adapted) != len(target):
         raise ValueError(f"{len(adapted)} adapted residual points but {len(target)} target ones")
+    energy = residual_energy(target, mask) if ref is None else ref
     per_point = []
-    for a, t in zip(adapted, target, strict=True):
+    for p, (a, t) in enumerate(zip(adapted, target, strict=True)):
         m = mask.to(a.dtype).unsqueeze(-1)
         err = ((_wide(a) - _wide(t)).square() * m).sum()
-        ref = (_wide(t).square() * m).sum().clamp(min=torch.finfo(_wide(t).dtype).tiny)
-        per_point.append(err / ref)
+        per_point.append(err / energy[p].to(err.dtype).clamp(min=torch.finfo(err.dtype).tiny))
     stacked = torch.stack(per_point)
     return stacked.mean(), stacked
 

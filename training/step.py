@@ -35,6 +35,8 @@ from training.losses import (
     fused_head_kl,
     l0,
     lm_cross_entropy,
+    next_token_labels,
+    residual_energy,
     residual_nmse,
 )
 
@@ -172,11 +174,36 @@ def _check_batch(model: AdapterModel, input_ids: torch.Tensor, attention_mask: t
         raise ValueError(f"bridging cutoff {cutoff} outside 0..{model.n_layers}")
 
 
+AllSum = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the ranks of a data-parallel group
+
+
+def _global_shares(all_sum: AllSum, hT: list[torch.Tensor], input_ids: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(global NMSE denominators [L+1], this rank's share of the real tokens, of the labelled tokens).
+
+    One collective per step: the losses are means over the *global* batch, so each rank scales its local
+    means by its share of the denominator; the ranks' terms then add up to the whole batch's exactly.
+    """
+    local = torch.cat([residual_energy(hT, mask).double(),
+                       mask.sum().double().reshape(1),
+                       (next_token_labels(input_ids, mask) >= 0).sum().double().reshape(1)])
+    total = all_sum(local.clone())
+    return total[:-2], local[-2] / total[-2].clamp(min=1), local[-1] / total[-1].clamp(min=1)
+
+
 def _assemble(model: AdapterModel, weights: LossWeights, *, kl, lm, a2t, t2a, hA, hT, feats, mask,
-              cutoff) -> StepResult:
-    nmse, nmse_points = residual_nmse(hA, hT, mask)
+              cutoff, input_ids: torch.Tensor | None = None, all_sum: AllSum | None = None) -> StepResult:
+    ref = None
+    tok_share = lab_share = None
+    if all_sum is not None:
+        ref, tok_share, lab_share = _global_shares(all_sum, hT, input_ids, mask)
+        kl, a2t, t2a = (None if t is None else t * tok_share.to(t.dtype) for t in (kl, a2t, t2a))
+        lm = lm * lab_share.to(lm.dtype)
+    nmse, nmse_points = residual_nmse(hA, hT, mask, ref=ref)
     l1 = sum((decoder_weighted_l1(f, model.adapters[i].W_dec, mask) for i, f in enumerate(feats)),
              start=torch.zeros((), dtype=nmse.dtype, device=nmse.device))
+    if tok_share is not None:
+        l1 = l1 * tok_share.to(l1.dtype)
     loss = weights.kl * kl + weights.nmse * nmse + weights.l1 * l1
     for term in (a2t, t2a):
         if term is not None:
@@ -184,6 +211,8 @@ def _assemble(model: AdapterModel, weights: LossWeights, *, kl, lm, a2t, t2a, hA
     real = mask.bool().unsqueeze(-1)
     with torch.no_grad():
         l0_layers = torch.stack([l0(f, mask) for f in feats])
+        if tok_share is not None:
+            l0_layers = l0_layers * tok_share.to(l0_layers.dtype)
         fired = torch.stack([((f > 0) & real).flatten(0, 1).any(0) for f in feats])
     det = (lambda t: None if t is None else t.detach())  # noqa: E731
     return StepResult(loss=loss, kl=kl.detach(), lm=lm.detach(), nmse=nmse.detach(), l1=l1.detach(),
@@ -195,11 +224,17 @@ def _assemble(model: AdapterModel, weights: LossWeights, *, kl, lm, a2t, t2a, hA
 # -- the fused step --------------------------------------------------------------------------------------
 
 def fused_step(model: AdapterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-               weights: LossWeights, cutoff: int | None, kl_chunk: int = 1024) -> StepResult:
+               weights: LossWeights, cutoff: int | None, kl_chunk: int = 1024,
+               all_sum: AllSum | None = None) -> StepResult:
     """All terms of the objective for one batch (right-padded ``input_ids``/``attention_mask`` [batch, seq]).
 
     ``cutoff``: the bridging cutoff k ∈ {0..L} (drawn by the caller), or None to skip bridging. The caller
     runs ``result.loss.backward()`` once. Position ids are 0..seq-1, as Hugging Face uses without explicit ones.
+
+    ``all_sum``: for data-parallel training, a function summing a tensor over the ranks (every rank calls it
+    once per step). The batch is then this rank's slice of a global batch and every number in the result —
+    loss, terms, ``nmse_points``, ``l0_layers`` — is this rank's *share* of the global batch's value: summed
+    over the ranks they equal a single-process step on the whole batch, and so do the summed gradients.
     """
     _check_batch(model, input_ids, attention_mask, cutoff)
     L = model.n_layers
@@ -277,7 +312,8 @@ def fused_step(model: AdapterModel, input_ids: torch.Tensor, attention_mask: tor
     return _assemble(model, weights, kl=kls[0], lm=ces[0],
                      a2t=None if a2t_idx is None else kls[a2t_idx],
                      t2a=None if t2a_idx is None else kls[t2a_idx],
-                     hA=hA, hT=hT, feats=feats, mask=attention_mask, cutoff=cutoff)
+                     hA=hA, hT=hT, feats=feats, mask=attention_mask, cutoff=cutoff, input_ids=input_ids,
+                     all_sum=all_sum)
 
 
 # -- the straightforward reference -------------------------------------------------------------------------
