@@ -159,12 +159,14 @@ def train(
     organism_preset: Annotated[str, typer.Option(help="Organism preset when no models are given.")] = DEFAULT_ORGANISM,
     seed: Annotated[int, typer.Option(help="Organism seed.")] = 0,
     fresh: Annotated[bool, typer.Option(help="Start over instead of resuming the run's checkpoint.")] = False,
+    nproc: Annotated[int | None, typer.Option(min=1, help="Data-parallel processes, one per GPU (torchrun); "
+                                              "default ADAPTERLENS_TRAIN_NPROC or 1.")] = None,
 ) -> None:
     """Train transcoder adapters so that the adapter model matches the target."""
     if base is None:
         _inline("organism", {"preset": organism_preset, "seed": seed})
     run_id = _create_run(run, base, target, preset, organism_preset, seed, config, set_ or [], data)
-    out = _inline("train", {"run_id": run_id, "resume": not fresh})
+    out = _inline("train", {"run_id": run_id, "resume": not fresh, "nproc": nproc})
     typer.echo(json.dumps({k: v for k, v in out.items() if k != "final"}, indent=1))
 
 

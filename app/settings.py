@@ -25,6 +25,10 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL; unset means SQLite at <data_dir>/adapterlens.db.",
     )
     device: str = Field(default="auto", description="torch device for the worker: auto, cpu, cuda, cuda:1 …")
+    train_nproc: int = Field(
+        default=1, ge=1, description="Processes (GPUs) a train job uses by default; > 1 trains data parallel "
+        "under torchrun."
+    )
     ablation_max_new_tokens: int = Field(
         default=512, ge=1, description="Most tokens an ablation or experiment may ask to generate per condition."
     )

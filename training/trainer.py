@@ -8,6 +8,12 @@ object per step) and to the caller's ``on_step`` callback (the ``train`` job wri
 Checkpoint layout (``<run_dir>/checkpoint/``): ``adapters.safetensors`` + ``adapter_config.json``
 (:func:`training.checkpoint.save_adapters`, loadable by ``load_adapters``) and ``trainer_state.pt``
 (optimizer, scheduler, step, RNG states, data position, dead-feature counters and the TrainConfig used).
+
+Data parallel: when ``torch.distributed`` is initialised with several ranks (``torchrun``, see
+:mod:`training.distributed` and ``worker.distributed_train``), each rank runs this same loop on its slice
+of the same global batch; gradients and metrics are summed across ranks, so the run equals a
+single-process run on the whole batch. Only rank 0 writes metrics, checkpoints and progress and calls
+``on_step``; every rank resumes from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from training.adapter import AdapterModel
 from training.checkpoint import load_adapters, save_adapters
 from training.config import TrainConfig, train_config_from_dict, train_config_to_dict
 from training.data import TokenDataset, as_dataset, batches_per_epoch, iterate_batches
+from training.distributed import DataParallel
 from training.step import StepResult, fused_step
 
 log = logging.getLogger(__name__)
@@ -183,8 +190,12 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
     ``on_step(metrics)`` is called after every step (besides the JSONL writer). ``resume``: continue from
     ``run_dir``'s checkpoint when there is one (the next step is then identical to an uninterrupted run's).
     ``base_name``/``target_name`` are recorded in the adapter checkpoint (default: the HF configs' names).
+    Under ``torch.distributed`` with several ranks every rank calls this with the same arguments (data
+    parallel, see the module docstring); the returned result is the same on every rank.
     """
     t_start = time.perf_counter()
+    dp = DataParallel.current()
+    main = dp is None or dp.is_main
     dataset = as_dataset(data)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +221,13 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
     step, tokens, epoch, index = 0, 0, 0, 0
     resumed_from = None
     writer = JsonlWriter(run_dir / METRICS_FILE)
+    if dp is not None:
+        dp.check_same("dataset size, tokens, seed and batch size",
+                      [len(dataset), dataset.n_tokens, cfg.seed, cfg.batch_size, n_total])
+        if cfg.batch_size < dp.world_size:
+            log.warning("batch_size %d < %d processes: %d of them have no rows in any step (raise batch_size to "
+                        "at least the number of processes)", cfg.batch_size, dp.world_size,
+                        dp.world_size - cfg.batch_size)
 
     ckpt = find_checkpoint(run_dir) if resume else None
     if ckpt is not None:
@@ -222,10 +240,13 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
         dead.load_state_dict(state["dead"])
         step, tokens, epoch, index = state["step"], state["tokens"], state["epoch"], state["index"]
         resumed_from = step
-        writer.truncate_after(step)
+        if main:
+            writer.truncate_after(step)
         log.info("resumed %s at step %d of %d", run_dir, step, n_total)
-    else:
+    elif main:
         writer.truncate_after(0)  # a fresh start: lines of an earlier attempt would duplicate steps
+    if dp is not None:
+        dp.broadcast_parameters(params)  # ranks start identical (and stay so: same summed gradients)
 
     def checkpoint() -> Path:
         state = {"step": step, "tokens": tokens, "epoch": epoch, "index": index,
@@ -240,17 +261,26 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
     metrics: dict = {}
     log.info("training %d layers × %d features for %d steps (%d sequences, batch %d, %s)",
              L, F, n_total, len(dataset), cfg.batch_size, cfg.precision)
-    bar = tqdm(total=n_total, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=n_total, initial=step, desc="train", unit="step", disable=not (progress and main),
+               dynamic_ncols=True)
     try:
         while step < n_total:
             t0 = time.perf_counter()
             batch = next(batches)
-            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            ids, mask, active = batch.input_ids, batch.attention_mask, True
+            if dp is not None:  # this rank's rows; the terms below are its shares of the global batch's
+                ids, mask, active = dp.local_rows(ids, mask)
+            ids, mask = ids.to(device), mask.to(device)
             # one cutoff k ∈ {0..L} per step, from the run's own generator (saved with the checkpoint)
             cutoff = int(torch.randint(0, L + 1, (1,), generator=cutoff_gen))
             with autocast:
-                res = fused_step(model, ids, mask, weights=cfg.loss, cutoff=cutoff, kl_chunk=cfg.kl_chunk)
-            res.loss.backward()
+                res = fused_step(model, ids, mask, weights=cfg.loss, cutoff=cutoff, kl_chunk=cfg.kl_chunk,
+                                 all_sum=None if dp is None else dp.all_sum(active))
+            if active:
+                res.loss.backward()
+            if dp is not None:
+                dp.sum_gradients(params, active)
+                res = dp.reduce_result(res, active)
             if cfg.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             else:
@@ -263,10 +293,12 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
             step += 1
             tokens += res.n_tokens
             epoch, index = (batch.epoch, batch.index + 1)  # position of the *next* batch
-            dead.update(res.fired, ids.shape[0])
+            dead.update(res.fired, batch.input_ids.shape[0])
             dt = time.perf_counter() - t0
             metrics = step_metrics(res, step=step, epoch=batch.epoch, lr=lr, grad_norm=grad_norm, tokens=tokens,
                                    tokens_per_s=res.n_tokens / dt if dt > 0 else 0.0, dead=dead)
+            if not main:
+                continue
             writer(metrics)
             if on_step is not None:
                 on_step(metrics)
@@ -279,7 +311,12 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
         raise
     finally:
         bar.close()
-    final_dir = find_checkpoint(run_dir) or checkpoint()  # n_total reached before this call: nothing to do
+    final_dir = None
+    if main:
+        final_dir = find_checkpoint(run_dir) or checkpoint()  # n_total reached before this call: nothing to do
+    if dp is not None:
+        dp.barrier()  # rank 0's last checkpoint is on disk before the other ranks look for it
+        final_dir = final_dir or find_checkpoint(run_dir)
     seconds = time.perf_counter() - t_start
     log.info("trained %d steps (%d tokens) in %.1f s; adapters in %s", step, tokens, seconds, final_dir)
     return TrainResult(run_dir=run_dir, checkpoint_dir=final_dir, steps=step, tokens=tokens, seconds=seconds,

@@ -75,6 +75,8 @@ def organism_job(ctx: JobContext) -> dict:
 class TrainPayload(BaseModel):
     run_id: int
     resume: bool = True
+    nproc: int | None = Field(None, ge=1, description="data-parallel processes (GPUs); default: the "
+                                                      "train_nproc setting. > 1 launches torchrun")
 
 
 def training_data(run: Run, tokenizer, settings: Settings):
@@ -111,7 +113,11 @@ def organism_sequences(org: OrganismSpec, tokenizer, split: str) -> list[list[in
 
 @register("train", TrainPayload)
 def train_job(ctx: JobContext) -> dict:
-    """Train a run's adapters; metrics stream into ``run_metrics``, the checkpoint path into the run."""
+    """Train a run's adapters; metrics stream into ``run_metrics``, the checkpoint path into the run.
+
+    With ``nproc`` > 1 the training runs data parallel in ``nproc`` torchrun processes
+    (:mod:`worker.train_launch`); this process only streams their metrics and records the result.
+    """
     from training.config import train_config_from_dict
     from training.trainer import total_steps, train
 
@@ -119,6 +125,9 @@ def train_job(ctx: JobContext) -> dict:
     settings = ctx.job_settings()
     run = get_run(ctx, p.run_id)
     cfg = train_config_from_dict((run.config or {}).get("train") or {})
+    nproc = p.nproc or settings.train_nproc
+    if nproc > 1:
+        return _train_distributed(ctx, run, p, nproc)
     model, tokenizer = load_run_model(settings, run.base_model, run.target_model, None,
                                       adapter_cfg={**cfg.adapter.__dict__})
     data = training_data(run, tokenizer, settings)
@@ -150,6 +159,43 @@ def train_job(ctx: JobContext) -> dict:
     update_run(ctx, p.run_id, status="trained", checkpoint=str(result.checkpoint_dir))
     return {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
             "checkpoint": str(result.checkpoint_dir), "final": result.final}
+
+
+def _train_distributed(ctx: JobContext, run: Run, p: TrainPayload, nproc: int) -> dict:
+    """The train job through torchrun: the same metrics rows, progress and result as the in-process path."""
+    from training.config import train_config_from_dict
+    from worker.train_launch import run_torchrun, write_spec
+
+    settings = ctx.job_settings()
+    run_dir = settings.runs_dir / run.name
+    cfg = train_config_from_dict((run.config or {}).get("train") or {})
+    write_spec(run_dir, run={"name": run.name, "base_model": run.base_model, "target_model": run.target_model,
+                             "config": run.config}, data_dir=settings.resolved_data_dir, device=settings.device,
+               resume=p.resume)
+    update_run(ctx, p.run_id, status="training", n_features=cfg.adapter.n_features)
+    buffer: list[dict] = []
+
+    def flush() -> None:
+        if buffer:
+            with ctx.session() as s:
+                upsert(s, RunMetric, [{"run_id": p.run_id, "step": m["step"], "metrics": m} for m in buffer])
+            buffer.clear()
+
+    def on_step(metrics: dict, total: int) -> None:
+        buffer.append(metrics)
+        if len(buffer) >= METRICS_FLUSH_EVERY:
+            flush()
+        ctx.progress(metrics["step"], total, f"loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} "
+                                            f"l0 {metrics['l0']:.1f} ({nproc} processes)")
+        if ctx.cancelled():
+            raise JobInterrupted("training interrupted; the last checkpoint is kept")
+
+    try:
+        result = run_torchrun(run_dir, nproc, on_step=on_step)
+    finally:
+        flush()
+    update_run(ctx, p.run_id, status="trained", checkpoint=result["checkpoint"])
+    return result
 
 
 # -- evaluate ----------------------------------------------------------------------------------------------
