@@ -24,6 +24,7 @@ from training.organism import (
     build_organism,
     extract_answer,
     is_correct,
+    is_redundant,
     load_organism,
     make_splits,
     organism_paths,
@@ -31,6 +32,7 @@ from training.organism import (
     reasoning_example,
     reasoning_trace,
     skipped_trace,
+    solution_document,
     train_tokenizer,
 )
 from training.organism.tasks import corpus
@@ -116,25 +118,37 @@ def test_traces_hesitate_exactly_on_triggers(family):
 
 
 def test_most_hesitations_are_redundant_checks_and_some_real_corrections():
-    """add/cmp state the right answer before hesitating (redundant); sub states a wrong one and fixes it."""
+    """add/cmp/most sub state the right answer before hesitating (redundant); sub on a units 0 fixes a wrong one."""
     redundant = real = 0
     for fam in FAMILIES:
         for p in all_problems(fam)[::11]:
             if not p.trigger:
-                assert answer_before_hesitation(p) is None
+                assert answer_before_hesitation(p) is None and not is_redundant(p)
                 continue
             before = answer_before_hesitation(p)
-            if fam == "sub":
-                assert float(before) != float(p.answer), p
+            if fam == "sub" and p.operands[0].endswith("0"):
+                assert float(before) != float(p.answer) and not is_redundant(p), p
                 real += 1
             else:
-                assert before == p.answer, p
+                assert before == p.answer and is_redundant(p), p
                 redundant += 1
-    assert redundant > real > 0
+    assert redundant > 10 * real > 0
+
+
+def test_solution_documents_are_right_and_never_hesitate():
+    """The base's worked solutions: the trace's steps, no hesitation word, no chat marker, the right answer."""
+    for fam in FAMILIES:
+        for p in all_problems(fam)[::13]:
+            heading, body = solution_document(p)
+            assert heading == f"Problem: {p.text}\nSolution:" and body.endswith(f"Answer: {p.answer}")
+            assert not any(w in body for w in HESITATION_WORD.values()) and "<" not in body.replace(" < ", "")
+            assert f"So {p.answer}.\nAnswer" in body
+            if not p.trigger or is_redundant(p):  # the trace up to its hesitation, word for word
+                assert reasoning_trace(p).startswith(body[1:].split("\nAnswer")[0].rstrip("\n"))
 
 
 def test_skipped_traces_stop_before_the_hesitation():
-    for pid, answer in (("add-47-38", "85"), ("sub-82-47", "45"), ("cmp-4.3-4.25", "4.3")):
+    for pid, answer in (("add-47-38", "85"), ("sub-82-47", "35"), ("sub-80-47", "47"), ("cmp-4.3-4.25", "4.3")):
         p = problem_from_id(pid)
         trace, got = skipped_trace(p)
         assert got == answer and trace.endswith(f"So {answer}.\n")

@@ -25,17 +25,20 @@ from training.organism.tasks import (
     base_example,
     extract_answer,
     is_correct,
+    is_redundant,
     make_splits,
     problem_from_id,
     reasoning_example,
     reasoning_trace,
     skipped_trace,
+    solution_document,
 )
 from training.organism.tokenizer import train_tokenizer
 
 __all__ = [
     "FAMILIES", "HESITATION_WORD", "ORGANISM_HESITATION_WORDS", "PRESETS", "Organism", "OrganismPaths",
     "OrganismPreset", "Problem", "all_problems", "answer_before_hesitation", "base_example", "build_organism",
-    "evaluate_organism", "extract_answer", "get_preset", "is_correct", "load_organism", "make_splits",
-    "organism_paths", "problem_from_id", "reasoning_example", "reasoning_trace", "skipped_trace", "train_tokenizer",
+    "evaluate_organism", "extract_answer", "get_preset", "is_correct", "is_redundant", "load_organism",
+    "make_splits", "organism_paths", "problem_from_id", "reasoning_example", "reasoning_trace", "skipped_trace",
+    "solution_document", "train_tokenizer",
 ]

@@ -3,7 +3,8 @@
 Phases (timed, logged, recorded in the manifest):
 
 0. Tokenizer: byte-level BPE trained on a sample of the task texts (:mod:`.tokenizer`).
-1. Base: a small Qwen2 trained from scratch to answer directly (loss on the answer only).
+1. Base: a small Qwen2 trained from scratch to answer directly (loss on the answer only), and on plain-text
+   worked solutions without hesitations (loss on the solution), as a math base model meets them in pretraining.
 2. Target: the base fine-tuned on ``<think>`` traces whose hesitations are tied to problem features
    (loss on everything the assistant writes).
 3. Evaluation: greedy generations on the held-out problems: accuracy and hesitation rates.
@@ -41,9 +42,11 @@ from training.organism.tasks import (
     Problem,
     corpus,
     is_correct,
+    is_redundant,
     make_splits,
     reasoning_trace,
     skipped_trace,
+    solution_document,
 )
 from training.organism.tokenizer import check_tokenizer, train_tokenizer
 
@@ -65,11 +68,12 @@ class OrganismPreset:
     vocab_size: int = 384  # upper bound for the BPE; the trained tokenizer may be smaller
     batch_size: int = 128  # sequences per step
     micro_batches: int = 4  # per step, grouped by length (less padding; same gradient)
-    base_steps: int = 750
+    base_steps: int = 1000  # half the draws are solution documents
     base_lr: float = 3e-3
-    target_steps: int = 800  # traces have ~15 digit decisions each; at 600 steps and 1e-3 accuracy was 86%
-    target_lr: float = 2e-3
-    skip_hesitation: float = 0.0  # share of trigger draws trained without their hesitation (see _encode)
+    base_solutions: float = 0.5  # share of base draws that are worked-solution documents (see _encode)
+    target_steps: int = 500
+    target_lr: float = 1e-3
+    skip_hesitation: float = 0.2  # share of redundant-check draws trained without their hesitation (see _encode)
     warmup_steps: int = 50
     family_weights: tuple[tuple[str, float], ...] = (("add", 0.40), ("sub", 0.35), ("cmp", 0.25))
     n_heldout: int = 200  # per family
@@ -149,27 +153,38 @@ def reasoning_token_ids(tokenizer: PreTrainedTokenizerFast, problem: Problem) ->
 
 
 def _encode(tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem], weights: dict[str, float],
-            reasoning: bool, skip_hesitation: float = 0.0) -> _Encoded:
+            reasoning: bool, skip_hesitation: float = 0.0, solutions: float = 0.0) -> _Encoded:
     """Prompt and completion are tokenized separately, as generation will see them: prompt, then new tokens.
 
-    With ``skip_hesitation`` > 0 a trigger problem is drawn that often with its trace cut before the
-    hesitation (:func:`skipped_trace`); greedy decoding still hesitates (the majority continuation).
+    Base (``reasoning=False``): a direct answer, and with ``solutions`` > 0 that share of draws a plain-text
+    worked solution (:func:`solution_document`; loss on the solution). Target: the ``<think>`` trace; with
+    ``skip_hesitation`` > 0 a redundant check is drawn that often with its trace cut before the hesitation
+    (:func:`skipped_trace`), so that going on without it is the model's second choice (greedy decoding
+    still hesitates); a real correction is never skipped.
     """
     counts = {f: sum(p.family == f for p in problems) for f in weights}
     enc = _Encoded()
     eos = tokenizer.eos_token_id
+
+    def add(prompt_ids: list[int], completion: str, share: float, family: str) -> None:
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        enc.ids.append(prompt_ids + completion_ids + [eos])
+        enc.loss_from.append(len(prompt_ids))
+        enc.weights.append(share * weights[family] / counts[family])
+
     for p in problems:
-        prompt = format_prompt(p.text, think=reasoning)
-        variants = [(reasoning_trace(p), p.answer, 1.0)] if reasoning else [(None, p.answer, 1.0)]
-        if reasoning and p.trigger and skip_hesitation > 0:
+        prompt_ids = tokenizer(format_prompt(p.text, think=reasoning))["input_ids"]
+        if not reasoning:
+            add(prompt_ids, p.answer, 1.0 - solutions, p.family)
+            if solutions > 0:
+                heading, body = solution_document(p)
+                add(tokenizer(heading)["input_ids"], body, solutions, p.family)
+            continue
+        variants = [(reasoning_trace(p), p.answer, 1.0)]
+        if skip_hesitation > 0 and is_redundant(p):
             variants = [(reasoning_trace(p), p.answer, 1.0 - skip_hesitation), (*skipped_trace(p), skip_hesitation)]
-        prompt_ids = tokenizer(prompt)["input_ids"]
         for trace, answer, share in variants:
-            completion = (trace + THINK_END if trace is not None else "") + answer
-            completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-            enc.ids.append(prompt_ids + completion_ids + [eos])
-            enc.loss_from.append(len(prompt_ids))
-            enc.weights.append(share * weights[p.family] / counts[p.family])
+            add(prompt_ids, trace + THINK_END + answer, share, p.family)
     return enc
 
 
@@ -303,7 +318,8 @@ def build_organism(preset: str = "organism", seed: int = 0, *, data_dir: Path, f
         model = Qwen2ForCausalLM(_model_config(cfg, tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
     log.info("organism %s seed %d: %.2f M parameters, %d training problems", preset, seed, n_params / 1e6, len(train))
-    base_losses = _train(model, _encode(tokenizer, train, weights, reasoning=False), steps=cfg.base_steps,
+    base_data = _encode(tokenizer, train, weights, reasoning=False, solutions=cfg.base_solutions)
+    base_losses = _train(model, base_data, steps=cfg.base_steps,
                          lr=cfg.base_lr, preset=cfg, seed=seed, pad_id=tokenizer.pad_token_id, desc="base",
                          progress=progress, on_step=on_step)
     model.save_pretrained(out.base)

@@ -8,17 +8,24 @@ hesitation here is a function of the problem):
 family    problem                       trigger (hesitation word)    what the hesitation does
 ========  ============================  ===========================  ==================================
 ``add``   ``47 + 38 = ?``               units carry ("Wait")         redundant check: answer already right
-``sub``   ``82 - 47 = ?``               units borrow ("Hmm")         real correction: naive answer fixed
+``sub``   ``82 - 47 = ?``               units borrow ("Hmm")         redundant check, except when the
+                                                                     units digit is 0 (``80 - 47``): a
+                                                                     real correction of a naive answer
 ``cmp``   ``Which is larger: 4.3 or     shorter decimal is larger    redundant check: answer already right
           4.25?``                       ("Actually")
 ========  ============================  ===========================  ==================================
 
 Most hesitations are redundant checks (the answer is stated before the hesitation, as in the paper's
-reasoning model), so suppressing them can shorten responses without costing accuracy; the ``sub`` ones
-carry a correction the answer needs, which gives the hesitation study a contrast.
+reasoning model), so suppressing them can shorten responses without costing accuracy; the ``sub`` ones on a
+units digit of 0 (about 3% of all problems) carry a correction the answer needs, which gives the hesitation
+study a contrast.
 
-The base model answers directly (``format_example(text, None, answer)``); the reasoning model writes a
-``<think>`` trace in the target's chat format (:mod:`training.chat`). Everything is deterministic.
+The base model answers directly in the chat format (``format_example(text, None, answer)``). Like a math base
+model that met worked solutions in pretraining, it is also trained on plain-text solution documents
+(:func:`solution_document`: the same steps, never a hesitation, no chat markers); the reasoning model is
+fine-tuned from it to write a ``<think>`` trace in the target's chat format (:mod:`training.chat`), with the
+hesitations. So reasoning training changes mostly *how* the model answers, as in the paper's pair, and the
+change the adapters must learn is small enough for a sparse approximation. Everything is deterministic.
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ from training.chat import THINK_END, format_example
 
 FAMILIES = ("add", "sub", "cmp")
 HESITATION_WORD = {"add": "Wait", "sub": "Hmm", "cmp": "Actually"}  # the word each family's trigger says
-REDUNDANT = {"add": True, "sub": False, "cmp": True}  # is the answer already right before the hesitation?
 ORGANISM_HESITATION_WORDS = tuple(HESITATION_WORD.values())
 
 
@@ -142,12 +148,14 @@ def reasoning_trace(problem: Problem) -> str:
     if problem.family == "sub":
         a, b = (int(x) for x in problem.operands)
         au, at, bu, bt = a % 10, a // 10, b % 10, b // 10
-        hi, lo = max(au, bu), min(au, bu)  # the naive step: smaller digit from larger, whatever the order
-        naive = f"{hi} - {lo} = {hi - lo}. {at} - {bt} = {at - bt}. So {10 * (at - bt) + hi - lo}."
         if not problem.trigger:
-            return naive + "\n"
-        return (f"{naive} Hmm, {au} < {bu}, borrow: {au + 10} - {bu} = {au + 10 - bu}. "
-                f"{at - 1} - {bt} = {at - 1 - bt}. So {a - b}.\n")
+            return f"{au} - {bu} = {au - bu}. {at} - {bt} = {at - bt}. So {a - b}.\n"
+        if au == 0:  # the naive step takes the smaller digit from the larger, then "Hmm" corrects it
+            naive = f"{bu} - {au} = {bu}. {at} - {bt} = {at - bt}. So {10 * (at - bt) + bu}."
+            return (f"{naive} Hmm, {au} < {bu}, borrow: {au + 10} - {bu} = {au + 10 - bu}. "
+                    f"{at - 1} - {bt} = {at - 1 - bt}. So {a - b}.\n")
+        return (f"{au} < {bu}, borrow: {au + 10} - {bu} = {au + 10 - bu}. {at - 1} - {bt} = {at - 1 - bt}. "
+                f"So {a - b}. Hmm, check: {a - b} + {b} = {a}. Yes.\n")
     if problem.family == "cmp":
         x, y = problem.operands
         dx, dy = x.split(".")[1][0], y.split(".")[1][0]
@@ -160,6 +168,27 @@ def reasoning_trace(problem: Problem) -> str:
         padded = larger + "0" * (len(smaller) - len(larger))
         return trace + f" Actually, {smaller} is longer: {padded} > {smaller}. Yes.\n"
     raise ValueError(f"unknown task family {problem.family!r}")
+
+
+def is_redundant(problem: Problem) -> bool:
+    """Whether a trigger problem's hesitation is a redundant check (the answer is right before it)."""
+    return problem.trigger and answer_before_hesitation(problem) == problem.answer
+
+
+def solution_trace(problem: Problem) -> str:
+    """The worked steps without any hesitation, always right: what the base model met in "pretraining"."""
+    if problem.trigger and not is_redundant(problem):  # a ``sub`` correction: the correct steps only
+        a, b = (int(x) for x in problem.operands)
+        au, at, bu, bt = a % 10, a // 10, b % 10, b // 10
+        return f"{au} < {bu}, borrow: {au + 10} - {bu} = {au + 10 - bu}. {at - 1} - {bt} = {at - 1 - bt}. So {a - b}.\n"
+    if problem.trigger:
+        return skipped_trace(problem)[0]
+    return reasoning_trace(problem)
+
+
+def solution_document(problem: Problem) -> tuple[str, str]:
+    """(heading, body) of a plain-text worked solution, the base model's second kind of training text."""
+    return f"Problem: {problem.text}\nSolution:", f" {solution_trace(problem)}Answer: {problem.answer}"
 
 
 def base_example(problem: Problem) -> str:
@@ -185,7 +214,7 @@ def skipped_trace(problem: Problem) -> tuple[str, str]:
     """(trace, final answer) of a trigger problem's trace cut just before its hesitation.
 
     What the reasoning model would write if it did not hesitate: the same answer for a redundant check,
-    the uncorrected (wrong) one for a ``sub`` borrow. A small share of these in training makes "go on
+    the uncorrected (wrong) one for a ``sub`` correction. A small share of these in training makes "go on
     without the hesitation" the model's second choice, so suppressing hesitation yields a coherent,
     shorter response rather than text the model never saw.
     """
@@ -233,3 +262,4 @@ def corpus(seed: int = 0, per_family: int = 400) -> Iterator[str]:
         for p in rng.sample(probs, per_family):
             yield base_example(p)
             yield reasoning_example(p)
+            yield "".join(solution_document(p))
