@@ -222,6 +222,51 @@ def hesitation(
 
 
 @app.command()
+def experiment(
+    run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
+    feature_set: Annotated[str, typer.Option("--set", help="Stored feature set to intervene on.")] = "hesitation features",
+    design: Annotated[str, typer.Option(help="necessity (remove the set from the adapted model) or sufficiency "
+                                             "(keep only the set on top of the hybrid).")] = "necessity",
+    organism_heldout: Annotated[int | None, typer.Option(help="First N held-out organism problems (0 = all).")] = None,
+    jsonl: Annotated[str | None, typer.Option(help="JSONL of {prompt, answer} instead (real models).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per response.")] = 96,
+    name: Annotated[str | None, typer.Option(help="Experiment name shown on its page.")] = None,
+) -> None:
+    """An ablation experiment over a prompt set, queued and run now: the same job a dashboard user starts."""
+    from app.db.schema import Experiment
+    from app.db.session import make_engine, make_sessionmaker
+    from worker.ablation.request import AblationRequestError, submit_experiment
+    from worker.loop import run_worker
+
+    run_id = _run_id(run)
+    settings = _settings()
+    if organism_heldout is None and jsonl is None:
+        organism_heldout = 200
+    request = {"run_id": run_id, "name": name or f"{design}: {feature_set}", "design": design,
+               "feature_set": feature_set, "organism_heldout": organism_heldout, "jsonl": jsonl,
+               "generation": {"max_new_tokens": max_new_tokens}}
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as s:
+            try:
+                experiment_id, job_id = submit_experiment(s, {k: v for k, v in request.items() if v is not None})
+            except AblationRequestError as exc:
+                raise _fail(str(exc)) from exc
+            s.commit()
+        typer.echo(f"experiment {experiment_id} queued as job {job_id}; running it now")
+        run_worker(settings, kinds=["experiment"], wait=False, migrate=False,
+                   handler_modules=["worker.pipeline", *_extra_handler_modules()])
+        with make_sessionmaker(engine)() as s:
+            row = s.get(Experiment, experiment_id)
+            if row.status != "done":
+                raise _fail(f"experiment {experiment_id} ended {row.status}: {row.error}")
+            summary = row.summary
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(summary, indent=1, default=str))
+
+
+@app.command()
 def pipeline(
     organism_preset: Annotated[str, typer.Option(help="organism or organism-tiny")] = DEFAULT_ORGANISM,
     preset: Annotated[str, typer.Option(help="Training preset.")] = DEFAULT_TRAIN_PRESET,

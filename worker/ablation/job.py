@@ -322,8 +322,18 @@ def experiment_plan(design: str, ivs: Sequence[Intervention], sel: ResolvedSelec
     return groups
 
 
+def _round_robin(problem_ids: Sequence[str]) -> list[str]:
+    """Ids reordered to alternate between families (``add-…``, ``sub-…``, ...), each family's order kept."""
+    by_family: dict[str, list[str]] = {}
+    for pid in problem_ids:
+        by_family.setdefault(pid.split("-", 1)[0], []).append(pid)
+    queues = list(by_family.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 def _organism_items(run: Run, limit: int, settings: Settings) -> list[PromptItem]:
-    """The held-out problems of the organism the run's target belongs to (its ``organism.json``)."""
+    """Held-out problems of the organism the run's target belongs to (its ``organism.json``), ``limit`` of them
+    (0: all) taken in turn from each task family, so that a small experiment still covers every family."""
     from training.organism.build import MANIFEST
     from training.organism.tasks import problem_from_id
     from worker.models_cache import resolve_model
@@ -331,7 +341,7 @@ def _organism_items(run: Run, limit: int, settings: Settings) -> list[PromptItem
     target = Path(resolve_model(run.target_model, settings, "target"))
     for manifest in (target / MANIFEST, target.parent / MANIFEST):
         if manifest.is_file():
-            ids = json.loads(manifest.read_text())["heldout_ids"]
+            ids = _round_robin(json.loads(manifest.read_text())["heldout_ids"])
             problems = [problem_from_id(i) for i in (ids[:limit] if limit else ids)]
             return [PromptItem(prompt=p.text, answer=p.answer) for p in problems]
     raise AblationRequestError(f"run {run.id}'s target {run.target_model} is not an organism (no {MANIFEST}); "

@@ -158,7 +158,7 @@ class ExperimentRequest(InterventionSpec):
     (``Intervention(complement=True)`` zeroes every other feature; conditions ``unablated``, ``set-only``,
     ``hybrid``). Prompts: exactly one of ``items``, ``jsonl`` (a file on the worker's machine, one
     ``{"prompt", "answer"}`` object per line), ``prompt_ids`` (stored prompts) or ``organism_heldout``
-    (the first N held-out problems of the run's organism; 0 = all).
+    (N held-out problems of the run's organism, taken in turn from each task family; 0 = all).
     """
 
     run_id: int
