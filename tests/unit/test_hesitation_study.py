@@ -34,6 +34,7 @@ from worker.hesitation.study import (
     graph_evidence,
     random_control,
     sample_sites,
+    set_sizes,
 )
 
 # -- sites ------------------------------------------------------------------------------------------------
@@ -183,7 +184,14 @@ def _metrics(tokens: int, accuracy: float = 1.0) -> Metrics:
                    mean_length=20.0)
 
 
-def test_set_grows_in_chunks_until_the_target():
+def test_set_sizes_grow_geometrically_up_to_the_cap():
+    assert set_sizes(30) == [1, 2, 3, 4, 6, 9, 13, 19, 28, 30]
+    assert set_sizes(1) == [1] and set_sizes(4, growth=2.0) == [1, 2, 4]
+    with pytest.raises(ValueError, match="growth"):
+        set_sizes(10, growth=1.0)
+
+
+def test_set_grows_through_the_sizes_until_the_target():
     ranked = [(0, i) for i in range(20)]
     key = {(0, 2): 40, (0, 5): 30, (0, 7): 15}  # hesitation tokens each feature is responsible for
     calls = []
@@ -192,21 +200,25 @@ def test_set_grows_in_chunks_until_the_target():
         calls.append(len(feats))
         return _metrics(100 - sum(key.get(f, 0) for f in feats))
 
-    got = choose_set(ranked, measure_set, _metrics(100), chunk=3, cap=12, target_removal=0.8)
+    got = choose_set(ranked, measure_set, _metrics(100), sizes=[3, 6, 9, 12], target_removal=0.8)
     assert calls == [3, 6, 9]  # 3: 40% removed, 6: 70%, 9: 85% ≥ 80%
     assert got.reached_target and got.features == ranked[:9]
     assert got.removal == pytest.approx(0.85)
     assert [h["size"] for h in got.history] == [3, 6, 9]
 
     calls.clear()
-    got = choose_set(ranked, measure_set, _metrics(100), chunk=3, cap=7, target_removal=0.9)
+    got = choose_set(ranked, measure_set, _metrics(100), sizes=[3, 6, 7], target_removal=0.9)
     assert calls == [3, 6, 7] and not got.reached_target
     assert got.features == ranked[:6]  # the smallest size with the most removed (70%)
 
-    got = choose_set(ranked, measure_set, _metrics(0), chunk=3, cap=12)
+    calls.clear()
+    got = choose_set(ranked[:8], measure_set, _metrics(100), sizes=[1, 2, 3, 4, 6, 9, 13], target_removal=0.8)
+    assert calls == [1, 2, 3, 4, 6, 8] and got.features == ranked[:8]  # sizes past the ranking stop at its end
+
+    got = choose_set(ranked, measure_set, _metrics(0), sizes=[3, 6])
     assert got.features == ranked[:3] and got.removal is None and not got.history
-    with pytest.raises(ValueError, match="chunk"):
-        choose_set(ranked, measure_set, _metrics(100), chunk=0, cap=5)
+    with pytest.raises(ValueError, match="sizes"):
+        choose_set(ranked, measure_set, _metrics(100), sizes=[0, 5])
 
 
 def test_random_control_avoids_the_set_and_is_seeded():

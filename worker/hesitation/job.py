@@ -46,6 +46,7 @@ from worker.hesitation.study import (
     random_control,
     removal,
     sample_sites,
+    set_sizes,
     site_ablation_effects,
     site_graph,
 )
@@ -213,7 +214,7 @@ class HesitationPayload(BaseModel):
     n_report: int = Field(250, ge=1, description="Prompts the chosen set is measured on (disjoint).")
     max_new_tokens: int = Field(96, ge=1, le=4096)
     target_removal: float = Field(0.8, gt=0.0, le=1.0, description="Share of hesitation tokens to remove.")
-    chunk_fraction: float = Field(0.005, gt=0.0, le=1.0, description="Set growth step, share of all features.")
+    growth: float = Field(1.5, gt=1.0, le=4.0, description="Set sizes measured: 1, 2, 3, 4, 6, 9, ... (×growth).")
     cap_fraction: float = Field(0.05, gt=0.0, le=1.0, description="Largest set, share of all features.")
     set_name: str = Field(HESITATION_SET_NAME, min_length=1, max_length=200)
     control: bool = Field(True, description="Also ablate a random same-size set of active features.")
@@ -322,13 +323,15 @@ def hesitation_job(ctx: JobContext) -> dict:
     pool = [prompts[i] for i in order[:n_sites]]
     validation = [prompts[i] for i in order[n_sites:n_sites + n_val]]
     report_prompts = [prompts[i] for i in order[n_sites + n_val:n_sites + n_val + n_rep]]
-    total_steps = p.n_graphs + 8 + max(1, math.ceil(p.cap_fraction / p.chunk_fraction))
-    ctx.progress(0, total_steps, "loading the model")
+    ctx.progress(0, p.n_graphs + 20, "loading the model")
     model, tokenizer = _model(ctx, p.run_id)
     hes_ids = hesitation_token_ids(tokenizer, words)
     if not hes_ids:
         raise ValueError(f"none of the hesitation words {list(words)} is a single token of this tokenizer")
     n_total = model.n_layers * model.n_features
+    cap = max(1, math.floor(p.cap_fraction * n_total))
+    sizes = set_sizes(cap, p.growth)
+    total_steps = p.n_graphs + 8 + len(sizes)
 
     # 1. sites
     t = time.perf_counter()
@@ -375,8 +378,6 @@ def hesitation_job(ctx: JobContext) -> dict:
         f.lens_rank, f.lens_top = ranks[f.key]
     classify_all(features, len(evidence), rules)
     by_key = {f.key: f for f in features}
-    chunk = max(1, round(p.chunk_fraction * n_total))
-    cap = max(chunk, math.floor(p.cap_fraction * n_total))
     promoting = [f.key for f in features if f.influence > 0 and f.effect > 0]
     scores = {f.key: f.influence / max(len(evidence), 1) for f in features}  # mean influence share per graph
     if p.ranking == "influence" or not chosen_sites:
@@ -406,7 +407,7 @@ def hesitation_job(ctx: JobContext) -> dict:
     progress("baseline on validation prompts")
     baseline = measure(model, tokenizer, validation, hes_ids, **gen_kw)
     choice = choose_set(ranked, lambda feats: measure(model, tokenizer, validation, hes_ids, ablate=feats, **gen_kw),
-                        baseline, chunk=chunk, cap=cap, target_removal=p.target_removal,
+                        baseline, sizes=sizes, target_removal=p.target_removal,
                         on_step=lambda size, _: progress(f"ablating {size} features on validation prompts"))
     timings["choose_s"] = time.perf_counter() - t
 
@@ -444,7 +445,7 @@ def hesitation_job(ctx: JobContext) -> dict:
         "set": {"id": set_id, "name": p.set_name, "size": len(choice.features), "n_features": n_total,
                 "fraction": len(choice.features) / n_total, "roles": roles, "description": description},
         "choice": {"ranking": p.ranking, "n_ranked": len(ranked), "reached_target": choice.reached_target, "validation_removal": choice.removal,
-                   "chunk": chunk, "cap": cap, "history": choice.history, "baseline": baseline.to_dict()},
+                   "sizes": sizes, "cap": cap, "history": choice.history, "baseline": baseline.to_dict()},
         "report": report,
         "sites": {"n_traces": len(traces), "n_sites": len(sites), "n_graphs": len(evidence),
                   "words": sorted({s.word for s in chosen_sites}), "groups": sorted({s.group for s in chosen_sites})},

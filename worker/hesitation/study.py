@@ -14,7 +14,7 @@ and stores the results):
    with the number of pruned graphs that keep the feature (:func:`aggregate`).
 4. **Roles**: logit-lens ranks of hesitation tokens (:func:`lens_ranks`), then the rules of
    :mod:`worker.hesitation.roles`.
-5. **The set**: features ranked by aggregated influence; the set grows greedily in chunks, each size
+5. **The set**: features ranked by aggregated influence; the set grows geometrically (1, 2, 3, 4, 6, 9, ...), each size
    measured by zero-ablating it at every position of the adapted model on validation prompts, until the
    hesitations removed reach the target or the size reaches the cap (:func:`choose_set`); the chosen set
    is then measured on report prompts disjoint from the validation ones (:func:`measure`).
@@ -338,30 +338,43 @@ def removal(baseline: Metrics, ablated: Metrics) -> float | None:
     return 1.0 - ablated.hesitation_tokens / baseline.hesitation_tokens
 
 
+def set_sizes(cap: int, growth: float = 1.5) -> list[int]:
+    """Set sizes to measure: 1, 2, 3, 4, 6, 9, 13, ... (each ×``growth``, at least +1) up to ``cap`` included.
+
+    Fine steps where sets are small (each feature counts: the smallest set that reaches the target
+    costs the least accuracy), coarse ones later (each size is a generation pass over the validation prompts).
+    """
+    if cap < 1 or growth <= 1.0:
+        raise ValueError(f"cap must be at least 1 and growth above 1, got cap={cap}, growth={growth}")
+    sizes, size = [], 1
+    while size < cap:
+        sizes.append(size)
+        size = max(size + 1, math.floor(size * growth))
+    return sizes + [cap]
+
+
 def choose_set(ranked: Sequence[FeatureKey], measure_set: Callable[[list[FeatureKey]], Metrics],
-               baseline: Metrics, *, chunk: int, cap: int, target_removal: float = 0.8,
+               baseline: Metrics, *, sizes: Sequence[int], target_removal: float = 0.8,
                on_step: Callable[[int, dict[str, Any]], None] | None = None) -> SetChoice:
-    """Grow the set along ``ranked`` by ``chunk`` features at a time until ``target_removal`` or ``cap``.
+    """Grow the set along ``ranked`` through ``sizes`` (:func:`set_sizes`) until ``target_removal`` is reached.
 
     ``measure_set(features)``: metrics of the adapted model with ``features`` zero-ablated on the validation
-    prompts. Without hesitations in the baseline nothing can be removed: the first chunk is returned.
+    prompts. Without hesitations in the baseline nothing can be removed: the first size is returned.
     Without reaching the target, the size that removed the most (the smallest such) is returned.
     """
-    if chunk < 1 or cap < 1:
-        raise ValueError(f"chunk and cap must be at least 1, got chunk={chunk}, cap={cap}")
+    if not sizes or any(n < 1 for n in sizes) or list(sizes) != sorted(set(sizes)):
+        raise ValueError(f"sizes must be increasing positive integers, got {list(sizes)}")
     if not 0.0 < target_removal <= 1.0:
         raise ValueError(f"target_removal must lie in (0, 1], got {target_removal}")
-    limit = min(cap, len(ranked))
-    if limit == 0:
+    sizes = [n for n in sizes if n < len(ranked)] + ([len(ranked)] if sizes[-1] >= len(ranked) else [])
+    if not ranked:
         return SetChoice([], None, False, [])
     if baseline.hesitation_tokens == 0:
         log.warning("the baseline has no hesitations on the validation prompts: removal cannot be measured")
-        return SetChoice(list(ranked[:min(chunk, limit)]), None, False, [])
+        return SetChoice(list(ranked[:sizes[0]]), None, False, [])
     history: list[dict[str, Any]] = []
     best_size, best_removal = 0, -math.inf
-    size = 0
-    while size < limit:
-        size = min(size + chunk, limit)
+    for size in sizes:
         m = measure_set(list(ranked[:size]))
         r = removal(baseline, m)
         step = {"size": size, "removal": r, "hesitation_rate": m.hesitation_rate, "accuracy": m.accuracy,
