@@ -104,11 +104,28 @@ def organism_problems(org: OrganismSpec, split: str) -> list:
 
 
 def organism_sequences(org: OrganismSpec, tokenizer, split: str) -> list[list[int]]:
-    """Chat-formatted reasoning traces, tokenized like generation sees them (prompt, then completion, eos)."""
-    from training.organism.build import reasoning_token_ids
+    """Chat-formatted reasoning traces, tokenized like generation sees them (prompt, then completion, eos).
 
-    pairs = (reasoning_token_ids(tokenizer, p) for p in organism_problems(org, split))
-    return [prompt + completion for prompt, completion in pairs]
+    The target was trained to skip a share of its redundant checks (the organism preset's
+    ``skip_hesitation``); the same share of redundant-check problems, chosen with the organism's seed, also
+    appears here with its skipped trace, so the adapters learn the target on the path without the
+    hesitation too, the path a hesitation ablation sends the adapted model down.
+    """
+    import random
+
+    from training.organism.build import get_preset, reasoning_token_ids
+    from training.organism.tasks import is_redundant
+
+    share = get_preset(org.preset).skip_hesitation
+    rng = random.Random(f"skipped-{org.seed}-{split}")
+    out = []
+    for p in organism_problems(org, split):
+        prompt, completion = reasoning_token_ids(tokenizer, p)
+        out.append(prompt + completion)
+        if share > 0 and is_redundant(p) and rng.random() < share:
+            prompt, completion = reasoning_token_ids(tokenizer, p, skipped=True)
+            out.append(prompt + completion)
+    return out
 
 
 @register("train", TrainPayload)

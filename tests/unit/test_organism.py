@@ -301,3 +301,27 @@ def test_generate_rejects_bad_arguments(tiny):
         generate(org.target, org.tokenizer, ["x"], max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         generate(org.target, org.tokenizer, ["x"], max_new_tokens=2, greedy=False, temperature=0.0)
+
+
+def test_adapter_training_data_covers_the_skipped_path(tokenizer):
+    """The adapters train on the target's reference traces plus its skipped redundant checks (the preset's
+    share), so that the adapted model follows the target where a hesitation ablation sends it."""
+    from training.hesitation import hesitation_token_ids
+    from training.organism.build import get_preset, reasoning_token_ids
+    from worker.models_cache import OrganismSpec
+    from worker.pipeline import organism_problems, organism_sequences
+
+    org = OrganismSpec("organism-tiny", 0)
+    problems = organism_problems(org, "train")
+    seqs = organism_sequences(org, tokenizer, "train")
+    redundant = sum(is_redundant(p) for p in problems)
+    extra = len(seqs) - len(problems)
+    share = get_preset("organism-tiny").skip_hesitation
+    assert share > 0 and abs(extra / redundant - share) < 0.03, (extra, redundant)
+    full = {tuple(sum(reasoning_token_ids(tokenizer, p), [])) for p in problems}
+    skipped = [s for s in seqs if tuple(s) not in full]
+    assert len(skipped) == extra
+    hes = set(hesitation_token_ids(tokenizer, list(HESITATION_WORD.values())))
+    assert len(hes) >= 3 and not any(hes & set(s) for s in skipped)
+    prompt, completion = reasoning_token_ids(tokenizer, problem_from_id("add-47-38"), skipped=True)
+    assert tokenizer.decode(completion, skip_special_tokens=False).endswith("So 85.\n</think>85" + tokenizer.eos_token)

@@ -143,12 +143,14 @@ class _Encoded:
     weights: list[float] = field(default_factory=list)  # sampling weight per sequence
 
 
-def reasoning_token_ids(tokenizer: PreTrainedTokenizerFast, problem: Problem) -> tuple[list[int], list[int]]:
+def reasoning_token_ids(tokenizer: PreTrainedTokenizerFast, problem: Problem,
+                        skipped: bool = False) -> tuple[list[int], list[int]]:
     """A problem's reference reasoning example as the target was trained on it: the chat prompt's ids
     (with bos) and the completion's (trace, ``</think>``, answer, eos), tokenized separately as generation
-    sees them."""
+    sees them. ``skipped``: the trace cut before its hesitation (:func:`skipped_trace`)."""
     prompt_ids = tokenizer(format_prompt(problem.text))["input_ids"]
-    completion = tokenizer(reasoning_trace(problem) + THINK_END + problem.answer, add_special_tokens=False)["input_ids"]
+    trace, answer = skipped_trace(problem) if skipped else (reasoning_trace(problem), problem.answer)
+    completion = tokenizer(trace + THINK_END + answer, add_special_tokens=False)["input_ids"]
     return list(prompt_ids), list(completion) + [tokenizer.eos_token_id]
 
 
