@@ -229,6 +229,9 @@ def experiment(
                                              "(keep only the set on top of the hybrid).")] = "necessity",
     organism_heldout: Annotated[int | None, typer.Option(help="First N held-out organism problems (0 = all).")] = None,
     jsonl: Annotated[str | None, typer.Option(help="JSONL of {prompt, answer} instead (real models).")] = None,
+    mode: Annotated[str, typer.Option(help="zero, scale (by --value; > 1 steers) or clamp (to --value).")] = "zero",
+    value: Annotated[float | None, typer.Option(help="Scale factor or clamp value.")] = None,
+    positions: Annotated[str, typer.Option(help="all, prompt or generated.")] = "all",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per response.")] = 96,
     name: Annotated[str | None, typer.Option(help="Experiment name shown on its page.")] = None,
 ) -> None:
@@ -242,9 +245,10 @@ def experiment(
     settings = _settings()
     if organism_heldout is None and jsonl is None:
         organism_heldout = 200
-    request = {"run_id": run_id, "name": name or f"{design}: {feature_set}", "design": design,
+    label = design if mode == "zero" else f"{design}, {mode} {value}"
+    request = {"run_id": run_id, "name": name or f"{label}: {feature_set}", "design": design,
                "feature_set": feature_set, "organism_heldout": organism_heldout, "jsonl": jsonl,
-               "generation": {"max_new_tokens": max_new_tokens}}
+               "mode": mode, "value": value, "positions": positions, "generation": {"max_new_tokens": max_new_tokens}}
     engine = make_engine(settings)
     try:
         with make_sessionmaker(engine)() as s:
