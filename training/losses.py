@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -51,14 +52,20 @@ def residual_energy(target: Sequence[torch.Tensor], mask: torch.Tensor) -> torch
     return torch.stack([(_wide(t).square() * mask.to(t.dtype).unsqueeze(-1)).sum() for t in target])
 
 
+def _squared_error(a: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return ((_wide(a) - _wide(t)).square() * m).sum()
+
+
 def residual_nmse(adapted: Sequence[torch.Tensor], target: Sequence[torch.Tensor], mask: torch.Tensor, *,
-                  ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  ref: torch.Tensor | None = None, recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean over points, per-point NMSE [points]) for residual streams [batch, seq, d] at matching points.
 
     Per point: summed squared error over real positions / summed squared target activations there.
     ``ref`` [points] replaces those denominators: data-parallel training passes the whole global batch's
     energies, so that each rank's NMSE is its share of the global one (a ratio of sums does not split by
-    token counts).
+    token counts). ``recompute``: the error h_A − h_T (float32 or wider, one [batch, seq, d] per point)
+    is recomputed in the backward instead of saved; the checkpoint keeps only h_A and h_T, which the
+    caller holds anyway. Same numbers.
     """
     if len(adapted) != len(target):
         raise ValueError(f"{len(adapted)} adapted residual points but {len(target)} target ones")
@@ -66,7 +73,10 @@ def residual_nmse(adapted: Sequence[torch.Tensor], target: Sequence[torch.Tensor
     per_point = []
     for p, (a, t) in enumerate(zip(adapted, target, strict=True)):
         m = mask.to(a.dtype).unsqueeze(-1)
-        err = ((_wide(a) - _wide(t)).square() * m).sum()
+        if recompute:
+            err = checkpoint(_squared_error, a, t, m, use_reentrant=False)
+        else:
+            err = _squared_error(a, t, m)
         per_point.append(err / energy[p].to(err.dtype).clamp(min=torch.finfo(err.dtype).tiny))
     stacked = torch.stack(per_point)
     return stacked.mean(), stacked

@@ -13,6 +13,12 @@ cutoff k ∈ {0..L}. How the fused step gets there (see /work/shared/training-no
 4. **One fused, chunked head + KL** for every student against the same teacher rows
    (:func:`training.losses.fused_head_kl`), then one backward of the summed loss by the caller.
 
+With ``recompute=True`` (activation checkpointing) every block of the adapter pass and of both bridges
+runs under ``torch.utils.checkpoint``, and so does the NMSE's error h_A − h_T: only the block inputs and
+the features (for L1) stay saved, and each block's internals are recomputed in the backward, one block at
+a time. That trades ~one more forward of those blocks for most of the activation memory
+(training/memory_plan.py).
+
 :func:`reference_step` computes the same numbers the straightforward way (separate forwards through the
 Hugging Face decoder layers, full logits); tests compare the two, the benchmark times both.
 """
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_causal_mask
 
 from training.adapter import AdaptedMLP, AdapterModel
@@ -165,6 +172,50 @@ def _stacks(model: AdapterModel, input_ids: torch.Tensor, attention_mask: torch.
     return adapter, target
 
 
+def _adapter_block(model: AdapterModel, A: _Stack, i: int, h: torch.Tensor,
+                   keep_state: bool) -> tuple[torch.Tensor, ...]:
+    """Adapter-pass block i: (residual out, features f), plus (attention residual, MLP input) with
+    ``keep_state`` (the A→T start at the cutoff). One function so a checkpoint can wrap the whole block."""
+    a, x = A.attention(i, h)
+    y, f = _adapted_mlp(model, i, x)
+    return (a + y, f, a, x) if keep_state else (a + y, f)
+
+
+Run = Callable[..., object]  # run(fn, *args) → fn(*args), directly or under a checkpoint
+
+
+def _direct(fn: Callable, *args):
+    return fn(*args)
+
+
+def _checkpointed(model: AdapterModel) -> Run:
+    """A runner that checkpoints each call: fn's saved tensors are dropped and fn re-runs in the backward.
+
+    The re-run must compute exactly what the forward did. Everything fn reads is an argument, a frozen
+    weight, the batch's masks/rotary tables (kept alive by the closures) or the adapter state's
+    intervention fields (interventions, prompt lengths, position ids), which :meth:`AdaptedMLP.features`
+    reads at call time. Those would change under a re-run if the caller left an ``intervene`` block, or
+    ran another forward, before calling backward; so they are snapshotted here and put back around every
+    re-run. Autocast is restored by ``checkpoint`` itself (non-reentrant mode records it); there is no
+    randomness in the step (no dropout), and ``checkpoint`` restores the RNG state anyway.
+    """
+    state = model.state
+    frozen = (state.interventions, state.prompt_lengths, state.position_ids)
+
+    def replay(fn: Callable, *args):
+        now = (state.interventions, state.prompt_lengths, state.position_ids)
+        state.interventions, state.prompt_lengths, state.position_ids = frozen
+        try:
+            return fn(*args)
+        finally:
+            state.interventions, state.prompt_lengths, state.position_ids = now
+
+    def run(fn: Callable, *args):
+        return checkpoint(replay, fn, *args, use_reentrant=False)
+
+    return run
+
+
 def _check_batch(model: AdapterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  cutoff: int | None) -> None:
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
@@ -192,14 +243,15 @@ def _global_shares(all_sum: AllSum, hT: list[torch.Tensor], input_ids: torch.Ten
 
 
 def _assemble(model: AdapterModel, weights: LossWeights, *, kl, lm, a2t, t2a, hA, hT, feats, mask,
-              cutoff, input_ids: torch.Tensor | None = None, all_sum: AllSum | None = None) -> StepResult:
+              cutoff, input_ids: torch.Tensor | None = None, all_sum: AllSum | None = None,
+              recompute: bool = False) -> StepResult:
     ref = None
     tok_share = lab_share = None
     if all_sum is not None:
         ref, tok_share, lab_share = _global_shares(all_sum, hT, input_ids, mask)
         kl, a2t, t2a = (None if t is None else t * tok_share.to(t.dtype) for t in (kl, a2t, t2a))
         lm = lm * lab_share.to(lm.dtype)
-    nmse, nmse_points = residual_nmse(hA, hT, mask, ref=ref)
+    nmse, nmse_points = residual_nmse(hA, hT, mask, ref=ref, recompute=recompute)
     l1 = sum((decoder_weighted_l1(f, model.adapters[i].W_dec, mask) for i, f in enumerate(feats)),
              start=torch.zeros((), dtype=nmse.dtype, device=nmse.device))
     if tok_share is not None:
@@ -225,7 +277,7 @@ def _assemble(model: AdapterModel, weights: LossWeights, *, kl, lm, a2t, t2a, hA
 
 def fused_step(model: AdapterModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                weights: LossWeights, cutoff: int | None, kl_chunk: int = 1024,
-               all_sum: AllSum | None = None) -> StepResult:
+               all_sum: AllSum | None = None, recompute: bool = False) -> StepResult:
     """All terms of the objective for one batch (right-padded ``input_ids``/``attention_mask`` [batch, seq]).
 
     ``cutoff``: the bridging cutoff k ∈ {0..L} (drawn by the caller), or None to skip bridging. The caller
@@ -235,6 +287,10 @@ def fused_step(model: AdapterModel, input_ids: torch.Tensor, attention_mask: tor
     once per step). The batch is then this rank's slice of a global batch and every number in the result —
     loss, terms, ``nmse_points``, ``l0_layers`` — is this rank's *share* of the global batch's value: summed
     over the ranks they equal a single-process step on the whole batch, and so do the summed gradients.
+
+    ``recompute``: activation checkpointing of every block of the adapter pass and the bridges (see the
+    module docstring): the same numbers and gradients, much less memory, ~one more forward of those blocks.
+    Without it the step runs the very same operations unwrapped.
     """
     _check_batch(model, input_ids, attention_mask, cutoff)
     L = model.n_layers
@@ -258,15 +314,18 @@ def fused_step(model: AdapterModel, input_ids: torch.Tensor, attention_mask: tor
         t_final = T.final(h)
 
     # 2. adapter pass, with grad: logits (via the final hidden), features, residuals
+    run = _checkpointed(model) if recompute else _direct
     h = A.embed(input_ids)
     hA, feats = [h], []
     a_state = None  # A→T start at block k
     for i in range(L):
-        a, x = A.attention(i, h)
-        if cutoff == i and cutoff > 0:
-            a_state = (a, x) if shared else h
-        y, f = _adapted_mlp(model, i, x)
-        h = a + y
+        keep = shared and cutoff == i and cutoff > 0
+        if cutoff == i and cutoff > 0 and not shared:
+            a_state = h
+        out = run(_adapter_block, model, A, i, h, keep)
+        h, f = out[0], out[1]
+        if keep:
+            a_state = out[2], out[3]
         hA.append(h)
         feats.append(f)
     a_final = A.final(h)
@@ -283,13 +342,12 @@ def fused_step(model: AdapterModel, input_ids: torch.Tensor, attention_mask: tor
                 a2t_idx = len(students) - 1
         else:
             if shared:
-                a, x = a_state
-                h = a + T.mlp(cutoff, x)
+                h = run(lambda a, x: a + T.mlp(cutoff, x), *a_state)
                 start = cutoff + 1
             else:
                 h, start = a_state, cutoff
             for i in range(start, L):
-                h = T.block(i, h)
+                h = run(T.block, i, h)
             students.append((T.final(h), T.head))
             a2t_idx = len(students) - 1
     if cutoff is not None and cutoff < L:
@@ -297,13 +355,12 @@ def fused_step(model: AdapterModel, input_ids: torch.Tensor, attention_mask: tor
             t2a_idx = 0
         else:
             if shared:
-                a, x = t_state
-                h = a + _adapted_mlp(model, cutoff, x)[0]
+                h = run(lambda a, x: a + _adapted_mlp(model, cutoff, x)[0], *t_state)
                 start = cutoff + 1
             else:
                 h, start = (hT[0] if cutoff == 0 else t_state), cutoff
             for i in range(start, L):
-                h = A.block(i, h)
+                h = run(A.block, i, h)
             students.append((A.final(h), A.head))
             t2a_idx = len(students) - 1
 
@@ -313,7 +370,7 @@ def fused_step(model: AdapterModel, input_ids: torch.Tensor, attention_mask: tor
                      a2t=None if a2t_idx is None else kls[a2t_idx],
                      t2a=None if t2a_idx is None else kls[t2a_idx],
                      hA=hA, hT=hT, feats=feats, mask=attention_mask, cutoff=cutoff, input_ids=input_ids,
-                     all_sum=all_sum)
+                     all_sum=all_sum, recompute=recompute)
 
 
 # -- the straightforward reference -------------------------------------------------------------------------

@@ -275,7 +275,8 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
             cutoff = int(torch.randint(0, L + 1, (1,), generator=cutoff_gen))
             with autocast:
                 res = fused_step(model, ids, mask, weights=cfg.loss, cutoff=cutoff, kl_chunk=cfg.kl_chunk,
-                                 all_sum=None if dp is None else dp.all_sum(active))
+                                 all_sum=None if dp is None else dp.all_sum(active),
+                                 recompute=cfg.activation_checkpointing)
             if active:
                 res.loss.backward()
             if dp is not None:
