@@ -468,12 +468,14 @@ def plan(
     weight_dtype: Annotated[str, typer.Option(help="Frozen weights: bf16 or fp32.")] = "bf16",
     precision: Annotated[str, typer.Option(help="Compute: bf16 (autocast) or fp32.")] = "bf16",
     gpu_gb: Annotated[float | None, typer.Option(help="Also say whether it fits, and the longest sequence that does.")] = None,
+    recompute: Annotated[bool, typer.Option(help="Activation checkpointing (TrainConfig.activation_checkpointing; on in the paper-7b preset).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Print the training memory plan of a pair: weights, adapters, optimizer, activations, KL buffers."""
     from training.memory_plan import max_seq_len_for, plan_memory
 
-    kw = {"n_features": width, "kl_chunk": kl_chunk, "weight_dtype": weight_dtype, "precision": precision}
+    kw = {"n_features": width, "kl_chunk": kl_chunk, "weight_dtype": weight_dtype, "precision": precision,
+          "recompute": recompute}
     try:
         result = plan_memory(base or target, target, seq_len=seq_len, batch_size=batch_size, **kw)
         longest = max_seq_len_for(gpu_gb, base or target, target, **kw) if gpu_gb else None

@@ -13,6 +13,13 @@ pairs, CPU, SDPA attention with no ``seq × seq`` matrix, as flash/efficient att
 ``5.5 d + 2.2 d_mlp + 0.6 F + 200`` elements per token and block (tests/unit/test_memory_plan.py checks
 it within 25 %). It is an estimate: allocator fragmentation, CUDA context (~0.5–1 GB) and kernels'
 workspaces come on top; the plan adds a 10 % margin and says so.
+
+With activation checkpointing (``recompute``, ``TrainConfig.activation_checkpointing``) the fused step
+keeps only each block's input and, in the adapter pass, its features (the L1 needs them), and recomputes
+one block's internals at a time in the backward. Calibrated the same way (seven small shapes, exact fits):
+``d + F`` elements per token per adapter block plus ``2 d`` for the pass (final norm input, the head +
+KL's hidden gradient), ``d`` per bridging block plus ``3 d`` per direction (block-k entry state, final
+norm, hidden gradient); on top, one block's full internals (the count above) alive during its recompute.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "fl
 
 # Saved-for-backward elements per token per transformer block (calibrated; see the module docstring).
 ACT_PER_D, ACT_PER_MLP, ACT_PER_FEATURE, ACT_PER_BLOCK = 5.5, 2.2, 0.6, 200.0
+# With activation checkpointing (recompute): per token, per block and per pass (calibrated likewise).
+RC_PER_D, RC_PER_FEATURE, RC_ADAPTER_PASS_PER_D = 1.0, 1.0, 2.0  # adapter pass: block inputs, features
+RC_BRIDGE_PER_D, RC_BRIDGE_DIRECTION_PER_D = 1.0, 3.0  # bridges: block inputs; entry, final norm, grad
 KL_LIVE_TENSORS = 6  # float32 [kl_chunk × vocab] tensors alive at once in the fused head + KL
 MARGIN = 0.10  # fragmentation and workspaces
 
@@ -164,6 +174,7 @@ class MemoryPlan:
     weight_dtype: str
     adapter_dtype: str
     precision: str
+    recompute: bool = False
     items: list[PlanItem] = field(default_factory=list)
 
     @property
@@ -188,7 +199,7 @@ class MemoryPlan:
             "base": asdict(self.base), "target": asdict(self.target), "n_features": self.n_features,
             "seq_len": self.seq_len, "batch_size": self.batch_size, "kl_chunk": self.kl_chunk,
             "weight_dtype": self.weight_dtype, "adapter_dtype": self.adapter_dtype, "precision": self.precision,
-            "items": [asdict(i) for i in self.items], "margin": MARGIN, "total_bytes": self.total,
+            "recompute": self.recompute, "items": [asdict(i) for i in self.items], "margin": MARGIN, "total_bytes": self.total,
             "total_gb": round(self.total / GB, 2),
         }
 
@@ -196,7 +207,8 @@ class MemoryPlan:
         """A table for people (decimal GB)."""
         head = (f"memory plan: base {self.base.name} → target {self.target.name}; {self.n_features} features × "
                 f"{self.target.n_layers} layers; {self.batch_size} × {self.seq_len} tokens; weights "
-                f"{self.weight_dtype}, adapters {self.adapter_dtype}, compute {self.precision}; kl_chunk {self.kl_chunk}")
+                f"{self.weight_dtype}, adapters {self.adapter_dtype}, compute {self.precision}; kl_chunk {self.kl_chunk}; "
+                f"activation checkpointing {'on' if self.recompute else 'off'}")
         width = max(len(i.name) for i in self.items)
         lines = [head, ""]
         lines += [f"  {i.name:<{width}}  {i.bytes / GB:8.2f} GB  {i.note}" for i in self.items]
@@ -220,12 +232,13 @@ def block_activation_elements(shape: ModelShape, n_features: int, d_mlp: int | N
 
 def plan_memory(base: ModelShape | str, target: ModelShape | str, *, n_features: int = 8192, seq_len: int = 10240,
                 batch_size: int = 1, kl_chunk: int = 1024, weight_dtype: str = "bf16", adapter_dtype: str | None = None,
-                precision: str = "bf16", bridging: bool = True) -> MemoryPlan:
+                precision: str = "bf16", bridging: bool = True, recompute: bool = False) -> MemoryPlan:
     """Estimate the train job's peak device memory for one pair; see the module docstring for the model.
 
     ``adapter_dtype`` defaults to the weights' (the adapter model builds its adapters in the target's
     dtype); gradients and AdamW's moments share it. ``precision`` is the compute dtype (bf16 autocast or
-    fp32). ``bridging=False`` leaves out the bridge blocks (a run with ``loss.bridge = 0``).
+    fp32). ``bridging=False`` leaves out the bridge blocks (a run with ``loss.bridge = 0``). ``recompute``:
+    activation checkpointing (``fused_step(recompute=True)``), which keeps block inputs and features only.
     """
     base = resolve_shape(base) if isinstance(base, str | Path) else base
     target = resolve_shape(target) if isinstance(target, str | Path) else target
@@ -253,12 +266,23 @@ def plan_memory(base: ModelShape | str, target: ModelShape | str, *, n_features:
         PlanItem("AdamW moments", 2 * adapter_params * ab, "exp_avg and exp_avg_sq"),
     ]
     per_token_block = block_activation_elements(target, F, base.d_mlp) * cb
-    items.append(PlanItem("activations: adapter pass", tokens * L * per_token_block,
-                          f"{L} blocks × {tokens} tokens × {per_token_block / 1e3:.1f} kB"))
-    if bridging and L > 1:
-        n_bridge = 2 * (L - 1)
-        items.append(PlanItem("activations: bridging (k = 1)", tokens * n_bridge * per_token_block,
-                              f"{n_bridge} blocks at the worst cutoff; mean over k is about half"))
+    n_bridge = 2 * (L - 1) if bridging and L > 1 else 0
+    if recompute:
+        kept = (RC_PER_D * d + RC_PER_FEATURE * F) * cb
+        items.append(PlanItem("activations: adapter pass", tokens * (L * kept + RC_ADAPTER_PASS_PER_D * d * cb),
+                              f"checkpointed: {L} blocks × {tokens} tokens × {kept / 1e3:.1f} kB (input, features)"))
+        if n_bridge:
+            items.append(PlanItem("activations: bridging (k = 1)",
+                                  tokens * (n_bridge * RC_BRIDGE_PER_D + 2 * RC_BRIDGE_DIRECTION_PER_D) * d * cb,
+                                  f"checkpointed: {n_bridge} block inputs at the worst cutoff"))
+        items.append(PlanItem("activations: one block recomputed", tokens * per_token_block,
+                              f"{tokens} tokens × {per_token_block / 1e3:.1f} kB, during the backward"))
+    else:
+        items.append(PlanItem("activations: adapter pass", tokens * L * per_token_block,
+                              f"{L} blocks × {tokens} tokens × {per_token_block / 1e3:.1f} kB"))
+        if n_bridge:
+            items.append(PlanItem("activations: bridging (k = 1)", tokens * n_bridge * per_token_block,
+                                  f"{n_bridge} blocks at the worst cutoff; mean over k is about half"))
     items.append(PlanItem("teacher pass states", tokens * (L + 3) * d * cb,
                           "L+1 residuals for NMSE, block-k states, final hidden"))
     n_students = 3 if bridging else 1
@@ -267,7 +291,7 @@ def plan_memory(base: ModelShape | str, target: ModelShape | str, *, n_features:
                           f"{KL_LIVE_TENSORS} float32 [{rows} × {target.vocab}] buffers, {n_students} hidden grads"))
     return MemoryPlan(base=base, target=target, n_features=F, seq_len=seq_len, batch_size=batch_size,
                       kl_chunk=kl_chunk, weight_dtype=weight_dtype, adapter_dtype=adapter_dtype, precision=precision,
-                      items=items)
+                      recompute=recompute, items=items)
 
 
 def max_seq_len_for(device_gb: float, base: ModelShape | str, target: ModelShape | str, **kwargs) -> int:
