@@ -6,10 +6,14 @@ For each shape, three things are timed in one run, interleaved so machine load h
 - **fused**: one full training step of the paper's objective (training.step.fused_step: KL + NMSE at L+1
   points + bridging both ways at a cutoff k + decoder-norm L1), backward, clip, AdamW on the adapters;
 - **reference**: the same step computed the straightforward way (training.step.reference_step: separate
-  forwards per model and bridging direction, full logits), backward, clip, AdamW.
+  forwards per model and bridging direction, full logits), backward, clip, AdamW;
+- **recompute**: the fused step with activation checkpointing (``fused_step(recompute=True)``).
 
 Cutoffs cycle through 0..L so the mean covers the uniform draw. Prints tokens/s of the fused step and the
-ratios fused/plain and reference/plain (the prototype measured ~1.7–1.9× fused, ~4× for the paper's code).
+ratios fused/plain and reference/plain (the prototype measured ~1.7–1.9× fused, ~4× for the paper's code),
+then recompute/fused in time and in bytes saved for the backward (distinct non-parameter storages seen by
+``saved_tensors_hooks`` during the forward, at the worst cutoff of each; the recompute count includes the
+teacher residuals its NMSE checkpoints reference, which are alive anyway).
 
     python benchmarks/train_step.py                      # CPU, fp32, two shapes
     python benchmarks/train_step.py --device cuda --shapes small 7b-proportions wide --reps 20
@@ -82,7 +86,8 @@ def bench_shape(name: str, shape: dict, *, vocab: int, reps: int, device: torch.
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    runs = {"plain": run_plain, "fused": lambda k: run_step(fused_step, k, kl_chunk=kl_chunk)}
+    runs = {"plain": run_plain, "fused": lambda k: run_step(fused_step, k, kl_chunk=kl_chunk),
+            "recompute": lambda k: run_step(fused_step, k, kl_chunk=kl_chunk, recompute=True)}
     if with_reference:
         runs["reference"] = lambda k: run_step(reference_step, k)
     times: dict[str, list[float]] = {key: [] for key in runs}
@@ -105,7 +110,35 @@ def bench_shape(name: str, shape: dict, *, vocab: int, reps: int, device: torch.
     out["fused_ratio"] = out["fused_ms"] / out["plain_ms"]
     if with_reference:
         out["reference_ratio"] = out["reference_ms"] / out["plain_ms"]
+    out["recompute_time_ratio"] = out["recompute_ms"] / out["fused_ms"]
+
+    def forward(k: int, recompute: bool):
+        with autocast():
+            return fused_step(model, ids, mask, weights=weights, cutoff=k, kl_chunk=kl_chunk, recompute=recompute)
+
+    saved = {rc: max(_saved_bytes(model, lambda k=k, rc=rc: forward(k, rc)) for k in range(L + 1))
+             for rc in (False, True)}
+    out["fused_saved_mb"], out["recompute_saved_mb"] = saved[False] / 1e6, saved[True] / 1e6
+    out["recompute_saved_ratio"] = saved[True] / saved[False]
     return out
+
+
+def _saved_bytes(model: torch.nn.Module, forward) -> int:
+    """Bytes of the distinct non-parameter storages one forward saves for its backward (then run, unmeasured)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        res = forward()
+    res.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
 
 
 def main() -> None:
@@ -125,7 +158,8 @@ def main() -> None:
     print(f"device {device}, threads {torch.get_num_threads()}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"vocab {args.vocab}, torch {torch.__version__}")
     print(f"{'shape':<16}{'L':>3}{'d':>5}{'mlp':>6}{'F':>6}{'tok':>6} {'plain ms':>9} {'fused ms':>9} "
-          f"{'ref ms':>9} {'fused/plain':>12} {'ref/plain':>10} {'fused tok/s':>12}")
+          f"{'ref ms':>9} {'fused/plain':>12} {'ref/plain':>10} {'fused tok/s':>12} {'rc ms':>9} "
+          f"{'rc/fused time':>14} {'rc/fused saved':>15}")
     for name in args.shapes:
         shape = SHAPES[name]
         reps = args.reps or 2 * (shape["layers"] + 1)
@@ -135,7 +169,8 @@ def main() -> None:
         ref_ratio = f"{r['reference_ratio']:9.2f}×" if "reference_ratio" in r else f"{'-':>10}"
         print(f"{name:<16}{r['layers']:>3}{r['d']:>5}{r['mlp']:>6}{r['features']:>6}{r['tokens']:>6} "
               f"{r['plain_ms']:9.1f} {r['fused_ms']:9.1f} {ref_ms} {r['fused_ratio']:11.2f}× {ref_ratio} "
-              f"{r['fused_tokens_per_s']:12.0f}")
+              f"{r['fused_tokens_per_s']:12.0f} {r['recompute_ms']:9.1f} {r['recompute_time_ratio']:13.2f}× "
+              f"{r['recompute_saved_ratio']:14.2f}× ({r['recompute_saved_mb']:.0f} of {r['fused_saved_mb']:.0f} MB)")
 
 
 if __name__ == "__main__":
