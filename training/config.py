@@ -62,7 +62,8 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end
     dead_windows: tuple[int, ...] = (100, 1000)  # a feature is dead if it fired in none of the last N sequences
     # Recompute each block's internals in the backward instead of keeping them (training/step.py): the
-    # same gradients, ~6x less activation memory, ~1/3 more compute. What fits the paper's 10k tokens on 80 GB.
+    # same gradients, ~8x less activation memory, ~1.3x the step time (benchmarks/train_step.py, CPU).
+    # What fits the paper's 10k tokens on one 80 GB GPU.
     activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
