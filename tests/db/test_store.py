@@ -145,3 +145,27 @@ def test_sqlite_pragmas(sqlite_db_url: str) -> None:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
     engine.dispose()
+
+
+def test_generated_nul_tokens_are_stored_as_a_visible_symbol(db_engine: Engine) -> None:
+    """A model can generate the byte 0x00; Postgres text and jsonb refuse NUL, so writers store ␀ instead."""
+    from app.db.schema import Ablation, AblationToken
+    from app.db.text import has_nul, storable
+
+    assert storable("a\x00b\x00") == "a\u2400b\u2400" and storable("plain") == "plain"
+    assert has_nul("x\x00") and not has_nul(storable("x\x00"))
+    with session_scope(make_sessionmaker(db_engine)) as s:
+        run = Run(name="nul", base_model="b", target_model="t", config={}, status="ready")
+        s.add(run)
+        s.flush()
+        ab = Ablation(run_id=run.id, status="running", request={"prompt": storable("p\x00")})
+        s.add(ab)
+        s.flush()
+        upsert(s, AblationToken, [{"ablation_id": ab.id, "condition": "ablated", "step": 0, "token_id": 0,
+                                   "token_str": storable("\x00"), "logprob": -1.0, "kl": None}])
+        ab_id, run_id = ab.id, run.id
+    with Session(db_engine) as s:
+        assert s.get(AblationToken, (ab_id, "ablated", 0)).token_str == "\u2400"
+        assert s.get(Ablation, ab_id).request == {"prompt": "p\u2400"}
+        s.delete(s.get(Run, run_id))
+        s.commit()

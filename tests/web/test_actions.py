@@ -47,6 +47,7 @@ def test_ablate_json_from_a_stored_prompt(web):
 @pytest.mark.parametrize("form,status,message", [
     ({"features": "1:3 99:1", "prompt": "3 + 4"}, 422, "unknown feature (99, 1)"),
     ({"features": "1:3", "prompt": "   "}, 422, "prompt is empty"),
+    ({"features": "1:3", "prompt": "3 +\x00 4"}, 422, "NUL character"),
     ({"features": "one:two", "prompt": "3 + 4"}, 422, "Cannot read feature 'one:two'"),
     ({"features": "", "prompt": "3 + 4"}, 422, "No features given"),
     ({"features": "1:3", "prompt": "x", "mode": "scale", "value": "1000"}, 422, "out of range"),

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from app.db.schema import Ablation, AblationToken, Experiment, ExperimentRow, Prompt, Run, utcnow
+from app.db.text import storable
 from app.db.write import replace_rows, upsert
 from app.settings import Settings
 from training.adapter import AdapterModel, MLPMode
@@ -240,7 +241,7 @@ class _TokenWriter:
     def add(self, condition: str, step: Step) -> None:
         self.rows.append({
             "ablation_id": self.ablation_id, "condition": condition, "step": step.index, "token_id": step.token_id,
-            "token_str": self.tokenizer.decode([step.token_id])[:TOKEN_STR_MAX], "logprob": step.logprob,
+            "token_str": storable(self.tokenizer.decode([step.token_id]))[:TOKEN_STR_MAX], "logprob": step.logprob,
             "kl": step.kl,
         })
         if time.monotonic() - self.last >= FLUSH_INTERVAL_S:

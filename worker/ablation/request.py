@@ -29,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.schema import Ablation, Example, Experiment, FeatureSet, FeatureSetMember, Prompt, Run
+from app.db.text import has_nul
 from training.chat import format_prompt
 from worker import queue
 
@@ -138,6 +139,8 @@ class AblationRequest(InterventionSpec):
             raise ValueError(f"give exactly one of prompt, prompt_id, example_id (got {given or 'none'})")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("the prompt is empty")
+        if self.prompt is not None and has_nul(self.prompt):
+            raise ValueError("the prompt contains a NUL character (\\x00); remove it")
         if self.prompt is not None and len(self.prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"the prompt has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
         return self
@@ -148,6 +151,12 @@ class PromptItem(BaseModel):
 
     prompt: str
     answer: str | None = None
+
+    @model_validator(mode="after")
+    def _no_nul(self) -> PromptItem:
+        if has_nul(self.prompt) or (self.answer is not None and has_nul(self.answer)):
+            raise ValueError("a prompt or answer contains a NUL character (\\x00); remove it")
+        return self
 
 
 class ExperimentRequest(InterventionSpec):

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.db.text import storable
 from worker.attribution.graph import GraphNode, PrunedGraph
 
 FEATURE_TYPE = "cross layer transcoder"  # what circuit-tracer writes for any transcoder feature
@@ -133,7 +134,7 @@ def node_id(node: GraphNode, n_layers: int) -> str:
 
 
 def _decode(tokenizer: Tokenizer | None, token_id: int) -> str:
-    return tokenizer.decode([token_id]) if tokenizer is not None else f"<{token_id}>"
+    return storable(tokenizer.decode([token_id])) if tokenizer is not None else f"<{token_id}>"
 
 
 def _node_json(node: GraphNode, n_layers: int, tokenizer: Tokenizer | None, clerp: str) -> Node:

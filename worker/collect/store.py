@@ -34,6 +34,7 @@ from sqlalchemy import Connection, Engine, Table, delete, select
 from sqlalchemy.orm import Session
 
 from app.db.schema import Example, Feature, Run
+from app.db.text import storable
 from training.chat import REGION_NAMES
 from worker.collect.kept import KeptExamples
 from worker.collect.result import CollectionResult
@@ -106,7 +107,7 @@ def _decoder(result: CollectionResult, tokenizer: Any, layers: list[int]) -> dic
                   for t in (result.lens[layer].top_ids, result.lens[layer].bottom_ids) for i in t.unique().tolist()})
     if tokenizer is None:
         return dict.fromkeys(ids)
-    return dict(zip(ids, tokenizer.batch_decode([[i] for i in ids]), strict=True))
+    return dict(zip(ids, (storable(t) for t in tokenizer.batch_decode([[i] for i in ids])), strict=True))
 
 
 def _feature_rows(run_id: int, result: CollectionResult, layer: int, start: int, stop: int,

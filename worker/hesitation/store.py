@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.db.schema import Feature, FeatureSet, FeatureSetMember
 from app.db.schema import Graph as GraphRow
+from app.db.text import storable
 from app.db.write import replace_rows, upsert
 from worker.attribution import Graph, PrunedGraph, to_circuit_tracer_json
 from worker.attribution.graph import compute_node_influence
@@ -91,12 +92,12 @@ def graph_row(run_id: int, slug: str, graph: Graph, pruned: PrunedGraph, tokeniz
     target = graph.target_token if graph.target_token is not None else (
         int(graph.logit_tokens[0]) if graph.n_logits else None)
     data = to_circuit_tracer_json(pruned, tokenizer, slug=slug, scan=scan or f"adapterlens-run-{run_id}",
-                                  prompt=prompt, clerps=clerps)
+                                  prompt=storable(prompt), clerps=clerps)
     meta = data["metadata"]
     return {
-        "run_id": run_id, "slug": slug, "prompt_id": prompt_id, "prompt": prompt,
+        "run_id": run_id, "slug": slug, "prompt_id": prompt_id, "prompt": storable(prompt),
         "target_token_id": target,
-        "target_token_str": tokenizer.decode([target])[:TOKEN_STR_MAX] if target is not None else None,
+        "target_token_str": storable(tokenizer.decode([target]))[:TOKEN_STR_MAX] if target is not None else None,
         "position": graph.n_pos - 1,
         "params": {
             "mode": graph.mode, "node_threshold": pruned.node_threshold, "edge_threshold": pruned.edge_threshold,
