@@ -165,7 +165,8 @@ def seed_world(engine: Engine, tokenizer_dir: Path) -> World:
             for cond, base_len, hes in (("baseline", 60, 2), ("ablated", 38, 0)):
                 s.add(ExperimentRow(experiment_id=exp.id, prompt_idx=p, condition=cond,
                                     response_len=base_len + rng.randint(-10, 10), hesitations=max(0, hes + rng.randint(-1, 1)),
-                                    correct=rng.random() < 0.8, answer=str(rng.randint(0, 20))))
+                                    correct=rng.random() < 0.8, answer=str(rng.randint(0, 20)),
+                                    meta={"prompt": f"{p} + 7 = ?"} if p else {}))  # row 0: written before prompts were kept
         s.add(Worker(id="worker-test", hostname="localhost", pid=1234, heartbeat_at=now))
     return World(run_id=rid, empty_run_id=empty.id, graph_id=graph.id, set_id=hset.id, ablation_id=ablation.id,
                  experiment_id=exp.id, job_ids=jobs, tokenizer_dir=tokenizer_dir)

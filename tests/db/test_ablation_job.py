@@ -426,6 +426,7 @@ def test_ablation_and_experiment_on_the_trained_tiny_run(tiny_run_settings):
         assert set(ab.summary["conditions"]) == {ABLATED, UNABLATED, "target"}
         assert all(c["correct"] is not None for c in ab.summary["conditions"].values())
         assert len(rows) == 8 and all(r.correct is not None for r in rows)  # held-out problems know their answers
+        assert all(r.meta["prompt"].endswith("?") for r in rows)  # the problem's text, shown on the page
         assert exp.summary["conditions"][ABLATED]["n"] == 4 and exp.summary["n_prompts"] == 4
     finally:
         with Session(engine) as s, s.begin():

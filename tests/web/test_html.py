@@ -122,3 +122,9 @@ def test_every_feature_page_renders(web):
     for layer in range(N_LAYERS):
         for index in range(0, N_FEATURES, 5):
             assert web.client.get(f"{web.run}/features/{layer}/{index}").status_code == 200
+
+
+def test_experiment_rows_show_their_prompt_text(web):
+    soup = BeautifulSoup(web.client.get(f"{web.run}/experiments/{web.world.experiment_id}").text, "html.parser")
+    heads = [th.get_text() for th in soup.select('table[data-table="prompts"] tbody th')]
+    assert heads[0] == "0" and heads[1:3] == ["1 + 7 = ?", "2 + 7 = ?"]  # index where no text was kept

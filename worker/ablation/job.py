@@ -69,6 +69,8 @@ from worker.handlers import JobContext, JobInterrupted, register
 
 log = logging.getLogger(__name__)
 
+PROMPT_SHOWN_MAX = 300  # characters of each experiment prompt kept with its rows, for the page
+
 FLUSH_INTERVAL_S = 0.2  # seconds between token writes while generating (the first token is written at once)
 TOKEN_STR_MAX = 200  # characters of a token's text stored (the column's width)
 SET_ONLY = "set-only"
@@ -431,13 +433,14 @@ def _run_experiment(ctx: JobContext, experiment_id: int, resolved: ResolvedExper
             _drain(lockstep_prompts(model, [ids for ids, _, _ in chunk], g.tracks, settings, mode=g.mode), ctx,
                    _accumulate(done))
         rows = []
-        for offset, ((_, answer, _), gens) in enumerate(zip(chunk, done, strict=True)):
+        for offset, ((_, answer, text), gens) in enumerate(zip(chunk, done, strict=True)):
             for cond, gen in gens.items():
                 s = summarize(gen, tokenizer, answer)
                 rows.append({"experiment_id": experiment_id, "prompt_idx": start + offset, "condition": cond,
                              "response_len": s["response_length"], "hesitations": s["hesitations"],
                              "correct": s["correct"], "answer": s["answer"],
-                             "meta": {"token_ids": gen.token_ids, "stop": gen.stop, "mean_kl": s.get("mean_kl")}})
+                             "meta": {"token_ids": gen.token_ids, "stop": gen.stop, "mean_kl": s.get("mean_kl"),
+                                      "prompt": storable(text)[:PROMPT_SHOWN_MAX]}})
         with ctx.session() as session:
             upsert(session, ExperimentRow, rows)
         all_rows += rows

@@ -28,6 +28,7 @@ class ConditionStats(BaseModel):
 
 class PromptRow(BaseModel):
     prompt_idx: int
+    prompt: str | None = None  # the prompt's text (rows written before it was recorded have none)
     cells: dict[str, dict[str, Any]]
 
 
@@ -61,7 +62,10 @@ def experiment_page(session: Session, run_key: str | int, experiment_id: int) ->
     ).all()
     by_cond: dict[str, list[ExperimentRow]] = {}
     table: dict[int, dict[str, dict[str, Any]]] = {}
+    texts: dict[int, str] = {}
     for r in rows:
+        if isinstance(r.meta, dict) and isinstance(r.meta.get("prompt"), str):
+            texts.setdefault(r.prompt_idx, r.meta["prompt"])
         by_cond.setdefault(r.condition, []).append(r)
         table.setdefault(r.prompt_idx, {})[r.condition] = {
             "response_len": r.response_len, "hesitations": r.hesitations, "correct": r.correct,
@@ -80,5 +84,5 @@ def experiment_page(session: Session, run_key: str | int, experiment_id: int) ->
     return ExperimentPage(
         run=run_ref(run), id=e.id, name=e.name, status=e.status, request=e.request or {}, summary=e.summary,
         error=e.error, created=e.created, finished=e.finished, conditions=conditions,
-        rows=[PromptRow(prompt_idx=i, cells=table[i]) for i in sorted(table)],
+        rows=[PromptRow(prompt_idx=i, prompt=texts.get(i), cells=table[i]) for i in sorted(table)],
     )
