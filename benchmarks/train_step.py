@@ -31,6 +31,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from training.adapter import build_adapter_model
 from training.config import AdapterConfig, LossWeights
 from training.losses import lm_cross_entropy
+from training.memory_plan import saved_tensor_bytes
 from training.step import fused_step, reference_step
 
 SHAPES = {
@@ -125,20 +126,10 @@ def bench_shape(name: str, shape: dict, *, vocab: int, reps: int, device: torch.
 
 def _saved_bytes(model: torch.nn.Module, forward) -> int:
     """Bytes of the distinct non-parameter storages one forward saves for its backward (then run, unmeasured)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        res = forward()
+    res, n_bytes = saved_tensor_bytes(model, forward)
     res.loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return n_bytes
 
 
 def main() -> None:

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -309,3 +311,25 @@ def max_seq_len_for(device_gb: float, base: ModelShape | str, target: ModelShape
 def weights_only_gb(shape: ModelShape, dtype: str = "bf16") -> float:
     """Inference footprint of one model's weights (for the worker serving collect/ablate/attribute)."""
     return shape.total_params() * _bytes(dtype) / GB
+
+
+def saved_tensor_bytes(model: Any, forward: Callable[[], Any]) -> tuple[Any, int]:
+    """``(forward(), bytes)``: the distinct non-parameter storages ``forward`` saves for its backward.
+
+    How the activation counts above were calibrated (``torch.autograd.graph.saved_tensors_hooks``), kept
+    in one place for the tests and the benchmark. Parameters do not count (they are weights, not activations).
+    """
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: Any) -> Any:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = forward()
+    return result, sum(seen.values())

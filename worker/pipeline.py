@@ -128,6 +128,30 @@ def organism_sequences(org: OrganismSpec, tokenizer, split: str) -> list[list[in
     return out
 
 
+class _MetricsStream:
+    """Buffers training metrics into ``run_metrics`` rows (every ``METRICS_FLUSH_EVERY`` steps) and reports
+    progress; a cancelled job stops at the next step (the trainer keeps its last checkpoint)."""
+
+    def __init__(self, ctx: JobContext, run_id: int, suffix: str = "") -> None:
+        self.ctx, self.run_id, self.suffix = ctx, run_id, suffix
+        self.buffer: list[dict] = []
+
+    def flush(self) -> None:
+        if self.buffer:
+            with self.ctx.session() as s:
+                upsert(s, RunMetric, [{"run_id": self.run_id, "step": m["step"], "metrics": m} for m in self.buffer])
+            self.buffer.clear()
+
+    def __call__(self, metrics: dict, total: int) -> None:
+        self.buffer.append(metrics)
+        if len(self.buffer) >= METRICS_FLUSH_EVERY:
+            self.flush()
+        self.ctx.progress(metrics["step"], total, f"loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} "
+                                                  f"l0 {metrics['l0']:.1f}{self.suffix}")
+        if self.ctx.cancelled():
+            raise JobInterrupted("training interrupted; the last checkpoint is kept")
+
+
 @register("train", TrainPayload)
 def train_job(ctx: JobContext) -> dict:
     """Train a run's adapters; metrics stream into ``run_metrics``, the checkpoint path into the run.
@@ -152,27 +176,12 @@ def train_job(ctx: JobContext) -> dict:
     run_dir = settings.runs_dir / run.name
     update_run(ctx, p.run_id, status="training", n_layers=model.n_layers, n_features=model.n_features,
              d_model=model.hf.config.hidden_size)
-    buffer: list[dict] = []
-
-    def flush() -> None:
-        if buffer:
-            with ctx.session() as s:
-                upsert(s, RunMetric, [{"run_id": p.run_id, "step": m["step"], "metrics": m} for m in buffer])
-            buffer.clear()
-
-    def on_step(metrics: dict) -> None:
-        buffer.append(metrics)
-        if len(buffer) >= METRICS_FLUSH_EVERY:
-            flush()
-        ctx.progress(metrics["step"], n_total, f"loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} l0 {metrics['l0']:.1f}")
-        if ctx.cancelled():
-            raise JobInterrupted("training interrupted; the last checkpoint is kept")
-
+    stream = _MetricsStream(ctx, p.run_id)
     try:
-        result = train(cfg, model, data, run_dir=run_dir, on_step=on_step, resume=p.resume,
+        result = train(cfg, model, data, run_dir=run_dir, on_step=lambda m: stream(m, n_total), resume=p.resume,
                        progress=ctx.job_id is None, base_name=run.base_model, target_name=run.target_model)
     finally:
-        flush()
+        stream.flush()
     update_run(ctx, p.run_id, status="trained", checkpoint=str(result.checkpoint_dir))
     return {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
             "checkpoint": str(result.checkpoint_dir), "final": result.final}
@@ -190,27 +199,11 @@ def _train_distributed(ctx: JobContext, run: Run, p: TrainPayload, nproc: int) -
                              "config": run.config}, data_dir=settings.resolved_data_dir, device=settings.device,
                resume=p.resume)
     update_run(ctx, p.run_id, status="training", n_features=cfg.adapter.n_features)
-    buffer: list[dict] = []
-
-    def flush() -> None:
-        if buffer:
-            with ctx.session() as s:
-                upsert(s, RunMetric, [{"run_id": p.run_id, "step": m["step"], "metrics": m} for m in buffer])
-            buffer.clear()
-
-    def on_step(metrics: dict, total: int) -> None:
-        buffer.append(metrics)
-        if len(buffer) >= METRICS_FLUSH_EVERY:
-            flush()
-        ctx.progress(metrics["step"], total, f"loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} "
-                                            f"l0 {metrics['l0']:.1f} ({nproc} processes)")
-        if ctx.cancelled():
-            raise JobInterrupted("training interrupted; the last checkpoint is kept")
-
+    stream = _MetricsStream(ctx, p.run_id, f" ({nproc} processes)")
     try:
-        result = run_torchrun(run_dir, nproc, on_step=on_step)
+        result = run_torchrun(run_dir, nproc, on_step=stream)
     finally:
-        flush()
+        stream.flush()
     update_run(ctx, p.run_id, status="trained", checkpoint=result["checkpoint"])
     return result
 

@@ -13,7 +13,15 @@ from typer.testing import CliRunner
 from tests.helpers import tiny_qwen2
 from training.adapter import build_adapter_model
 from training.config import AdapterConfig, LossWeights
-from training.memory_plan import GB, NAMED_SHAPES, ModelShape, max_seq_len_for, plan_memory, resolve_shape
+from training.memory_plan import (
+    GB,
+    NAMED_SHAPES,
+    ModelShape,
+    max_seq_len_for,
+    plan_memory,
+    resolve_shape,
+    saved_tensor_bytes,
+)
 from training.step import fused_step
 
 
@@ -78,22 +86,12 @@ def _saved_bytes(L: int, d: int, mlp: int, F: int, T: int, cutoff: int, recomput
     with torch.no_grad():
         for ad in model.adapters:
             ad.W_dec.normal_(std=0.05)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
     ids = torch.randint(3, 256, (1, T), generator=torch.Generator().manual_seed(0))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        res = fused_step(model, ids, torch.ones_like(ids), weights=LossWeights(), cutoff=cutoff, kl_chunk=64,
-                         recompute=recompute)
+    res, n_bytes = saved_tensor_bytes(model, lambda: fused_step(model, ids, torch.ones_like(ids), weights=LossWeights(),
+                                                                cutoff=cutoff, kl_chunk=64, recompute=recompute))
     res.loss.backward()  # with recompute: also checks the backward runs on these shapes
     teacher = (L + 1) * T * d * 4 if recompute else 0
-    return sum(seen.values()) - teacher
+    return n_bytes - teacher
 
 
 @pytest.mark.parametrize("shape", [(4, 64, 256, 128), (6, 96, 384, 256)], ids=["d64", "d96"])

@@ -19,6 +19,7 @@ from training.config import (
     train_config_from_dict,
 )
 from training.interventions import Intervention
+from training.memory_plan import saved_tensor_bytes
 from training.step import StepResult, fused_step
 
 L = 4  # layers: enough for a cutoff with adapter blocks below and bridge blocks above it
@@ -108,19 +109,10 @@ def test_recompute_under_bf16_autocast_rebuilds_in_bf16_when_backward_runs_outsi
 
 def _saved_bytes(model: AdapterModel, ids, mask, cutoff, recompute: bool) -> int:
     """Bytes of the distinct non-parameter storages saved for the backward during the forward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        res = fused_step(model, ids, mask, weights=LossWeights(), cutoff=cutoff, kl_chunk=16, recompute=recompute)
+    res, n_bytes = saved_tensor_bytes(model, lambda: fused_step(model, ids, mask, weights=LossWeights(), cutoff=cutoff,
+                                                                kl_chunk=16, recompute=recompute))
     res.loss.backward()
-    return sum(seen.values())
+    return n_bytes
 
 
 @pytest.mark.parametrize("cutoff", [1, None])
