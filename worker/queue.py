@@ -322,12 +322,18 @@ def set_progress(
         )
 
 
-def complete(db: Db, job_id: int, result: Any = None, *, worker_id: str | None = None) -> bool:
-    """Mark a running job succeeded with its result; False if it was cancelled or lost meanwhile."""
-    now = utcnow()
+def _running(job_id: int, worker_id: str | None) -> list:
+    """WHERE clauses: the job is running and, when ``worker_id`` is given, held by that worker."""
     cond = [_jobs.c.id == job_id, _jobs.c.status == JobStatus.RUNNING]
     if worker_id is not None:
         cond.append(_jobs.c.locked_by == worker_id)
+    return cond
+
+
+def complete(db: Db, job_id: int, result: Any = None, *, worker_id: str | None = None) -> bool:
+    """Mark a running job succeeded with its result; False if it was cancelled or lost meanwhile."""
+    now = utcnow()
+    cond = _running(job_id, worker_id)
     with _tx(db) as conn:
         n = conn.execute(
             update(_jobs)
@@ -356,9 +362,7 @@ def fail(
     new status, or None when the job was not running (cancelled meanwhile, or not ours).
     """
     now = utcnow()
-    cond = [_jobs.c.id == job_id, _jobs.c.status == JobStatus.RUNNING]
-    if worker_id is not None:
-        cond.append(_jobs.c.locked_by == worker_id)
+    cond = _running(job_id, worker_id)
     retry_left = false() if permanent else _jobs.c.attempts < _jobs.c.max_attempts
     new_status = case((retry_left, JobStatus.TODO.value), else_=JobStatus.FAILED.value)
     with _tx(db) as conn:
@@ -388,9 +392,7 @@ def fail(
 
 def release(db: Db, job_id: int, worker_id: str | None = None) -> bool:
     """Give a running job back (clean shutdown): ``todo`` again, without counting the attempt."""
-    cond = [_jobs.c.id == job_id, _jobs.c.status == JobStatus.RUNNING]
-    if worker_id is not None:
-        cond.append(_jobs.c.locked_by == worker_id)
+    cond = _running(job_id, worker_id)
     with _tx(db) as conn:
         n = conn.execute(
             update(_jobs)
