@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -123,15 +123,21 @@ def _load_cached(path: str, mtime: float) -> Vocab:
 ORGANISM_PREFIX = "organism:"  # as worker/models_cache.py: organism:<preset>:s<seed>
 
 
+def _organism_root(target_model: str, data_dir: Path | None) -> Path | None:
+    """``<data_dir>/models/organism-<preset>-s<seed>`` of an ``organism:<preset>:s<seed>`` spec, else None."""
+    preset, _, seed = target_model[len(ORGANISM_PREFIX):].rpartition(":")
+    if data_dir is None or not preset or not seed.startswith("s"):
+        return None
+    return Path(data_dir) / "models" / f"organism-{preset}-s{seed[1:]}"
+
+
 def _candidates(tokenizer: str | None, target_model: str | None, data_dir: Path | None) -> list[Path]:
     out: list[Path] = []
     if tokenizer:
         out.append(Path(tokenizer).expanduser())
     if target_model and target_model.startswith(ORGANISM_PREFIX):
-        preset, _, seed = target_model[len(ORGANISM_PREFIX):].rpartition(":")
-        if data_dir is not None and preset and seed.startswith("s"):
-            out.append(Path(data_dir) / "models" / f"organism-{preset}-s{seed[1:]}" / "tokenizer")
-        return out
+        root = _organism_root(target_model, data_dir)
+        return out + ([root / "tokenizer"] if root is not None else [])
     if target_model:
         target = Path(target_model).expanduser()
         out += [target, target.parent / "tokenizer"]
@@ -142,13 +148,19 @@ def _candidates(tokenizer: str | None, target_model: str | None, data_dir: Path 
     return out
 
 
-def find_vocab(tokenizer: str | None, target_model: str | None, data_dir: Path | None = None) -> Vocab:
-    """The vocabulary for a run (see the module docstring for the search order); cached by file mtime."""
+def _tokenizer_files(tokenizer: str | None, target_model: str | None, data_dir: Path | None) -> Iterator[Path]:
+    """The ``tokenizer.json`` files that exist among the candidates, in search order."""
     for cand in _candidates(tokenizer, target_model, data_dir):
         path = cand / "tokenizer.json" if cand.is_dir() else cand
+        if path.is_file():
+            yield path
+
+
+def find_vocab(tokenizer: str | None, target_model: str | None, data_dir: Path | None = None) -> Vocab:
+    """The vocabulary for a run (see the module docstring for the search order); cached by file mtime."""
+    for path in _tokenizer_files(tokenizer, target_model, data_dir):
         try:
-            if path.is_file():
-                return _load_cached(str(path.resolve()), path.stat().st_mtime)
+            return _load_cached(str(path.resolve()), path.stat().st_mtime)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("Cannot read tokenizer %s: %s", path, exc)
     return EMPTY_VOCAB
@@ -185,10 +197,10 @@ def _context_length(target_model: str | None, data_dir: Path | None) -> int | No
     if not target_model:
         return None
     if target_model.startswith(ORGANISM_PREFIX):
-        preset, _, seed = target_model[len(ORGANISM_PREFIX):].rpartition(":")
-        if data_dir is None or not seed.startswith("s"):
+        root = _organism_root(target_model, data_dir)
+        if root is None:
             return None
-        model_dir = Path(data_dir) / "models" / f"organism-{preset}-s{seed[1:]}" / "target"
+        model_dir = root / "target"
     else:
         model_dir = Path(target_model).expanduser()
     try:
@@ -201,13 +213,10 @@ def _context_length(target_model: str | None, data_dir: Path | None) -> int | No
 def find_prompt_checker(tokenizer: str | None, target_model: str | None,
                         data_dir: Path | None = None) -> PromptChecker | None:
     """An encoder for the run's tokenizer and its context length, or None (then the worker checks)."""
-    for cand in _candidates(tokenizer, target_model, data_dir):
-        path = cand / "tokenizer.json" if cand.is_dir() else cand
+    for path in _tokenizer_files(tokenizer, target_model, data_dir):
         try:
-            if path.is_file():
-                tok = _encoder_cached(str(path.resolve()), path.stat().st_mtime)
-                return PromptChecker(lambda text, tok=tok: tok.encode(text).ids,
-                                     _context_length(target_model, data_dir))
+            tok = _encoder_cached(str(path.resolve()), path.stat().st_mtime)
+            return PromptChecker(lambda text, tok=tok: tok.encode(text).ids, _context_length(target_model, data_dir))
         except Exception as exc:  # ImportError without tokenizers; tokenizers raises a plain Exception on a bad file
             log.warning("Cannot load tokenizer %s to check prompt lengths: %s", path, exc)
     return None

@@ -57,21 +57,23 @@ def get_run(session: Session, run: str | int) -> Run:
 DATA_DIR_KEY = "adapterlens_data_dir"  # Session.info key: where organism:… model specs resolve
 
 
-def run_vocab(session: Session, run: Run) -> Vocab:
-    """The run's vocabulary; ``session.info[DATA_DIR_KEY]`` (set by the app) locates organism tokenizers."""
+def _tokenizer_lookup(session: Session, run: Run) -> tuple[str | None, str, Path | None]:
+    """(configured tokenizer, target model, data directory): where :mod:`app.web.tokens` looks for the tokenizer;
+    ``session.info[DATA_DIR_KEY]`` (set by the app) locates organism tokenizers."""
     config = run.config or {}
     tok = config.get("tokenizer") or (config.get("paths") or {}).get("tokenizer")
     data_dir = session.info.get(DATA_DIR_KEY)
-    return find_vocab(tok if isinstance(tok, str) else None, run.target_model, Path(data_dir) if data_dir else None)
+    return tok if isinstance(tok, str) else None, run.target_model, Path(data_dir) if data_dir else None
+
+
+def run_vocab(session: Session, run: Run) -> Vocab:
+    """The run's vocabulary (ids → display text)."""
+    return find_vocab(*_tokenizer_lookup(session, run))
 
 
 def run_prompt_checker(session: Session, run: Run) -> PromptChecker | None:
-    """The run's prompt encoder and context length (see :func:`run_vocab` for where the tokenizer is found)."""
-    config = run.config or {}
-    tok = config.get("tokenizer") or (config.get("paths") or {}).get("tokenizer")
-    data_dir = session.info.get(DATA_DIR_KEY)
-    return find_prompt_checker(tok if isinstance(tok, str) else None, run.target_model,
-                               Path(data_dir) if data_dir else None)
+    """The run's prompt encoder and context length, found like :func:`run_vocab`'s tokenizer."""
+    return find_prompt_checker(*_tokenizer_lookup(session, run))
 
 
 def hesitation_words(run: Run) -> tuple[str, ...]:
