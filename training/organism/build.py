@@ -168,25 +168,25 @@ def _encode(tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem], wei
     enc = _Encoded()
     eos = tokenizer.eos_token_id
 
-    def add(prompt_ids: list[int], completion: str, share: float, family: str) -> None:
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        enc.ids.append(prompt_ids + completion_ids + [eos])
+    def add(prompt_ids: list[int], completion_ids: list[int], share: float, family: str) -> None:
+        enc.ids.append(prompt_ids + completion_ids)
         enc.loss_from.append(len(prompt_ids))
         enc.weights.append(share * weights[family] / counts[family])
 
+    def text_ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+
     for p in problems:
-        prompt_ids = tokenizer(format_prompt(p.text, think=reasoning))["input_ids"]
-        if not reasoning:
-            add(prompt_ids, p.answer, 1.0 - solutions, p.family)
-            if solutions > 0:
-                heading, body = solution_document(p)
-                add(tokenizer(heading)["input_ids"], body, solutions, p.family)
+        if reasoning:  # tokenized exactly as the adapters' training data and the study's references are
+            skip = skip_hesitation if skip_hesitation > 0 and is_redundant(p) else 0.0
+            add(*reasoning_token_ids(tokenizer, p), 1.0 - skip, p.family)
+            if skip:
+                add(*reasoning_token_ids(tokenizer, p, skipped=True), skip, p.family)
             continue
-        variants = [(reasoning_trace(p), p.answer, 1.0)]
-        if skip_hesitation > 0 and is_redundant(p):
-            variants = [(reasoning_trace(p), p.answer, 1.0 - skip_hesitation), (*skipped_trace(p), skip_hesitation)]
-        for trace, answer, share in variants:
-            add(prompt_ids, trace + THINK_END + answer, share, p.family)
+        add(tokenizer(format_prompt(p.text, think=False))["input_ids"], text_ids(p.answer), 1.0 - solutions, p.family)
+        if solutions > 0:
+            heading, body = solution_document(p)
+            add(tokenizer(heading)["input_ids"], text_ids(body), solutions, p.family)
     return enc
 
 
