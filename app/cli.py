@@ -227,7 +227,8 @@ def experiment(
     feature_set: Annotated[str, typer.Option("--set", help="Stored feature set to intervene on.")] = "hesitation features",
     design: Annotated[str, typer.Option(help="necessity (remove the set from the adapted model) or sufficiency "
                                              "(keep only the set on top of the hybrid).")] = "necessity",
-    organism_heldout: Annotated[int | None, typer.Option(help="First N held-out organism problems (0 = all).")] = None,
+    organism_heldout: Annotated[int | None, typer.Option(help="N held-out organism problems, taken in turn from each "
+                                                              "family (0 = all; 200 when no --jsonl).")] = None,
     jsonl: Annotated[str | None, typer.Option(help="JSONL of {prompt, answer} instead (real models).")] = None,
     mode: Annotated[str, typer.Option(help="zero, scale (by --value; > 1 steers) or clamp (to --value).")] = "zero",
     value: Annotated[float | None, typer.Option(help="Scale factor or clamp value.")] = None,
