@@ -326,7 +326,7 @@ def hesitation_job(ctx: JobContext) -> dict:
     pool = [prompts[i] for i in order[:n_sites]]
     validation = [prompts[i] for i in order[n_sites:n_sites + n_val]]
     report_prompts = [prompts[i] for i in order[n_sites + n_val:n_sites + n_val + n_rep]]
-    ctx.progress(0, p.n_graphs + 20, "loading the model")
+    ctx.progress(0, None, "loading the model")  # the step count needs the model's width
     model, tokenizer = _model(ctx, p.run_id)
     hes_ids = hesitation_token_ids(tokenizer, words)
     if not hes_ids:
