@@ -319,12 +319,12 @@ def fused_step(model: AdapterModel, input_ids: torch.Tensor, attention_mask: tor
     hA, feats = [h], []
     a_state = None  # A→T start at block k
     for i in range(L):
-        keep = shared and cutoff == i and cutoff > 0
-        if cutoff == i and cutoff > 0 and not shared:
+        at_cut = cutoff == i and cutoff > 0
+        if at_cut and not shared:
             a_state = h
-        out = run(_adapter_block, model, A, i, h, keep)
+        out = run(_adapter_block, model, A, i, h, at_cut and shared)
         h, f = out[0], out[1]
-        if keep:
+        if at_cut and shared:
             a_state = out[2], out[3]
         hA.append(h)
         feats.append(f)
@@ -355,7 +355,7 @@ def fused_step(model: AdapterModel, input_ids: torch.Tensor, attention_mask: tor
             t2a_idx = 0
         else:
             if shared:
-                h = run(lambda a, x: a + _adapted_mlp(model, cutoff, x)[0], *t_state)
+                h = run(lambda a, x: a + A.mlp(cutoff, x), *t_state)
                 start = cutoff + 1
             else:
                 h, start = (hT[0] if cutoff == 0 else t_state), cutoff
