@@ -237,9 +237,9 @@ def experiment(
     name: Annotated[str | None, typer.Option(help="Experiment name shown on its page.")] = None,
 ) -> None:
     """An ablation experiment over a prompt set, queued and run now: the same job a dashboard user starts."""
+    from app.db.requests import AblationRequestError, submit_experiment
     from app.db.schema import Experiment
     from app.db.session import make_engine, make_sessionmaker
-    from worker.ablation.request import AblationRequestError, submit_experiment
     from worker.loop import run_worker
 
     run_id = _run_id(run)
@@ -309,9 +309,9 @@ def enqueue(
     priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
 ) -> None:
     """Add a job to the queue (a running worker picks it up)."""
+    from app.db import queue
     from app.db.migrate import upgrade
     from app.db.session import make_engine
-    from worker import queue
 
     try:
         data = json.loads(payload)
@@ -433,9 +433,9 @@ def import_adapters(
     """Register adapters trained elsewhere (e.g. the paper's released checkpoints) as a trained run."""
     payload = {"path": path, "base_model": base, "target_model": target, "name": name, "verify": verify}
     if queue_it:
+        from app.db import queue
         from app.db.migrate import upgrade
         from app.db.session import make_engine
-        from worker import queue
 
         settings = _settings()
         upgrade(settings.db_url)

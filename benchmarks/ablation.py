@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from app.db.migrate import upgrade
+from app.db.requests import AblationLimits, submit_ablation
 from app.db.schema import AblationToken, Job, Run
 from app.db.session import make_engine
 from app.settings import Settings
@@ -47,7 +48,6 @@ from training.organism.tasks import corpus
 from training.organism.tokenizer import train_tokenizer
 from worker.ablation.generate import SamplingSettings, ablation_tracks, lockstep
 from worker.ablation.job import use_model_loader
-from worker.ablation.request import AblationLimits, submit_ablation
 from worker.loop import run_worker
 
 SHAPES = {

@@ -15,10 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from app.db import queue
 from app.db.schema import Run
 from app.db.session import make_sessionmaker
 from training.config import preset, train_config_to_dict
-from worker import queue
 
 log = logging.getLogger(__name__)
 

@@ -39,14 +39,14 @@ from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.db import queue
 from app.settings import Settings
-from worker import queue
 
 log = logging.getLogger(__name__)
 
 PROGRESS_MIN_INTERVAL_S = 0.5  # seconds between progress writes (the last step is always written)
 CANCEL_CHECK_INTERVAL_S = 0.25  # seconds between cancellation look-ups in the database
-_INFRASTRUCTURE_MODULES = {"worker.queue", "worker.loop", "worker.handlers", "worker.__main__"}
+_INFRASTRUCTURE_MODULES = {"worker.loop", "worker.handlers", "worker.__main__"}
 
 Handler = Callable[["JobContext"], Any]
 

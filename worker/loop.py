@@ -24,11 +24,11 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.db import queue
 from app.db.migrate import upgrade
 from app.db.schema import JobStatus
 from app.db.session import make_engine, make_sessionmaker
 from app.settings import Settings
-from worker import queue
 from worker.handlers import JobContext, JobInterrupted, UnknownJobKind, get_handler, load_handlers
 
 log = logging.getLogger(__name__)

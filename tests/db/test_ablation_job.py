@@ -12,6 +12,16 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from app.db import queue
+from app.db.requests import (
+    ABLATE_PRIORITY,
+    AblationLimits,
+    AblationRequestError,
+    GenerationOptions,
+    ResolvedAblation,
+    submit_ablation,
+    submit_experiment,
+)
 from app.db.schema import (
     Ablation,
     AblationToken,
@@ -33,18 +43,8 @@ from training.config import AdapterConfig
 from training.interventions import Intervention
 from training.organism.tasks import corpus
 from training.organism.tokenizer import train_tokenizer
-from worker import queue
 from worker.ablation.generate import ABLATED, UNABLATED, ablation_tracks, collect, lockstep
 from worker.ablation.job import build_interventions, encode, sampling_settings, use_model_loader
-from worker.ablation.request import (
-    ABLATE_PRIORITY,
-    AblationLimits,
-    AblationRequestError,
-    GenerationOptions,
-    ResolvedAblation,
-    submit_ablation,
-    submit_experiment,
-)
 from worker.loop import run_worker
 
 N_FEATURES = 16

@@ -6,11 +6,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.db import queue
 from app.db.schema import Feature, FeatureSet, FeatureSetMember, Graph, Job, JobStatus, Prompt, Run
 from app.db.session import make_engine, make_sessionmaker
 from app.settings import Settings
 from app.web.data.graphs import circuit_tracer_json
-from worker import queue
 from worker.attribution import from_circuit_tracer_json
 from worker.hesitation.roles import ROLES
 from worker.loop import run_inline, run_worker

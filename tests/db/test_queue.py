@@ -11,8 +11,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from app.db import queue
 from app.db.schema import Job, JobStatus, Run, utcnow
-from worker import queue
 
 
 def _claim_ids(engine: Engine, worker: str = "w", **kw) -> list[int]:

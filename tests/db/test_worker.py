@@ -18,9 +18,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 import tests.db.handlers_for_tests  # noqa: F401 (registers test.write and test.fail)
+from app.db import queue
 from app.db.schema import Job, JobStatus, Run, RunMetric, Worker
 from app.settings import Settings
-from worker import queue
 from worker.handlers import JobContext, get_handler, register, registered_kinds, unregister
 from worker.loop import run_inline, run_worker
 

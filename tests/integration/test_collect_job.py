@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from app.db import queue
 from app.db.schema import Example, Feature, Run
 from app.db.session import make_engine, make_sessionmaker
-from worker import queue
 from worker.loop import run_inline, run_worker
 
 

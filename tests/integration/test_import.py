@@ -148,7 +148,7 @@ def test_l1_from_released_names() -> None:
 def test_a_worker_runs_a_queued_import(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`import-adapters --queue` hands the job to a worker, which finds the handler without being told."""
     from app.cli import app
-    from worker import queue
+    from app.db import queue
     from worker.loop import run_worker
 
     model, base, target = _save_pair(tmp_path)

@@ -173,7 +173,7 @@ def test_web_app_never_imports_torch(tmp_path):
         "app = create_app(settings)\n"
         "from fastapi.testclient import TestClient\n"
         "TestClient(app).get('/jobs')\n"
-        "import app.web.data.ablations, worker.ablation.request, worker.queue\n"
+        "import app.web.data.ablations, app.db.requests, app.db.queue\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

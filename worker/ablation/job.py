@@ -33,16 +33,26 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy import select
 
+from app.db import queue
+from app.db.requests import (
+    AblationRequestError,
+    GenerationOptions,
+    PromptItem,
+    ResolvedAblation,
+    ResolvedExperiment,
+    ResolvedSelection,
+    check_prompt_length,
+    load_jsonl,
+)
 from app.db.schema import Ablation, AblationToken, Experiment, ExperimentRow, Prompt, Run, utcnow
 from app.db.text import storable
 from app.db.write import replace_rows, upsert
 from app.settings import Settings
 from training.adapter import AdapterModel, MLPMode
 from training.chat import format_prompt
-from training.hesitation import count_hesitations, hesitation_token_ids
+from training.hesitation import HesitationCounter, normalize_words
 from training.interventions import Intervention
 from training.organism.tasks import extract_answer
-from worker import queue
 from worker.ablation.generate import (
     ABLATED,
     REFERENCE,
@@ -54,16 +64,6 @@ from worker.ablation.generate import (
     ablation_tracks,
     lockstep,
     lockstep_prompts,
-)
-from worker.ablation.request import (
-    AblationRequestError,
-    GenerationOptions,
-    PromptItem,
-    ResolvedAblation,
-    ResolvedExperiment,
-    ResolvedSelection,
-    check_prompt_length,
-    load_jsonl,
 )
 from worker.handlers import JobContext, JobInterrupted, register
 
@@ -144,9 +144,15 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 
 @lru_cache(maxsize=8)
-def _hesitation_ids(tokenizer: Any) -> frozenset[int]:
-    """The tokenizer's hesitation token ids (a vocabulary scan: done once per tokenizer)."""
-    return frozenset(hesitation_token_ids(tokenizer))
+def hesitation_counter(tokenizer: Any, words: tuple[str, ...]) -> HesitationCounter:
+    """The one hesitation definition on this tokenizer and words (its per-id pieces are cached)."""
+    return HesitationCounter.for_tokenizer(tokenizer, words)
+
+
+def run_hesitation_words(run: Run | None) -> tuple[str, ...]:
+    """The run's configured hesitation words (``runs.config["hesitation_words"]``), else the default list."""
+    words = ((run.config or {}).get("hesitation_words") if run is not None else None) or None
+    return normalize_words(words)
 
 
 def _same_answer(a: str | None, b: str | None) -> bool:
@@ -158,13 +164,14 @@ def _same_answer(a: str | None, b: str | None) -> bool:
         return a.strip() == b.strip()
 
 
-def summarize(gen: Generated, tokenizer: Any, answer: str | None) -> dict[str, Any]:
+def summarize(gen: Generated, tokenizer: Any, answer: str | None,
+              words: tuple[str, ...] = normalize_words(None)) -> dict[str, Any]:
     """Response length (stop token excluded), hesitation tokens, final answer and correctness of one condition."""
     ids = gen.token_ids[:-1] if gen.stop == "eos" else gen.token_ids
     found = extract_answer(tokenizer.decode(ids, skip_special_tokens=False))
     kls = [k for k in gen.kls if k is not None]
     out: dict[str, Any] = {
-        "response_length": len(ids), "hesitations": count_hesitations(ids, _hesitation_ids(tokenizer)),
+        "response_length": len(ids), "hesitations": hesitation_counter(tokenizer, words).count(ids),
         "answer": found, "correct": None if answer is None else _same_answer(found, answer), "stop": gen.stop,
     }
     if kls:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
-from worker import queue
+from app.db import queue
 from worker.collect.corpus import Corpus, Markers
 from worker.collect.result import CollectionResult, merge_results
 from worker.collect.runner import collect

@@ -1,4 +1,4 @@
-"""The job queue page and its retry / cancel buttons (POST, through worker.queue)."""
+"""The job queue page and its retry / cancel buttons (POST, through app.db.queue)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def jobs_api(session: SessionDep) -> JobsPage:
 
 
 def _act(request: Request, job_id: int, action: str) -> JobAction:
-    from worker import queue  # named queries on the jobs table (no torch)
+    from app.db import queue  # named queries on the jobs table (no torch)
 
     engine = request.app.state.engine
     if queue.get_job(engine, job_id) is None:

@@ -63,6 +63,10 @@ DEFAULT_LEASE_S = 60.0  # seconds a claim lasts without a heartbeat before other
 POLL_INTERVAL_S = 0.25  # seconds between checks on SQLite (no LISTEN) and between stop checks
 DEPENDENCY_FAILED = "Dependency failed:"  # prefix of the error of a job failed by its dependency
 
+# Kinds a person waits for in the browser: they never queue behind long jobs (design.md, "Interactive vs long
+# work"); every other kind (organism, train, evaluate, collect, hesitation, experiment, import, …) is long.
+INTERACTIVE_KINDS: tuple[str, ...] = ("ablate", "attribute", "lens")
+
 Db = Engine | Connection | Session
 _jobs = Job.__table__
 _workers = Worker.__table__
@@ -587,6 +591,7 @@ __all__ = [
     "CHANNEL",
     "DEFAULT_LEASE_S",
     "DEPENDENCY_FAILED",
+    "INTERACTIVE_KINDS",
     "JobListener",
     "JobRecord",
     "JobStatus",

@@ -28,10 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.db import queue
 from app.db.schema import Ablation, Example, Experiment, FeatureSet, FeatureSetMember, Prompt, Run
 from app.db.text import has_nul
 from training.chat import format_prompt
-from worker import queue
 
 log = logging.getLogger(__name__)
 
