@@ -9,7 +9,6 @@ decode as they would for a real run.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from datetime import timedelta
@@ -66,19 +65,18 @@ class World:
 
 
 def write_tokenizer(directory: Path) -> Path:
-    """A byte-level BPE ``tokenizer.json`` over ``VOCAB`` (enough for decoding; no merges needed)."""
+    """A byte-level BPE ``tokenizer.json`` over ``VOCAB``, written by the ``tokenizers`` library as a real run's is."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
     directory.mkdir(parents=True, exist_ok=True)
     b2u = _bytes_to_unicode()
-    vocab = {"".join(b2u[b] for b in t.encode()): i for i, t in enumerate(VOCAB) if t not in ADDED}
-    data = {
-        "version": "1.0",
-        "added_tokens": [{"id": TOK[t], "content": t, "special": i < 2} for i, t in enumerate(ADDED)],
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
-        "decoder": {"type": "ByteLevel"},
-        "model": {"type": "BPE", "vocab": vocab, "merges": []},
-    }
+    vocab = {"".join(b2u[b] for b in t.encode()) if t not in ADDED else t: i for i, t in enumerate(VOCAB)}
+    tok = Tokenizer(models.BPE(vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(t, special=i < 2, normalized=False) for i, t in enumerate(ADDED)])
     path = directory / "tokenizer.json"
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    tok.save(str(path))
     return path
 
 
@@ -135,7 +133,7 @@ def seed_world(engine: Engine, tokenizer_dir: Path) -> World:
                                    (2, 9, "output")]:
             s.add(FeatureSetMember(set_id=hset.id, layer=layer, index=index, role=role, score=rng.random()))
         jobs = _jobs(s, rng, rid)
-        # The request as worker/ablation/request.py stores it (a ResolvedAblation dump).
+        # The request as app/db/requests.py stores it (a ResolvedAblation dump).
         request = {
             "request": {"run_id": rid, "prompt": "3 + 4", "features": [[1, 3], [2, 7]], "mode": "zero", "value": None,
                         "positions": "all", "feature_set": None, "roles": None, "layers": [], "complement": False,

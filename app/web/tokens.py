@@ -1,23 +1,29 @@
-"""Token ids → display strings for the pages, without torch or transformers.
+"""The vocabulary module: token ids → what a page shows, for every page, without torch or transformers.
 
-Examples, prompts and graphs store token ids (design.md: never re-tokenize for alignment), so a page
-needs the run's vocabulary to show text. This reads the ``tokenizer.json`` that Hugging Face fast
-tokenizers save (the organism's byte-level BPE, Qwen2's, Llama's) and maps each id to the text that
-id decodes to on its own: byte-level pieces (``Ġwait`` → `` wait``), SentencePiece pieces
-(``▁wait`` → `` wait``), added tokens as written. A token that holds only part of a UTF-8 character
-shows as U+FFFD; that is honest for a single token.
+Examples, prompts, graphs and ablations store token ids (design.md: never re-tokenize for alignment), so a
+page needs the run's tokenizer to show text. This loads the run's ``tokenizer.json`` with the ``tokenizers``
+library and lets its own decoder turn each id into text (byte-level BPE, SentencePiece's Metaspace and
+ByteFallback, WordPiece and the rest), so no decoder is re-implemented here. Each id becomes a
+:class:`TokenText` of one of four kinds:
 
-:func:`find_prompt_checker` also encodes free text with the same ``tokenizer.json`` (the ``tokenizers``
-library, no torch) and reads the model's context length from its ``config.json``, so that the web app can
-refuse an over-long ablation prompt with a 4xx before anything is queued.
+- ``text``: what the token adds to a decoded text, leading space included (decoded after a plain anchor
+  token, since some decoders drop a leading space at the start of a text).
+- ``special``: an added special token (``<｜User｜>``, ``<think>``), shown in a readable ASCII form
+  (NFKC: the full-width bars of DeepSeek's markers become ``|``, which every font has) and styled apart.
+- ``bytes``: a token that holds only part of a UTF-8 character; shown as its bytes (``<0xE2 0x80>``), not
+  as U+FFFD.
+- ``padding``: an id beyond the tokenizer (models pad ``vocab_size`` past the tokenizer's size). Such an id
+  is never a token: lists drop it (:meth:`Vocab.is_token`), and where one must be shown it reads as such.
 
 Where the tokenizer lives, in order: ``runs.config["tokenizer"]`` (a directory or a tokenizer.json),
 an organism spec's ``<data_dir>/models/organism-<preset>-s<seed>/tokenizer/`` (``organism:<preset>:s<seed>``,
 as ``worker/models_cache.py`` resolves it), the target model's directory, its sibling ``tokenizer/``, the
 Hugging Face cache snapshot of the target model id. Without one, ids show as ``⟨id⟩`` and the page says so.
 
-The same rule as ``training/hesitation.py`` (which imports torch, so the web app cannot) decides
-which displayed tokens are hesitation tokens: the word, up to spaces and punctuation around it.
+:func:`find_prompt_checker` encodes free text with the same tokenizer and reads the model's context length
+from its ``config.json``, so the web app can refuse an over-long ablation prompt before anything is queued.
+Which displayed tokens are hesitations is ``training.hesitation``'s rule (torch-free), applied to the
+pieces this module decodes.
 """
 
 from __future__ import annotations
@@ -25,16 +31,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from training.hesitation import DEFAULT_HESITATION_WORDS, hesitation_marks, is_hesitation_piece
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HESITATION_WORDS: tuple[str, ...] = ("Wait", "wait", "Hmm", "Actually", "But")  # as training/hesitation.py
-_STRIP = " \t\n\r,.;:!?…—-\"'()"  # as training/hesitation.py: punctuation around a word does not change it
+TokenKind = Literal["text", "special", "bytes", "padding"]
+_REPLACEMENT = "\ufffd"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -53,66 +62,167 @@ def _bytes_to_unicode() -> dict[int, str]:
 _BYTE_OF_CHAR = {c: b for b, c in _bytes_to_unicode().items()}
 
 
-def _decode_byte_level(piece: str) -> str:
-    if not all(ch in _BYTE_OF_CHAR for ch in piece):
-        return piece
-    return bytes(_BYTE_OF_CHAR[ch] for ch in piece).decode("utf-8", errors="replace")
-
-
-def _uses(component: Any, kind: str) -> bool:
-    """Whether a tokenizer.json decoder/pre-tokenizer (possibly a Sequence) contains ``kind``."""
-    if not isinstance(component, dict):
-        return False
-    if component.get("type") == kind:
-        return True
-    return any(_uses(c, kind) for c in component.get("decoders", []) + component.get("pretokenizers", []))
-
-
 @dataclass(frozen=True)
-class Vocab:
-    """A run's id → text map; ``source`` says where it came from (None: no tokenizer found)."""
+class TokenText:
+    """One token as a page shows it: ``text`` (display), ``kind``, and ``exact`` (the decoded text, for titles)."""
 
-    texts: dict[int, str]
-    source: str | None = None
+    id: int
+    text: str
+    kind: TokenKind = "text"
+    exact: str = ""
+
+
+def _raw_bytes(piece: str | None) -> bytes | None:
+    """The bytes a byte-level (``Ġ``-style) or byte-fallback (``<0xE2>``) vocabulary entry stands for."""
+    if not piece:
+        return None
+    if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            return None
+    if all(ch in _BYTE_OF_CHAR for ch in piece):
+        return bytes(_BYTE_OF_CHAR[ch] for ch in piece)
+    return None
+
+
+def _bytes_label(raw: bytes) -> str:
+    return "<" + " ".join(f"0x{b:02X}" for b in raw) + ">"
+
+
+class Vocab:
+    """A run's tokenizer as display text; ``source`` says where it came from (None: no tokenizer found).
+
+    Token texts are decoded on first use and cached, so a page pays once per distinct id.
+    """
+
+    def __init__(self, tokenizer: Any = None, source: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.source = source
+        self._cache: dict[int, TokenText] = {}
+        self._special: set[int] = set()
+        self._ids: set[int] = set()
+        self._anchor: int | None = None
+        self._anchor_text = ""
+        if tokenizer is not None:
+            self._ids = set(tokenizer.get_vocab(with_added_tokens=True).values())
+            # Special added tokens, and added markers such as <think> (not "special" in DeepSeek's tokenizer)
+            self._special = {i for i, t in tokenizer.get_added_tokens_decoder().items()
+                             if t.special or (t.content.startswith("<") and t.content.endswith(">"))}
+            anchor = tokenizer.token_to_id("a")
+            if anchor is not None and tokenizer.decode([anchor], skip_special_tokens=False) == "a":
+                self._anchor, self._anchor_text = anchor, "a"
+
+    @property
+    def size(self) -> int:
+        """How many ids are tokens (0 without a tokenizer)."""
+        return len(self._ids)
+
+    def is_token(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a token of the tokenizer (False for padded-vocabulary ids)."""
+        return self.tokenizer is None or int(token_id) in self._ids
+
+    def _decode_piece(self, token_id: int) -> str:
+        tok = self.tokenizer
+        if self._anchor is not None:
+            both = tok.decode([self._anchor, token_id], skip_special_tokens=False)
+            if both.startswith(self._anchor_text):
+                return both[len(self._anchor_text):]
+        return tok.decode([token_id], skip_special_tokens=False)
+
+    def token(self, token_id: int) -> TokenText:
+        token_id = int(token_id)
+        found = self._cache.get(token_id)
+        if found is not None:
+            return found
+        if self.tokenizer is None:
+            out = TokenText(token_id, f"⟨{token_id}⟩", "text", "")
+        elif token_id not in self._ids:
+            out = TokenText(token_id, f"⟨unused id {token_id}⟩", "padding", "")
+        elif token_id in self._special:
+            exact = self.tokenizer.id_to_token(token_id) or ""
+            out = TokenText(token_id, unicodedata.normalize("NFKC", exact), "special", exact)
+        else:
+            exact = self._decode_piece(token_id)
+            raw = _raw_bytes(self.tokenizer.id_to_token(token_id)) if _REPLACEMENT in exact else None
+            if raw is not None and _REPLACEMENT.encode() not in raw:
+                out = TokenText(token_id, _bytes_label(raw), "bytes", exact)
+            else:
+                out = TokenText(token_id, exact, "text", exact)
+        self._cache[token_id] = out
+        return out
 
     def text(self, token_id: int) -> str:
-        return self.texts.get(int(token_id), f"⟨{int(token_id)}⟩")
+        """The display text of one id."""
+        return self.token(token_id).text
 
     def decode(self, ids: Iterable[int]) -> list[str]:
+        """Display text per id."""
         return [self.text(i) for i in ids]
 
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        """What each token adds to the decoded text (special tokens as written): hesitation matching runs on these."""
+        out = []
+        for i in ids:
+            t = self.token(i)
+            out.append(t.exact if t.kind in ("text", "bytes", "special") else "")
+        return out
+
+    def hesitation_marks(self, ids: Sequence[int], words: Sequence[str] = DEFAULT_HESITATION_WORDS) -> list[bool]:
+        """Per token: part of a hesitation word (``training.hesitation``'s rule on the decoded pieces)."""
+        return hesitation_marks(self.pieces(ids), words)
+
+    def all_ids(self) -> list[int]:
+        return sorted(self._ids)
+
     def ids_matching(self, query: str, limit: int = 200) -> list[int]:
-        """Ids whose text equals ``query`` up to surrounding spaces and punctuation (case-insensitive)."""
-        q = query.strip(_STRIP).casefold() or query.casefold()
-        out = [i for i, t in self.texts.items() if (t.strip(_STRIP).casefold() or t.casefold()) == q]
-        return sorted(out)[:limit]
+        """Token ids whose text is ``query`` up to surrounding spaces and punctuation (case-insensitive).
+
+        ``#123`` is the id 123 itself. Padded ids never match.
+        """
+        query = query.strip()
+        if query.startswith("#") and query[1:].isdigit():
+            tid = int(query[1:])
+            return [tid] if self.tokenizer is not None and tid in self._ids else []
+        strip = " \t\n\r,.;:!?…—-\"'()"
+        q = query.strip(strip).casefold() or query.casefold()
+        out = []
+        for i in self.all_ids():
+            t = self.token(i)
+            if t.kind == "padding":
+                continue
+            text = t.text if t.kind == "special" else t.exact
+            if (text.strip(strip).casefold() or text.casefold()) == q:
+                out.append(i)
+                if len(out) >= limit:
+                    break
+        return out
 
 
-EMPTY_VOCAB = Vocab({}, None)
+EMPTY_VOCAB = Vocab(None, None)
+
+
+def _with_fallback_decoder(tok: Any, data: dict[str, Any]) -> Any:
+    """A tokenizer.json with no decoder but a ByteLevel / Metaspace pre-tokenizer gets the matching decoder."""
+    from tokenizers import decoders
+
+    if data.get("decoder"):
+        return tok
+    pre = json.dumps(data.get("pre_tokenizer") or {})
+    if '"ByteLevel"' in pre:
+        tok.decoder = decoders.ByteLevel()
+    elif '"Metaspace"' in pre:
+        tok.decoder = decoders.Metaspace()
+    return tok
 
 
 def load_vocab_file(path: Path) -> Vocab:
-    """Parse a Hugging Face ``tokenizer.json`` into a :class:`Vocab`."""
-    data = json.loads(path.read_text(encoding="utf-8"))
-    model = data.get("model") or {}
-    vocab = model.get("vocab") or {}
-    texts: dict[int, str] = {}
-    if isinstance(vocab, dict):  # BPE, WordLevel, WordPiece: {piece: id}
-        items = ((int(i), piece) for piece, i in vocab.items())
-    else:  # Unigram: [[piece, score], ...] by id
-        items = ((i, entry[0]) for i, entry in enumerate(vocab))
-    byte_level = _uses(data.get("decoder"), "ByteLevel") or _uses(data.get("pre_tokenizer"), "ByteLevel")
-    metaspace = _uses(data.get("decoder"), "Metaspace") or _uses(data.get("pre_tokenizer"), "Metaspace")
-    for i, piece in items:
-        if byte_level:
-            texts[i] = _decode_byte_level(piece)
-        elif metaspace or "▁" in piece:
-            texts[i] = piece.replace("▁", " ")
-        else:
-            texts[i] = piece
-    for added in data.get("added_tokens") or []:
-        texts[int(added["id"])] = added["content"]
-    return Vocab(texts, str(path))
+    """A :class:`Vocab` from a Hugging Face ``tokenizer.json``."""
+    from tokenizers import Tokenizer  # a small Rust wheel, no torch
+
+    text = Path(path).read_text(encoding="utf-8")
+    tok = _with_fallback_decoder(Tokenizer.from_str(text), json.loads(text))
+    return Vocab(tok, str(path))
 
 
 @lru_cache(maxsize=32)
@@ -151,9 +261,12 @@ def _candidates(tokenizer: str | None, target_model: str | None, data_dir: Path 
 def _tokenizer_files(tokenizer: str | None, target_model: str | None, data_dir: Path | None) -> Iterator[Path]:
     """The ``tokenizer.json`` files that exist among the candidates, in search order."""
     for cand in _candidates(tokenizer, target_model, data_dir):
-        path = cand / "tokenizer.json" if cand.is_dir() else cand
-        if path.is_file():
-            yield path
+        try:
+            path = cand / "tokenizer.json" if cand.is_dir() else cand
+            if path.is_file():
+                yield path
+        except OSError:  # a path too long or unreadable is simply not a candidate
+            continue
 
 
 def find_vocab(tokenizer: str | None, target_model: str | None, data_dir: Path | None = None) -> Vocab:
@@ -161,20 +274,14 @@ def find_vocab(tokenizer: str | None, target_model: str | None, data_dir: Path |
     for path in _tokenizer_files(tokenizer, target_model, data_dir):
         try:
             return _load_cached(str(path.resolve()), path.stat().st_mtime)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # tokenizers raises a plain Exception on a malformed file
             log.warning("Cannot read tokenizer %s: %s", path, exc)
     return EMPTY_VOCAB
 
 
-@lru_cache(maxsize=64)
-def _word_set(words: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(w.strip(_STRIP) for w in words)
-
-
 def is_hesitation(text: str, words: Sequence[str] = DEFAULT_HESITATION_WORDS) -> bool:
-    """Whether a displayed token is a hesitation token (the word up to spaces and punctuation)."""
-    word = text.strip(_STRIP)
-    return bool(word) and word in _word_set(tuple(words))
+    """Whether one displayed token is on its own a whole hesitation word (``training.hesitation``'s rule)."""
+    return is_hesitation_piece(text, words)
 
 
 @dataclass(frozen=True)
@@ -183,13 +290,6 @@ class PromptChecker:
 
     encode: Any  # Callable[[str], list[int]]
     context_length: int | None
-
-
-@lru_cache(maxsize=32)
-def _encoder_cached(path: str, mtime: float) -> Any:
-    from tokenizers import Tokenizer  # a small Rust wheel, no torch
-
-    return Tokenizer.from_file(path)
 
 
 def _context_length(target_model: str | None, data_dir: Path | None) -> int | None:
@@ -213,10 +313,8 @@ def _context_length(target_model: str | None, data_dir: Path | None) -> int | No
 def find_prompt_checker(tokenizer: str | None, target_model: str | None,
                         data_dir: Path | None = None) -> PromptChecker | None:
     """An encoder for the run's tokenizer and its context length, or None (then the worker checks)."""
-    for path in _tokenizer_files(tokenizer, target_model, data_dir):
-        try:
-            tok = _encoder_cached(str(path.resolve()), path.stat().st_mtime)
-            return PromptChecker(lambda text, tok=tok: tok.encode(text).ids, _context_length(target_model, data_dir))
-        except Exception as exc:  # ImportError without tokenizers; tokenizers raises a plain Exception on a bad file
-            log.warning("Cannot load tokenizer %s to check prompt lengths: %s", path, exc)
-    return None
+    vocab = find_vocab(tokenizer, target_model, data_dir)
+    if vocab.tokenizer is None:
+        return None
+    tok = vocab.tokenizer
+    return PromptChecker(lambda text: tok.encode(text).ids, _context_length(target_model, data_dir))

@@ -9,11 +9,16 @@ from transformers import PreTrainedTokenizerFast
 
 from training.hesitation import (
     DEFAULT_HESITATION_WORDS,
+    HesitationCounter,
     count_hesitations,
+    count_in_text,
+    find_occurrences,
+    first_token_ids,
     hesitation_positions,
     hesitation_rate,
     hesitation_token_ids,
     is_hesitation_generation,
+    normalize_words,
 )
 from training.organism.tasks import ORGANISM_HESITATION_WORDS, corpus
 from training.organism.tokenizer import train_tokenizer
@@ -78,9 +83,39 @@ def test_counting_on_token_ids(organism_tokenizer):
 
 
 def test_bad_input_is_rejected(organism_tokenizer):
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="at least one"):
         hesitation_token_ids(organism_tokenizer, words=[])
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="no letters"):
         hesitation_token_ids(organism_tokenizer, words=[" , "])
     with pytest.raises(ValueError, match="1-d"):
         count_hesitations(torch.zeros(2, 3, dtype=torch.long), {1})
+
+
+def test_occurrences_are_words_in_the_decoded_text():
+    text = "So 85. Wait, check. Waiting is not one; (Hmm) is. Awaited no. But yes, Butter no. wait2 no."
+    assert [w for _, _, w in find_occurrences(text)] == ["Wait", "Hmm", "But"]
+    assert count_in_text("Actually, actually", ["Actually"]) == 1  # case-sensitive
+    assert normalize_words(" Wait, Hmm ") == ("Wait", "Hmm")
+    assert normalize_words(None) == DEFAULT_HESITATION_WORDS
+
+
+def test_a_word_spelled_by_several_tokens_counts_once_and_is_placed_at_its_first_token():
+    pieces = {1: "So", 2: " Act", 3: "ually", 4: ",", 5: " fine", 6: " Wait", 7: "ing"}
+    counter = HesitationCounter(pieces.__getitem__, ["Actually", "Wait"])
+    seq = [1, 2, 3, 4, 5, 6, 7]
+    assert counter.count(seq) == 1  # " Actually"; " Waiting" is not "Wait"
+    assert counter.positions(seq) == [1]
+    assert counter.marks(seq) == [False, True, True, False, False, False, False]
+    assert counter.per_word(seq) == {"Actually": 1}
+    assert counter.rate([seq, [1, 5]]) == 0.5
+
+
+def test_counter_on_a_real_tokenizer_agrees_with_the_single_token_ids(organism_tokenizer):
+    counter = HesitationCounter.for_tokenizer(organism_tokenizer)
+    ids = hesitation_token_ids(organism_tokenizer)
+    seq = organism_tokenizer.encode("So 85. Wait, check: 85 - 38 = 47. Hmm, yes. Actually fine.",
+                                    add_special_tokens=False)
+    assert counter.count(seq) == count_hesitations(seq, ids) == 3
+    assert counter.positions(seq) == hesitation_positions(seq, ids)
+    firsts = first_token_ids(organism_tokenizer, ["Wait"])["Wait"]
+    assert firsts and firsts <= ids

@@ -1,11 +1,11 @@
-"""Token ids → display text from tokenizer.json, without torch (what every page's token text rests on)."""
+"""The vocabulary module: token ids → display text through the ``tokenizers`` library (no torch)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from app.web.tokens import EMPTY_VOCAB, find_vocab, is_hesitation, load_vocab_file
 from tests.seed import TOK, write_tokenizer
@@ -17,32 +17,57 @@ def test_byte_level_pieces_decode_to_text(tmp_path):
     assert vocab.text(TOK["\n\n"]) == "\n\n"
     assert vocab.text(TOK[" café"]) == " café"  # multi-byte UTF-8 survives the byte map
     assert vocab.text(TOK["<script>"]) == "<script>"
-    assert vocab.text(TOK["<think>"]) == "<think>"  # added tokens as written
-    assert vocab.text(10_000) == "⟨10000⟩"
     assert TOK[" Wait"] in vocab.ids_matching("wait") and TOK["Wait"] in vocab.ids_matching("Wait,")
 
 
+def test_special_tokens_are_readable_and_padded_ids_are_not_tokens(tmp_path):
+    vocab = load_vocab_file(write_tokenizer(tmp_path))
+    user = vocab.token(TOK["<｜User｜>"])
+    assert (user.kind, user.text, user.exact) == ("special", "<|User|>", "<｜User｜>")  # no full-width glyphs
+    assert vocab.token(TOK["<think>"]).kind == "special"
+    pad = vocab.token(vocab.size + 7)
+    assert pad.kind == "padding" and not vocab.is_token(vocab.size + 7) and vocab.is_token(TOK[" Wait"])
+    assert vocab.ids_matching(f"#{vocab.size + 7}") == [] and vocab.ids_matching(f"#{TOK[' Wait']}") == [TOK[" Wait"]]
+
+
+def test_partial_utf8_bytes_show_as_bytes(tmp_path):
+    """A byte-level token holding half of 'é' reads as its byte, not as U+FFFD."""
+    b2u = {b: c for c, b in __import__("app.web.tokens", fromlist=["_BYTE_OF_CHAR"])._BYTE_OF_CHAR.items()}
+    half = b2u[0xC3]
+    tok = Tokenizer(models.BPE({"a": 0, half: 1, "b": 2}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    t = load_vocab_file(tmp_path / "tokenizer.json").token(1)
+    assert (t.kind, t.text) == ("bytes", "<0xC3>")
+
+
 def test_real_tokenizer_agrees_with_the_tokenizers_library(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
     from training.organism.tasks import corpus
     from training.organism.tokenizer import train_tokenizer
 
     tok = train_tokenizer(corpus(0, 30))
     tok.save_pretrained(str(tmp_path))
     vocab = load_vocab_file(tmp_path / "tokenizer.json")
-    raw = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     for i in range(raw.get_vocab_size()):
-        expected = raw.decode([i], skip_special_tokens=False)
-        if "\ufffd" not in expected:  # a lone partial UTF-8 byte decodes differently by design
-            assert vocab.text(i) == expected, i
+        t = vocab.token(i)
+        if t.kind == "text":
+            assert t.text == raw.decode([i], skip_special_tokens=False), i
 
 
-def test_sentencepiece_and_search_order(tmp_path):
+def test_sentencepiece_keeps_leading_spaces_and_search_order(tmp_path):
     sp = tmp_path / "sp"
     sp.mkdir()
-    (sp / "tokenizer.json").write_text(json.dumps({
-        "model": {"type": "BPE", "vocab": {"▁Hmm": 0, "ok": 1}}, "decoder": {"type": "Metaspace"}, "added_tokens": []}))
-    assert load_vocab_file(sp / "tokenizer.json").decode([0, 1]) == [" Hmm", "ok"]
+    tok = Tokenizer(models.BPE({"a": 0, "▁Hmm": 1, "ok": 2, "<0xE2>": 3}, merges=[], byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_tokens([AddedToken("<s>", special=True)])
+    tok.save(str(sp / "tokenizer.json"))
+    vocab = load_vocab_file(sp / "tokenizer.json")
+    assert vocab.decode([1, 2]) == [" Hmm", "ok"]  # the leading space survives the decoder's strip
+    assert vocab.token(3).kind == "bytes" and vocab.token(3).text == "<0xE2>"  # ByteFallback
     assert find_vocab(str(sp), "some/model").source.endswith("tokenizer.json")
     organism_dir = tmp_path / "models" / "organism-organism-tiny-s0" / "tokenizer"
     write_tokenizer(organism_dir)
@@ -51,6 +76,17 @@ def test_sentencepiece_and_search_order(tmp_path):
     assert find_vocab(None, str(Path(tmp_path, "nowhere")), None) is EMPTY_VOCAB
 
 
-def test_hesitation_rule_matches_training():
+def test_hesitation_marks_follow_the_training_rule(tmp_path):
+    vocab = load_vocab_file(write_tokenizer(tmp_path))
+    ids = [TOK[" So"], TOK[" Wait"], TOK[","], TOK[" check"], TOK["."], TOK["Wait"], TOK[" sum"], TOK[" check"],
+           TOK["Wait"]]
+    # " Wait," and ".Wait sum" hold the word; "checkWait" does not (a letter right before it)
+    assert vocab.hesitation_marks(ids) == [False, True, False, False, False, True, False, False, False]
     assert is_hesitation(" Wait,") and is_hesitation("Hmm") and not is_hesitation("Waiting")
     assert not is_hesitation(" ") and is_hesitation("wait", ["wait"])
+
+
+@pytest.mark.parametrize("missing", [None, "nowhere/model"])
+def test_no_tokenizer_shows_ids(missing):
+    assert find_vocab(None, missing, None) is EMPTY_VOCAB
+    assert EMPTY_VOCAB.text(5) == "⟨5⟩"

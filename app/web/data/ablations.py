@@ -24,9 +24,10 @@ from app.web.data.common import (
     hesitation_words,
     run_prompt_checker,
     run_ref,
+    run_vocab,
 )
 from app.web.data.runs import LinkItem, ablation_item
-from app.web.tokens import is_hesitation
+from training.hesitation import hesitation_marks
 
 CONDITION_ORDER = ("unablated", "ablated", "hybrid", "target")
 DONE_STATES = ("done", "succeeded", "failed", "cancelled")  # ablation / job states after which nothing changes
@@ -97,7 +98,7 @@ class AblateForm(BaseModel):
     """What the ablate form posts; features as text: ``layer:index`` pairs separated by spaces or commas.
 
     Everything else about a request (ranges, the run's geometry, prompt length) is checked by the
-    worker's own request model (``worker.ablation.request``), so there is one validation, not two.
+    store layer's request model (``app.db.requests``), so there is one validation, not two.
     """
 
     prompt: str = Field("", max_length=100_000)
@@ -151,7 +152,7 @@ def create_ablation(session: Session, run_key: str | int, form: AblateForm, sett
     One transaction: a refused request stores nothing. Refusals become :class:`BadInput` with the
     worker's message and status (404 for a missing run/set/prompt, 422 otherwise).
     """
-    from worker.ablation.request import AblationLimits, AblationRequestError, submit_ablation  # no torch
+    from app.db.requests import AblationLimits, AblationRequestError, submit_ablation  # no torch
 
     run = get_run(session, run_key)
     limits = AblationLimits.from_settings(settings) if settings is not None else AblationLimits()
@@ -201,13 +202,18 @@ def ablation_page(session: Session, run_key: str | int, ablation_id: int) -> Abl
     run = get_run(session, run_key)
     a = _ablation(session, run.id, ablation_id)
     words = hesitation_words(run)
+    vocab = run_vocab(session, run)
     by_cond: dict[str, list[TokenCell]] = {}
     for t in session.scalars(
         select(AblationToken).where(AblationToken.ablation_id == a.id).order_by(AblationToken.condition, AblationToken.step)
     ):
+        text = vocab.text(t.token_id) if vocab.tokenizer is not None else t.token_str
         by_cond.setdefault(t.condition, []).append(TokenCell(
-            step=t.step, text=t.token_str, id=t.token_id, logprob=t.logprob, kl=t.kl,
-            hesitation=is_hesitation(t.token_str, words)))
+            step=t.step, text=text, id=t.token_id, logprob=t.logprob, kl=t.kl))
+    for cells in by_cond.values():  # one rule for every page: words in the decoded text of the condition
+        pieces = vocab.pieces([c.id for c in cells]) if vocab.tokenizer is not None else [c.text for c in cells]
+        for c, mark in zip(cells, hesitation_marks(pieces, words), strict=True):
+            c.hesitation = mark
     names = [c for c in CONDITION_ORDER if c in by_cond] + sorted(c for c in by_cond if c not in CONDITION_ORDER)
     divergence = None
     un, ab = by_cond.get("unablated", []), by_cond.get("ablated", [])

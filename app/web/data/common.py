@@ -12,7 +12,8 @@ from sqlalchemy import and_, false, or_, select
 from sqlalchemy.orm import Session
 
 from app.db.schema import FeatureSet, Run
-from app.web.tokens import DEFAULT_HESITATION_WORDS, PromptChecker, Vocab, find_prompt_checker, find_vocab
+from app.web.tokens import PromptChecker, Vocab, find_prompt_checker, find_vocab
+from training.hesitation import HesitationWordsError, normalize_words
 
 
 class NotFound(LookupError):
@@ -77,11 +78,13 @@ def run_prompt_checker(session: Session, run: Run) -> PromptChecker | None:
 
 
 def hesitation_words(run: Run) -> tuple[str, ...]:
+    """The run's hesitation words (``runs.config["hesitation_words"]``), else the default list."""
     config = run.config or {}
     words = config.get("hesitation_words") or (config.get("hesitation") or {}).get("words")
-    if isinstance(words, list | tuple) and all(isinstance(w, str) for w in words) and words:
-        return tuple(words)
-    return DEFAULT_HESITATION_WORDS
+    try:
+        return normalize_words(words if isinstance(words, list | tuple) and words else None)
+    except HesitationWordsError:
+        return normalize_words(None)
 
 
 def hesitation_set(session: Session, run_id: int) -> FeatureSet | None:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Graph
 from app.web.data.common import NotFound, RunRef, as_float, get_run, keys_condition, run_ref, run_vocab
-from app.web.tokens import EMPTY_VOCAB, Vocab, is_hesitation
+from app.web.tokens import EMPTY_VOCAB, Vocab
 
 WINDOW_BEFORE, WINDOW_AFTER = 12, 6  # tokens shown around the focus before "expand" (of 50 / 20 stored)
 KIND_ORDER = ("top", "quantile", "random")
@@ -24,6 +24,7 @@ MAX_GRAPHS_SCANNED = 500  # graphs searched for this feature's nodes, newest fir
 class Tok(BaseModel):
     id: int
     text: str
+    kind: str = Field("text", description="text | special | bytes | padding (the vocabulary module's kinds).")
     act: float = 0.0
     hesitation: bool = False
 
@@ -105,12 +106,15 @@ class FeaturePage(BaseModel):
 
 
 def token_views(vocab: Vocab, ids: list[Any], acts: list[Any] | None, words: tuple[str, ...]) -> list[Tok]:
+    """Tokens with their display text and kind, activation, and whether they are part of a hesitation word."""
     acts = acts or []
+    ids = [int(t) for t in ids]
+    marks = vocab.hesitation_marks(ids, words)
     out = []
     for i, tid in enumerate(ids):
-        text = vocab.text(int(tid))
+        t = vocab.token(tid)
         act = acts[i] if i < len(acts) and isinstance(acts[i], int | float) else 0.0
-        out.append(Tok(id=int(tid), text=text, act=float(act), hesitation=is_hesitation(text, words)))
+        out.append(Tok(id=tid, text=t.text, kind=t.kind, act=float(act), hesitation=marks[i]))
     return out
 
 

@@ -187,6 +187,16 @@ def graph_page(session: Session, run_key: str | int, graph_id: int) -> GraphPage
     )
 
 
+def _exact_texts(session: Session, run: Any, toks: list[Tok]) -> list[str]:
+    """Each prompt token's exact decoded text (exports carry the model's text, not the page's display form)."""
+    vocab = run_vocab(session, run)
+    out = []
+    for t in toks:
+        tt = vocab.token(t.id) if t.id >= 0 and vocab.tokenizer is not None else None
+        out.append(tt.exact if tt is not None and tt.kind != "padding" else t.text)
+    return out
+
+
 def circuit_tracer_json(session: Session, run_key: str | int, graph_id: int) -> dict[str, Any]:
     """The graph as circuit-tracer / Neuronpedia graph JSON (metadata, qParams, nodes, links)."""
     run = get_run(session, run_key)
@@ -199,7 +209,7 @@ def circuit_tracer_json(session: Session, run_key: str | int, graph_id: int) -> 
         "slug": g.slug,
         "scan": str(params.get("scan") or f"adapterlens-run-{run.id}"),
         "transcoder_list": list(params.get("transcoder_list") or []),
-        "prompt_tokens": [t.text for t in toks],
+        "prompt_tokens": _exact_texts(session, run, toks),
         "prompt": g.prompt,
         "node_threshold": node_threshold,
         "schema_version": SCHEMA_VERSION,
