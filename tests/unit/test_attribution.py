@@ -108,7 +108,8 @@ def test_completeness_float64(graphs, model, ids, mode):
     assert float(graph.dropped_contributions.abs().max()) == 0.0  # every active feature is a node here
     # the constants are what the linear model gives with every source off, computed independently
     zero_src = linear_forward(lin, embeds=torch.zeros_like(lin.embeds),
-                              feature_acts=[torch.zeros_like(a) for a in default_feature_acts(lin)])
+                              feature_acts=[torch.zeros_like(a) for a in default_feature_acts(lin)],
+                              errors=torch.zeros_like(lin.error_vectors) if lin.error_vectors is not None else None)
     const = values_of(graph, zero_src)
     assert torch.allclose(graph.constant_contributions[rows], const[rows], atol=1e-10)
     assert float(const[rows].abs().min()) > 0  # biases matter: the check above is not vacuous
@@ -124,7 +125,10 @@ def test_every_edge_equals_its_intervention(graphs, model, ids, mode):
     acts = default_feature_acts(lin)
     n_feat = graph.n_feature_nodes
     gen = torch.Generator().manual_seed(0)
-    sources = torch.randperm(n_feat, generator=gen)[:25].tolist() + [n_feat + p for p in range(ids.numel())]
+    sources = torch.randperm(n_feat, generator=gen)[:25].tolist() + [graph.token_node_index(p)
+                                                                      for p in range(ids.numel())]
+    if graph.n_error_nodes:  # frozen-mlp: every error node of two layers
+        sources += [graph.error_node_index(layer, p) for layer in (0, model.n_layers - 1) for p in range(ids.numel())]
     worst = 0.0
     for src in sources:
         if src < n_feat:
@@ -132,9 +136,14 @@ def test_every_edge_equals_its_intervention(graphs, model, ids, mode):
             edited = [a.clone() for a in acts]
             edited[layer][pos, idx] = 0.0
             out = linear_forward(lin, feature_acts=edited)
+        elif src < graph.token_start:
+            layer, pos = divmod(src - n_feat, graph.n_pos)
+            errors = lin.error_vectors.clone()
+            errors[layer, pos] = 0.0
+            out = linear_forward(lin, errors=errors)
         else:
             emb = lin.embeds.clone()
-            emb[src - n_feat] = 0.0
+            emb[src - graph.token_start] = 0.0
             out = linear_forward(lin, embeds=emb)
         delta = values_of(graph, out) - base_vals
         err = (delta[rows] + graph.adjacency_matrix[rows, src]).abs().max()
@@ -145,7 +154,10 @@ def test_every_edge_equals_its_intervention(graphs, model, ids, mode):
 
 def test_frozen_mlp_edges_differ_from_relp(graphs):
     """The two modes are different linearisations (a bug routing both through one path would pass the rest)."""
-    a, b = graphs["relp"].adjacency_matrix, graphs["frozen-mlp"].adjacency_matrix
+    relp, frozen = graphs["relp"], graphs["frozen-mlp"]
+    assert relp.n_error_nodes == 0 and frozen.n_error_nodes == frozen.n_layers * frozen.n_pos
+    keep = [i for i in range(frozen.n_nodes) if not frozen.n_feature_nodes <= i < frozen.token_start]
+    a, b = relp.adjacency_matrix, frozen.adjacency_matrix[keep][:, keep]  # same nodes, without the errors
     assert a.shape == b.shape
     assert float((a - b).abs().max()) > 1e-3
 

@@ -7,16 +7,12 @@ import json
 import pytest
 import torch
 
+from app.formats import cantor_pair, cantor_unpair
 from tests.helpers import random_ids, tiny_pair
 from training.adapter import build_adapter_model
 from training.config import AdapterConfig
 from worker.attribution.engine import attribute
-from worker.attribution.export import (
-    cantor_pair,
-    cantor_unpair,
-    from_circuit_tracer_json,
-    to_circuit_tracer_json,
-)
+from worker.attribution.export import from_circuit_tracer_json, to_circuit_tracer_json
 from worker.attribution.graph import Graph, compute_node_influence, prune_graph, prune_masks
 
 
