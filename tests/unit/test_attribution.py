@@ -152,6 +152,46 @@ def test_every_edge_equals_its_intervention(graphs, model, ids, mode):
     assert float(graph.adjacency_matrix.abs().max()) > 1e-2  # edges are not all zero
 
 
+def test_frozen_mlp_error_nodes_reconstruct_every_pre_activation(graphs, model, ids):
+    """frozen-mlp: the error nodes are the real model's base-MLP outputs, and per target row the feature,
+    error and token edges plus the biases give the real model's pre-activation (logit) exactly."""
+    graph = graphs["frozen-mlp"]
+    lin = linearize(model, ids, "frozen-mlp")
+    base_out = {}
+    hooks = [layer.mlp.base_mlp.register_forward_hook(lambda _m, _i, out, i=i: base_out.__setitem__(i, out[0]))
+             for i, layer in enumerate(model.layers)]
+    try:
+        with torch.no_grad(), model.capture() as caps:
+            hf_logits = model(ids[None]).logits[0, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    # error node (l, t) carries the base MLP's output there (zero at the excluded BOS, which is a constant)
+    for layer in range(model.n_layers):
+        assert torch.allclose(lin.error_vectors[layer, 1:], base_out[layer][1:], atol=1e-6)
+        assert float(lin.error_vectors[layer, 0].abs().max()) == 0.0
+    n_feat, n_err = graph.n_feature_nodes, graph.n_error_nodes
+    assert n_err == model.n_layers * ids.numel()
+    A = graph.adjacency_matrix
+    parts = {"features": A[:, :n_feat].sum(1), "errors": A[:, n_feat:graph.token_start].sum(1),
+             "tokens": A[:, graph.token_start:graph.logit_start].sum(1)}
+    assert all(float(p.abs().max()) > 1e-3 for p in parts.values())  # each kind of source matters
+    assert int(A[:, n_feat:graph.token_start].abs().sum(0).count_nonzero()) > n_err / 2  # errors are real sources
+    total = parts["features"] + parts["errors"] + parts["tokens"] + graph.constant_contributions
+    assert float(graph.dropped_contributions.abs().max()) == 0.0
+    # feature rows: the pre-activation (= activation of an active feature) in the real model
+    real_acts = torch.tensor([float(caps[layer][0][0][pos, idx]) for layer, pos, idx in graph.feature_nodes.tolist()],
+                             dtype=torch.float64)
+    assert torch.allclose(total[:n_feat], real_acts, rtol=1e-5, atol=1e-6)  # HF's float32 norms
+    assert torch.allclose(total[:n_feat], graph.feature_activations, rtol=1e-12, atol=1e-12)
+    logit_rows = slice(graph.logit_start, graph.n_nodes)
+    hf_demeaned = (hf_logits - hf_logits.mean())[graph.logit_tokens]
+    assert torch.allclose(total[logit_rows], hf_demeaned, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(total[logit_rows], graph.target_values[logit_rows], rtol=1e-12, atol=1e-12)
+    # error and token rows are empty: they are sources only, as in circuit-tracer
+    assert float(A[n_feat:graph.logit_start].abs().max()) == 0.0
+
+
 def test_frozen_mlp_edges_differ_from_relp(graphs):
     """The two modes are different linearisations (a bug routing both through one path would pass the rest)."""
     relp, frozen = graphs["relp"], graphs["frozen-mlp"]

@@ -71,9 +71,9 @@ def _node_json(node: Node, n_layers: int, tokenizer: Tokenizer | None, clerp: st
         return GraphNode(feature=node.pos, layer="E", feature_type=EMBEDDING_TYPE,
                          jsNodeId=f"E_{node.index}-{node.pos}", clerp=clerp, **common)
     label = f'Output "{_decode(tokenizer, node.index)}" (p={node.token_prob:.3f})'
-    return GraphNode(feature=node.index, layer=str(n_layers + 1), feature_type=LOGIT_TYPE,
-                     jsNodeId=f"L_{node.index}-{node.pos}", clerp=clerp or label, token_prob=node.token_prob,
-                     is_target_logit=node.is_target_logit, **common)
+    return GraphNode(node_id=nid, ctx_idx=node.pos, feature=node.index, layer=str(n_layers + 1),
+                     feature_type=LOGIT_TYPE, jsNodeId=f"L_{node.index}-{node.pos}", clerp=clerp or label,
+                     token_prob=node.token_prob, is_target_logit=node.is_target_logit)  # no influence, as circuit-tracer
 
 
 def to_circuit_tracer_json(pruned: PrunedGraph, tokenizer: Tokenizer | None, *, slug: str, scan: str,

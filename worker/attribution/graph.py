@@ -313,7 +313,7 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
         else:
             k = i - graph.logit_start
             tok = int(graph.logit_tokens[k])
-            nodes.append(GraphNode("logit", T - 1, tok, None, None, infl[i], cum[i],
+            nodes.append(GraphNode("logit", T - 1, tok, None, None, None, None,  # targets: no influence of their own
                                    float(graph.logit_probabilities[k]), tok == target))
     tgt, src = m.edge_mask.nonzero(as_tuple=True)
     weights = graph.adjacency_matrix[tgt, src].tolist()
