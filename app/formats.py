@@ -336,22 +336,32 @@ class FeatureFile(BaseModel):
 # -- transcripts (JSONL) ---------------------------------------------------------------------------------
 
 
-class AblationTokenLine(BaseModel):
-    """One generated token of one condition of an ablation."""
+class AblationTranscriptLine(BaseModel):
+    """One condition of an ablation (unablated, ablated, hybrid, target): the request and what was generated."""
 
     ablation_id: int
+    run_id: int
     condition: str
-    step: int
-    token_id: int
-    token: str
-    logprob: float | None = None
-    kl: float | None = None
+    prompt: str
+    features: list[tuple[int, int]]
+    mode: str
+    value: float | None = None
+    positions: str
+    status: str
+    token_ids: list[int]
+    tokens: list[str]
+    text: str
+    logprobs: list[float | None]
+    kl: list[float | None]
+    summary: dict[str, Any] | None = None
 
 
-class ExperimentRowLine(BaseModel):
+class ExperimentTranscriptLine(BaseModel):
     """One (prompt, condition) row of an experiment."""
 
     experiment_id: int
+    run_id: int
+    name: str
     prompt_idx: int
     condition: str
     prompt: str | None = None
@@ -359,5 +369,4 @@ class ExperimentRowLine(BaseModel):
     hesitations: int | None = None
     correct: bool | None = None
     answer: str | None = None
-    response: str | None = None
     meta: dict[str, Any] | None = None
