@@ -227,17 +227,25 @@ def import_graph_cmd(
     path: Annotated[Path, typer.Argument(help="A graph JSON file written by circuit-tracer, Neuronpedia or "
                                               "AdapterLens (either error-node id form).")],
     run: Annotated[str | None, typer.Option(help="Run name or id to file it under (default: the latest).")] = None,
+    new_run: Annotated[str | None, typer.Option(help="File it under a run of this name, created if missing "
+                                                     "(for graphs of models AdapterLens did not train).")] = None,
     slug: Annotated[str | None, typer.Option(help="Graph id in the run (default: the file's slug).")] = None,
 ) -> None:
     """Import a circuit-tracer graph file into the store; its page opens in the graph viewer."""
+    from app.db.migrate import upgrade
     from app.db.session import make_engine, make_sessionmaker
-    from app.graph_import import GraphImportError, import_graph_file
+    from app.graph_import import GraphImportError, ensure_import_run, import_graph_file
 
-    run_id = _run_id(run)
+    if new_run is None:
+        run_id = _run_id(run)
+    else:
+        upgrade(_settings().db_url)
     engine = make_engine(_settings())
     try:
         with make_sessionmaker(engine)() as s:
             try:
+                if new_run is not None:
+                    run_id = ensure_import_run(s, new_run, f"imported:{path.name}")
                 graph_id, n_nodes, n_links = import_graph_file(s, run_id, path, slug=slug)
             except GraphImportError as exc:
                 raise _fail(str(exc)) from exc

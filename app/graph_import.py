@@ -124,6 +124,18 @@ def parse_graph_bytes(raw: bytes) -> Any:
         raise GraphImportError(f"not JSON: {exc}") from None
 
 
+def ensure_import_run(session: Session, name: str, model: str) -> int:
+    """A run to file foreign graphs under (found by name, or created with status ``imported``)."""
+    from sqlalchemy import select
+
+    row = session.scalar(select(Run).where(Run.name == name))
+    if row is None:
+        row = Run(name=name[:200], base_model=model[:500], target_model=model[:500], config={}, status="imported")
+        session.add(row)
+        session.flush()
+    return int(row.id)
+
+
 def import_graph_file(session: Session, run_id: int, path: Path, *, slug: str | None = None) -> tuple[int, int, int]:
     """:func:`import_graph` on a file (``.json`` or ``.json.gz``)."""
     path = Path(path).expanduser()

@@ -317,3 +317,20 @@ def test_bad_input_is_a_clear_error(model, ids):
         attribute(model, ids, max_feature_nodes=0, progress=False)
     with pytest.raises(ValueError, match="token ids"):
         attribute(model, torch.tensor([1, 999]), progress=False)
+
+
+def test_padded_vocabulary_ids_never_become_logit_nodes(model, ids):
+    """A model whose vocab_size is padded past its tokenizer: ids at or above the tokenizer's size are no tokens,
+    however large their logits (random padding rows often have large ones)."""
+    logits = torch.zeros(64, dtype=torch.float64)
+    logits[60:] = 10.0  # padding rows, the most probable by far
+    logits[5], logits[7] = 3.0, 2.0
+    ids_, p = select_logits(logits, 5, 0.95, n_real_tokens=60)
+    assert ids_.tolist()[:2] == [5, 7] and int(ids_.max()) < 60
+    assert float(p.sum()) < 0.05  # probabilities stay those of the whole output
+    ids_, _ = select_logits(logits, 3, 0.95, target_token=9, n_real_tokens=60, extra_tokens=(11,))
+    assert ids_.tolist() == [5, 9, 11]  # forced tokens take the places of the least probable
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        attribute(model, ids, target_token=62, n_real_tokens=60, progress=False)
+    graph = attribute(model, ids, progress=False, n_real_tokens=40, max_n_logits=20, desired_logit_prob=1.0)
+    assert int(graph.logit_tokens.max()) < 40 and graph.n_logits == 20
