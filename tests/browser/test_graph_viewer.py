@@ -35,32 +35,57 @@ def _set_range(page, selector: str, value: float) -> None:
                           str(value))
 
 
+def _point(page, node_id: str) -> tuple[float, float]:
+    """Where a node is drawn (nodes are canvas glyphs; the viewer scrolls the node into view)."""
+    page.locator("[data-graph-pane]").scroll_into_view_if_needed()
+    p = page.evaluate("id => window.adapterlensGraph.nodePoint(id)", node_id)
+    assert p is not None, f"{node_id} is not drawn"
+    return p["x"], p["y"]
+
+
+def _hover(page, node_id: str) -> None:
+    page.mouse.move(*_point(page, node_id))
+
+
+def _click(page, node_id: str, pin: bool = False) -> None:
+    x, y = _point(page, node_id)
+    if pin:
+        page.keyboard.down("Control")
+    page.mouse.click(x, y)
+    if pin:
+        page.keyboard.up("Control")
+
+
+def _shown(page) -> int:
+    return int(page.get_attribute("[data-live-counts]", "data-nodes"))
+
+
 def test_hover_rings_the_same_feature_at_its_other_positions(server, world, page):
     _open(page, server, world)
-    page.hover("path.node[data-node-id='1_3_14']")
+    _hover(page, "1_3_14")
     page.wait_for_selector("[data-rings] .ring.hovered[data-node-id='1_3_14']")
     same = page.locator("[data-rings] .ring.same").evaluate_all("rs => rs.map(r => r.dataset.nodeId)")
     assert same == ["1_3_13"]  # feature L1/3 is a node at positions 13 and 14
     assert "also at position 13" in page.inner_text("#tip")
-    page.hover("path.node[data-node-id='0_2_13']")  # a feature at one position: only its own ring
+    _hover(page, "0_2_13")  # a feature at one position: only its own ring
     page.wait_for_selector("[data-rings] .ring.hovered[data-node-id='0_2_13']")
     assert page.locator("[data-rings] .ring.same").count() == 0
-    page.click("path.node[data-node-id='1_3_14']")
+    _click(page, "1_3_14")
     panel = page.locator("[data-node-panel]")
     assert panel.get_attribute("data-node-id") == "1_3_14"
     assert panel.locator("[data-feature-link]").get_attribute("href").endswith("/features/1/3")
     assert panel.locator("[data-side=input] [data-sign=negative] li").count() + \
         panel.locator("[data-side=input] [data-sign=positive] li").count() == 5
-    assert panel.locator("[data-feature-card] .lens-row.pos code").count() >= 1  # top logit tokens
+    page.wait_for_selector("[data-node-panel] [data-feature-card] .lens-row.pos code")  # fetched on click
     shot(page, "graph-viewer-clicked")
 
 
 def test_pin_group_prune_and_the_copied_link_restores_the_view(server, world, page, chromium):
     _open(page, server, world)
-    page.click("path.node[data-node-id='1_3_14']", modifiers=["Control"])
-    page.click("path.node[data-node-id='2_7_14']", modifiers=["Control"])
+    _click(page, "1_3_14", pin=True)
+    _click(page, "2_7_14", pin=True)
     assert _query(page)["pinnedIds"] == "1_3_14,2_7_14"
-    assert page.locator("path.node.pinned").count() == 2
+    assert page.locator("[data-marks] .mark.pinned").count() == 2
     page.click("[data-group-mode]")
     page.click("[data-subgraph-body] [data-unit='1_3_14']")
     page.click("[data-subgraph-body] [data-unit='2_7_14']")
@@ -85,7 +110,7 @@ def test_pin_group_prune_and_the_copied_link_restores_the_view(server, world, pa
         assert _query(fresh) == q
         assert fresh.inner_text("[data-live-counts]") == counts
         assert fresh.input_value("[data-pruning]") == "0.5"
-        assert sorted(fresh.locator("path.node.pinned").evaluate_all("ns => ns.map(n => n.dataset.nodeId)")) == \
+        assert sorted(fresh.locator("[data-marks] .mark.pinned").evaluate_all("ns => ns.map(n => n.dataset.nodeId)")) == \
             ["1_3_14", "2_7_14"]
         unit = fresh.locator("[data-subgraph-body] .sub-unit.supernode")
         assert unit.get_attribute("data-members") == "1_3_14,2_7_14"
@@ -100,7 +125,7 @@ def test_ledger_counts_match_the_filters(server, world, page):
     nodes = view["nodes"]
     kinds = nodes["kind"]  # 0 feature, 1 error, 2 embedding, 3 logit
     n_total = len(nodes["id"]) + 1  # + the virtual logit-difference node (the graph's default)
-    assert page.locator("path.node").count() == n_total
+    assert _shown(page) == n_total
     for t in (0.6, 0.35):
         _set_range(page, "[data-pruning]", t)
         hidden = sum(1 for k, inf in zip(kinds, nodes["influence"], strict=True) if k in (0, 1) and inf > t)
@@ -108,7 +133,7 @@ def test_ledger_counts_match_the_filters(server, world, page):
         item = page.locator("[data-ledger-item=pruning]")
         assert int(item.get_attribute("data-count")) == hidden > 0
         assert f"{errors} of them error nodes" in item.inner_text() or errors == 0
-        assert page.locator("path.node").count() == n_total - hidden
+        assert _shown(page) == n_total - hidden
         assert page.get_attribute("[data-live-counts]", "data-nodes") == str(n_total - hidden)
     _set_range(page, "[data-pruning]", 0.8)
     assert page.locator("[data-ledger-item=pruning]").count() == 0
@@ -120,15 +145,15 @@ def test_ledger_counts_match_the_filters(server, world, page):
     dense = sum(1 for key in keys if freq[key] > d)
     assert dense > 0
     assert int(page.get_attribute("[data-ledger-item=density]", "data-count")) == dense
-    assert page.locator("path.node").count() == n_total - dense
+    assert _shown(page) == n_total - dense
     shot(page, "graph-viewer-ledger")
 
 
 def test_ablate_pinned_submits_exactly_those_features(server, world, page):
     _open(page, server, world)
     for nid in ("1_3_14", "1_3_13", "2_9_14"):
-        page.click(f"path.node[data-node-id='{nid}']", modifiers=["Control"])
-    page.click("path.node[data-node-id='0_-1_14']", modifiers=["Control"])  # an error node: no feature to ablate
+        _click(page, nid, pin=True)
+    _click(page, "0_-1_14", pin=True)  # an error node: no feature to ablate
     assert page.locator("[data-ap-feature]").evaluate_all("cs => cs.map(c => c.dataset.apFeature)") == ["1:3", "2:9"]
     page.select_option("[data-ap-positions]", "prompt")
     page.click("[data-ablate-pinned-submit]")
@@ -144,19 +169,20 @@ def test_ablate_pinned_submits_exactly_those_features(server, world, page):
 
 def test_logit_difference_and_hostile_urls(server, world, page):
     _open(page, server, world)  # the graph's default logit difference: " Wait" − "7"
-    assert page.locator("path.node[data-node-id='logit-diff']").count() == 1
+    assert json.loads(page.get_attribute("[data-graph-pane]", "data-kinds"))["diff"] == 1
     assert _query(page)["logitDiff"] == " Wait__vs__7"
-    page.click("path.node[data-node-id='logit-diff']")
+    _click(page, "logit-diff")
     inputs = page.locator("[data-node-panel] [data-side=input] li.conn").count()
     assert inputs > 0
     page.select_option("[data-logit-diff]", "")
-    assert page.locator("path.node[data-node-id='logit-diff']").count() == 0 and "logitDiff" not in _query(page)
+    assert "diff" not in json.loads(page.get_attribute("[data-graph-pane]", "data-kinds"))
+    assert "logitDiff" not in _query(page)
 
     page.console_messages = []
     hostile = ("?supernodes=%5B%5B&clerps=%7Bnot-json&pinnedIds=nope,1_3_14&pruningThreshold=7"
                "&clickedId=2_7_14&logitDiff=a__vs__b")
     _open(page, server, world, hostile)
-    assert page.locator("path.node.pinned").count() == 1  # the unknown id is ignored, the real one pinned
+    assert page.locator("[data-marks] .mark.pinned").count() == 1  # the unknown id is ignored, the real one pinned
     assert page.input_value("[data-pruning]") == "0.8"  # out-of-range threshold ignored
     evil = urllib.parse.quote(json.dumps([["1_3_14", "<img src=x id=pwned>"]]))
     groups = urllib.parse.quote(json.dumps([["<script>alert(1)</script>", "1_3_14", "2_7_14"]]))
@@ -166,5 +192,5 @@ def test_logit_difference_and_hostile_urls(server, world, page):
     group = page.locator("[data-subgraph-body] .sub-unit.supernode")
     assert group.locator("title").text_content().startswith("[<script>alert(1)</script>] ")
     assert page.locator("script:has-text('alert(1)')").count() == 0
-    page.hover("path.node[data-node-id='1_3_14']")
+    _hover(page, "1_3_14")
     assert "<img src=x id=pwned>" in page.inner_text("#tip")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.browser.conftest import shot
@@ -42,13 +44,14 @@ def test_index_feature_graph_navigation(server, world, page):
 
     page.click("[data-section=graphs] a")
     page.wait_for_selector("body[data-graph-ready=true]")
-    assert page.locator("[data-graph-pane] path.node[data-kind=feature]").count() == 10
-    assert page.locator("[data-graph-pane] path.node[data-kind=error]").count() == 3
+    kinds = json.loads(page.get_attribute("[data-graph-pane]", "data-kinds"))
+    assert (kinds["feature"], kinds["error"], kinds["embedding"], kinds["logit"]) == (10, 3, 15, 2)
     assert "Replacement" in page.inner_text("[data-scores]") and "frozen-mlp" in page.inner_text("[data-counts]")
     shown = int(page.get_attribute("[data-live-counts]", "data-nodes"))
     page.eval_on_selector("[data-pruning]", "el => { el.value = 0.4; el.dispatchEvent(new Event('input')); }")
     assert int(page.get_attribute("[data-live-counts]", "data-nodes")) < shown
-    page.click("path.node[data-node-id='2_7_14']")
+    point = page.evaluate("window.adapterlensGraph.nodePoint('2_7_14')")
+    page.mouse.click(point["x"], point["y"])
     page.wait_for_selector("[data-node-panel][data-node-id='2_7_14']")
     shot(page, "graph")
     page.click("[data-node-panel] [data-feature-link]")

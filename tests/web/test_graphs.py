@@ -36,8 +36,10 @@ def test_view_is_columnar_and_pruned_on_the_server(web):
     assert all(len(col) == n for col in full["nodes"].values())
     assert len(full["links"]["source"]) == len(full["links"]["target"]) == len(full["links"]["weight"]) == \
         full["n_links_total"]
-    card = full["features"]["2/7"]
-    assert card["top"][0] == " Wait" and card["role"] == "output" and card["frequency"] is not None
+    assert full["features"]["2/7"]["role"] == "output" and full["features"]["2/7"]["frequency"] is not None
+    cards = get(web, f"/api{web.run}/feature-cards?features=2/7,1/3")
+    assert cards["2/7"]["top"][0] == " Wait" and cards["2/7"]["role"] == "output" and set(cards) == {"2/7", "1/3"}
+    get(web, f"/api{web.run}/feature-cards?features=2:7", 422)
     cut = get(web, f"{base}?pruningThreshold=0.5")
     infl = dict(zip(full["nodes"]["id"], full["nodes"]["influence"], strict=True))
     kinds = dict(zip(full["nodes"]["id"], full["nodes"]["kind"], strict=True))
@@ -59,7 +61,7 @@ def test_padded_vocabulary_ids_never_reach_top_lists(web):
     with Session(web.engine) as s, s.begin():
         f = s.get(Feature, (web.world.run_id, 2, 7))
         f.logit_lens = {"top": [[100_000, None, 9.0], [TOK[" Wait"], " Wait", 4.2]], "bottom": [[99_999, None, -3.0]]}
-    card = get(web, f"/api{web.run}/graphs/{web.world.graph_id}/view")["features"]["2/7"]
+    card = get(web, f"/api{web.run}/feature-cards?features=2/7")["2/7"]
     assert card["top"] == [" Wait"] and card["bottom"] == []
     ff = get(web, f"/api{web.run}/features/2/7/circuit-tracer.json")
     assert ff["top_logits"] == [" Wait"] and ff["bottom_logits"] == []

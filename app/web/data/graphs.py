@@ -51,6 +51,8 @@ KIND_CODE = {"feature": 0, "error": 1, "embedding": 2, "logit": 3}
 MAX_VIEW_NODES = 20_000  # feature + error nodes the viewer loads without being asked for more
 LARGE_GRAPH_BYTES = 50 * 2**20  # bytes: above this the page asks before loading the whole graph
 CARD_TOKENS = 6  # top / bottom logit tokens on a node's mini feature card
+ROLE_LIST_MAX = 100  # "other" features listed on the page (the viewer has them all)
+MAX_CARDS = 200  # feature cards per request
 BYTES_PER_NODE, BYTES_PER_LINK = 260, 70  # rough JSON sizes, for the count shown before loading
 
 
@@ -171,11 +173,18 @@ def _prompt_tokens(session: Session, g: Any, vocab: Vocab, words: tuple[str, ...
     return []
 
 
-def _features_by_role(session: Session, run_id: int, keys: set[tuple[int, int]], positions: dict, vocab: Vocab
-                      ) -> dict[str, list[GraphFeature]]:
-    info, roles = _feature_rows(session, run_id, keys)
+def _features_by_role(session: Session, run_id: int, keys: set[tuple[int, int]], positions: dict, vocab: Vocab,
+                      limit: int | None = ROLE_LIST_MAX) -> dict[str, list[GraphFeature]]:
+    """The page's lists: every output and template feature, the others up to ``limit`` (a big graph's
+    thousands are in the viewer); only the listed features' rows are read."""
+    _, roles = _feature_rows(session, run_id, keys, with_lens=False, with_rows=False)
+    role_of = {k: roles.get(k, (None, None))[0] for k in keys}
+    listed = sorted(k for k in keys if role_of[k] in ("output", "template"))
+    others = sorted(k for k in keys if role_of[k] not in ("output", "template"))
+    listed += others[:limit] if limit is not None else others
+    info, _ = _feature_rows(session, run_id, set(listed), with_roles=False)
     by_role: dict[str, list[GraphFeature]] = {"output": [], "template": [], "other": []}
-    for key in sorted(keys):
+    for key in listed:
         r = info.get(key)
         role, score = roles.get(key, (None, None))
         top = _lens_texts(r.logit_lens, "top", vocab, 1) if r else []
@@ -185,18 +194,22 @@ def _features_by_role(session: Session, run_id: int, keys: set[tuple[int, int]],
     return by_role
 
 
-def _feature_rows(session: Session, run_id: int, keys: set[tuple[int, int]]) -> tuple[dict, dict]:
-    """Feature rows (label, lens, frequency) and hesitation-set roles for ``keys``, in chunks."""
+def _feature_rows(session: Session, run_id: int, keys: set[tuple[int, int]], *, with_lens: bool = True,
+                  with_rows: bool = True, with_roles: bool = True) -> tuple[dict, dict]:
+    """Feature rows (label, frequency, max_act and, ``with_lens``, the logit lens: JSON, the costly part)
+    and hesitation-set roles for ``keys``, in chunks."""
     info: dict[tuple[int, int], Any] = {}
     roles: dict[tuple[int, int], tuple[str | None, float | None]] = {}
-    hset = hesitation_set(session, run_id)
+    hset = hesitation_set(session, run_id) if with_roles else None
     key_list = sorted(keys)
+    cols = [Feature.layer, Feature.index, Feature.label, Feature.frequency, Feature.max_act]
+    if with_lens:
+        cols.append(Feature.logit_lens)
     for chunk in (key_list[i:i + 500] for i in range(0, len(key_list), 500)):
-        for r in session.execute(
-            select(Feature.layer, Feature.index, Feature.label, Feature.logit_lens, Feature.frequency, Feature.max_act)
-            .where(Feature.run_id == run_id, keys_condition(Feature.layer, Feature.index, chunk))
-        ):
-            info[(r.layer, r.index)] = r
+        if with_rows:
+            for r in session.execute(select(*cols).where(Feature.run_id == run_id,
+                                                         keys_condition(Feature.layer, Feature.index, chunk))):
+                info[(r.layer, r.index)] = r
         if hset is not None:
             for m in session.execute(
                 select(FeatureSetMember.layer, FeatureSetMember.index, FeatureSetMember.role, FeatureSetMember.score)
@@ -323,7 +336,7 @@ def graph_page(session: Session, run_key: str | int, graph_id: int) -> GraphPage
     links = [GraphLink(source=str(e["source"]), target=str(e["target"]), weight=float(e["weight"]))
              for e in (g.links or []) if isinstance(e, dict) and e.get("source") in node_ids
              and e.get("target") in node_ids and as_float(e.get("weight")) is not None]
-    by_role = _features_by_role(session, run.id, keys, positions, vocab)
+    by_role = _features_by_role(session, run.id, keys, positions, vocab, limit=None)
     return GraphPage(**{**header.model_dump(), "output_features": by_role["output"],
                         "template_features": by_role["template"], "other_features": by_role["other"]},
                      nodes=nodes, links=links, max_abs_weight=max((abs(e.weight) for e in links), default=0.0))
@@ -367,7 +380,7 @@ def graph_view(session: Session, run_key: str | int, graph_id: int, *, pruning_t
     index = {raw[i]["node_id"]: k for k, i in enumerate(sent)}
     cut_at = min((infl[i] for i in dropped if infl[i] is not None), default=None)
     keys = {key for i in sent if kinds[i] == "feature" and (key := _feature_key(raw[i])) is not None}
-    info, roles = _feature_rows(session, run.id, keys)
+    info, roles = _feature_rows(session, run.id, keys, with_lens=False)
     cols: dict[str, list[Any]] = {k: [] for k in ("id", "kind", "layer", "pos", "index", "influence", "activation",
                                                   "clerp", "prob", "target")}
     for i in sent:
@@ -406,22 +419,38 @@ def graph_view(session: Session, run_key: str | int, graph_id: int, *, pruning_t
         src.append(s)
         tgt.append(t)
         w.append(wt)
-    features = {}
+    features = {}  # what the filters and labels need; the logit lens comes with the cards, on click
     for key in keys:
         r = info.get(key)
-        features[f"{key[0]}/{key[1]}"] = {
-            "label": r.label if r else None,
-            "top": _lens_texts(r.logit_lens, "top", vocab, CARD_TOKENS) if r else [],
-            "bottom": _lens_texts(r.logit_lens, "bottom", vocab, CARD_TOKENS) if r else [],
-            "frequency": r.frequency if r else None, "max_act": r.max_act if r else None,
-            "role": roles.get(key, (None, None))[0],
-        }
+        features[f"{key[0]}/{key[1]}"] = {"label": r.label if r else None, "frequency": r.frequency if r else None,
+                                          "max_act": r.max_act if r else None, "role": roles.get(key, (None, None))[0]}
     return {
         "graph_id": g.id, "n_nodes_total": len(raw), "n_links_total": n_links_total, "n_nodes_sent": len(sent),
         "n_not_sent": len(dropped), "cut_at_influence": cut_at, "pruning_threshold": pruning_threshold,
         "n_layers": _n_layers(raw, kinds), "nodes": cols, "links": {"source": src, "target": tgt, "weight": w},
         "features": features,
     }
+
+
+def feature_cards(session: Session, run_key: str | int, keys: list[tuple[int, int]]) -> dict[str, Any]:
+    """Mini feature cards (label, top and bottom logit tokens without padded ids, frequency, role), fetched by
+    the viewer when a node is clicked, as circuit-tracer fetches feature files lazily."""
+    if len(keys) > MAX_CARDS:
+        raise ValueError(f"at most {MAX_CARDS} features per request, got {len(keys)}")
+    run = get_run(session, run_key)
+    vocab = run_vocab(session, run)
+    info, roles = _feature_rows(session, run.id, set(keys))
+    out = {}
+    for key in keys:
+        r = info.get(key)
+        out[f"{key[0]}/{key[1]}"] = {
+            "label": r.label if r else None,
+            "top": _lens_texts(r.logit_lens, "top", vocab, CARD_TOKENS) if r else [],
+            "bottom": _lens_texts(r.logit_lens, "bottom", vocab, CARD_TOKENS) if r else [],
+            "frequency": r.frequency if r else None, "max_act": r.max_act if r else None,
+            "role": roles.get(key, (None, None))[0], "collected": r is not None,
+        }
+    return out
 
 
 def _n_layers(raw: list[dict], kinds: list[str]) -> int:

@@ -18,7 +18,14 @@ from app.formats import FeatureFile, GraphFormatError, cantor_unpair
 from app.graph_import import GraphImportError, import_graph, parse_graph_bytes
 from app.web.data.common import BadInput, NotFound, get_run
 from app.web.data.exports import ablation_transcript, experiment_transcript, feature_file, jsonl_lines
-from app.web.data.graphs import GraphPage, circuit_tracer_json, graph_header, graph_page, graph_view
+from app.web.data.graphs import (
+    GraphPage,
+    circuit_tracer_json,
+    feature_cards,
+    graph_header,
+    graph_page,
+    graph_view,
+)
 from app.web.deps import SessionDep
 from app.web.render import render
 
@@ -33,7 +40,7 @@ def _json(request: Request, data: Any, headers: dict[str, str] | None = None) ->
     body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
     headers = dict(headers or {})
     if len(body) > GZIP_MIN_BYTES and "gzip" in request.headers.get("accept-encoding", ""):
-        body = gzip.compress(body, compresslevel=5)
+        body = gzip.compress(body, compresslevel=1)  # fast: the win is the size on the wire
         headers["Content-Encoding"] = "gzip"
     headers["Vary"] = "Accept-Encoding"
     return Response(body, media_type="application/json", headers=headers)
@@ -67,6 +74,23 @@ def graph_view_api(
     data = graph_view(session, run, graph_id, pruning_threshold=pruning_threshold,
                       max_nodes=max_nodes or MAX_VIEW_NODES, keep=keep_ids)
     return _json(request, data)
+
+
+@router.get("/api/runs/{run}/feature-cards", name="api_feature_cards",
+            summary="Mini feature cards (label, top and bottom logit tokens, frequency, role) for the graph viewer")
+def feature_cards_api(run: str, session: SessionDep,
+                      features: Annotated[str, Query(max_length=20_000, description="layer/index, comma-separated")]
+                      ) -> dict[str, Any]:
+    keys = []
+    for part in features.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", part)
+        if m is None:
+            raise BadInput(f"cannot read feature {part!r}: write layer/index, e.g. 3/17", 422)
+        keys.append((int(m.group(1)), int(m.group(2))))
+    try:
+        return feature_cards(session, run, keys)
+    except ValueError as exc:
+        raise BadInput(str(exc), 422) from None
 
 
 @router.get("/api/runs/{run}/graphs/{graph_id}/circuit-tracer.json", name="graph_download",

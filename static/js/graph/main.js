@@ -28,6 +28,7 @@ class GraphPage {
       this.state.logitDiff = config.logit_diff;
     }
     this.selected = new Set();  // subgraph nodes picked for a supernode
+    this.cardsPending = new Set();
     this.groupMode = false;
     this.hovered = null;
     this.pane = $("[data-graph-pane]");
@@ -95,7 +96,7 @@ class GraphPage {
     const f = filterNodes(m, this.state, { keep: this.keepSet() });
     this.filtered = f;
     this.graph.layout(m, f.visible);
-    this.graph.drawAxes(m.nLayers);
+    this.graph.drawAxes();
     const clicked = this.state.clickedId ? m.byId.get(this.state.clickedId) : undefined;
     const neighbourColour = new Map();
     let links;
@@ -114,8 +115,8 @@ class GraphPage {
     this.state.supernodes.forEach((g) => g.slice(1).forEach((id) => grouped.add(id)));
     this.graph.drawNodes({ pinned: this.state.pinned, clicked: this.state.clickedId, grouped, neighbourColour,
       labelOf: (nd) => this.labelOf(nd) });
-    this.graph.drawLinks(m, links, clicked !== undefined);
-    this.renderLedger(f, links.length);
+    const drawn = this.graph.drawLinks(m, links, clicked !== undefined);
+    this.renderLedger(f, links.length, drawn);
     this.renderPanels();
     this.syncControls();
     this.url = writeState(this.state, this.defaults);
@@ -124,7 +125,7 @@ class GraphPage {
     this.pane.dataset.renders = String(Number(this.pane.dataset.renders || 0) + 1);
   }
 
-  renderLedger(f, drawn) {
+  renderLedger(f, selected, drawn) {
     const m = this.model;
     $("[data-live-counts]").textContent = `${f.nodes} of ${m.nodes.length} nodes · ${f.links} of ${m.nLinks} links shown`;
     $("[data-live-counts]").dataset.nodes = String(f.nodes);
@@ -137,12 +138,34 @@ class GraphPage {
     item("density", f.ledger.density, `features hidden by the density threshold (fire on > ${fmt(100 * this.state.density, 2)}% of tokens)`);
     item("server", m.meta.nNotSent, `nodes not loaded (pruned on the server${m.meta.cutAt !== null ? `, influence ≥ ${fmt(m.meta.cutAt)}` : ""})`);
     item("links", f.ledger.linksHidden, "links hidden with their nodes");
-    if (drawn < f.links) item("links-drawn", f.links - drawn, "links not drawn (only the clicked node's, or pinned ones)");
+    if (selected < f.links) item("links-drawn", f.links - selected, "links not drawn (only the clicked node's, or pinned ones)");
+    if (drawn < selected) item("links-weak", selected - drawn, `weaker links not drawn (the strongest ${drawn} are; click a node for all of its links)`);
+    const kinds = {};
+    for (const nd of m.nodes) if (f.visible[nd.i]) kinds[nd.diff ? "diff" : nd.kind] = (kinds[nd.diff ? "diff" : nd.kind] || 0) + 1;
+    this.pane.dataset.kinds = JSON.stringify(kinds);
+  }
+
+  // circuit-tracer fetches feature data lazily on click (and caches it): so does the mini card
+  async fetchCard(nd) {
+    if (!nd || nd.kind !== "feature" || (nd.card && nd.card.top) || this.cardsPending.has(nd.fkey)) return;
+    this.cardsPending.add(nd.fkey);
+    try {
+      const resp = await fetch(`${this.cfg.cards_url}?features=${encodeURIComponent(nd.fkey)}`);
+      if (!resp.ok) return;
+      const cards = await resp.json();
+      const card = cards[nd.fkey];
+      if (!card) return;
+      for (const i of this.model.byFeature.get(nd.fkey) || []) this.model.nodes[i].card = { ...(this.model.nodes[i].card || {}), ...card };
+      if (this.state.clickedId && this.model.nodes[this.model.byId.get(this.state.clickedId)]?.fkey === nd.fkey) this.renderPanels();
+    } finally {
+      this.cardsPending.delete(nd.fkey);
+    }
   }
 
   renderPanels() {
     const m = this.model;
     const clicked = this.state.clickedId ? m.nodes[m.byId.get(this.state.clickedId)] : null;
+    this.fetchCard(clicked);
     renderNodePanel($("[data-node-panel]"), clicked, {
       model: m, labelOf: (nd) => this.groupLabelOf(nd), visible: this.filtered.visible,
       featureUrl: this.cfg.feature_url, pinned: this.state.pinned,
@@ -184,6 +207,17 @@ class GraphPage {
         sel.append(el("option", { value: `${a.clerp}__vs__${b.clerp}`, text: `${JSON.stringify(a.clerp)} − ${JSON.stringify(b.clerp)}` }));
       }
     }
+  }
+
+  // Where a visible node is on the page, scrolled into view (tests and benchmarks point the mouse there).
+  nodePoint(id) {
+    const i = this.model.byId.get(id);
+    if (i === undefined || !this.filtered.visible[i]) return null;
+    const nd = this.model.nodes[i];
+    const pane = this.pane;
+    if (nd.x < pane.scrollLeft + 20 || nd.x > pane.scrollLeft + pane.clientWidth - 20) pane.scrollLeft = nd.x - pane.clientWidth / 2;
+    if (nd.y < pane.scrollTop + 20 || nd.y > pane.scrollTop + pane.clientHeight - 20) pane.scrollTop = nd.y - pane.clientHeight / 2;
+    return this.graph.clientPoint(nd);
   }
 
   hover(nd, ev) {
@@ -263,6 +297,7 @@ class GraphPage {
       this.render();
     });
     $("[data-all-links]").addEventListener("change", () => this.render());
+    $("[data-expand]").addEventListener("change", (ev) => { if (this.graph) { this.graph.expand = Number(ev.target.value); this.render(); } });
     $("[data-logit-diff]").addEventListener("change", (ev) => {
       const v = ev.target.value;
       this.state.logitDiff = v ? v.split("__vs__") : null;

@@ -99,7 +99,7 @@ function featureCard(nd, featureUrl) {
     return el("div", { class: "lens-row " + cls }, el("span", { class: "small muted", text: title + " " }),
       ...list.map((t) => el("code", { class: "tokchip", text: t.replace(/\n/g, "↵") })));
   };
-  box.append(toks("promotes", card.top, "pos") || el("div", { class: "small muted", text: "no logit lens collected" }));
+  box.append(toks("promotes", card.top, "pos") || el("div", { class: "small muted", text: card.top ? "no logit lens collected" : "loading…" }));
   const bottom = toks("suppresses", card.bottom, "neg");
   if (bottom) box.append(bottom);
   if (card.frequency !== null && card.frequency !== undefined) {

@@ -1,16 +1,22 @@
 // Drawing the link graph with d3 (circuit-tracer's layout): one column per prompt token, as wide as its
-// busiest (token, layer) cell; rows bottom-up Emb, L0 … L(n-1), Lgt; in a cell the most influential (for
-// logits: most probable) node is right-most. Nodes are SVG paths (d3.symbol: ● feature, ◆ error,
-// ■ token and logit); links are drawn on a canvas underneath, so thousands stay smooth; hover uses a
-// d3.quadtree over the visible nodes (nearest node within 30 px).
+// busiest (token, layer) cell asks, the whole fitting the pane; rows bottom-up Emb, L0 … L(n-1), Lgt; in a
+// cell the most influential (for logits: most probable) node is right-most.
+//
+// Layers, bottom to top: a canvas with the layer bands and the links; a canvas with every node's glyph
+// (● feature, ◆ error, ■ token and logit, coloured by kind); an SVG with the axes, logit labels and a mark
+// for each node in a state (pinned, clicked, grouped, hovered and its feature's other positions): a few
+// elements whatever the graph's size, so thousands of nodes stay smooth. Hover and click find the nearest
+// visible node within 30 px with a d3.quadtree.
 
 /* global d3 */
 
 const M = { left: 46, right: 16, top: 64, bottom: 76 };
 const ROW_H = 44;  // px per layer row
-const SPACING = 12;  // px between nodes of a cell
+const SPACING = 12;  // px between nodes of a cell, at most
 const HOVER_PX = 30;
-const SYMBOL = { feature: "circle", error: "diamond", embedding: "square", logit: "square" };
+const R = 4.5;  // glyph radius, px
+export const KIND_FILL = { feature: "#7fa6e6", error: "#c9ced8", embedding: "#5d6470", logit: "#3aa675", diff: "#e8793a" };
+const LINKS_DRAWN_MAX = 1500;  // "all links" draws the strongest this many (circuit-tracer draws one node's)
 
 export function kindClass(nd) {
   return nd.diff ? "diff" : nd.kind;
@@ -26,6 +32,27 @@ export function linkWidth(pct) {
   return Math.min(3, Math.max(0.35, Math.sqrt(Math.abs(pct)) * 3 / Math.sqrt(0.4)));
 }
 
+function glyph(ctx, nd, x, y, r) {
+  ctx.beginPath();
+  if (nd.kind === "feature") ctx.arc(x, y, r, 0, 2 * Math.PI);
+  else if (nd.kind === "error") { ctx.moveTo(x, y - r * 1.3); ctx.lineTo(x + r, y); ctx.lineTo(x, y + r * 1.3); ctx.lineTo(x - r, y); ctx.closePath(); }
+  else ctx.rect(x - r, y - r, 2 * r, 2 * r);
+}
+
+function sizeCanvas(cv, width, height) {
+  const dpr = window.devicePixelRatio || 1;
+  if (cv.width !== Math.round(width * dpr) || cv.height !== Math.round(height * dpr)) {
+    cv.width = Math.round(width * dpr);
+    cv.height = Math.round(height * dpr);
+    cv.style.width = width + "px";
+    cv.style.height = height + "px";
+  }
+  const ctx = cv.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  return ctx;
+}
+
 export class LinkGraph {
   constructor(pane, { prompt, position, onHover, onClick }) {
     this.pane = pane;
@@ -33,23 +60,18 @@ export class LinkGraph {
     this.position = position;
     this.onHover = onHover;
     this.onClick = onClick;
-    this.canvas = d3.select(pane).append("canvas").attr("class", "links-canvas").attr("data-links", "").node();
+    this.expand = 1;
+    this.linkCanvas = d3.select(pane).append("canvas").attr("class", "graph-canvas").attr("data-links", "").node();
+    this.nodeCanvas = d3.select(pane).append("canvas").attr("class", "graph-canvas").attr("data-node-canvas", "").node();
     this.svg = d3.select(pane).append("svg").attr("class", "graph-svg").attr("data-nodes", "")
       .attr("role", "img").attr("aria-label", "attribution graph");
     this.axis = this.svg.append("g").attr("class", "axis");
-    this.nodeG = this.svg.append("g").attr("class", "nodes");
-    this.ringG = this.svg.append("g").attr("class", "rings").attr("data-rings", "");
     this.labelG = this.svg.append("g").attr("class", "logit-labels");
-    this.symbols = {};
-    for (const [k, s] of Object.entries(SYMBOL)) {
-      const type = { circle: d3.symbolCircle, diamond: d3.symbolDiamond, square: d3.symbolSquare }[s];
-      this.symbols[k] = d3.symbol(type, k === "feature" ? 64 : 72)();
-    }
-    this.svg.on("mousemove", (ev) => this._hover(ev)).on("mouseleave", () => this._hover(null))
-      .on("click", (ev) => {
-        const nd = this.nearest(ev);
-        this.onClick(nd, ev);
-      });
+    this.markG = this.svg.append("g").attr("class", "marks").attr("data-marks", "");
+    this.ringG = this.svg.append("g").attr("class", "rings").attr("data-rings", "");
+    this.svg.on("mousemove", (ev) => this.onHover(this.nearest(ev), ev))
+      .on("mouseleave", () => this.onHover(null, null))
+      .on("click", (ev) => this.onClick(this.nearest(ev), ev));
   }
 
   // Positions of the visible nodes; recomputed when the filters change (as circuit-tracer rebuilds).
@@ -67,10 +89,11 @@ export class LinkGraph {
       const p = Math.floor(key / rows);
       colCount[p] = Math.max(colCount[p], list.length);
     }
-    const avail = Math.max(400, this.pane.clientWidth - M.left - M.right);
-    const want = colCount.map((k) => k * SPACING + 14);
-    const total = want.reduce((a, b) => a + b, 0);
-    const scale = total < avail ? avail / total : 1;
+    // the graph fits the pane's width (× the "expand" factor), each column as wide as its busiest cell asks;
+    // a crowded cell packs its nodes closer (they may touch) instead of widening the page
+    const avail = Math.max(400, (this.pane.clientWidth - M.left - M.right) * this.expand);
+    const want = colCount.map((k) => Math.min(k * SPACING + 14, 40 + k * 3));
+    const scale = avail / want.reduce((a, b) => a + b, 0);
     const colX = [];
     let x = M.left;
     want.forEach((w, p) => { colX[p] = [x, x + w * scale]; x += w * scale; });
@@ -83,96 +106,105 @@ export class LinkGraph {
       list.sort((a, b) => (a.kind === "logit" || b.kind === "logit") ? (b.prob - a.prob)
         : ((a.influence ?? 2) - (b.influence ?? 2)));  // rank 0 (most influential / probable) right-most
       const right = colX[p][1] - 7;
-      const step = Math.min(SPACING, (colX[p][1] - colX[p][0] - 8) / Math.max(list.length, 1));
+      const step = Math.min(SPACING, Math.max(0.5, (colX[p][1] - colX[p][0] - 8) / Math.max(list.length, 1)));
       list.forEach((nd, k) => { nd.x = right - k * step; nd.y = rowY(r); });
     }
     this.geom = { width, height, rows, colX, rowY, nPos };
     this.visibleNodes = model.nodes.filter((nd) => visible[nd.i]);
     this.quadtree = d3.quadtree(this.visibleNodes, (d) => d.x, (d) => d.y);
+    this.svg.attr("width", width).attr("height", height).attr("viewBox", `0 0 ${width} ${height}`);
   }
 
-  drawAxes(nLayers) {
-    const { width, rows, colX, rowY, nPos } = this.geom;
+  drawAxes() {
+    const { rows, colX, rowY, nPos } = this.geom;
     const rowNames = (r) => r === 0 ? "Emb" : r === rows - 1 ? "Lgt" : "L" + (r - 1);
     this.axis.selectAll("*").remove();
-    for (let r = 0; r < rows; r++) {
-      const y = rowY(r);
-      this.axis.append("text").attr("x", 6).attr("y", y + 4).text(rowNames(r));
-    }
+    for (let r = 0; r < rows; r++) this.axis.append("text").attr("x", 6).attr("y", rowY(r) + 4).text(rowNames(r));
     const baseY = rowY(0) + ROW_H / 2 + 10;
+    const every = Math.max(1, Math.ceil(nPos / Math.max(1, (colX[nPos - 1]?.[1] ?? 1) / 12)));
     for (let p = 0; p < nPos; p++) {
-      if (!colX[p]) continue;
+      if (!colX[p] || (p % every && p !== this.position)) continue;
       const cx = (colX[p][0] + colX[p][1]) / 2;
       const tok = (this.prompt[p] ?? "").replace(/\n/g, "↵").replace(/\t/g, "→").replace(/\r/g, "↵");
       this.axis.append("text").attr("class", p === this.position ? "tok-label here" : "tok-label")
         .attr("transform", `translate(${cx},${baseY}) rotate(40)`).text(tok.length > 14 ? tok.slice(0, 13) + "…" : tok);
     }
-    void nLayers;
   }
 
-  // The node glyphs (one path each) with their state classes.
+  // Every visible node on the canvas; the marked ones (pinned, clicked, grouped) also get an SVG mark.
   drawNodes(view) {
     const { pinned, clicked, grouped, neighbourColour, labelOf } = view;
     const { width, height } = this.geom;
-    this.svg.attr("width", width).attr("height", height).attr("viewBox", `0 0 ${width} ${height}`);
-    const sel = this.nodeG.selectAll("path.node").data(this.visibleNodes, (d) => d.id);
+    const ctx = sizeCanvas(this.nodeCanvas, width, height);
+    ctx.lineWidth = 0.8;
+    ctx.strokeStyle = "#1d2330";
+    for (const kind of ["error", "embedding", "feature", "logit"]) {  // one fill per kind, then the exceptions
+      ctx.fillStyle = KIND_FILL[kind];
+      ctx.globalAlpha = kind === "error" ? 0.75 : 1;
+      ctx.beginPath();
+      for (const nd of this.visibleNodes) {
+        if (nd.kind !== kind || nd.diff || neighbourColour.has(nd.i)) continue;
+        if (kind === "feature") { ctx.moveTo(nd.x + R, nd.y); ctx.arc(nd.x, nd.y, R, 0, 2 * Math.PI); }
+        else if (kind === "error") { ctx.moveTo(nd.x, nd.y - R * 1.3); ctx.lineTo(nd.x + R, nd.y); ctx.lineTo(nd.x, nd.y + R * 1.3); ctx.lineTo(nd.x - R, nd.y); ctx.closePath(); }
+        else ctx.rect(nd.x - R, nd.y - R, 2 * R, 2 * R);
+      }
+      ctx.fill();
+      ctx.stroke();
+    }
+    ctx.globalAlpha = 1;
+    for (const nd of this.visibleNodes) {
+      const fill = neighbourColour.get(nd.i) || (nd.diff ? KIND_FILL.diff : null);
+      if (!fill) continue;
+      ctx.fillStyle = fill;
+      glyph(ctx, nd, nd.x, nd.y, R);
+      ctx.fill();
+      ctx.stroke();
+    }
+    const marked = this.visibleNodes.filter((d) => pinned.has(d.id) || clicked === d.id || grouped.has(d.id) || d.diff);
+    const sel = this.markG.selectAll("circle.mark").data(marked, (d) => d.id);
     sel.exit().remove();
-    sel.enter().append("path")
+    sel.enter().append("circle").attr("r", R + 2.5).merge(sel)
       .attr("data-node-id", (d) => d.id).attr("data-kind", (d) => kindClass(d))
-      .attr("data-layer", (d) => d.kind === "feature" ? d.layer : null)
-      .attr("data-index", (d) => d.kind === "feature" ? d.index : null)
-      .attr("data-pos", (d) => d.pos)
-      .attr("d", (d) => this.symbols[d.kind])
-      .merge(sel)
-      .attr("transform", (d) => `translate(${d.x},${d.y})`)
+      .attr("cx", (d) => d.x).attr("cy", (d) => d.y)
       .attr("class", (d) => {
-        let c = "node " + kindClass(d);
+        let c = "mark " + kindClass(d);
         if (pinned.has(d.id)) c += " pinned";
         if (clicked === d.id) c += " clicked";
         if (grouped.has(d.id)) c += " grouped";
         return c;
-      })
-      .style("fill", (d) => neighbourColour.get(d.i) || null);
+      });
     const logits = this.visibleNodes.filter((d) => d.kind === "logit");
     const lab = this.labelG.selectAll("text").data(logits, (d) => d.id);
     lab.exit().remove();
     lab.enter().append("text").attr("class", "logit-label").merge(lab)
+      .attr("data-node-id", (d) => d.id)
       .attr("transform", (d) => `translate(${d.x - 2},${d.y - 9}) rotate(-50)`)
       .text((d) => (labelOf(d) || "").slice(0, 24));
-    void height;
   }
 
-  // Links on the canvas: those of ``linkIdx`` (indices into the model's link arrays), thin first.
+  // Links on the canvas, thin first, batched by colour; "all links" draws the strongest LINKS_DRAWN_MAX.
   drawLinks(model, linkIdx, emphasis) {
-    const { width, height } = this.geom;
-    const dpr = window.devicePixelRatio || 1;
-    const cv = this.canvas;
-    if (cv.width !== Math.round(width * dpr) || cv.height !== Math.round(height * dpr)) {
-      cv.width = Math.round(width * dpr);
-      cv.height = Math.round(height * dpr);
-      cv.style.width = width + "px";
-      cv.style.height = height + "px";
-    }
-    const ctx = cv.getContext("2d");
-    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-    ctx.clearRect(0, 0, width, height);
-    // the layer bands go on the canvas, under the links (SVG shapes would cover them)
-    const { rows, rowY } = this.geom;
-    for (let r = 0; r < rows; r++) {
+    const { width, height, rows, rowY } = this.geom;
+    const ctx = sizeCanvas(this.linkCanvas, width, height);
+    for (let r = 0; r < rows; r++) {  // the layer bands, under the links
       ctx.fillStyle = r === 0 || r === rows - 1 ? "#e9ebf0" : "#f4f5f8";
       ctx.fillRect(M.left - 4, rowY(r) - ROW_H / 2 + 1, width - M.left - M.right + 8, ROW_H - 2);
     }
-    const order = Array.from(linkIdx).sort((a, b) => Math.abs(model.pct[a]) - Math.abs(model.pct[b]));
+    let order = Array.from(linkIdx);
+    if (order.length > LINKS_DRAWN_MAX) {
+      order.sort((a, b) => Math.abs(model.pct[b]) - Math.abs(model.pct[a]));
+      order = order.slice(0, LINKS_DRAWN_MAX);
+    }
+    this.linksDrawn = order.length;
     ctx.globalAlpha = emphasis ? 0.95 : 0.55;
     ctx.lineCap = "round";
-    // batch by colour bucket: far fewer strokes than one per link
     const buckets = new Map();
     for (const k of order) {
       const pct = model.pct[k];
       const key = Math.round(Math.max(-0.4, Math.min(0.4, pct)) * 20) * 100 + Math.round(linkWidth(pct) * 4);
       (buckets.get(key) || buckets.set(key, []).get(key)).push(k);
     }
-    const keys = [...buckets.keys()].sort((a, b) => (a % 100) - (b % 100));
+    const keys = [...buckets.keys()].sort((a, b) => (((a % 100) + 100) % 100) - (((b % 100) + 100) % 100));
     for (const key of keys) {
       const ks = buckets.get(key);
       const pct = model.pct[ks[0]];
@@ -186,6 +218,7 @@ export class LinkGraph {
       }
       ctx.stroke();
     }
+    return this.linksDrawn;
   }
 
   drawRings(hovered, same) {
@@ -198,12 +231,14 @@ export class LinkGraph {
   }
 
   nearest(ev) {
-    if (!this.quadtree) return null;
+    if (!this.quadtree || !ev) return null;
     const [x, y] = d3.pointer(ev, this.svg.node());
     return this.quadtree.find(x, y, HOVER_PX) || null;
   }
 
-  _hover(ev) {
-    this.onHover(ev ? this.nearest(ev) : null, ev);
+  // Where a node is on the page (tests and benchmarks move the mouse there).
+  clientPoint(nd) {
+    const box = this.svg.node().getBoundingClientRect();
+    return { x: box.left + nd.x, y: box.top + nd.y };
   }
 }
