@@ -57,12 +57,18 @@ def test_feature_filters(web):
     rows = get(web, f"{url}?in_set=true")["rows"]
     assert {(r["layer"], r["index"], r["role"]) for r in rows} == {
         (0, 2, "template"), (1, 3, "output"), (1, 5, "template"), (2, 7, "output"), (2, 9, "output")}
-    data = get(web, f"{url}?q=Wait")
-    assert data["search_ids"]  # " Wait", "Wait" …
-    assert (2, 7) in {(r["layer"], r["index"]) for r in data["rows"]}  # its logit lens promotes " Wait"
-    script = get(web, f"{url}?q=<script>")["rows"]
+    data = get(web, f"{url}?promotes=Wait")
+    assert len(data["search_ids"]["promotes"]) == 3 and data["sort"] == "strength"  # " Wait", "Wait", " wait"
+    assert (data["rows"][0]["layer"], data["rows"][0]["index"]) == (2, 7)  # its logit lens puts " Wait" first, 4.2
+    strengths = [r["strength"] for r in data["rows"]]
+    assert strengths == sorted(strengths, reverse=True)
+    script = get(web, f"{url}?fires_on=<script>")["rows"]
     assert (1, 3) in {(r["layer"], r["index"]) for r in script}  # the focus token of its top example
-    assert get(web, f"{url}?q=zzzz-not-a-token")["rows"] == []
+    assert (1, 3) not in {(r["layer"], r["index"]) for r in get(web, f"{url}?promotes=<script>")["rows"]}
+    both = get(web, f"{url}?promotes=Wait&fires_on=<script>&sort=layer")["rows"]
+    assert {(r["layer"], r["index"]) for r in both} <= {(r["layer"], r["index"]) for r in script}
+    assert get(web, f"{url}?promotes=zzzz-not-a-token")["rows"] == []
+    assert web.client.get(f"{url}?sort=strength").status_code == 422  # strength needs a token filter
 
 
 def test_feature_json(web):

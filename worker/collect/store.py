@@ -33,7 +33,7 @@ import torch
 from sqlalchemy import Connection, Engine, Table, delete, select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Example, Feature, Run
+from app.db.schema import Example, Feature, FeatureToken, Run
 from app.db.text import storable
 from training.chat import REGION_NAMES
 from worker.collect.kept import KeptExamples
@@ -54,6 +54,8 @@ ACT_DECIMALS = 5  # stored precision of per-token activations
 _EXAMPLE_COLUMNS = ("run_id", "layer", "index", "kind", "rank", "token_ids", "acts", "focus", "max_act")
 _FEATURE_COLUMNS = ("run_id", "layer", "index", "frequency", "max_act", "mean_act", "histogram", "logit_lens",
                     "region_counts", "think_pos_hist", "neighbours")
+_TOKEN_COLUMNS = ("run_id", "relation", "token_id", "layer", "index", "rank", "value")
+PROMOTES_TOP = 10  # logit-lens places a token must hold for the feature to "promote" it (search)
 _JSON_COLUMNS = {"token_ids", "acts", "histogram", "logit_lens", "region_counts", "think_pos_hist", "neighbours"}
 
 
@@ -87,16 +89,22 @@ def _write(conn: Connection, run_id: int, result: CollectionResult, tokenizer: A
     t0 = time.perf_counter()
     conn.execute(delete(Example).where(Example.run_id == run_id, Example.layer.in_(layers)))
     conn.execute(delete(Feature).where(Feature.run_id == run_id, Feature.layer.in_(layers)))
+    conn.execute(delete(FeatureToken).where(FeatureToken.run_id == run_id, FeatureToken.layer.in_(layers)))
     decode = _decoder(result, tokenizer, layers)
-    n_feat = n_ex = 0
+    n_vocab = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+    n_feat = n_ex = n_tok = 0
     for layer in layers:
         s = result.stats[layer]
         for start in range(0, s.n_features, FEATURE_SLICE):
             stop = min(start + FEATURE_SLICE, s.n_features)
             n_feat += _bulk(conn, Feature.__table__, _FEATURE_COLUMNS, _feature_rows(run_id, result, layer, start, stop, decode))
             n_ex += _bulk(conn, Example.__table__, _EXAMPLE_COLUMNS, _example_rows(run_id, s, start, stop))
-    logger.info("stored run %s: %d features, %d examples in %.1f s", run_id, n_feat, n_ex, time.perf_counter() - t0)
-    return {"features": n_feat, "examples": n_ex}
+            lens = result.lens.get(layer) if result.lens is not None else None
+            n_tok += _bulk(conn, FeatureToken.__table__, _TOKEN_COLUMNS,
+                           _token_rows(run_id, s, lens, start, stop, n_vocab))
+    logger.info("stored run %s: %d features, %d examples, %d token rows in %.1f s", run_id, n_feat, n_ex, n_tok,
+                time.perf_counter() - t0)
+    return {"features": n_feat, "examples": n_ex, "feature_tokens": n_tok}
 
 
 def _decoder(result: CollectionResult, tokenizer: Any, layers: list[int]) -> dict[int, str | None]:
@@ -141,6 +149,46 @@ def _feature_rows(run_id: int, result: CollectionResult, layer: int, start: int,
             nl, ni, nc = (p[n] for p in nb_parts)
             row["neighbours"] = [[a, b, c] for a, b, c in zip(nl, ni, nc, strict=True) if a >= 0]
         yield row
+
+
+def _token_rows(run_id: int, s: FeatureStats, lens: Any, start: int, stop: int,
+                n_vocab: int | None) -> Iterator[dict[str, Any]]:
+    """``feature_tokens`` rows of features ``start:stop``: the tokens each promotes and the tokens it fires on.
+
+    Ids at or beyond ``n_vocab`` (a padded vocabulary's unused rows) are not tokens and are left out.
+    """
+    def real(token_id: int) -> bool:
+        return token_id >= 0 and (n_vocab is None or token_id < n_vocab)
+
+    if lens is not None:
+        ids = lens.top_ids[start:stop, :PROMOTES_TOP].tolist()
+        values = lens.top_values[start:stop, :PROMOTES_TOP].tolist()
+        for n, (row_ids, row_values) in enumerate(zip(ids, values, strict=True)):
+            seen: set[int] = set()
+            for rank, (tid, value) in enumerate(zip(row_ids, row_values, strict=True)):
+                if real(tid) and tid not in seen:
+                    seen.add(tid)
+                    yield {"run_id": run_id, "relation": "promotes", "token_id": tid, "layer": s.layer,
+                           "index": start + n, "rank": rank, "value": float(value)}
+    kept = s.top
+    if "tokens" not in kept.data:
+        return
+    loc = kept.loc[start:stop]
+    occupied = loc >= 0
+    if not occupied.any():
+        return
+    feat, rank = occupied.nonzero(as_tuple=True)
+    focus_ids = kept.data["tokens"][start:stop][occupied][:, s.ctx_before].tolist()
+    values = kept.data["value"][start:stop][occupied].double().tolist()
+    best: dict[tuple[int, int], tuple[int, float]] = {}  # (feature, token) -> (best rank, largest value)
+    for f, r, tid, value in zip(feat.tolist(), rank.tolist(), focus_ids, values, strict=True):
+        if not real(tid):
+            continue
+        old = best.get((f, tid))
+        best[(f, tid)] = (r, value) if old is None else (min(old[0], r), max(old[1], value))
+    for (f, tid), (r, value) in sorted(best.items()):
+        yield {"run_id": run_id, "relation": "fires_on", "token_id": tid, "layer": s.layer, "index": start + f,
+               "rank": r, "value": value}
 
 
 def _example_rows(run_id: int, s: FeatureStats, start: int, stop: int) -> Iterator[dict[str, Any]]:

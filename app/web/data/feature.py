@@ -9,16 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Text, cast, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Graph
+from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Graph, GraphFeature
 from app.web.data.common import NotFound, RunRef, as_float, get_run, keys_condition, run_ref, run_vocab
 from app.web.tokens import EMPTY_VOCAB, Vocab
 
 WINDOW_BEFORE, WINDOW_AFTER = 12, 6  # tokens shown around the focus before "expand" (of 50 / 20 stored)
 KIND_ORDER = ("top", "quantile", "random")
-MAX_GRAPHS_SCANNED = 500  # graphs searched for this feature's nodes, newest first
+MAX_GRAPHS_LISTED = 200  # graphs listed on a feature page, newest first
 
 
 class Tok(BaseModel):
@@ -155,30 +155,15 @@ def get_feature(session: Session, run_id: int, layer: int, index: int) -> Featur
 
 
 def graphs_with_feature(session: Session, run_id: int, layer: int, index: int) -> list[GraphUse]:
-    """Graphs whose nodes include this feature (node ids are ``{layer}_{index}_{pos}``)."""
-    pattern = f'%"{layer}\\_{index}\\_%'
+    """The stored graphs holding this feature (the ``graph_features`` index), newest first."""
     rows = session.execute(
-        select(Graph.id, Graph.slug, Graph.target_token_str, Graph.nodes)
-        .where(Graph.run_id == run_id, cast(Graph.nodes, Text).like(pattern, escape="\\"))
-        .order_by(Graph.id.desc()).limit(MAX_GRAPHS_SCANNED)
+        select(Graph.id, Graph.slug, Graph.target_token_str, GraphFeature.positions, GraphFeature.influence)
+        .join(GraphFeature, GraphFeature.graph_id == Graph.id)
+        .where(GraphFeature.run_id == run_id, GraphFeature.layer == layer, GraphFeature.index == index)
+        .order_by(Graph.id.desc()).limit(MAX_GRAPHS_LISTED)
     ).all()
-    out = []
-    for g in rows:
-        positions, influence, roles = [], None, set()
-        for n in g.nodes or []:
-            if not isinstance(n, dict) or n.get("feature_type") in ("embedding", "logit", "mlp reconstruction error"):
-                continue
-            if str(n.get("layer")) == str(layer) and _node_index(n) == index:
-                positions.append(int(n.get("ctx_idx", -1)))
-                inf = as_float(n.get("influence"))
-                if inf is not None:
-                    influence = inf if influence is None else min(influence, inf)
-                if n.get("role"):
-                    roles.add(str(n["role"]))
-        if positions:
-            out.append(GraphUse(id=g.id, slug=g.slug, target=g.target_token_str, positions=sorted(positions),
-                                influence=influence, roles=sorted(roles)))
-    return out
+    return [GraphUse(id=g.id, slug=g.slug, target=g.target_token_str, positions=list(g.positions or []),
+                     influence=g.influence, roles=[]) for g in rows]
 
 
 def _node_index(node: dict[str, Any]) -> int | None:
