@@ -63,7 +63,7 @@ def test_rows_match_the_result(db_engine: Engine, result: CollectionResult) -> N
     run_id = _run(db_engine)
     counts = write_collection(db_engine, run_id, result, _Tok())
     n_kept = sum(int((s.top.loc >= 0).sum() + (s.random.loc >= 0).sum()) for s in result.stats.values())
-    assert counts == {"features": 2 * 8, "examples": n_kept} and n_kept > 20
+    assert counts["features"] == 2 * 8 and counts["examples"] == n_kept and n_kept > 20 and counts["feature_tokens"] > 0
     assert _counts(db_engine, run_id) == (16, n_kept)
     with Session(db_engine) as session:
         for layer in result.layers:
