@@ -228,6 +228,13 @@ def _add_feature(s: Session, rng: random.Random, rid: int, layer: int, index: in
             if kind == "top":
                 old = fires.get(ids[focus])
                 fires[ids[focus]] = (rank, acts[focus]) if old is None else (old[0], max(old[1], acts[focus]))
+    for band in (4, 7):  # quantile examples as collect stores them: rank = band * 100 + place in the band
+        ids = _sentence(rng, 20)
+        focus = 10
+        acts = [0.0] * len(ids)
+        acts[focus] = round(0.5 * (10 ** (-2 + band / 2) + 10 ** (-2 + (band - 1) / 2)), 4)
+        s.add(Example(run_id=rid, layer=layer, index=index, kind="quantile", rank=band * 100, token_ids=ids,
+                      acts=acts, focus=focus, prompt_id=None, max_act=max(acts)))
     for tid, (rank, value) in fires.items():
         s.add(FeatureToken(run_id=rid, relation="fires_on", token_id=tid, layer=layer, index=index, rank=rank,
                            value=value))

@@ -11,6 +11,10 @@
     const parts = [];
     const text = el.textContent;
     if (el.dataset.act !== undefined) parts.push(JSON.stringify(text) + "  act " + el.dataset.act);
+    if (el.dataset.next !== undefined) parts.push("next token " + JSON.stringify(el.dataset.next));
+    if (el.classList.contains("hes")) parts.push("part of a hesitation word");
+    if (el.classList.contains("special")) parts.push("special token");
+    if (el.classList.contains("bytes")) parts.push("part of a UTF-8 character (its bytes)");
     if (el.dataset.kl !== undefined && el.dataset.kl !== "–") parts.push((parts.length ? "" : JSON.stringify(text) + "  ") + "KL " + el.dataset.kl);
     if (el.dataset.lp !== undefined) parts.push("logprob " + el.dataset.lp);
     if (el.dataset.tip) parts.push(el.dataset.tip);

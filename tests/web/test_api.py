@@ -183,3 +183,25 @@ def test_web_app_never_imports_torch(tmp_path):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_feature_page_bands_shares_and_token_kinds(web):
+    layer, index = web.world.script_feature
+    data = get(web, f"/api{web.run}/features/{layer}/{index}")
+    assert [b["band"] for b in data["bands"]] == [7, 4]  # highest band first
+    for b in data["bands"]:
+        ex = b["examples"][0]
+        assert b["low"] <= ex["acts"][ex["focus"]] < b["high"]
+        assert b["share"] is None or 0 <= b["share"] <= 1
+    assert "quantile" not in data["examples"]
+    assert sum(data["region_shares"].values()) == pytest.approx(1)
+    from training.hesitation import hesitation_marks
+
+    marked = 0
+    for ex in data["examples"]["top"] + data["examples"]["random"]:  # the run's words in the decoded text
+        assert ex["hesitation"] == hesitation_marks(ex["tokens"])
+        assert len(ex["token_kinds"]) == len(ex["tokens"])
+        marked += sum(ex["hesitation"])
+    assert marked > 0
+    html = web.client.get(f"{web.run}/features/{layer}/{index}").text
+    assert 'data-band="7"' in html and "of activations" in html and "data-next=" in html

@@ -18,7 +18,8 @@ JSON layouts (the feature page reads these):
 - ``neighbours``: ``[[layer, index, cosine], …]`` by decoder cosine, highest first.
 - examples: ``token_ids`` and ``acts`` cover the window inside the sequence (up to 50 before, 20 after),
   ``focus`` indexes the selected token, ``max_act`` is the window's largest activation, acts are
-  rounded to 5 decimals; ``rank`` orders top examples by activation, random ones by sampling key.
+  rounded to 5 decimals; ``rank`` orders top examples by activation, random ones by sampling key; quantile
+  examples (a random sample per half-decade activation band) have ``rank = band * 100 + place``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from app.db.schema import Example, Feature, FeatureToken, Run
 from app.db.text import storable
 from training.chat import REGION_NAMES
 from worker.collect.kept import KeptExamples
-from worker.collect.result import CollectionResult
-from worker.collect.stats import FeatureStats
+from worker.collect.result import QUANTILE_RANK_STRIDE, CollectionResult
+from worker.collect.stats import N_QUANTILE_BANDS, FeatureStats
 
 try:  # optional: only makes large writes faster
     import orjson as _orjson
@@ -194,10 +195,13 @@ def _token_rows(run_id: int, s: FeatureStats, lens: Any, start: int, stop: int,
 def _example_rows(run_id: int, s: FeatureStats, start: int, stop: int) -> Iterator[dict[str, Any]]:
     for kind, kept in (("top", s.top), ("random", s.random)):
         yield from _kept_rows(run_id, s.layer, kind, kept, start, stop, s.ctx_before)
+    # Quantile buffers have one row per (feature, band): rows start*B:stop*B, rank = band * stride + slot.
+    yield from _kept_rows(run_id, s.layer, "quantile", s.quantile, start * N_QUANTILE_BANDS, stop * N_QUANTILE_BANDS,
+                          s.ctx_before, bands=N_QUANTILE_BANDS)
 
 
 def _kept_rows(run_id: int, layer: int, kind: str, kept: KeptExamples, start: int, stop: int,
-               ctx_before: int) -> Iterator[dict[str, Any]]:
+               ctx_before: int, bands: int = 1) -> Iterator[dict[str, Any]]:
     if "tokens" not in kept.data:
         raise ValueError("the collection has no token windows; it must come from collect() or a merge of its results")
     loc = kept.loc[start:stop]
@@ -213,7 +217,9 @@ def _kept_rows(run_id: int, layer: int, kind: str, kept: KeptExamples, start: in
     last = torch.where(inside, torch.arange(width), -1).amax(dim=1) + 1
     max_act = acts.masked_fill(~inside, 0).amax(dim=1)
     acts = acts.round(decimals=ACT_DECIMALS)
-    for f, r, tok, act, a, b, m in zip((feat + start).tolist(), rank.tolist(), tokens.numpy(), acts.numpy(),
+    row = feat + start
+    feature, rank = row // bands, rank + (row % bands) * (QUANTILE_RANK_STRIDE if bands > 1 else 0)
+    for f, r, tok, act, a, b, m in zip(feature.tolist(), rank.tolist(), tokens.numpy(), acts.numpy(),
                                        first.tolist(), last.tolist(), max_act.tolist(), strict=True):
         yield {"run_id": run_id, "layer": layer, "index": f, "kind": kind, "rank": r, "token_ids": tok[a:b],
                "acts": act[a:b], "focus": ctx_before - a, "max_act": m}
