@@ -64,7 +64,9 @@ def test_feature_filters(web):
     assert strengths == sorted(strengths, reverse=True)
     script = get(web, f"{url}?fires_on=<script>")["rows"]
     assert (1, 3) in {(r["layer"], r["index"]) for r in script}  # the focus token of its top example
-    assert (1, 3) not in {(r["layer"], r["index"]) for r in get(web, f"{url}?promotes=<script>")["rows"]}
+    for r in get(web, f"{url}?promotes=<script>")["rows"]:  # each promotes it: in its logit-lens top 10
+        lens = get(web, f"/api{web.run}/features/{r['layer']}/{r['index']}")["logit_top"]
+        assert "<script>" in [t["text"] for t in lens[:10]]
     both = get(web, f"{url}?promotes=Wait&fires_on=<script>&sort=layer")["rows"]
     assert {(r["layer"], r["index"]) for r in both} <= {(r["layer"], r["index"]) for r in script}
     assert get(web, f"{url}?promotes=zzzz-not-a-token")["rows"] == []

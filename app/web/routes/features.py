@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from app.web.data.feature import FeaturePage, feature_page
 from app.web.data.features import CSV_PAGE, FeatureListPage, FeatureQuery, feature_list, features_csv_lines
 from app.web.deps import SessionDep
-from app.web.render import default_prompt, render
+from app.web.render import ablate_limit, example_source, graph_prompt_source, render
 
 router = APIRouter(tags=["features"])
 
@@ -49,7 +49,11 @@ def features_api(run: str, session: SessionDep, query: Annotated[FeatureQuery, Q
 @router.get("/runs/{run}/features/{layer}/{index}", include_in_schema=False, name="feature_page")
 def feature_html(request: Request, run: str, layer: Layer, index: Index, session: SessionDep) -> Response:
     page = feature_page(session, run, layer, index)
-    return render(request, "feature.html", page, ablate_prompt=default_prompt(session, page.run.id))
+    top = page.examples.get("top") or []
+    sources = [example_source(top[0])] if top else []
+    graph = graph_prompt_source(session, page.run.id)
+    return render(request, "feature.html", page, sources=sources + ([graph] if graph else []),
+                  limit=ablate_limit(request))
 
 
 @router.get("/api/runs/{run}/features/{layer}/{index}", response_model=FeaturePage, name="api_feature",
