@@ -59,14 +59,16 @@
   }
   function drawFigures() {
     if (!window.Plotly) return;
-    document.querySelectorAll("[data-fig]").forEach((div) => {
+    document.querySelectorAll("[data-fig]:not([data-drawn])").forEach((div) => {
       const fig = readJSON(div.dataset.fig);
       if (!fig) return;
+      div.dataset.drawn = "1";
       window.Plotly.newPlot(div, fig.data, Object.assign({}, baseLayout, fig.layout || {}), config);
     });
-    document.querySelectorAll("[data-curves]").forEach((root) => {
+    document.querySelectorAll("[data-curves]:not([data-drawn])").forEach((root) => {
       const curves = readJSON(root.dataset.curves);
       if (!curves) return;
+      root.dataset.drawn = "1";
       // One small chart per metric; list-valued metrics (nmse[0], nmse[1], …) share a chart.
       const groups = {};
       Object.keys(curves.series).forEach((k) => { (groups[k.replace(/\[\d+\]$/, "")] ||= []).push(k); });
@@ -92,4 +94,5 @@
     });
   }
   document.addEventListener("DOMContentLoaded", drawFigures);
+  document.addEventListener("htmx:afterSettle", drawFigures);  // figures inside swapped content
 })();

@@ -175,3 +175,35 @@ def test_cancel_a_waiting_ablation(web):
     assert web.client.post(f"/api{web.run}/ablations/{ablation_id}/cancel").json()["changed"] is False
     resp = web.client.post(f"{web.run}/ablations/{ablation_id}/cancel", follow_redirects=False)
     assert resp.status_code == 303
+
+
+def test_experiment_from_the_browser_form_and_the_api_then_cancel(web):
+    from app.db.schema import Experiment
+
+    page = web.client.get(f"{web.run}/experiments")
+    assert page.status_code == 200 and "data-experiment-form" in page.text and 'value="hesitation" selected' not in page.text
+    resp = web.client.post(f"{web.run}/experiments", data={
+        "feature_set": "hesitation", "roles": ["output"], "design": "necessity", "mode": "zero",
+        "prompts": "3 + 4 = ? | 7\r\n5 + 5 = ?", "max_new_tokens": "32"}, follow_redirects=False)
+    assert resp.status_code == 303, resp.text[:400]
+    experiment_id = int(resp.headers["location"].rsplit("/", 1)[1])
+    with Session(web.engine) as s:
+        e = s.get(Experiment, experiment_id)
+        job = s.get(Job, e.job_id)
+        req = e.request["request"]
+    assert job.kind == "experiment" and job.status == JobStatus.TODO
+    assert req["items"] == [{"prompt": "3 + 4 = ?", "answer": "7"}, {"prompt": "5 + 5 = ?", "answer": None}]
+    assert e.request["selection"]["features"] == [[1, 3], [2, 7], [2, 9]]  # the set's output members
+    html_page = web.client.get(resp.headers["location"]).text
+    assert 'hx-trigger="every 2s"' in html_page and "data-cancel" in html_page
+    api = web.client.post(f"/api{web.run}/experiments", json={"features": "2:7", "prompts": "1 + 1 = ?"})
+    assert api.status_code == 201
+    assert web.client.post(f"/api{web.run}/experiments/{api.json()['id']}/cancel").json()["status"] == "cancelled"
+    data = web.client.get(f"/api{web.run}/experiments/{api.json()['id']}").json()
+    assert data["done"] is True and data["job_status"] == "cancelled"
+    bad = web.client.post(f"/api{web.run}/experiments", json={"prompts": "1 + 1 = ?"})
+    assert bad.status_code == 422 and "feature set or give features" in str(bad.json()["detail"])
+    bad = web.client.post(f"{web.run}/experiments", data={"feature_set": "nope", "prompts": "x"})
+    assert bad.status_code == 404 and "unknown feature set" in html.unescape(bad.text)
+    over = web.client.post(f"/api{web.run}/experiments", json={"features": "2:7", "prompts": "x", "max_new_tokens": 9999})
+    assert over.status_code == 422
