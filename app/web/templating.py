@@ -40,6 +40,18 @@ def fmt(value: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def duration(seconds: Any) -> str:
+    """Seconds for people: 42 s, 3 min 05 s, 1 h 07 min."""
+    if seconds is None:
+        return "–"
+    s = int(round(float(seconds)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
 def pct(value: Any) -> str:
     if value is None:
         return "–"
@@ -138,7 +150,7 @@ def build_templates(app: FastAPI, templates_dir: str, htmx_src: str, plotly_src:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(fmt=fmt, pct=pct, visible=visible)
+    env.filters.update(fmt=fmt, pct=pct, visible=visible, duration=duration)
     env.policies["json.dumps_function"] = _dumps  # |tojson takes pydantic models too
     env.policies["json.dumps_kwargs"] = {"sort_keys": False}
     env.globals.update(
