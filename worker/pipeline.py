@@ -54,9 +54,7 @@ class OrganismPayload(BaseModel):
 @register("organism", OrganismPayload)
 def organism_job(ctx: JobContext) -> dict:
     """Build (or reuse) the model organism under the data directory."""
-    from training.organism.build import build_organism
-
-    from training.organism.build import get_preset
+    from training.organism.build import build_organism, get_preset
 
     p: OrganismPayload = ctx.payload
     preset = get_preset(p.preset)
