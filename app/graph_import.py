@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app.db.graphs import index_graph_features
 from app.db.schema import Graph, Run
 from app.db.text import storable
 from app.db.write import upsert
@@ -110,6 +111,7 @@ def import_graph(session: Session, run_id: int, data: Any, *, slug: str | None =
         raise GraphImportError(f"slug {slug!r}: use letters, digits and _.- (at most 200 characters)")
     row = graph_row(run_id, f, slug or slug_for(f.metadata.slug))
     (graph_id,) = upsert(session, Graph, row, key=["run_id", "slug"])
+    index_graph_features(session, int(graph_id), run_id, row["nodes"])
     log.info("imported graph %r into run %d: %d nodes, %d links", row["slug"], run_id, len(f.nodes), len(f.links))
     return int(graph_id), len(f.nodes), len(f.links)
 

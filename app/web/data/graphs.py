@@ -74,9 +74,12 @@ class LogitChoice(BaseModel):
 
 
 class AblateTarget(BaseModel):
-    """What "ablate pinned" submits besides the features: the graph's stored prompt, cut at its position."""
+    """What "ablate pinned" submits besides the features: the graph's own token ids (its stored prompt, else the
+    ids kept with the graph) up to the explained position, never re-tokenized text, and its target token."""
 
-    prompt_id: int
+    source: str = Field(description="prompt_id | token_ids (the ablation request's prompt source)")
+    prompt_id: int | None = None
+    token_ids: list[int] | None = None
     prompt_tokens: int
     target_token_id: int | None
 
@@ -254,9 +257,18 @@ def _logit_text(node: dict[str, Any], vocab: Vocab) -> str:
 
 
 def _ablate_target(g: Any) -> AblateTarget | None:
-    if g.prompt_id is None or g.position is None:
+    """None for a graph whose token ids are not this run's (an imported graph of another model)."""
+    params = g.params or {}
+    if g.position is None:
         return None
-    return AblateTarget(prompt_id=g.prompt_id, prompt_tokens=g.position + 1, target_token_id=g.target_token_id)
+    common = {"prompt_tokens": g.position + 1, "target_token_id": g.target_token_id}
+    if g.prompt_id is not None:
+        return AblateTarget(source="prompt_id", prompt_id=g.prompt_id, **common)
+    ids = params.get("prompt_token_ids")
+    ours = not params.get("imported") or (params.get("metadata") or {}).get("adapterlens")
+    if isinstance(ids, list) and ids and all(isinstance(t, int) for t in ids) and ours:
+        return AblateTarget(source="token_ids", token_ids=ids, **common)
+    return None
 
 
 def no_feature_message(scores: dict[str, Any], node_threshold: float | None) -> str | None:

@@ -19,6 +19,7 @@ from app.graph_import import GraphImportError, import_graph, parse_graph_bytes
 from app.web.data.common import BadInput, NotFound, get_run
 from app.web.data.exports import ablation_transcript, experiment_transcript, feature_file, jsonl_lines
 from app.web.data.graphs import (
+    GraphHeader,
     GraphPage,
     circuit_tracer_json,
     feature_cards,
@@ -27,7 +28,7 @@ from app.web.data.graphs import (
     graph_view,
 )
 from app.web.deps import SessionDep
-from app.web.render import render
+from app.web.render import ablate_limit, render
 
 router = APIRouter(tags=["graphs"])
 
@@ -48,7 +49,23 @@ def _json(request: Request, data: Any, headers: dict[str, str] | None = None) ->
 
 @router.get("/runs/{run}/graphs/{graph_id}", include_in_schema=False, name="graph_page")
 def graph_html(request: Request, run: str, graph_id: GraphId, session: SessionDep) -> Response:
-    return render(request, "graph.html", graph_header(session, run, graph_id))
+    page = graph_header(session, run, graph_id)
+    return render(request, "graph.html", page, graph_source=graph_ablation_source(page), limit=ablate_limit(request))
+
+
+def graph_ablation_source(page: GraphHeader) -> dict[str, Any] | None:
+    """Where a graph page's ablations start (the ablate form's source): the graph's own token ids up to the
+    position it explains, reporting its target token's probability; None when the graph has no ids here."""
+    a = page.ablate
+    if a is None:
+        return None
+    fields: dict[str, Any] = {"prompt_id": a.prompt_id} if a.source == "prompt_id" else \
+        {"token_ids": " ".join(str(t) for t in a.token_ids or [])}
+    fields["prompt_tokens"] = a.prompt_tokens
+    if a.target_token_id is not None:
+        fields["target_token_id"] = a.target_token_id
+    return {"value": a.source, "label": "this graph's prompt, up to the explained position", "fields": fields,
+            "preview": None}
 
 
 @router.get("/api/runs/{run}/graphs/{graph_id}", response_model=GraphPage, name="api_graph",

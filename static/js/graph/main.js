@@ -409,8 +409,10 @@ class GraphPage {
     btn.addEventListener("click", async () => {
       const feats = pinnedFeatures(this.state, this.model);
       if (!feats.size) return;
+      const a = this.cfg.ablate;
       const body = {
-        prompt_id: this.cfg.ablate.prompt_id, prompt_tokens: this.cfg.ablate.prompt_tokens,
+        source: a.source, ...(a.source === "prompt_id" ? { prompt_id: a.prompt_id } : { token_ids: a.token_ids.join(" ") }),
+        prompt_tokens: a.prompt_tokens,
         features: [...feats.keys()].join(" "), mode: mode.value,
         value: mode.value === "zero" ? null : Number(value.value), positions: $("[data-ap-positions]").value,
         max_new_tokens: Number($("[data-ap-tokens]").value) || 64, target_token_id: this.cfg.ablate.target_token_id,
