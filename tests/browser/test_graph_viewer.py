@@ -8,7 +8,10 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from sqlalchemy.orm import Session
 
+from app.db.schema import Ablation
+from app.db.session import make_engine
 from tests.browser.conftest import shot
 
 pytestmark = pytest.mark.browser
@@ -149,7 +152,7 @@ def test_ledger_counts_match_the_filters(server, world, page):
     shot(page, "graph-viewer-ledger")
 
 
-def test_ablate_pinned_submits_exactly_those_features(server, world, page):
+def test_ablate_pinned_submits_exactly_those_features(server, world, page, seeded):
     _open(page, server, world)
     for nid in ("1_3_14", "1_3_13", "2_9_14"):
         _click(page, nid, pin=True)
@@ -164,6 +167,23 @@ def test_ablate_pinned_submits_exactly_those_features(server, world, page):
     assert req["features"] == [[1, 3], [2, 9]] and req["positions"] == "prompt" and req["mode"] == "zero"
     graph = _api(server, f"/api/runs/{world.run_id}/graphs/{world.graph_id}")
     assert graph["ablate"]["prompt_id"] is not None and graph["ablate"]["prompt_tokens"] == graph["position"] + 1
+    # the worker's report on the target token shows up when the ablation is done (written here as it would)
+    engine = make_engine(seeded[0])
+    try:
+        with Session(engine) as s, s.begin():
+            row = s.get(Ablation, ablation_id)
+            stored = row.request["request"]  # the graph's own ids (never text), cut at its position, its target
+            assert (stored["prompt_id"], stored["prompt_tokens"], stored["target_token_id"]) == \
+                (graph["ablate"]["prompt_id"], graph["position"] + 1, graph["target_token_id"])
+            assert stored["prompt"] is None
+            row.status = "done"
+            row.summary = {"target": {"token_id": graph["target_token_id"], "text": " Wait",
+                                      "unablated": {"p_first": 0.41, "first": True, "produced": True},
+                                      "ablated": {"p_first": 0.02, "first": False, "produced": False}}}
+    finally:
+        engine.dispose()
+    page.wait_for_selector("[data-ap-result] [data-ap-target]")
+    assert "ablated: p(first) 0.020, never produced" in page.inner_text("[data-ap-target]")
     shot(page, "graph-viewer-ablate")
 
 

@@ -209,10 +209,12 @@ export function renderAblationStatus(root, data, url) {
   if (data.divergence !== null && data.divergence !== undefined) {
     root.append(el("div", { class: "small", text: `first divergence at step ${data.divergence}` }));
   }
-  const target = s.target_token || s.target || null;
+  const target = s.target;  // the worker's report on the graph's target token, per condition
   if (target && typeof target === "object") {
-    const rows = Object.entries(target).map(([k, v]) => `${k}: ${typeof v === "number" ? fmt(v) : String(v)}`);
-    root.append(el("div", { class: "small", "data-ap-target": true, text: "target token · " + rows.join(" · ") }));
+    const rows = Object.entries(target).filter(([, v]) => v && typeof v === "object").map(([cond, v]) =>
+      `${cond}: p(first) ${fmt(v.p_first)}${v.first ? ", generated first" : ""}${v.produced ? "" : ", never produced"}`);
+    root.append(el("div", { class: "small", "data-ap-target": true },
+      el("code", { class: "tokchip", text: String(target.text ?? target.token_id) }), " " + rows.join(" · ")));
   }
   (data.conditions || []).forEach((c) => {
     const text = c.tokens.map((t) => t.text).join("");
