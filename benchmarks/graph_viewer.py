@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -253,6 +254,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -193,6 +193,8 @@ def no_feature_message(scores: dict[str, Any], node_threshold: float) -> str:
         text += " (the rest: error nodes and tokens)" if scores.get("n_error_nodes") else " (the rest: tokens)"
     if show is not None:
         text += f"; node threshold {show:g} would show at least one"
+    else:
+        text += "; no node threshold shows one at this edge threshold (raise --edge-threshold)"
     return text + "."
 
 

@@ -100,12 +100,12 @@ def graph_scores(graph: Graph, pruned: PrunedGraph, target_token: int | None) ->
     return scores
 
 
-def threshold_to_show_features(graph: Graph, edge_threshold: float, tries: int = 8) -> float | None:
-    """The smallest node threshold at which pruning keeps a feature (None: none has any influence).
+def threshold_to_show_features(graph: Graph, edge_threshold: float, tries: int = 16) -> float | None:
+    """The smallest node threshold at which pruning keeps a feature (None: none does at this edge threshold).
 
     A feature survives the node cut at a threshold of at least its cumulative influence share; the edge cut
     and the clean-up can still remove it, so the candidates (the cumulative shares of the most influential
-    features, in order) are checked by pruning, at most ``tries`` of them.
+    features, in order, then 1) are checked by pruning, at most ``tries`` of them.
     """
     n_feat = graph.n_feature_nodes
     if n_feat == 0:
@@ -117,7 +117,7 @@ def threshold_to_show_features(graph: Graph, edge_threshold: float, tries: int =
         t = min(math.ceil(float(cum[i]) * 1e4) / 1e4, 1.0)  # rounded up so that the cut includes it
         if bool(prune_masks(graph, t, edge_threshold).node_mask[:n_feat].any()):
             return t
-    return 1.0 if order else None
+    return 1.0 if order and bool(prune_masks(graph, 1.0, edge_threshold).node_mask[:n_feat].any()) else None
 
 
 def graph_row(run_id: int, slug: str, graph: Graph, pruned: PrunedGraph, tokenizer: Any, *, prompt: str,

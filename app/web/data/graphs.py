@@ -282,6 +282,8 @@ def no_feature_message(scores: dict[str, Any], node_threshold: float | None) -> 
         text += f": features carry {100 * share:.1f}% of the influence on the logits"
     if isinstance(show, int | float):
         text += f"; node threshold {show:g} would show at least one (adapterlens attribute --node-threshold {show:g})"
+    else:
+        text += "; no node threshold shows one at this edge threshold (raise --edge-threshold)"
     return text + "."
 
 
