@@ -194,3 +194,15 @@ def test_feature_file_and_transcripts(web):
     rows = [ExperimentTranscriptLine.model_validate_json(line) for line in resp.text.splitlines()]
     assert len(rows) == 16 and rows[2].prompt == "1 + 7 = ?"
     get(web, f"/api{web.run}/ablations/999/transcript.jsonl", 404)
+
+
+def test_a_graph_without_features_says_why_on_its_page(web):
+    with Session(web.engine) as s, s.begin():
+        g = s.get(Graph, web.world.graph_id)
+        g.scores = {**g.scores, "no_features": True, "feature_influence_share": 0.045,
+                    "threshold_to_show_features": 0.9623}
+    html = web.client.get(f"{web.run}/graphs/{web.world.graph_id}").text
+    assert ("Pruning at node threshold 0.8 keeps no feature: features carry 4.5% of the influence on the logits; "
+            "node threshold 0.9623 would show at least one") in html
+    data = get(web, f"/api{web.run}/graphs/{web.world.graph_id}")
+    assert data["no_feature_message"].startswith("Pruning at node threshold 0.8 keeps no feature")
