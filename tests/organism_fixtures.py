@@ -66,3 +66,50 @@ def trained_organism_run(data_dir: Path, modules: list[str]) -> tuple[Settings, 
     engine.dispose()
     run_inline(settings, "train", {"run_id": run_id}, show_progress=False, handler_modules=modules)
     return settings, run_id
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A finished demo run of the tiny organism, as ``adapterlens up`` leaves it: the demo pipeline (organism,
+    train, evaluate, collect, hesitation study) run by a worker from the queue, then an ablation (free text),
+    an ablation on a stored example, an experiment and an attribution graph requested as a user would.
+
+    Returns ``{"settings", "run_id", "ablation_ids", "experiment_id"}`` (the store is SQLite in the data dir).
+    """
+    from fastapi.testclient import TestClient
+
+    from app.db import queue
+    from app.db.schema import Example
+    from app.db.session import make_engine
+    from app.web import create_app
+    from worker.bootstrap import bootstrap
+    from worker.loop import run_worker
+
+    settings = Settings(data_dir=tmp_path_factory.mktemp("tiny-demo"))
+    upgrade(settings.db_url)
+    engine = make_engine(settings)
+    try:
+        bootstrap(engine, organism_preset="organism-tiny", train_preset="organism-tiny", seed=0)
+        run_worker(settings, wait=False, migrate=False)
+        client = TestClient(create_app(settings, engine=engine))
+        run_id = client.get("/api/runs").json()["latest"]["id"]
+        feature = client.get(f"/api/runs/{run_id}/features?limit=1&sort=frequency").json()["rows"][0]
+        fl = f"{feature['layer']}:{feature['index']}"
+        ablations = [client.post(f"/api/runs/{run_id}/ablations",
+                                 json={"features": fl, "prompt": "12 + 34 = ?", "max_new_tokens": 8}).json()["id"]]
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        with Session(engine) as s:
+            example_id = s.scalar(select(Example.id).where(Example.run_id == run_id, Example.kind == "top").limit(1))
+        ablations.append(client.post(f"/api/runs/{run_id}/ablations", json={
+            "features": fl, "source": "example", "example_id": example_id, "max_new_tokens": 8}).json()["id"])
+        experiment_id = client.post(f"/api/runs/{run_id}/experiments",
+                                    json={"features": fl, "n_prompts": 4, "max_new_tokens": 8}).json()["id"]
+        with Session(engine) as s, s.begin():
+            queue.enqueue(s, "attribute", {"run_id": run_id, "prompt": "12 + 34 = ?", "chat": True,
+                                           "max_feature_nodes": 50}, priority=100, run_id=run_id)
+        run_worker(settings, wait=False, migrate=False)
+    finally:
+        engine.dispose()
+    return {"settings": settings, "run_id": run_id, "ablation_ids": ablations, "experiment_id": experiment_id}
