@@ -44,30 +44,6 @@ def tiny_run_settings(tiny_data_dir: Path) -> Settings:
     return settings
 
 
-def trained_organism_run(data_dir: Path, modules: list[str]) -> tuple[Settings, int]:
-    """The full ``organism`` preset built and its adapters trained, through the job handlers (slow tier).
-
-    Reuses whatever ``data_dir`` already holds (the cached organism, the run's final checkpoint).
-    """
-    from app.db.session import make_engine, make_sessionmaker
-    from training.config import preset, train_config_to_dict
-    from worker.demo import ensure_run, organism_run_name, organism_spec
-    from worker.loop import run_inline
-
-    settings = Settings(data_dir=data_dir)
-    upgrade(settings.db_url)
-    run_inline(settings, "organism", {"preset": "organism", "seed": 0}, show_progress=False, handler_modules=modules)
-    engine = make_engine(settings)
-    with make_sessionmaker(engine)() as s, s.begin():
-        spec = organism_spec("organism", 0)
-        run_id = ensure_run(s, name=organism_run_name("organism", 0, "organism"), base_model=spec, target_model=spec,
-                            config={"train": train_config_to_dict(preset("organism")), "data": {"kind": "organism"},
-                                    "preset": "organism"})
-    engine.dispose()
-    run_inline(settings, "train", {"run_id": run_id}, show_progress=False, handler_modules=modules)
-    return settings, run_id
-
-
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A finished demo run of the tiny organism, as ``adapterlens up`` leaves it: the demo pipeline (organism,
