@@ -46,11 +46,18 @@ class TranscoderAdapter(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_model, **kw)) if dec_bias else None
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """The paper's init: encoder U(±1/sqrt(d)), zero biases, zero decoder, so the adapter starts silent."""
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The paper's init: encoder U(±1/sqrt(d)), zero biases, zero decoder, so the adapter starts silent.
+
+        ``generator`` makes the init a function of a seed (the trainer passes one, so a run is reproducible
+        whatever the process drew from torch's global generator before it)."""
         bound = 1.0 / math.sqrt(self.d_model)
         with torch.no_grad():
-            self.W_enc.uniform_(-bound, bound)
+            if generator is None:
+                self.W_enc.uniform_(-bound, bound)
+            else:  # drawn on the CPU from the generator, so every device gets the same numbers
+                init = torch.rand(self.W_enc.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+                self.W_enc.copy_(init.to(self.W_enc.device, self.W_enc.dtype))
             self.b_enc.zero_()
             self.W_dec.zero_()
             if self.b_dec is not None:
@@ -179,6 +186,12 @@ class AdapterModel(nn.Module):
 
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         return self.adapters.parameters()
+
+    def reset_adapters(self, seed: int) -> None:
+        """Re-initialise every adapter from ``seed`` (layer by layer from one generator): a fresh run's start."""
+        generator = torch.Generator().manual_seed(seed)
+        for adapter in self.adapters:
+            adapter.reset_parameters(generator)
 
     # -- forward ---------------------------------------------------------------------------------
     def _record_positions(self, module, args, kwargs):

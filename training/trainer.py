@@ -243,8 +243,11 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
         if main:
             writer.truncate_after(step)
         log.info("resumed %s at step %d of %d", run_dir, step, n_total)
-    elif main:
-        writer.truncate_after(0)  # a fresh start: lines of an earlier attempt would duplicate steps
+    else:
+        # A fresh start begins from the seed's adapter init, not from whatever the process drew before.
+        model.reset_adapters(cfg.seed)
+        if main:
+            writer.truncate_after(0)  # lines of an earlier attempt would duplicate steps
     if dp is not None:
         dp.broadcast_parameters(params)  # ranks start identical (and stay so: same summed gradients)
 

@@ -216,6 +216,22 @@ def test_training_lowers_kl_on_a_tiny_pair(tmp_path):
     assert kl() < 0.75 * before
 
 
+def test_a_fresh_run_is_a_function_of_its_seed_not_of_the_process(tmp_path):
+    """The adapter init comes from the run's seed: whatever a process drew from torch's global generator before
+    (a model load, an earlier job), the same config trains the same adapters; another seed differs."""
+    results = []
+    for n, (noise, seed) in enumerate([(0, 0), (123, 0), (0, 1)]):
+        model = _float32_model()
+        with torch.no_grad():  # as built in a process whose global generator was elsewhere
+            torch.manual_seed(noise)
+            for a in model.adapters:
+                a.reset_parameters()
+        train(_tiny_cfg(max_steps=3, seed=seed), model, _data(), run_dir=tmp_path / str(n), progress=False)
+        results.append(torch.cat([p.detach().flatten() for p in model.adapter_parameters()]))
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], results[2])
+
+
 def test_metrics_go_to_jsonl_and_callback(tmp_path):
     seen: list[dict] = []
     cfg = _tiny_cfg(max_steps=6, dead_windows="[4,1000]")
