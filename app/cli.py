@@ -201,13 +201,59 @@ def attribute(
     run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat format (user turn, <think>).")] = False,
     target_token: Annotated[str | None, typer.Option(help="A token that must be a logit node, e.g. Wait.")] = None,
-    mode: Annotated[str, typer.Option(help="relp (the paper) or frozen-mlp (circuit-tracer's semantics).")] = "relp",
+    contrast_token: Annotated[str | None, typer.Option(help="Explain target − this token (a logit difference); "
+                                                            "'auto': the best non-hesitation token.")] = None,
+    mode: Annotated[str, typer.Option(help="relp (the paper) or frozen-mlp (circuit-tracer's semantics: "
+                                           "error nodes for the frozen base MLP).")] = "relp",
     max_feature_nodes: Annotated[int, typer.Option(help="Feature node cap, chosen by influence.")] = 10_000,
+    node_threshold: Annotated[float, typer.Option(help="Pruning: keep the nodes holding this share of the "
+                                                       "influence on the logits (circuit-tracer's default).")] = 0.8,
+    edge_threshold: Annotated[float, typer.Option(help="Pruning: keep the edges holding this share of the edge "
+                                                       "influence.")] = 0.98,
+    slug: Annotated[str | None, typer.Option(help="Graph id in the run (default: from the content).")] = None,
 ) -> None:
     """Build, prune and store one attribution graph on a run's adapter model."""
-    out = _inline("attribute", {"run_id": _run_id(run), "prompt": prompt, "chat": chat, "target_token": target_token,
-                                "mode": mode, "max_feature_nodes": max_feature_nodes})
+    payload = {"run_id": _run_id(run), "prompt": prompt, "chat": chat, "target_token": target_token,
+               "contrast_token": contrast_token, "mode": mode, "max_feature_nodes": max_feature_nodes,
+               "node_threshold": node_threshold, "edge_threshold": edge_threshold, "slug": slug}
+    out = _inline("attribute", {k: v for k, v in payload.items() if v is not None})
     typer.echo(json.dumps(out, indent=1, default=str))
+    if out.get("message"):
+        typer.secho(out["message"], err=True, fg="yellow")
+
+
+@app.command("import-graph")
+def import_graph_cmd(
+    path: Annotated[Path, typer.Argument(help="A graph JSON file written by circuit-tracer, Neuronpedia or "
+                                              "AdapterLens (either error-node id form).")],
+    run: Annotated[str | None, typer.Option(help="Run name or id to file it under (default: the latest).")] = None,
+    new_run: Annotated[str | None, typer.Option(help="File it under a run of this name, created if missing "
+                                                     "(for graphs of models AdapterLens did not train).")] = None,
+    slug: Annotated[str | None, typer.Option(help="Graph id in the run (default: the file's slug).")] = None,
+) -> None:
+    """Import a circuit-tracer graph file into the store; its page opens in the graph viewer."""
+    from app.db.migrate import upgrade
+    from app.db.session import make_engine, make_sessionmaker
+    from app.graph_import import GraphImportError, ensure_import_run, import_graph_file
+
+    if new_run is None:
+        run_id = _run_id(run)
+    else:
+        upgrade(_settings().db_url)
+    engine = make_engine(_settings())
+    try:
+        with make_sessionmaker(engine)() as s:
+            try:
+                if new_run is not None:
+                    run_id = ensure_import_run(s, new_run, f"imported:{path.name}")
+                graph_id, n_nodes, n_links = import_graph_file(s, run_id, path, slug=slug)
+            except GraphImportError as exc:
+                raise _fail(str(exc)) from exc
+            s.commit()
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps({"graph_id": graph_id, "run_id": run_id, "n_nodes": n_nodes, "n_links": n_links,
+                           "page": f"/runs/{run_id}/graphs/{graph_id}"}))
 
 
 @app.command()

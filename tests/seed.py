@@ -242,35 +242,58 @@ def _add_feature(s: Session, rng: random.Random, rid: int, layer: int, index: in
 
 
 def _graph(rng: random.Random, rid: int, prompt: Prompt) -> Graph:
+    """A frozen-mlp graph as the attribute job stores it: features (two of them at two positions), error
+    nodes, embeddings, two logits (" Wait", the target, and "7"); cumulative influence by rank."""
     n_pos = len(prompt.token_ids)
     nodes = [{"node_id": f"E_{tid}_{p}", "feature": p, "layer": "E", "ctx_idx": p, "feature_type": "embedding",
-              "jsNodeId": f"E_{tid}-{p}", "clerp": "", "influence": None, "activation": None}
-             for p, tid in enumerate(prompt.token_ids)]
-    chosen = [(0, 2, 13), (0, 4, 12), (1, 3, 14), (1, 5, 13), (1, 8, 14), (2, 7, 14), (2, 9, 14), (2, 1, 12)]
-    for layer, index, pos in chosen:
-        nodes.append({"node_id": f"{layer}_{index}_{pos}", "feature": (layer + index) * (layer + index + 1) // 2 + index,
-                      "layer": str(layer), "ctx_idx": pos, "feature_type": "cross layer transcoder",
-                      "jsNodeId": f"{layer}_{index}-0", "clerp": "", "influence": round(rng.random(), 3),
-                      "activation": round(rng.random() * 5, 3)})
-    wait = TOK[" Wait"]
-    nodes.append({"node_id": f"{N_LAYERS + 1}_{wait}_{n_pos - 1}", "feature": wait, "layer": str(N_LAYERS + 1),
-                  "ctx_idx": n_pos - 1, "feature_type": "logit", "jsNodeId": f"L_{wait}-{n_pos - 1}",
-                  "clerp": 'Output " Wait" (p=0.412)', "influence": None, "activation": None, "token_prob": 0.412,
-                  "is_target_logit": True})
-    ids = [n["node_id"] for n in nodes]
-    feats = [n["node_id"] for n in nodes if n["feature_type"] == "cross layer transcoder"]
+              "jsNodeId": f"E_{tid}-{p}", "clerp": ""} for p, tid in enumerate(prompt.token_ids)]
+    chosen = [(1, 3, 14), (2, 7, 14), (2, 9, 14), (0, 2, 13), (1, 5, 13), (1, 3, 13), (2, 7, 12), (0, 4, 12),
+              (1, 8, 14), (2, 1, 12)]  # most influential first
+    errors = [(0, 14), (1, 14), (2, 13)]
+    ranked = [("f", c) for c in chosen[:3]] + [("e", errors[0])] + [("f", c) for c in chosen[3:6]] + \
+        [("e", errors[1])] + [("f", c) for c in chosen[6:]] + [("e", errors[2])]
+    for rank, (kind, item) in enumerate(ranked):
+        influence = round(0.25 + 0.55 * rank / (len(ranked) - 1), 3)  # cumulative share, 0.25 … 0.8
+        if kind == "f":
+            layer, index, pos = item
+            nodes.append({"node_id": f"{layer}_{index}_{pos}", "feature": (layer + index) * (layer + index + 1) // 2 + index,
+                          "layer": str(layer), "ctx_idx": pos, "feature_type": "cross layer transcoder",
+                          "jsNodeId": f"{layer}_{index}-0", "clerp": "", "influence": influence,
+                          "activation": round(0.5 + rng.random() * 5, 3)})
+        else:
+            layer, pos = item
+            nodes.append({"node_id": f"{layer}_-1_{pos}", "feature": -1, "layer": str(layer), "ctx_idx": pos,
+                          "feature_type": "mlp reconstruction error", "jsNodeId": f"{layer}_-1-{pos}", "clerp": "",
+                          "influence": influence})
+    wait, seven = TOK[" Wait"], TOK["7"]
+    for tok, text, prob, target in ((wait, " Wait", 0.412, True), (seven, "7", 0.301, False)):
+        nodes.append({"node_id": f"{N_LAYERS + 1}_{tok}_{n_pos - 1}", "feature": tok, "layer": str(N_LAYERS + 1),
+                      "ctx_idx": n_pos - 1, "feature_type": "logit", "jsNodeId": f"L_{tok}-{n_pos - 1}",
+                      "clerp": f'Output "{text}" (p={prob:.3f})', "token_prob": prob, "is_target_logit": target})
+    logits = [n["node_id"] for n in nodes if n["feature_type"] == "logit"]
+    feats = [n for n in nodes if n["feature_type"] == "cross layer transcoder"]
+    errs = [n for n in nodes if n["feature_type"] == "mlp reconstruction error"]
+    embeds = [n["node_id"] for n in nodes if n["feature_type"] == "embedding"]
     links = []
     for f in feats:
-        layer = int(f.split("_")[0])
-        for src in rng.sample([i for i in ids if i.startswith("E_")], 2) + [g for g in feats if int(g.split("_")[0]) < layer]:
-            links.append({"source": src, "target": f, "weight": round(rng.uniform(-1, 1.5), 3)})
-        links.append({"source": f, "target": ids[-1], "weight": round(rng.uniform(-0.5, 2), 3)})
+        layer, pos = int(f["layer"]), f["ctx_idx"]
+        sources = rng.sample(embeds[:pos + 1], 2) + [g["node_id"] for g in feats + errs
+                                                     if int(g["layer"]) < layer and g["ctx_idx"] <= pos]
+        for src in sources:
+            links.append({"source": src, "target": f["node_id"], "weight": round(rng.uniform(-1, 1.5), 3)})
+        for lg in logits:
+            links.append({"source": f["node_id"], "target": lg, "weight": round(rng.uniform(-0.5, 2), 3)})
+    for e in errs:
+        links.append({"source": e["node_id"], "target": logits[0], "weight": round(rng.uniform(-0.5, 0.5), 3)})
     return Graph(run_id=rid, slug="demo-wait-0", prompt_id=prompt.id, prompt="3 + 4", target_token_id=wait,
                  target_token_str=" Wait", position=n_pos - 1,
-                 params={"node_threshold": 0.8, "edge_threshold": 0.98, "max_feature_nodes": 10000,
+                 params={"mode": "frozen-mlp", "node_threshold": 0.8, "edge_threshold": 0.98, "max_feature_nodes": 10000,
+                         "logit_diff": [wait, seven], "n_error_nodes": N_LAYERS * n_pos,
                          "prompt_token_ids": list(prompt.token_ids),
                          "study": {"word": "Wait", "group": "add", "trace": 0, "position": n_pos, "prompt_len": 7}},
-                 nodes=nodes, links=links, scores={"replacement": 0.9, "completeness": 0.95})
+                 nodes=nodes, links=links,
+                 scores={"replacement": 0.61, "completeness": 0.83, "feature_influence_share": 0.57,
+                         "n_nodes": len(nodes), "n_links": len(links), "n_pruned_features": len(feats)})
 
 
 def _study_summary() -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.browser.conftest import shot
@@ -47,23 +49,19 @@ def test_index_feature_graph_navigation(server, world, page):
     shot(page, "feature")
 
     page.click("[data-section=graphs] a")
-    page.wait_for_selector("[data-graph] svg .node[data-kind=feature]")
-    n_feature_nodes = page.locator("svg .node[data-kind=feature]").count()
-    assert n_feature_nodes == 8
-    visible_edges = page.evaluate("[...document.querySelectorAll('svg .edge')].filter(e => e.style.display !== 'none').length")
-    page.fill("[data-threshold]", "0.9")
-    page.dispatch_event("[data-threshold]", "input")
-    fewer = page.evaluate("[...document.querySelectorAll('svg .edge')].filter(e => e.style.display !== 'none').length")
-    assert fewer < visible_edges
-    page.fill("[data-threshold]", "0.05")
-    page.dispatch_event("[data-threshold]", "input")
-    page.check("[data-pick-mode]")
-    page.click("svg .node[data-layer='2'][data-index='7']")
-    assert "2:7" in page.input_value("[data-ablate] [data-features]")
-    page.uncheck("[data-pick-mode]")
+    page.wait_for_selector("body[data-graph-ready=true]")
+    kinds = json.loads(page.get_attribute("[data-graph-pane]", "data-kinds"))
+    assert (kinds["feature"], kinds["error"], kinds["embedding"], kinds["logit"]) == (10, 3, 15, 2)
+    assert "Replacement" in page.inner_text("[data-scores]") and "frozen-mlp" in page.inner_text("[data-counts]")
+    shown = int(page.get_attribute("[data-live-counts]", "data-nodes"))
+    page.eval_on_selector("[data-pruning]", "el => { el.value = 0.4; el.dispatchEvent(new Event('input')); }")
+    assert int(page.get_attribute("[data-live-counts]", "data-nodes")) < shown
+    point = page.evaluate("window.adapterlensGraph.nodePoint('2_7_14')")
+    page.mouse.click(point["x"], point["y"])
+    page.wait_for_selector("[data-node-panel][data-node-id='2_7_14']")
     shot(page, "graph")
-    page.click("svg .node[data-layer='1'][data-index='3']")
-    page.wait_for_url("**/features/1/3")
+    page.click("[data-node-panel] [data-feature-link]")
+    page.wait_for_url("**/features/2/7")
 
 
 def test_ablation_and_experiment_and_jobs_pages(server, world, page):

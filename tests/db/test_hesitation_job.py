@@ -96,6 +96,41 @@ def test_attribute_rerun_replaces_the_graph(settings: Settings, run_id: int) -> 
     assert _count(settings, Graph, Graph.run_id == run_id) == 2
 
 
+def test_attribute_logit_difference_error_nodes_and_the_stored_prompt(settings: Settings, run_id: int) -> None:
+    """frozen-mlp with " Wait" − (the best non-hesitation token): both are logit nodes, the graph keeps error
+    nodes, and its exact token ids are a stored prompt (reused, not duplicated, by a re-run)."""
+    payload = {"run_id": run_id, "prompt": "47 + 38 = ?", "chat": True, "target_token": " Wait",
+               "contrast_token": "auto", "mode": "frozen-mlp", **LOOSE}
+    out = run_inline(settings, "attribute", payload, show_progress=False, handler_modules=MODULES)
+    assert out["contrast_token_id"] not in (None, out["target_token_id"]) and "Wait" not in out["contrast_token"]
+    again = run_inline(settings, "attribute", payload, show_progress=False, handler_modules=MODULES)
+    with _session(settings) as s:
+        g = s.get(Graph, out["graph_id"])
+        assert g.params["logit_diff"] == [out["target_token_id"], out["contrast_token_id"]]
+        logits = {n["feature"] for n in g.nodes if n["feature_type"] == "logit"}
+        assert {out["target_token_id"], out["contrast_token_id"]} <= logits
+        assert any(n["feature_type"] == "mlp reconstruction error" and n["node_id"].split("_")[1] == "-1"
+                   for n in g.nodes)
+        assert g.scores["replacement"] is not None and 0 <= g.scores["completeness"] <= 1
+        prompt = s.get(Prompt, g.prompt_id)
+        assert prompt.token_ids == g.params["prompt_token_ids"] and prompt.source == "graph"
+        assert s.get(Graph, again["graph_id"]).prompt_id == g.prompt_id
+        assert s.scalar(select(func.count()).select_from(Prompt).where(Prompt.source == "graph")) == 1
+
+
+def test_attribute_without_features_says_why(settings: Settings, run_id: int) -> None:
+    payload = {"run_id": run_id, "token_ids": [1, 40, 41, 42, 43, 44], "mode": "frozen-mlp", "node_threshold": 0.05,
+               "slug": "tight"}
+    out = run_inline(settings, "attribute", payload, show_progress=False, handler_modules=MODULES)
+    assert out["scores"]["n_pruned_features"] == 0 and out["scores"]["no_features"]
+    show = out["scores"]["threshold_to_show_features"]
+    assert "keeps no feature" in out["message"] and f"node threshold {show:g} would show" in out["message"]
+    assert 0 < out["scores"]["feature_influence_share"] < 1
+    wider = run_inline(settings, "attribute", {**payload, "node_threshold": show}, show_progress=False,
+                       handler_modules=MODULES)
+    assert wider["scores"]["n_pruned_features"] >= 1 and "message" not in wider
+
+
 def _prompt_id(settings: Settings, run_id: int) -> int:
     with _session(settings) as s:
         return s.scalar(select(Prompt.id).where(Prompt.run_id == run_id))

@@ -108,7 +108,8 @@ def test_completeness_float64(graphs, model, ids, mode):
     assert float(graph.dropped_contributions.abs().max()) == 0.0  # every active feature is a node here
     # the constants are what the linear model gives with every source off, computed independently
     zero_src = linear_forward(lin, embeds=torch.zeros_like(lin.embeds),
-                              feature_acts=[torch.zeros_like(a) for a in default_feature_acts(lin)])
+                              feature_acts=[torch.zeros_like(a) for a in default_feature_acts(lin)],
+                              errors=torch.zeros_like(lin.error_vectors) if lin.error_vectors is not None else None)
     const = values_of(graph, zero_src)
     assert torch.allclose(graph.constant_contributions[rows], const[rows], atol=1e-10)
     assert float(const[rows].abs().min()) > 0  # biases matter: the check above is not vacuous
@@ -124,7 +125,10 @@ def test_every_edge_equals_its_intervention(graphs, model, ids, mode):
     acts = default_feature_acts(lin)
     n_feat = graph.n_feature_nodes
     gen = torch.Generator().manual_seed(0)
-    sources = torch.randperm(n_feat, generator=gen)[:25].tolist() + [n_feat + p for p in range(ids.numel())]
+    sources = torch.randperm(n_feat, generator=gen)[:25].tolist() + [graph.token_node_index(p)
+                                                                      for p in range(ids.numel())]
+    if graph.n_error_nodes:  # frozen-mlp: every error node of two layers
+        sources += [graph.error_node_index(layer, p) for layer in (0, model.n_layers - 1) for p in range(ids.numel())]
     worst = 0.0
     for src in sources:
         if src < n_feat:
@@ -132,9 +136,14 @@ def test_every_edge_equals_its_intervention(graphs, model, ids, mode):
             edited = [a.clone() for a in acts]
             edited[layer][pos, idx] = 0.0
             out = linear_forward(lin, feature_acts=edited)
+        elif src < graph.token_start:
+            layer, pos = divmod(src - n_feat, graph.n_pos)
+            errors = lin.error_vectors.clone()
+            errors[layer, pos] = 0.0
+            out = linear_forward(lin, errors=errors)
         else:
             emb = lin.embeds.clone()
-            emb[src - n_feat] = 0.0
+            emb[src - graph.token_start] = 0.0
             out = linear_forward(lin, embeds=emb)
         delta = values_of(graph, out) - base_vals
         err = (delta[rows] + graph.adjacency_matrix[rows, src]).abs().max()
@@ -143,9 +152,52 @@ def test_every_edge_equals_its_intervention(graphs, model, ids, mode):
     assert float(graph.adjacency_matrix.abs().max()) > 1e-2  # edges are not all zero
 
 
+def test_frozen_mlp_error_nodes_reconstruct_every_pre_activation(graphs, model, ids):
+    """frozen-mlp: the error nodes are the real model's base-MLP outputs, and per target row the feature,
+    error and token edges plus the biases give the real model's pre-activation (logit) exactly."""
+    graph = graphs["frozen-mlp"]
+    lin = linearize(model, ids, "frozen-mlp")
+    base_out = {}
+    hooks = [layer.mlp.base_mlp.register_forward_hook(lambda _m, _i, out, i=i: base_out.__setitem__(i, out[0]))
+             for i, layer in enumerate(model.layers)]
+    try:
+        with torch.no_grad(), model.capture() as caps:
+            hf_logits = model(ids[None]).logits[0, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    # error node (l, t) carries the base MLP's output there (zero at the excluded BOS, which is a constant)
+    for layer in range(model.n_layers):
+        assert torch.allclose(lin.error_vectors[layer, 1:], base_out[layer][1:], atol=1e-6)
+        assert float(lin.error_vectors[layer, 0].abs().max()) == 0.0
+    n_feat, n_err = graph.n_feature_nodes, graph.n_error_nodes
+    assert n_err == model.n_layers * ids.numel()
+    A = graph.adjacency_matrix
+    parts = {"features": A[:, :n_feat].sum(1), "errors": A[:, n_feat:graph.token_start].sum(1),
+             "tokens": A[:, graph.token_start:graph.logit_start].sum(1)}
+    assert all(float(p.abs().max()) > 1e-3 for p in parts.values())  # each kind of source matters
+    assert int(A[:, n_feat:graph.token_start].abs().sum(0).count_nonzero()) > n_err / 2  # errors are real sources
+    total = parts["features"] + parts["errors"] + parts["tokens"] + graph.constant_contributions
+    assert float(graph.dropped_contributions.abs().max()) == 0.0
+    # feature rows: the pre-activation (= activation of an active feature) in the real model
+    real_acts = torch.tensor([float(caps[layer][0][0][pos, idx]) for layer, pos, idx in graph.feature_nodes.tolist()],
+                             dtype=torch.float64)
+    assert torch.allclose(total[:n_feat], real_acts, rtol=1e-5, atol=1e-6)  # HF's float32 norms
+    assert torch.allclose(total[:n_feat], graph.feature_activations, rtol=1e-12, atol=1e-12)
+    logit_rows = slice(graph.logit_start, graph.n_nodes)
+    hf_demeaned = (hf_logits - hf_logits.mean())[graph.logit_tokens]
+    assert torch.allclose(total[logit_rows], hf_demeaned, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(total[logit_rows], graph.target_values[logit_rows], rtol=1e-12, atol=1e-12)
+    # error and token rows are empty: they are sources only, as in circuit-tracer
+    assert float(A[n_feat:graph.logit_start].abs().max()) == 0.0
+
+
 def test_frozen_mlp_edges_differ_from_relp(graphs):
     """The two modes are different linearisations (a bug routing both through one path would pass the rest)."""
-    a, b = graphs["relp"].adjacency_matrix, graphs["frozen-mlp"].adjacency_matrix
+    relp, frozen = graphs["relp"], graphs["frozen-mlp"]
+    assert relp.n_error_nodes == 0 and frozen.n_error_nodes == frozen.n_layers * frozen.n_pos
+    keep = [i for i in range(frozen.n_nodes) if not frozen.n_feature_nodes <= i < frozen.token_start]
+    a, b = relp.adjacency_matrix, frozen.adjacency_matrix[keep][:, keep]  # same nodes, without the errors
     assert a.shape == b.shape
     assert float((a - b).abs().max()) > 1e-3
 
@@ -265,3 +317,20 @@ def test_bad_input_is_a_clear_error(model, ids):
         attribute(model, ids, max_feature_nodes=0, progress=False)
     with pytest.raises(ValueError, match="token ids"):
         attribute(model, torch.tensor([1, 999]), progress=False)
+
+
+def test_padded_vocabulary_ids_never_become_logit_nodes(model, ids):
+    """A model whose vocab_size is padded past its tokenizer: ids at or above the tokenizer's size are no tokens,
+    however large their logits (random padding rows often have large ones)."""
+    logits = torch.zeros(64, dtype=torch.float64)
+    logits[60:] = 10.0  # padding rows, the most probable by far
+    logits[5], logits[7] = 3.0, 2.0
+    ids_, p = select_logits(logits, 5, 0.95, n_real_tokens=60)
+    assert ids_.tolist()[:2] == [5, 7] and int(ids_.max()) < 60
+    assert float(p.sum()) < 0.05  # probabilities stay those of the whole output
+    ids_, _ = select_logits(logits, 3, 0.95, target_token=9, n_real_tokens=60, extra_tokens=(11,))
+    assert ids_.tolist() == [5, 9, 11]  # forced tokens take the places of the least probable
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        attribute(model, ids, target_token=62, n_real_tokens=60, progress=False)
+    graph = attribute(model, ids, progress=False, n_real_tokens=40, max_n_logits=20, desired_logit_prob=1.0)
+    assert int(graph.logit_tokens.max()) < 40 and graph.n_logits == 20

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from app.formats import GraphFormatError, cantor_pair, cantor_unpair, normalize_graph
 from tests.helpers import random_ids, tiny_pair
 from training.adapter import build_adapter_model
 from training.config import AdapterConfig
 from worker.attribution.engine import attribute
-from worker.attribution.export import (
-    cantor_pair,
-    cantor_unpair,
-    from_circuit_tracer_json,
-    to_circuit_tracer_json,
+from worker.attribution.export import from_circuit_tracer_json, to_circuit_tracer_json
+from worker.attribution.graph import (
+    Graph,
+    compute_graph_scores,
+    compute_node_influence,
+    prune_graph,
+    prune_masks,
 )
-from worker.attribution.graph import Graph, compute_node_influence, prune_graph, prune_masks
 
 
 class CharTokenizer:
@@ -90,6 +93,67 @@ def test_pruning_leaves_no_dangling_features():
     assert not m.node_mask[2]
 
 
+def hand_graph_with_errors() -> Graph:
+    """Frozen-mlp shape: features f0 (layer 0, pos 0), f1 (layer 1, pos 1); error nodes e[layer][pos] for
+    2 layers × 2 positions; tokens t0, t1; one logit (p = 0.5).
+
+    f0 <- t0 (2); f1 <- f0 (1), t1 (1), e00 (2); logit <- f1 (3), e11 (-1), t1 (1); e01, e10 feed nothing.
+    """
+    F0, F1, E00, E01, E10, E11, T0, T1, LG = range(9)
+    adj = torch.zeros(9, 9, dtype=torch.float64)
+    adj[F0, T0] = 2.0
+    adj[F1, F0], adj[F1, T1], adj[F1, E00] = 1.0, 1.0, 2.0
+    adj[LG, F1], adj[LG, E11], adj[LG, T1] = 3.0, -1.0, 1.0
+    zeros = torch.zeros(9, dtype=torch.float64)
+    return Graph(input_ids=torch.tensor([3, 4]), active_features=torch.tensor([[0, 0, 5], [1, 1, 7]]),
+                 activation_values=torch.tensor([1.0, 2.0], dtype=torch.float64), selected_features=torch.arange(2),
+                 adjacency_matrix=adj, logit_tokens=torch.tensor([6]),
+                 logit_probabilities=torch.tensor([0.5], dtype=torch.float64), target_values=zeros,
+                 constant_contributions=zeros, dropped_contributions=zeros, mode="frozen-mlp", n_layers=2,
+                 n_features_per_layer=16, n_error_nodes=4)
+
+
+def test_error_nodes_take_their_share_of_influence_by_hand():
+    """circuit-tracer's definitions, worked by hand: rows normalised over every source, errors included."""
+    g = hand_graph_with_errors()
+    assert (g.error_node_index(0, 0), g.error_node_index(1, 1), g.token_node_index(0), g.logit_node_index(6)) == \
+        (2, 5, 6, 8)
+    infl = compute_node_influence(g.adjacency_matrix, g.logit_weights())
+    # logit row: f1 3/5, e11 1/5, t1 1/5 (× 0.5); f1's row: f0 1/4, t1 1/4, e00 2/4; f0's row: t0 1
+    f1, e11 = 0.5 * 3 / 5, 0.5 * 1 / 5
+    f0, e00 = f1 / 4, f1 / 2
+    t1 = 0.5 / 5 + f1 / 4
+    expected = [f0, f1, e00, 0.0, 0.0, e11, f0, t1, 0.0]
+    assert infl.tolist() == pytest.approx(expected)
+    replacement, completeness = compute_graph_scores(g)
+    assert replacement == pytest.approx((f0 + t1) / (f0 + t1 + e00 + e11))  # 0.5
+    # per row, 1 − (share of normalised input from errors), weighted by influence + logit weight
+    out = [f0, f1, e00, 0, 0, e11, f0, t1, 0.5]
+    non_error = [1, 1 - 2 / 4, 1, 1, 1, 1, 1, 1, 1 - 1 / 5]
+    assert completeness == pytest.approx(sum(a * b for a, b in zip(out, non_error, strict=True)) / sum(out))
+    assert compute_graph_scores(hand_graph()) == (None, None)  # relp: no error nodes, nothing to measure
+
+
+def test_pruning_keeps_error_nodes_like_circuit_tracer():
+    """Sorted influence f1 .3, t1 .175, e00 .15, e11 .1, f0 = t0 .075: the cumulative share first reaches
+    0.8 at e11, so f0 (and the errors that feed nothing) go; e00 stays (an error needs only an outgoing
+    edge); tokens and logits always stay."""
+    g = hand_graph_with_errors()
+    m = prune_masks(g, node_threshold=0.8, edge_threshold=1.0)
+    assert m.node_mask.tolist() == [False, True, True, False, False, True, True, True, True]
+    assert float(m.cumulative_scores[5]) == pytest.approx((0.3 + 0.175 + 0.15 + 0.1) / 0.875)
+    pruned = prune_graph(g, 0.8, 1.0)
+    assert [(n.kind, n.layer, n.pos) for n in pruned.nodes if n.kind in ("feature", "error")] == \
+        [("feature", 1, 1), ("error", 0, 0), ("error", 1, 1)]
+    m = prune_masks(g, node_threshold=0.6, edge_threshold=1.0)  # reaches 0.6 at e00: e11 (.1) goes too
+    assert m.node_mask.tolist() == [False, True, True, False, False, False, True, True, True]
+    data = to_circuit_tracer_json(prune_graph(g, 0.8, 1.0), CharTokenizer(), slug="h", scan="s")
+    errs = [n for n in data["nodes"] if n["feature_type"] == "mlp reconstruction error"]
+    assert [(n["node_id"], n["jsNodeId"], n["feature"]) for n in errs] == [("0_-1_0", "0_-1-0", -1),
+                                                                          ("1_-1_1", "1_-1-1", -1)]
+    assert "error" in data["metadata"]["adapterlens"]["non_feature_nodes"].lower()
+
+
 @pytest.fixture(scope="module")
 def real_pruned():
     base, target = tiny_pair(0, layers=2, d=32, init_std=0.3)
@@ -159,41 +223,27 @@ def test_round_trip(real_pruned):
     assert again == data
 
 
-def test_imports_a_circuit_tracer_graph_with_error_nodes():
-    """A file as circuit-tracer writes it: error nodes, no adapterlens keys, extra unknown keys."""
-    data = {
-        "metadata": {"slug": "ct", "scan": "gemma-2-2b", "transcoder_list": [], "prompt_tokens": ["<bos>", "Hi"],
-                     "prompt": "<bos>Hi", "node_threshold": 0.8, "schema_version": 1, "unknown": 1},
-        "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-        "nodes": [
-            {"node_id": "3_1234_1", "feature": cantor_pair(3, 1234), "layer": "3", "ctx_idx": 1,
-             "feature_type": "cross layer transcoder", "jsNodeId": "3_1234-0", "clerp": "", "influence": 0.4,
-             "activation": 2.5, "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0},
-            {"node_id": "5_-1_1", "feature": -1, "layer": "5", "ctx_idx": 1, "feature_type": "mlp reconstruction error",
-             "jsNodeId": "5_-1-1", "clerp": "", "influence": 0.6},
-            {"node_id": "E_2_0", "feature": 0, "layer": "E", "ctx_idx": 0, "feature_type": "embedding",
-             "jsNodeId": "E_2-0", "clerp": ""},
-            {"node_id": "E_9_1", "feature": 1, "layer": "E", "ctx_idx": 1, "feature_type": "embedding",
-             "jsNodeId": "E_9-1", "clerp": ""},
-            {"node_id": "27_714_1", "feature": 714, "layer": "27", "ctx_idx": 1, "feature_type": "logit",
-             "jsNodeId": "L_714-1", "clerp": 'Output " there" (p=0.412)', "token_prob": 0.412, "is_target_logit": True},
-        ],
-        "links": [{"source": "E_9_1", "target": "3_1234_1", "weight": 1.5},
-                  {"source": "3_1234_1", "target": "27_714_1", "weight": 0.7},
-                  {"source": "5_-1_1", "target": "27_714_1", "weight": -0.2}],
-    }
-    g = from_circuit_tracer_json(data)
-    assert [n.kind for n in g.nodes] == ["feature", "error", "token", "token", "logit"]
-    feat, err, _, _, logit = g.nodes
-    assert (feat.layer, feat.index, feat.pos, feat.activation, feat.cumulative_influence) == (3, 1234, 1, 2.5, 0.4)
-    assert (err.layer, err.pos) == (5, 1)
-    assert (logit.index, logit.token_prob, logit.is_target_logit) == (714, 0.412, True)
-    assert g.n_layers == 26 and g.input_ids == [2, 9] and g.logit_position == 1
-    assert sorted(g.links) == [(0, 4, 0.7), (1, 4, -0.2), (3, 0, 1.5)]
+def test_import_refuses_what_it_cannot_read():
+    data = json.loads((Path(__file__).resolve().parents[1] / "data" / "circuit-tracer" / "ct-tiny-new-ids.json")
+                      .read_text())
     bad = json.loads(json.dumps(data))
-    bad["links"].append({"source": "nope", "target": "27_714_1", "weight": 1.0})
-    with pytest.raises(ValueError, match="nope"):
+    bad["links"].append({"source": "nope", "target": bad["nodes"][-1]["node_id"], "weight": 1.0})
+    with pytest.raises(GraphFormatError, match="nope"):
         from_circuit_tracer_json(bad)
+    dup = json.loads(json.dumps(data))
+    dup["nodes"].append(dict(dup["nodes"][0]))
+    with pytest.raises(GraphFormatError, match="appears twice"):
+        normalize_graph(dup)
+    with pytest.raises(GraphFormatError, match="nodes"):
+        normalize_graph({"metadata": data["metadata"]})
+    inf = json.loads(json.dumps(data))
+    inf["links"][0]["weight"] = float("inf")
+    with pytest.raises(GraphFormatError, match="finite"):
+        normalize_graph(inf)
+    extra = json.loads(json.dumps(data))
+    extra["metadata"]["unknown"] = 1
+    del extra["qParams"]
+    assert normalize_graph(extra).qParams.linkType == "both"  # Neuronpedia-style files without qParams read
 
 
 def test_cantor_pairing_inverts():

@@ -83,7 +83,7 @@ def test_feature_json(web):
     assert first["acts"][first["focus"]] == pytest.approx(first["max_act"])
     assert len(first["tokens"]) == len(first["token_ids"]) == len(first["acts"]) == 30
     assert data["sets"] == [{"id": web.world.set_id, "name": "hesitation", "role": "output", "score": data["sets"][0]["score"]}]
-    assert data["graphs"][0]["positions"] == [14]
+    assert data["graphs"][0]["positions"] == [13, 14]
     assert len(data["logit_top"]) == 10 and data["histogram"]["counts"]
     assert data["vocab_source"].endswith("tokenizer.json")
 
@@ -100,8 +100,11 @@ def test_logit_lens_without_text_is_decoded(web):
 def test_graph_json_and_circuit_tracer_download(web):
     gid = web.world.graph_id
     data = get(web, f"/api{web.run}/graphs/{gid}")
-    assert sum(n["kind"] == "feature" for n in data["nodes"]) == 8
+    assert sum(n["kind"] == "feature" for n in data["nodes"]) == 10
+    assert sum(n["kind"] == "error" for n in data["nodes"]) == 3
     assert data["prompt_tokens"][data["position"]]["text"] == "\n\n"
+    assert data["mode"] == "frozen-mlp" and "error nodes" in data["non_feature_nodes"].lower()
+    assert data["scores"]["replacement"] == 0.61 and data["logit_diff"] == [" Wait", "7"]
     resp = web.client.get(f"/api{web.run}/graphs/{gid}/circuit-tracer.json")
     assert resp.headers["content-disposition"] == 'attachment; filename="demo-wait-0.json"'
     ct = resp.json()

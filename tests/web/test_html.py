@@ -95,6 +95,13 @@ def test_graph_page_prompt_lists_and_ablate_button(web):
     assert form.select_one("input[name=features]")["value"].split() == ["1:3", "2:7", "2:9", "0:2", "1:5"]
     assert form.select_one("input[name=prompt_tokens]")["value"] == "15"
     assert page.select_one("a[data-download]")["href"].endswith("/circuit-tracer.json")
+    # counts and scores before any node loads; no inline script but the JSON config
+    assert "30 nodes" in page.select_one("[data-counts]").text
+    assert page.select_one("[data-score=replacement]").text == "0.61"
+    assert "error nodes" in page.select_one("[data-non-feature]").text.lower()
+    scripts = page.select("script")
+    assert all(s.get("src") or s.get("type") == "application/json" for s in scripts)
+    assert not any(attr.startswith("on") for tag in page.find_all(True) for attr in tag.attrs)
 
 
 def test_ablation_page_marks_divergence_and_hesitations(web):

@@ -6,13 +6,21 @@ Public API: :func:`attribute` → :class:`Graph`; :func:`prune_graph` → :class
 
 from worker.attribution.engine import attribute
 from worker.attribution.export import from_circuit_tracer_json, to_circuit_tracer_json
-from worker.attribution.graph import Graph, GraphNode, PrunedGraph, compute_node_influence, prune_graph
+from worker.attribution.graph import (
+    Graph,
+    GraphNode,
+    PrunedGraph,
+    compute_graph_scores,
+    compute_node_influence,
+    prune_graph,
+)
 
 __all__ = [
     "Graph",
     "GraphNode",
     "PrunedGraph",
     "attribute",
+    "compute_graph_scores",
     "compute_node_influence",
     "from_circuit_tracer_json",
     "prune_graph",

@@ -12,10 +12,12 @@ target's gradient can be pushed down the layers by hand, for many targets at onc
 - attention backward is three matmuls with the frozen patterns (o, patterns per head, v); relp's MLP
   backward uses the half-rule coefficients (down, then gate/up), or, at positions that many targets
   pass, the precomputed d×d Jacobian of that position's linearised MLP (:class:`MLPJacobians`);
-  frozen-mlp passes only the residual;
+  frozen-mlp passes only the residual, and the edges to that layer's error nodes (one per position) are
+  the gradient at the MLP output dotted with each position's error vector;
 - a chunk of targets only runs over positions up to its last target's position (causal truncation);
-- every constant the linearised model adds (b_dec, b_enc, attention biases, frozen MLP outputs, BOS
-  features) is dotted with the gradient on the way down, so rows are complete: edges + constant = value.
+- every constant the linearised model adds (b_dec, b_enc, attention biases, what an excluded BOS
+  position writes) is dotted with the gradient on the way down, so rows are complete: edges + constant
+  = value.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class ChunkResult:
     feature_edges: torch.Tensor  # [n, n_active]
     token_edges: torch.Tensor  # [n, T]
     constants: torch.Tensor  # [n]
+    error_edges: torch.Tensor | None = None  # frozen-mlp: [n, L * T], layer-major (error[l, t] at l * T + t)
 
 
 class MLPJacobians:
@@ -173,6 +176,7 @@ def run_chunk(lin: Linearization, dec: DecoderBlocks, layers: torch.Tensor, posi
     G = torch.zeros(n, t, d, dtype=dt, device=dev)
     edges = torch.zeros(n, dec.n_active + 1, dtype=dt, device=dev)
     const = constants.to(dt).clone()
+    errors = torch.zeros(n, L, lin.n_pos, dtype=dt, device=dev) if lin.error_vectors is not None else None
     ar = torch.arange(n, device=dev)
     counts = torch.bincount(layers, minlength=L + 1).tolist()
     live = counts[L]
@@ -190,7 +194,7 @@ def run_chunk(lin: Linearization, dec: DecoderBlocks, layers: torch.Tensor, posi
             if lin.mode == "relp":
                 g += _mlp_backward(lin, layer, g, jac)
             else:
-                const[:live] += torch.einsum("ntd,td->n", g, lin.base_out[layer, :t])
+                errors[:live, layer, :t] = torch.einsum("ntd,td->nt", g, lin.error_vectors[layer, :t])
         k = counts[layer]
         if k:
             G[ar[live:live + k], positions[live:live + k]] = seeds[live:live + k]
@@ -201,4 +205,4 @@ def run_chunk(lin: Linearization, dec: DecoderBlocks, layers: torch.Tensor, posi
             g += _attn_backward(lin, layer, g)
     tokens = torch.zeros(n, lin.n_pos, dtype=dt, device=dev)
     tokens[:, :t] = torch.einsum("ntd,td->nt", G, lin.embeds[:t])
-    return ChunkResult(edges[:, :-1], tokens, const)
+    return ChunkResult(edges[:, :-1], tokens, const, errors.flatten(1) if errors is not None else None)

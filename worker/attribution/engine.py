@@ -1,8 +1,18 @@
 """Attribution graphs on the adapter model: ``attribute(model, input_ids) -> Graph``.
 
 Follows circuit-tracer's algorithm (Ameisen et al. 2025, "Circuit Tracing"), on the adapter model
-itself (no replacement model, no error nodes), linearised as in the transcoder-adapters paper
-(Hu et al. 2026, hesitation study):
+itself (no replacement model), linearised as in the transcoder-adapters paper (Hu et al. 2026,
+hesitation study). The nodes that are not features depend on the mode:
+
+- ``frozen-mlp``: the base MLP's output at each (layer, position) is an *error node*, as circuit-tracer's
+  reconstruction-error nodes: a source whose value is that frozen vector, so it takes its share of every
+  row's normalisation, of influence and of pruning exactly as circuit-tracer's do;
+- ``relp``: the base MLP is linearised (half rule), so its contribution flows *through* it to features,
+  tokens and other error-free paths: the only non-feature nodes are token embeddings and logits.
+
+In both modes biases (and whatever an excluded BOS position writes) are per-row constants, not nodes.
+
+Steps:
 
 0. one forward caches the frozen quantities (:func:`worker.attribution.linearize.linearize`);
 1. logit targets: the top tokens up to ``desired_logit_prob`` cumulative probability, at most
@@ -42,24 +52,32 @@ logger = logging.getLogger(__name__)
 
 
 def select_logits(logits: torch.Tensor, max_n_logits: int, desired_logit_prob: float,
-                  target_token: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  target_token: int | None = None, *, n_real_tokens: int | None = None,
+                  extra_tokens: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Top tokens until their probability reaches ``desired_logit_prob`` (at most ``max_n_logits``).
 
-    ``target_token`` is always included (replacing the last one when the list is full).
-    Returns (token ids [k], probabilities [k]), most probable first except a forced token last.
+    ``target_token`` and then ``extra_tokens`` are always included (each replacing the least probable
+    unforced token when the list is full). ``n_real_tokens``: ids at or above it are padding of the
+    embedding matrix (a padded ``vocab_size``), never a logit node. Probabilities stay the softmax over
+    the whole output. Returns (token ids [k], probabilities [k]), most probable first, forced tokens last.
     """
     probs = torch.softmax(logits.double(), -1)
-    top_p, top_i = probs.sort(descending=True)
+    ranked = probs if n_real_tokens is None else probs[:n_real_tokens]
+    top_p, top_i = ranked.sort(descending=True)
     cum = top_p.cumsum(0)
     k = min(int(torch.searchsorted(cum, torch.tensor(desired_logit_prob, dtype=cum.dtype))) + 1, max_n_logits,
-            probs.numel())
-    ids, p = top_i[:k], top_p[:k]
-    if target_token is not None and int(target_token) not in ids.tolist():
-        if k == max_n_logits:
-            ids, p = ids[:-1], p[:-1]
-        ids = torch.cat([ids, ids.new_tensor([int(target_token)])])
-        p = torch.cat([p, probs[int(target_token)].view(1)])
-    return ids, p.to(logits.dtype)
+            ranked.numel())
+    chosen = top_i[:k].tolist()
+    forced = list(dict.fromkeys(int(t) for t in ([target_token] if target_token is not None else [])
+                                + list(extra_tokens)))
+    if len(forced) > max_n_logits:
+        raise ValueError(f"{len(forced)} forced logit tokens do not fit in max_n_logits={max_n_logits}")
+    missing = [t for t in forced if t not in chosen]
+    while len(chosen) + len(missing) > max_n_logits:  # drop the least probable token that is not forced
+        drop = next(i for i in range(len(chosen) - 1, -1, -1) if chosen[i] not in forced)
+        chosen.pop(drop)
+    ids = torch.tensor(chosen + missing, dtype=torch.long, device=logits.device)
+    return ids, probs[ids].to(logits.dtype)
 
 
 @dataclass
@@ -110,25 +128,34 @@ def _run_targets(lin: Linearization, dec: DecoderBlocks, tg: _Targets, batch_siz
     feat = torch.empty(n, int(lin.feat_act.numel()), dtype=lin.embeds.dtype, device=lin.embeds.device)
     tok = torch.empty(n, lin.n_pos, dtype=lin.embeds.dtype, device=lin.embeds.device)
     const = torch.empty(n, dtype=lin.embeds.dtype, device=lin.embeds.device)
+    err = None
+    if lin.error_vectors is not None:
+        err = torch.empty(n, lin.n_layers * lin.n_pos, dtype=lin.embeds.dtype, device=lin.embeds.device)
     for chunk in chunks:
         r = run_chunk(lin, dec, tg.layers[chunk], tg.positions[chunk], tg.seeds[chunk], tg.constants[chunk], jac)
         feat[chunk], tok[chunk], const[chunk] = r.feature_edges, r.token_edges, r.constants
+        if err is not None:
+            err[chunk] = r.error_edges
         if bar is not None:
             bar.update(len(chunk))
-    return ChunkResult(feat, tok, const)
+    return ChunkResult(feat, tok, const, err)
 
 
 def partial_influence(feature_rows: torch.Tensor, token_rows: torch.Tensor, row_feature: torch.Tensor,
-                      row_weights: torch.Tensor, max_iter: int = 1000) -> torch.Tensor:
+                      row_weights: torch.Tensor, max_iter: int = 1000,
+                      error_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Influence of every active feature on the logits through the rows computed so far [n_active].
 
     Rows are targets (logits and visited features), columns sources; each row is normalised by its total
-    |edge| (tokens included). ``row_feature`` [rows]: the feature column a row belongs to (-1 for logit
+    |edge| (tokens and, in frozen-mlp, error nodes included, as circuit-tracer's partial influence). ``row_feature`` [rows]: the feature column a row belongs to (-1 for logit
     rows); ``row_weights`` [rows]: logit probabilities on logit rows, 0 elsewhere. The sum
     ``w A + w A² + …`` runs until nothing is left (the graph is acyclic).
     """
     absf = feature_rows.abs()
-    norm = (absf.sum(1) + token_rows.abs().sum(1)).clamp(min=1e-10)
+    norm = absf.sum(1) + token_rows.abs().sum(1)
+    if error_rows is not None:
+        norm = norm + error_rows.abs().sum(1)
+    norm = norm.clamp(min=1e-10)
     A = absf / norm[:, None]
     x = row_weights.to(A.dtype)
     is_feat = row_feature >= 0
@@ -147,7 +174,8 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
               max_feature_nodes: int = 10_000, max_n_logits: int = 10, desired_logit_prob: float = 0.95,
               batch_size: int = 32, round_size: int = 1024, target_token: int | None = None,
               progress: bool = True, dtype: torch.dtype | None = None, exclude_bos: bool = True,
-              bos_token_id: int | None = None, jacobian_budget_mb: float = 512.0) -> Graph:
+              bos_token_id: int | None = None, jacobian_budget_mb: float = 512.0, n_real_tokens: int | None = None,
+              extra_logit_tokens: tuple[int, ...] = ()) -> Graph:
     """Attribution graph of the adapter model on one prompt ``input_ids`` [seq] (logits at the last position).
 
     - ``mode``: ``relp`` (half rule, σ frozen) or ``frozen-mlp`` (circuit-tracer: base MLP outputs constant).
@@ -159,6 +187,10 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
     - ``exclude_bos``: features at position 0 are no nodes when token 0 is BOS (``bos_token_id``,
       default the model config's); their output is a constant.
     - ``jacobian_budget_mb``: relp only, memory for per-position MLP Jacobians (0 disables them).
+    - ``n_real_tokens``: the tokenizer's size when the model's vocabulary is padded beyond it: padded ids
+      never become logit nodes.
+    - ``extra_logit_tokens``: further tokens that must be logit nodes (e.g. the other side of a logit
+      difference).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
@@ -173,8 +205,10 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
     if not 0.0 < desired_logit_prob <= 1.0:
         raise ValueError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
     vocab = model.hf.lm_head.weight.shape[0]
-    if target_token is not None and not 0 <= int(target_token) < vocab:
-        raise ValueError(f"target_token {target_token} outside the vocabulary [0, {vocab})")
+    real = vocab if n_real_tokens is None else min(int(n_real_tokens), vocab)
+    for name, tok in [("target_token", target_token)] + [("extra_logit_tokens", t) for t in extra_logit_tokens]:
+        if tok is not None and not 0 <= int(tok) < real:
+            raise ValueError(f"{name} {tok} outside the vocabulary [0, {real})")
 
     t0 = time.perf_counter()
     lin = linearize(model, input_ids, mode, dtype=dtype, exclude_bos=exclude_bos, bos_token_id=bos_token_id)
@@ -185,7 +219,8 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
                 n_active)
 
     t1 = time.perf_counter()
-    logit_ids, logit_p = select_logits(lin.logits, max_n_logits, desired_logit_prob, target_token)
+    logit_ids, logit_p = select_logits(lin.logits, max_n_logits, desired_logit_prob, target_token,
+                                       n_real_tokens=real, extra_tokens=tuple(extra_logit_tokens))
     budget = min(max_feature_nodes, n_active)
     bar = tqdm(total=len(logit_ids) + budget, desc="attribution", unit="target", disable=not progress)
     logit_rows = _run_targets(lin, dec, _logit_targets(lin, logit_ids), batch_size, bar)
@@ -193,6 +228,7 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
 
     t2 = time.perf_counter()
     rows_f, rows_t, rows_c = [logit_rows.feature_edges], [logit_rows.token_edges], [logit_rows.constants]
+    rows_e = [logit_rows.error_edges] if logit_rows.error_edges is not None else None
     row_feature = [torch.full((len(logit_ids),), -1, dtype=torch.long, device=lin.embeds.device)]
     visited = torch.zeros(n_active, dtype=torch.bool, device=lin.embeds.device)
     n_rounds = 0
@@ -204,13 +240,16 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
         else:
             weights = torch.zeros(sum(len(r) for r in row_feature), dtype=lin.embeds.dtype, device=visited.device)
             weights[:len(logit_ids)] = logit_p
-            infl = partial_influence(torch.cat(rows_f), torch.cat(rows_t), torch.cat(row_feature), weights)
+            infl = partial_influence(torch.cat(rows_f), torch.cat(rows_t), torch.cat(row_feature), weights,
+                                     error_rows=torch.cat(rows_e) if rows_e is not None else None)
             infl[visited] = -1.0
             todo = torch.topk(infl, min(round_size, left)).indices
         r = _run_targets(lin, dec, _feature_targets(lin, todo), batch_size, bar, jac)
         rows_f.append(r.feature_edges)
         rows_t.append(r.token_edges)
         rows_c.append(r.constants)
+        if rows_e is not None:
+            rows_e.append(r.error_edges)
         row_feature.append(todo)
         visited[todo] = True
         n_rounds += 1
@@ -218,10 +257,11 @@ def attribute(model: AdapterModel, input_ids: torch.Tensor, *, mode: LinearMode 
     logger.info("phase 2: %d feature rows in %d rounds, %.2fs", budget, n_rounds, time.perf_counter() - t2)
 
     graph = _assemble(lin, logit_ids, logit_p, torch.cat(rows_f), torch.cat(rows_t), torch.cat(rows_c),
-                      torch.cat(row_feature), settings={
+                      torch.cat(row_feature), torch.cat(rows_e) if rows_e is not None else None, settings={
                           "mode": mode, "max_feature_nodes": max_feature_nodes, "max_n_logits": max_n_logits,
                           "desired_logit_prob": desired_logit_prob, "batch_size": batch_size,
                           "round_size": round_size, "target_token": target_token, "rounds": n_rounds,
+                          "extra_logit_tokens": [int(t) for t in extra_logit_tokens],
                           "mlp_jacobians": sum(jac.cut) if jac is not None else 0,
                           "backward_chunks": _n_chunks(len(logit_ids), batch_size) + _n_chunks(budget, batch_size),
                       })
@@ -234,12 +274,15 @@ def _n_chunks(n: int, batch_size: int) -> int:
 
 
 def _assemble(lin: Linearization, logit_ids: torch.Tensor, logit_p: torch.Tensor, feat_rows: torch.Tensor,
-              tok_rows: torch.Tensor, consts: torch.Tensor, row_feature: torch.Tensor, settings: dict) -> Graph:
-    """Square adjacency over (selected features, tokens, logits); non-node feature columns summed per row."""
+              tok_rows: torch.Tensor, consts: torch.Tensor, row_feature: torch.Tensor,
+              err_rows: torch.Tensor | None, settings: dict) -> Graph:
+    """Square adjacency over (selected features, error nodes, tokens, logits); non-node feature columns summed."""
     n_logits, T = len(logit_ids), lin.n_pos
+    n_err = 0 if err_rows is None else lin.n_layers * T
     selected = row_feature[row_feature >= 0].sort().values
     n_sel = int(selected.numel())
-    n_nodes = n_sel + T + n_logits
+    tok0 = n_sel + n_err
+    n_nodes = tok0 + T + n_logits
     dt, dev = lin.embeds.dtype, lin.embeds.device
     adj = torch.zeros(n_nodes, n_nodes, dtype=dt, device=dev)
     values = torch.zeros(n_nodes, dtype=dt, device=dev)
@@ -250,14 +293,16 @@ def _assemble(lin: Linearization, logit_ids: torch.Tensor, logit_p: torch.Tensor
     node_of_col[selected] = torch.arange(n_sel, device=dev)
     row_node = torch.empty(len(row_feature), dtype=torch.long, device=dev)
     is_logit = row_feature < 0
-    row_node[is_logit] = n_sel + T + torch.arange(n_logits, device=dev)
+    row_node[is_logit] = tok0 + T + torch.arange(n_logits, device=dev)
     row_node[~is_logit] = node_of_col[row_feature[~is_logit]]
     adj[row_node, :n_sel] = feat_rows[:, selected]
-    adj[row_node, n_sel:n_sel + T] = tok_rows
+    if err_rows is not None:
+        adj[row_node, n_sel:tok0] = err_rows
+    adj[row_node, tok0:tok0 + T] = tok_rows
     const[row_node] = consts
     dropped[row_node] = feat_rows.sum(1) - feat_rows[:, selected].sum(1)
     values[:n_sel] = lin.feat_act[selected]  # active features: pre-activation = activation
-    values[n_sel + T:] = lin.logits[logit_ids] - lin.logits.mean()
+    values[tok0 + T:] = lin.logits[logit_ids] - lin.logits.mean()
     active = torch.stack([lin.feat_layer, lin.feat_pos, lin.feat_index], 1)
     return Graph(
         input_ids=lin.input_ids.cpu(), active_features=active.cpu(), activation_values=lin.feat_act.cpu(),
@@ -265,4 +310,5 @@ def _assemble(lin: Linearization, logit_ids: torch.Tensor, logit_p: torch.Tensor
         logit_probabilities=logit_p.cpu(), target_values=values.cpu(), constant_contributions=const.cpu(),
         dropped_contributions=dropped.cpu(), mode=lin.mode, n_layers=lin.n_layers,
         n_features_per_layer=lin.n_features, target_token=settings.get("target_token"), settings=settings,
+        n_error_nodes=n_err,
     )

@@ -1,11 +1,23 @@
 """The attribution graph container, node influence and pruning (circuit-tracer's semantics).
 
-Pure functions on tensors, like circuit-tracer's ``graph.py``: :func:`compute_node_influence` (the
-influence of every node on the logits through the row-normalised |adjacency|, summed over all path
-lengths), :func:`prune_graph` (keep the nodes covering ``node_threshold`` of the influence and the
-edges covering ``edge_threshold`` of the edge influence, then drop feature nodes left without an
-incoming or outgoing edge, repeatedly). The result, :class:`PrunedGraph`, is a plain node and link list
-that the JSON export, the store and the pages use.
+Pure functions on tensors, like circuit-tracer's ``graph.py``, with its definitions:
+
+- :func:`compute_node_influence`: ``w A + w A² + …`` where ``A`` is |adjacency| with each row divided by
+  its sum (over *every* source: features, error nodes, tokens) and ``w`` the logit probabilities;
+- :func:`prune_masks` / :func:`prune_graph`: keep the nodes whose influence is at least the score at
+  which the sorted influences' cumulative share first reaches ``node_threshold`` (tokens and logits
+  always); score each remaining edge by its row-normalised weight times the influence of its target
+  (plus the target's own logit weight) and keep those down to the cumulative ``edge_threshold``; then,
+  repeatedly, drop feature and error nodes with no kept outgoing edge and feature nodes with no kept
+  incoming edge. A node's ``influence`` in the JSON is the cumulative share at its rank;
+- :func:`compute_graph_scores`: the replacement score (share of the token and error nodes' influence
+  that the tokens hold) and the completeness score (per node, the share of its normalised input that does
+  not come from error nodes, weighted by its influence plus logit weight).
+
+One deliberate difference: when a threshold reaches the zero-score tail (e.g. 1.0), circuit-tracer's
+cut-off becomes 0 and its mask then admits non-edges; :func:`score_threshold` stops at the smallest
+positive score, so "keep everything" keeps every real edge and nothing else. The result,
+:class:`PrunedGraph`, is a plain node and link list that the JSON export, the store and the pages use.
 """
 
 from __future__ import annotations
@@ -22,16 +34,16 @@ NodeKind = Literal["feature", "error", "token", "logit"]
 class Graph:
     """The unpruned attribution graph of one prompt.
 
-    Nodes, in this order: the selected features ``active_features[selected_features]`` (each a
-    (layer, position, index) triple), one token node per input position, one logit node per logit
-    target. ``adjacency_matrix[target, source]`` is the direct effect of source on target: rows are
-    targets, columns sources (as in circuit-tracer; there are no error nodes: the adapter model itself
-    is explained). Token rows are zero; a feature row holds edges only from lower layers and earlier or
-    equal positions.
+    Nodes, in this order (circuit-tracer's): the selected features ``active_features[selected_features]``
+    (each a (layer, position, index) triple); in frozen-mlp mode ``n_layers × n_pos`` error nodes, the
+    frozen base-MLP output at (layer, position) at index ``layer * n_pos + position`` (relp has none); one
+    token node per input position; one logit node per logit target. ``adjacency_matrix[target, source]``
+    is the direct effect of source on target: rows are targets, columns sources. Token and error rows are
+    zero; a feature row holds edges only from lower layers and earlier or equal positions.
 
     Per row, completeness: ``adjacency.sum(1) + constant_contributions + dropped_contributions ==
     target_values`` (a feature's pre-activation, a logit's demeaned value) in the linearised model.
-    ``constant_contributions``: biases, frozen MLP outputs (frozen-mlp) and features at an excluded BOS;
+    ``constant_contributions``: biases and what an excluded BOS position writes;
     ``dropped_contributions``: active features that are no nodes (beyond ``max_feature_nodes``).
     """
 
@@ -50,6 +62,7 @@ class Graph:
     n_features_per_layer: int
     target_token: int | None = None
     settings: dict = field(default_factory=dict)
+    n_error_nodes: int = 0  # n_layers * n_pos in frozen-mlp mode, 0 in relp
 
     @property
     def n_pos(self) -> int:
@@ -65,7 +78,15 @@ class Graph:
 
     @property
     def n_nodes(self) -> int:
-        return self.n_feature_nodes + self.n_pos + self.n_logits
+        return self.n_feature_nodes + self.n_error_nodes + self.n_pos + self.n_logits
+
+    @property
+    def token_start(self) -> int:
+        return self.n_feature_nodes + self.n_error_nodes
+
+    @property
+    def logit_start(self) -> int:
+        return self.token_start + self.n_pos
 
     @property
     def feature_nodes(self) -> torch.Tensor:
@@ -83,14 +104,19 @@ class Graph:
             raise KeyError(f"feature ({layer}, {index}) at position {pos} is not a node of this graph")
         return int(hit[0])
 
+    def error_node_index(self, layer: int, pos: int) -> int:
+        if not self.n_error_nodes:
+            raise KeyError(f"a {self.mode} graph has no error nodes")
+        return self.n_feature_nodes + layer * self.n_pos + pos
+
     def token_node_index(self, pos: int) -> int:
-        return self.n_feature_nodes + pos
+        return self.token_start + pos
 
     def logit_node_index(self, token_id: int) -> int:
         hit = (self.logit_tokens == token_id).nonzero()
         if hit.numel() == 0:
             raise KeyError(f"token {token_id} is not a logit node of this graph")
-        return self.n_feature_nodes + self.n_pos + int(hit[0])
+        return self.logit_start + int(hit[0])
 
     def save(self, path: str) -> None:
         """Write the graph with ``torch.save`` (tensors and plain values only, so loading needs no pickle)."""
@@ -99,6 +125,10 @@ class Graph:
     @classmethod
     def load(cls, path: str) -> Graph:
         return cls(**torch.load(path, map_location="cpu", weights_only=True))
+
+    def non_feature_nodes(self) -> str:
+        """What the graph's non-feature nodes are (the page and the JSON metadata say it)."""
+        return describe_non_feature_nodes(self.mode)
 
     def logit_weights(self) -> torch.Tensor:
         """Per node: the logit probability on logit nodes, 0 elsewhere (the influence seed)."""
@@ -207,6 +237,7 @@ def prune_masks(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     adj = graph.adjacency_matrix.double()
     n_fixed = graph.n_pos + graph.n_logits  # tokens and logits are always kept
     n_feat = graph.n_feature_nodes
+    n_src = graph.token_start  # features and error nodes: kept only while they feed something kept
     w = graph.logit_weights().double()
     node_infl = compute_node_influence(adj, w)
     node_mask = node_infl >= score_threshold(node_infl, node_threshold)
@@ -221,8 +252,8 @@ def prune_masks(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
         before = node_mask.clone()
         edge_mask[~node_mask] = False
         edge_mask[:, ~node_mask] = False
-        node_mask[:n_feat] &= edge_mask[:, :n_feat].any(0)  # a feature must feed something kept
-        node_mask[:n_feat] &= edge_mask[:n_feat].any(1)  # and be fed by something kept
+        node_mask[:n_src] &= edge_mask[:, :n_src].any(0)  # a feature or error node must feed something kept
+        node_mask[:n_feat] &= edge_mask[:n_feat].any(1)  # and a feature be fed by something kept
         if bool((node_mask == before).all()):
             break
     order = node_infl.sort(descending=True)
@@ -232,10 +263,35 @@ def prune_masks(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     return PruneMasks(node_mask, edge_mask, node_infl, cumulative)
 
 
+def compute_graph_scores(graph: Graph) -> tuple[float | None, float | None]:
+    """circuit-tracer's (replacement score, completeness score) of the unpruned graph.
+
+    Replacement: of the influence that token and error nodes hold, the share the tokens hold (1 when the
+    computation reaches the logits from the tokens through features alone). Completeness: per node, the
+    share of its row-normalised input that is not from error nodes, averaged with weights influence +
+    logit weight. A relp graph has no error nodes, so both are 1 by construction: None is returned
+    (the page says why) rather than a number that measures nothing.
+    """
+    if not graph.n_error_nodes:
+        return None, None
+    adj = graph.adjacency_matrix.double()
+    w = graph.logit_weights().double()
+    norm = normalize_rows(adj)
+    infl = influence(norm, w)
+    e0, e1 = graph.n_feature_nodes, graph.token_start
+    token_infl = float(infl[e1:graph.logit_start].sum())
+    error_infl = float(infl[e0:e1].sum())
+    replacement = token_infl / (token_infl + error_infl) if token_infl + error_infl > 0 else None
+    non_error = 1 - norm[:, e0:e1].sum(1)
+    out = infl + w
+    completeness = float((non_error * out).sum() / out.sum()) if float(out.sum()) > 0 else None
+    return replacement, completeness
+
+
 def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PrunedGraph:
     """Prune ``graph`` (circuit-tracer's semantics) into node and link lists, with activation and influence."""
     m = prune_masks(graph, node_threshold, edge_threshold)
-    n_feat, T = graph.n_feature_nodes, graph.n_pos
+    n_feat, T, n_err = graph.n_feature_nodes, graph.n_pos, graph.n_error_nodes
     keep = m.node_mask.nonzero().squeeze(1).tolist()
     new_index = {old: new for new, old in enumerate(keep)}
     feats, acts = graph.feature_nodes.tolist(), graph.feature_activations.tolist()
@@ -248,13 +304,16 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
         if i < n_feat:
             layer, pos, idx = feats[i]
             nodes.append(GraphNode("feature", pos, idx, layer, acts[i], infl[i], cum[i]))
-        elif i < n_feat + T:
-            pos = i - n_feat
+        elif i < n_feat + n_err:
+            layer, pos = divmod(i - n_feat, T)
+            nodes.append(GraphNode("error", pos, -1, layer, None, infl[i], cum[i]))
+        elif i < graph.logit_start:
+            pos = i - graph.token_start
             nodes.append(GraphNode("token", pos, int(graph.input_ids[pos]), None, None, infl[i], cum[i]))
         else:
-            k = i - n_feat - T
+            k = i - graph.logit_start
             tok = int(graph.logit_tokens[k])
-            nodes.append(GraphNode("logit", T - 1, tok, None, None, infl[i], cum[i],
+            nodes.append(GraphNode("logit", T - 1, tok, None, None, None, None,  # targets: no influence of their own
                                    float(graph.logit_probabilities[k]), tok == target))
     tgt, src = m.edge_mask.nonzero(as_tuple=True)
     weights = graph.adjacency_matrix[tgt, src].tolist()
@@ -262,3 +321,10 @@ def prune_graph(graph: Graph, node_threshold: float = 0.8, edge_threshold: float
     return PrunedGraph(nodes=nodes, links=links, input_ids=graph.input_ids.tolist(), n_layers=graph.n_layers,
                        mode=graph.mode, node_threshold=node_threshold, edge_threshold=edge_threshold,
                        logit_position=T - 1, settings=dict(graph.settings))
+
+
+def describe_non_feature_nodes(mode: str | None) -> str:
+    """What a graph's non-feature nodes are, in words (the JSON metadata and the page carry it)."""
+    from app.formats import non_feature_nodes
+
+    return non_feature_nodes(mode)

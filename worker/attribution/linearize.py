@@ -10,12 +10,15 @@ The attribution graph is computed on a *linearised* adapter model (paper's hesit
   Euler's theorem the half-rule Jacobian applied to the input returns the MLP output exactly: the
   linearised MLP is the fixed linear map ``x ↦ W_down (c_gate ⊙ W_gate x + c_up ⊙ W_up x)`` with
   ``c_gate = ½·u·σ(g)``, ``c_up = ½·g·σ(g)`` taken from this forward;
-- ``frozen-mlp`` (circuit-tracer's semantics): base MLP outputs are constants;
+- ``frozen-mlp`` (circuit-tracer's semantics): the base MLP output at each (layer, position) is a frozen
+  vector, a *source* like circuit-tracer's error node (``error_vectors``): the MLP output that no adapter
+  feature explains. At an excluded BOS position it is a constant instead (circuit-tracer zeroes the
+  error vectors and features there);
 - adapter features are stop-gradient leaves: each contributes ``f_i · W_dec[:, i]``.
 
-The result is one fixed linear map from the sources (token embeddings, feature activations) plus
-explicit constants (``b_dec``, ``b_enc``, attention value/output biases, frozen MLP outputs, features at a
-BOS position) to every target. :func:`linearize` runs our own float forward (any dtype, float64 in tests)
+The result is one fixed linear map from the sources (token embeddings, feature activations and, in
+frozen-mlp, the error vectors) plus explicit constants (``b_dec``, ``b_enc``, attention value/output
+biases, everything at an excluded BOS position) to every target. :func:`linearize` runs our own float forward (any dtype, float64 in tests)
 and checks it against nothing; the tests compare it with the Hugging Face forward.
 :func:`linear_forward` evaluates the frozen linear model for arbitrary source values: the reference that
 the tests use to verify edges by intervention and completeness.
@@ -69,7 +72,8 @@ class Linearization:
     """Frozen quantities of one prompt's forward, in ``dtype``. T = prompt length, L = layers.
 
     Features at an excluded BOS position are not sources: their decoder output is folded into the
-    per-layer constant ``bos_out`` and they never appear in ``feat_*``.
+    per-layer constant ``bos_out`` and they never appear in ``feat_*``. In frozen-mlp mode the base MLP
+    output there joins that constant too, and ``error_vectors[:, 0]`` is zero (no error node carries it).
     """
 
     mode: str
@@ -85,7 +89,8 @@ class Linearization:
     patterns: torch.Tensor  # [L, H, T, T] attention patterns A[t, s]
     attn_const: torch.Tensor  # [L, d] output of attention from the v/o biases (rows of A sum to 1)
     mlp_in: torch.Tensor  # [L, T, d] x, the adapter's and base MLP's input
-    base_out: torch.Tensor  # [L, T, d] base MLP output (frozen-mlp constants)
+    base_out: torch.Tensor  # [L, T, d] base MLP output
+    error_vectors: torch.Tensor | None  # frozen-mlp: [L, T, d] the error nodes' vectors (base_out, 0 at a BOS)
     c_gate: torch.Tensor | None  # [L, T, I] relp half-rule coefficients (None in frozen-mlp)
     c_up: torch.Tensor | None  # [L, T, I]
     pre_acts: list[torch.Tensor]  # per layer [T, F] encoder pre-activations W_enc x + b_enc
@@ -93,7 +98,7 @@ class Linearization:
     feat_pos: torch.Tensor  # [n_active] long
     feat_index: torch.Tensor  # [n_active] long
     feat_act: torch.Tensor  # [n_active] activation values (source strengths)
-    bos_out: torch.Tensor  # [L, d] decoder output of excluded BOS-position features (zero if none)
+    bos_out: torch.Tensor  # [L, d] constant MLP output at an excluded BOS (its features; frozen-mlp: + base)
     bos_excluded: bool
     final_ln: torch.Tensor  # [d]
     r_final: torch.Tensor  # [T]
@@ -253,6 +258,14 @@ def linearize(model: AdapterModel, input_ids: torch.Tensor, mode: LinearMode = "
         if mode == "relp":
             cgs.append(0.5 * u * sig)
             cus.append(0.5 * g * sig)
+    base_out = torch.stack(bases)
+    bos_out = torch.stack(bos_outs)
+    errors = None
+    if mode == "frozen-mlp":
+        errors = base_out.clone()
+        if bos_excluded:
+            bos_out = bos_out + base_out[:, 0]
+            errors[:, 0] = 0
     final_ln = _cast(model.hf.model.norm.weight, dtype)
     r_f = _rms_inv(h, eps)
     W_U = _cast(model.hf.lm_head.weight, dtype)
@@ -261,10 +274,10 @@ def linearize(model: AdapterModel, input_ids: torch.Tensor, mode: LinearMode = "
     lin = Linearization(
         mode=mode, input_ids=ids, embeds=embeds, weights=weights, n_heads=n_heads, n_kv_heads=n_kv,
         head_dim=head_dim, eps=eps, r1=torch.stack(r1s), r2=torch.stack(r2s), patterns=torch.stack(pats),
-        attn_const=torch.stack(consts), mlp_in=torch.stack(xs), base_out=torch.stack(bases),
+        attn_const=torch.stack(consts), mlp_in=torch.stack(xs), base_out=base_out, error_vectors=errors,
         c_gate=torch.stack(cgs) if mode == "relp" else None, c_up=torch.stack(cus) if mode == "relp" else None,
         pre_acts=pres, feat_layer=torch.cat(f_layer), feat_pos=torch.cat(f_pos), feat_index=torch.cat(f_idx),
-        feat_act=torch.cat(f_act), bos_out=torch.stack(bos_outs), bos_excluded=bos_excluded, final_ln=final_ln,
+        feat_act=torch.cat(f_act), bos_out=bos_out, bos_excluded=bos_excluded, final_ln=final_ln,
         r_final=r_f, W_U=W_U, b_U=b_U, logits=logits,
     )
     logger.debug("linearised %d tokens, %d layers: %d active features (BOS excluded: %s)",
@@ -281,12 +294,14 @@ class LinearOutputs:
 
 
 def linear_forward(lin: Linearization, *, embeds: torch.Tensor | None = None,
-                   feature_acts: list[torch.Tensor] | None = None, include_constants: bool = True) -> LinearOutputs:
+                   feature_acts: list[torch.Tensor] | None = None, errors: torch.Tensor | None = None,
+                   include_constants: bool = True) -> LinearOutputs:
     """Evaluate the frozen linear model for given sources, with every frozen quantity from ``lin``.
 
     ``embeds`` [T, d] replaces the token embeddings; ``feature_acts`` (per layer [T, F]) replaces the
-    feature activations (the BOS-position features of an excluded BOS stay in the constants).
-    ``include_constants=False`` drops every bias, frozen MLP output and BOS term: the pure linear part.
+    feature activations (the BOS-position features of an excluded BOS stay in the constants);
+    ``errors`` [L, T, d] replaces frozen-mlp's error vectors (the sources that stand for the base MLP).
+    ``include_constants=False`` drops every bias and BOS term: the pure linear part.
     This is deliberately a plain forward, independent of the engine's hand-written backward.
     """
     T = lin.n_pos
@@ -307,7 +322,7 @@ def linear_forward(lin: Linearization, *, embeds: torch.Tensor | None = None,
         if lin.mode == "relp":
             mlp = F.linear(lin.c_gate[i] * F.linear(x, w.W_gate) + lin.c_up[i] * F.linear(x, w.W_up), w.W_down)
         else:
-            mlp = k * lin.base_out[i]
+            mlp = (lin.error_vectors if errors is None else errors.to(h.dtype))[i]
         dec = F.linear(feature_acts[i], w.W_dec)
         if w.b_dec is not None:
             dec = dec + k * w.b_dec

@@ -23,9 +23,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
+from app.db.attribute_request import STUDY_SLUG_PREFIX, AttributePayload
 from app.db.schema import Prompt, Run
+from app.db.text import storable
 from training.hesitation import DEFAULT_HESITATION_WORDS, hesitation_token_ids
 from worker.handlers import JobContext, register
 from worker.hesitation import store
@@ -55,8 +57,6 @@ from worker.pipeline import get_run
 log = logging.getLogger(__name__)
 
 ATTRIBUTE_MAX_TOKENS = 2048  # tokens: graphs cost ~quadratically in length; longer prompts are refused
-STUDY_SLUG_PREFIX = "hesitation-"
-SLUG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"
 HESITATION_SET_NAME = "hesitation features"
 
 
@@ -79,34 +79,6 @@ def _word(tokenizer: Any, token_id: int) -> str:
 
 
 # -- attribute ------------------------------------------------------------------------------------------
-
-
-class AttributePayload(BaseModel):
-    """One graph. Give exactly one of ``prompt`` (text), ``token_ids`` or ``prompt_id`` (a stored prompt)."""
-
-    run_id: int
-    prompt: str | None = Field(None, min_length=1, description="Text, tokenized with the run's tokenizer (+ bos).")
-    token_ids: list[int] | None = Field(None, min_length=1, description="Token ids exactly as the model sees them.")
-    prompt_id: int | None = Field(None, description="A row of `prompts` of this run (its token ids).")
-    chat: bool = Field(False, description="Wrap `prompt` in the chat format (user turn, assistant, <think>).")
-    target_token: int | str | None = Field(None, description="Vocab id or single-token text; always a logit node.")
-    mode: Literal["relp", "frozen-mlp"] = "relp"
-    max_feature_nodes: int = Field(10_000, ge=1, le=100_000)
-    max_n_logits: int = Field(10, ge=1, le=100)
-    desired_logit_prob: float = Field(0.95, gt=0.0, le=1.0)
-    node_threshold: float = Field(0.8, ge=0.0, le=1.0)
-    edge_threshold: float = Field(0.98, ge=0.0, le=1.0)
-    batch_size: int = Field(32, ge=1, le=4096)
-    slug: str | None = Field(None, pattern=SLUG_PATTERN, description="Graph id in the run (default: from content).")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> AttributePayload:
-        given = [k for k in ("prompt", "token_ids", "prompt_id") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of prompt, token_ids, prompt_id (got {given or 'none'})")
-        if self.slug is not None and self.slug.startswith(STUDY_SLUG_PREFIX):
-            raise ValueError(f"slug {self.slug!r}: the prefix {STUDY_SLUG_PREFIX!r} belongs to the hesitation study")
-        return self
 
 
 def resolve_prompt(ctx: JobContext, p: AttributePayload, tokenizer: Any, vocab: int,
@@ -154,8 +126,11 @@ def resolve_target(target: int | str | None, tokenizer: Any, vocab: int) -> int 
 
 def default_slug(ids: list[int], target: int | None, p: AttributePayload) -> str:
     """A slug from what determines the graph, so that the same request replaces the same row."""
-    key = json.dumps([ids, target, p.mode, p.max_feature_nodes, p.max_n_logits, p.desired_logit_prob,
-                      p.node_threshold, p.edge_threshold])
+    key = [ids, target, p.mode, p.max_feature_nodes, p.max_n_logits, p.desired_logit_prob, p.node_threshold,
+           p.edge_threshold]
+    if p.contrast_token is not None:
+        key.append(p.contrast_token)
+    key = json.dumps(key)
     return f"attr-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
@@ -166,28 +141,75 @@ def attribute_job(ctx: JobContext) -> dict:
     get_run(ctx, p.run_id)
     ctx.progress(0, 3, "loading the model")
     model, tokenizer = _model(ctx, p.run_id)
-    vocab = int(model.hf.lm_head.weight.shape[0])
+    vocab = min(int(model.hf.lm_head.weight.shape[0]), len(tokenizer))  # ids past the tokenizer are padding
     ids, text, prompt_id = resolve_prompt(ctx, p, tokenizer, vocab, _context_limit(model))
     target = resolve_target(p.target_token, tokenizer, vocab)
+    contrast = None
+    if p.contrast_token == "auto":
+        contrast = best_other_token(model, ids, tokenizer, vocab, exclude={target})
+    elif p.contrast_token is not None:
+        contrast = resolve_target(p.contrast_token, tokenizer, vocab)
+        if contrast == target:
+            raise ValueError("contrast_token is the target token; a logit difference needs two tokens")
     ctx.check()
     ctx.progress(1, 3, f"attributing {len(ids)} tokens")
     t0 = time.perf_counter()
     settings = GraphSettings(mode=p.mode, max_feature_nodes=p.max_feature_nodes, node_threshold=p.node_threshold,
                              edge_threshold=p.edge_threshold, max_n_logits=p.max_n_logits,
                              desired_logit_prob=p.desired_logit_prob, batch_size=p.batch_size)
-    graph, pruned = site_graph(model, ids, target, settings, progress=ctx.job_id is None)
+    graph, pruned = site_graph(model, ids, target, settings, progress=ctx.job_id is None, n_real_tokens=vocab,
+                               extra_logit_tokens=(contrast,) if contrast is not None else ())
     seconds = time.perf_counter() - t0
     ctx.check()
     ctx.progress(2, 3, "storing")
     slug = p.slug or default_slug(ids, target, p)
     with ctx.session() as s:
+        if prompt_id is None:
+            prompt_id = store.graph_prompt_id(s, p.run_id, ids, text)
         clerps = store.clerps_for(s, p.run_id, pruned.feature_ids())
         row = store.graph_row(p.run_id, slug, graph, pruned, tokenizer, prompt=text, prompt_id=prompt_id,
                               clerps=clerps, params={"seconds": seconds})
         graph_id = store.write_graph(s, row)
     ctx.progress(3, 3, "done")
-    return {"graph_id": graph_id, "slug": slug, "n_tokens": len(ids), "target_token_id": row["target_token_id"],
-            "target_token": row["target_token_str"], "seconds": seconds, "scores": row["scores"]}
+    scores = row["scores"]
+    out = {"graph_id": graph_id, "slug": slug, "n_tokens": len(ids), "target_token_id": row["target_token_id"],
+           "target_token": row["target_token_str"], "seconds": seconds, "scores": scores,
+           "non_feature_nodes": row["params"]["non_feature_nodes"]}
+    if contrast is not None:
+        out["contrast_token_id"], out["contrast_token"] = contrast, storable(tokenizer.decode([contrast]))
+    if scores.get("no_features"):
+        out["message"] = no_feature_message(scores, p.node_threshold)
+        log.warning("graph %s: %s", slug, out["message"])
+    return out
+
+
+def no_feature_message(scores: dict[str, Any], node_threshold: float) -> str:
+    """What a graph that keeps no feature node says (job result and page)."""
+    share = scores.get("feature_influence_share")
+    show = scores.get("threshold_to_show_features")
+    text = f"Pruning at node threshold {node_threshold:g} keeps no feature"
+    if share is not None:
+        text += f": features carry {100 * share:.1f}% of the influence on the logits"
+        text += " (the rest: error nodes and tokens)" if scores.get("n_error_nodes") else " (the rest: tokens)"
+    if show is not None:
+        text += f"; node threshold {show:g} would show at least one"
+    else:
+        text += "; no node threshold shows one at this edge threshold (raise --edge-threshold)"
+    return text + "."
+
+
+def best_other_token(model, ids: list[int], tokenizer: Any, vocab: int, exclude: set[int | None]) -> int:
+    """The most probable next token that is neither a hesitation token nor in ``exclude`` (a logit difference's
+    default other side: " Wait" against what the model would say instead)."""
+    import torch
+
+    hes = hesitation_token_ids(tokenizer)
+    with torch.no_grad(), model.mode("adapted"):
+        logits = model(torch.tensor([ids], device=next(model.parameters()).device)).logits[0, -1, :vocab]
+    for tok in logits.argsort(descending=True).tolist():
+        if tok not in hes and tok not in exclude:
+            return int(tok)
+    raise ValueError("no token outside the hesitation words to contrast with")
 
 
 # -- hesitation -----------------------------------------------------------------------------------------
@@ -359,11 +381,13 @@ def hesitation_job(ctx: JobContext) -> dict:
         ctx.progress(2 + k, total_steps, f"graph {k + 1}/{len(chosen_sites)} ({site.word!r}, {site.group or '-'})")
         trace = traces[site.trace]
         ids = list(trace.token_ids[:site.position])
-        graph, pruned = site_graph(model, ids, site.token_id, gset)
+        graph, pruned = site_graph(model, ids, site.token_id, gset, n_real_tokens=len(tokenizer))
         evidence.append(graph_evidence(graph, pruned, site.token_id, formatting_flags(ids, decode_one)))
         slug = f"{STUDY_SLUG_PREFIX}{k:03d}"
         with ctx.session() as s:
-            row = store.graph_row(p.run_id, slug, graph, pruned, tokenizer, prompt=tokenizer.decode(ids),
+            prompt_text = tokenizer.decode(ids)
+            row = store.graph_row(p.run_id, slug, graph, pruned, tokenizer, prompt=prompt_text,
+                                  prompt_id=store.graph_prompt_id(s, p.run_id, ids, prompt_text, "hesitation-graph"),
                                   clerps=store.clerps_for(s, p.run_id, pruned.feature_ids()),
                                   params={"study": {"word": site.word, "group": site.group, "trace": site.trace,
                                                     "position": site.position, "seed": p.seed,

@@ -11,6 +11,7 @@ JSON's metadata goes into ``params`` so the file can be rebuilt.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,12 +20,12 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.db.graphs import index_graph_features
-from app.db.schema import Feature, FeatureSet, FeatureSetMember
+from app.db.schema import Feature, FeatureSet, FeatureSetMember, Prompt
 from app.db.schema import Graph as GraphRow
 from app.db.text import storable
 from app.db.write import replace_rows, upsert
 from worker.attribution import Graph, PrunedGraph, to_circuit_tracer_json
-from worker.attribution.graph import compute_node_influence
+from worker.attribution.graph import compute_graph_scores, compute_node_influence, prune_masks
 
 FeatureKey = tuple[int, int]
 TOKEN_STR_MAX = 200  # characters: the width of graphs.target_token_str
@@ -56,34 +57,67 @@ def clerps_for(session: Session, run_id: int, keys: Iterable[FeatureKey]) -> dic
 
 
 def graph_scores(graph: Graph, pruned: PrunedGraph, target_token: int | None) -> dict[str, Any]:
-    """Summary numbers of a graph: sizes, the target's probability, and what pruning and the node budget kept.
+    """Summary numbers of a graph: sizes, the target's probability, circuit-tracer's scores, and what pruning
+    and the node budget kept.
 
     ``kept_feature_influence``: share of the feature nodes' influence on the logits (circuit-tracer's
-    weighting by probability) that the pruned graph keeps; ``dropped_share``: for the target logit, the
-    |contribution| of active features that are no nodes relative to all its feature and token edges.
+    weighting by probability) that the pruned graph keeps; ``feature_influence_share``: the feature nodes'
+    share of all nodes' influence (features, errors, tokens); ``replacement`` / ``completeness``:
+    circuit-tracer's graph scores (frozen-mlp only: relp has no error nodes); ``dropped_share``: for the
+    target logit, the |contribution| of active features that are no nodes relative to all its edges.
+    When pruning keeps no feature, ``no_features`` says so and ``threshold_to_show_features`` is the
+    smallest node threshold that keeps one.
     """
     n_feat = graph.n_feature_nodes
-    infl = compute_node_influence(graph.adjacency_matrix.double(), graph.logit_weights().double())[:n_feat]
+    all_infl = compute_node_influence(graph.adjacency_matrix.double(), graph.logit_weights().double())
+    infl = all_infl[:n_feat]
     kept = {(n.layer, n.pos, n.index) for n in pruned.nodes if n.kind == "feature"}
     mask = torch.tensor([tuple(f) in kept for f in graph.feature_nodes.tolist()], dtype=torch.bool)
     total = float(infl.sum())
+    everything = float(all_infl[:graph.logit_start].sum())
+    replacement, completeness = compute_graph_scores(graph)
+    n_kept = sum(1 for n in pruned.nodes if n.kind == "feature")
     scores: dict[str, Any] = {
         "n_active_features": int(graph.active_features.shape[0]), "n_feature_nodes": n_feat,
-        "n_nodes": len(pruned.nodes), "n_links": len(pruned.links),
-        "n_pruned_features": sum(1 for n in pruned.nodes if n.kind == "feature"),
+        "n_error_nodes": graph.n_error_nodes, "n_nodes": len(pruned.nodes), "n_links": len(pruned.links),
+        "n_pruned_features": n_kept,
         "kept_feature_influence": float(infl[mask].sum()) / total if total > 0 else None,
+        "feature_influence_share": total / everything if everything > 0 else None,
+        "replacement": replacement, "completeness": completeness,
     }
+    if n_kept == 0:
+        scores["no_features"] = True
+        scores["threshold_to_show_features"] = threshold_to_show_features(graph, pruned.edge_threshold or 0.98)
     if target_token is not None:
         try:
             row = graph.logit_node_index(int(target_token))
         except KeyError:
             return scores
-        k = row - n_feat - graph.n_pos
-        scores["target_prob"] = float(graph.logit_probabilities[k])
+        scores["target_prob"] = float(graph.logit_probabilities[row - graph.logit_start])
         edges = float(graph.adjacency_matrix[row].abs().sum())
         dropped = abs(float(graph.dropped_contributions[row]))
         scores["dropped_share"] = dropped / (edges + dropped) if edges + dropped > 0 else 0.0
     return scores
+
+
+def threshold_to_show_features(graph: Graph, edge_threshold: float, tries: int = 16) -> float | None:
+    """The smallest node threshold at which pruning keeps a feature (None: none does at this edge threshold).
+
+    A feature survives the node cut at a threshold of at least its cumulative influence share; the edge cut
+    and the clean-up can still remove it, so the candidates (the cumulative shares of the most influential
+    features, in order, then 1) are checked by pruning, at most ``tries`` of them.
+    """
+    n_feat = graph.n_feature_nodes
+    if n_feat == 0:
+        return None
+    masks = prune_masks(graph, 1.0, edge_threshold)
+    cum, infl = masks.cumulative_scores[:n_feat], masks.node_influence[:n_feat]
+    order = [int(i) for i in infl.argsort(descending=True)[:tries] if float(infl[i]) > 0]
+    for i in order:
+        t = min(math.ceil(float(cum[i]) * 1e4) / 1e4, 1.0)  # rounded up so that the cut includes it
+        if bool(prune_masks(graph, t, edge_threshold).node_mask[:n_feat].any()):
+            return t
+    return 1.0 if order and bool(prune_masks(graph, 1.0, edge_threshold).node_mask[:n_feat].any()) else None
 
 
 def graph_row(run_id: int, slug: str, graph: Graph, pruned: PrunedGraph, tokenizer: Any, *, prompt: str,
@@ -92,9 +126,11 @@ def graph_row(run_id: int, slug: str, graph: Graph, pruned: PrunedGraph, tokeniz
     """The ``graphs`` row of one attribution graph (nodes and links in circuit-tracer's format)."""
     target = graph.target_token if graph.target_token is not None else (
         int(graph.logit_tokens[0]) if graph.n_logits else None)
+    scores = graph_scores(graph, pruned, target)
     data = to_circuit_tracer_json(pruned, tokenizer, slug=slug, scan=scan or f"adapterlens-run-{run_id}",
-                                  prompt=storable(prompt), clerps=clerps)
+                                  prompt=storable(prompt), clerps=clerps, extra={"scores": scores})
     meta = data["metadata"]
+    extra_tokens = [int(t) for t in graph.settings.get("extra_logit_tokens") or []]
     return {
         "run_id": run_id, "slug": slug, "prompt_id": prompt_id, "prompt": storable(prompt),
         "target_token_id": target,
@@ -106,11 +142,29 @@ def graph_row(run_id: int, slug: str, graph: Graph, pruned: PrunedGraph, tokeniz
                                                    "batch_size")},
             "scan": meta["scan"], "transcoder_list": meta.get("transcoder_list", []),
             "prompt_token_ids": graph.input_ids.tolist(), "prompt_tokens": meta["prompt_tokens"],
+            "n_error_nodes": graph.n_error_nodes, "non_feature_nodes": graph.non_feature_nodes(),
+            **({"logit_diff": [target, extra_tokens[0]]} if target is not None and extra_tokens else {}),
             "metadata": meta, **(params or {}),
         },
         "nodes": data["nodes"], "links": data["links"],
-        "scores": graph_scores(graph, pruned, target),
+        "scores": scores,
     }
+
+
+def graph_prompt_id(session: Session, run_id: int, token_ids: Sequence[int], text: str,
+                    source: str = "graph") -> int:
+    """The ``prompts`` row holding a graph's exact token ids (found, or added once): the graph page ablates
+    through it, so an ablation runs on the graph's tokens, never on re-tokenized text."""
+    ids = [int(t) for t in token_ids]
+    text = storable(text)
+    for row in session.scalars(select(Prompt).where(Prompt.run_id == run_id, Prompt.source == source,
+                                                    Prompt.text == text)):
+        if [int(t) for t in row.token_ids] == ids:
+            return int(row.id)
+    row = Prompt(run_id=run_id, source=source, text=text, token_ids=ids)
+    session.add(row)
+    session.flush()
+    return int(row.id)
 
 
 def write_graph(session: Session, row: Mapping[str, Any]) -> int:

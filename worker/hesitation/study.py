@@ -134,13 +134,17 @@ class GraphSettings:
 
 
 def site_graph(model: AdapterModel, token_ids: Sequence[int], target_token: int | None,
-               settings: GraphSettings = GraphSettings(), *, progress: bool = False) -> tuple[Graph, PrunedGraph]:
-    """The graph of the adapted model on ``token_ids`` (logits at the last one), and its pruned version."""
+               settings: GraphSettings = GraphSettings(), *, progress: bool = False, n_real_tokens: int | None = None,
+               extra_logit_tokens: tuple[int, ...] = ()) -> tuple[Graph, PrunedGraph]:
+    """The graph of the adapted model on ``token_ids`` (logits at the last one), and its pruned version.
+
+    ``n_real_tokens``: the tokenizer's size (padded vocabulary ids never become logit nodes)."""
     ids = torch.tensor(list(token_ids), dtype=torch.long, device=next(model.parameters()).device)
     with model.mode("adapted"):
         graph = attribute(model, ids, mode=settings.mode, max_feature_nodes=settings.max_feature_nodes,  # type: ignore[arg-type]
                           max_n_logits=settings.max_n_logits, desired_logit_prob=settings.desired_logit_prob,
-                          batch_size=settings.batch_size, target_token=target_token, progress=progress)
+                          batch_size=settings.batch_size, target_token=target_token, progress=progress,
+                          n_real_tokens=n_real_tokens, extra_logit_tokens=extra_logit_tokens)
     return graph, prune_graph(graph, settings.node_threshold, settings.edge_threshold)
 
 
