@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import select
@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from app.db import queue
 from app.db.schema import Ablation, Example, Experiment, FeatureSet, FeatureSetMember, Prompt, Run
-from app.db.text import has_nul
+from app.db.text import text_problem
 from training.chat import format_prompt
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,11 @@ MAX_TEMPERATURE = 5.0
 MAX_PROMPT_CHARS = 100_000  # free text beyond this is refused before tokenizing
 MAX_EXPERIMENT_PROMPTS = 10_000
 
+MAX_ID = 2**63 - 1  # ids are 64-bit integers in the store
+MAX_INDEX = 2**31 - 1  # layers and feature indices
+
+DbId = Annotated[int, Field(ge=1, le=MAX_ID)]
+Index = Annotated[int, Field(ge=0, le=MAX_INDEX)]
 Mode = Literal["zero", "scale", "clamp"]
 Positions = Literal["all", "prompt", "generated"]
 Compare = Literal["target", "hybrid"]
@@ -86,11 +91,18 @@ class FeatureSelection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    features: list[tuple[int, int]] = Field(default_factory=list)
-    feature_set: str | int | None = None
-    roles: list[str] | None = None
-    layers: list[int] = Field(default_factory=list)
+    features: list[tuple[Index, Index]] = Field(default_factory=list)
+    feature_set: Annotated[str, Field(max_length=200)] | DbId | None = None
+    roles: list[Annotated[str, Field(max_length=100)]] | None = None
+    layers: list[Index] = Field(default_factory=list)
     complement: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        """Refuse NUL and lone surrogates in any text of the request, before anything else looks at it."""
+        _check_text(data, ())
+        return data
 
     @model_validator(mode="after")
     def _some_selection(self) -> FeatureSelection:
@@ -122,11 +134,11 @@ class InterventionSpec(FeatureSelection):
 class AblationRequest(InterventionSpec):
     """One interactive ablation/steering request (what a page's form posts)."""
 
-    run_id: int
+    run_id: DbId
     prompt: str | None = None  # free text
-    prompt_id: int | None = None  # a stored prompt: its token ids
-    example_id: int | None = None  # a stored feature example: its token ids up to and including its focus
-    prompt_tokens: int | None = Field(None, ge=1)  # with a stored prompt/example: keep only the first N ids
+    prompt_id: DbId | None = None  # a stored prompt: its token ids
+    example_id: DbId | None = None  # a stored feature example: its token ids up to and including its focus
+    prompt_tokens: int | None = Field(None, ge=1, le=MAX_INDEX)  # with a stored prompt/example: the first N ids
     chat: bool = True  # wrap free text in the chat format with thinking opened (training.chat.format_prompt)
     answer: str | None = None  # the known answer, if any (a stored prompt's is used otherwise)
     generation: GenerationOptions = Field(default_factory=GenerationOptions)
@@ -139,11 +151,24 @@ class AblationRequest(InterventionSpec):
             raise ValueError(f"give exactly one of prompt, prompt_id, example_id (got {given or 'none'})")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("the prompt is empty")
-        if self.prompt is not None and has_nul(self.prompt):
-            raise ValueError("the prompt contains a NUL character (\\x00); remove it")
         if self.prompt is not None and len(self.prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"the prompt has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
         return self
+
+
+def _check_text(data: Any, where: tuple[str, ...]) -> None:
+    """Raise ValueError naming the first string in ``data`` (dicts, lists, nested) that cannot be stored."""
+    if isinstance(data, str):
+        problem = text_problem(data)
+        if problem:
+            raise ValueError(f"{'.'.join(where) or 'the text'} {problem}")
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            _check_text(key, where)
+            _check_text(value, (*where, str(key)[:40]))
+    elif isinstance(data, list | tuple):
+        for i, value in enumerate(data):
+            _check_text(value, (*where, str(i)))
 
 
 class PromptItem(BaseModel):
@@ -152,11 +177,11 @@ class PromptItem(BaseModel):
     prompt: str
     answer: str | None = None
 
-    @model_validator(mode="after")
-    def _no_nul(self) -> PromptItem:
-        if has_nul(self.prompt) or (self.answer is not None and has_nul(self.answer)):
-            raise ValueError("a prompt or answer contains a NUL character (\\x00); remove it")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        _check_text(data, ())
+        return data
 
 
 class ExperimentRequest(InterventionSpec):
@@ -170,12 +195,12 @@ class ExperimentRequest(InterventionSpec):
     (N held-out problems of the run's organism, taken in turn from each task family; 0 = all).
     """
 
-    run_id: int
+    run_id: DbId
     name: str = Field(..., min_length=1, max_length=200)
     design: Literal["necessity", "sufficiency"] = "necessity"
     items: list[PromptItem] | None = None
     jsonl: str | None = None
-    prompt_ids: list[int] | None = None
+    prompt_ids: list[DbId] | None = None
     organism_heldout: int | None = Field(None, ge=0)
     chat: bool = True
     generation: GenerationOptions = Field(default_factory=lambda: GenerationOptions(max_new_tokens=96))

@@ -21,6 +21,7 @@ from sqlalchemy import Float, Integer, Text, and_, cast, false, func, literal, o
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
+from app.db.requests import MAX_INDEX
 from app.db.schema import Example, Feature, FeatureSetMember
 from app.web.data.common import BadInput, RunRef, get_run, hesitation_set, run_ref, run_vocab
 from app.web.data.feature import top_token
@@ -33,7 +34,7 @@ SEARCH_TOP_EXAMPLES = 5  # a search looks at the focus token of this many top ex
 class FeatureQuery(BaseModel):
     """The shareable state of the feature index (all of it lives in the URL)."""
 
-    layer: int | None = Field(None, ge=0, description="Only this layer.")
+    layer: int | None = Field(None, ge=0, le=10_000, description="Only this layer.")
     category: str | None = Field(None, max_length=100, description="Only this category.")
     freq_min: float | None = Field(None, ge=0, le=1, description="Minimum activation frequency (0–1).")
     freq_max: float | None = Field(None, ge=0, le=1, description="Maximum activation frequency (0–1).")
@@ -93,13 +94,12 @@ class FeatureListPage(BaseModel):
 def _cursor_values(sort: Sort, after: str) -> tuple[float | None, int, int]:
     parts = after.split(":")
     try:
-        if sort == "layer":
-            if len(parts) != 2:
-                raise ValueError
-            return None, int(parts[0]), int(parts[1])
-        if len(parts) != 3:
+        if len(parts) != (2 if sort == "layer" else 3) or not all(p.isascii() and p.isdigit() for p in parts[-2:]):
             raise ValueError
-        return float(parts[0]), int(parts[1]), int(parts[2])
+        layer, index = int(parts[-2]), int(parts[-1])
+        if max(layer, index) > MAX_INDEX:
+            raise ValueError
+        return (None if sort == "layer" else float(parts[0])), layer, index
     except ValueError:
         raise BadInput(f"after={after!r} is not a cursor for sort={sort!r}; follow the 'next' link instead") from None
 

@@ -16,13 +16,14 @@ from app.web.data.ablations import (
     ablation_page,
     create_ablation,
 )
-from app.web.data.common import BadInput, get_run
+from app.web.data.common import MAX_ID, BadInput, get_run
 from app.web.deps import SessionDep, SettingsDep
+from app.web.errors import QUEUE_FULL, WRITE_ERRORS
 from app.web.render import default_prompt, render
 
 router = APIRouter(tags=["ablations"])
 
-AblationId = Annotated[int, Path(ge=1, description="Ablation id.")]
+AblationId = Annotated[int, Path(ge=1, le=MAX_ID, description="Ablation id.")]
 
 
 class Created(BaseModel):
@@ -58,6 +59,7 @@ def ablate_html(request: Request, run: str, form: Annotated[AblateForm, Form()],
 
 
 @router.post("/api/runs/{run}/ablations", response_model=Created, status_code=201, name="api_ablate",
+             responses={**WRITE_ERRORS, **QUEUE_FULL},
              summary="Request an ablation: stores it and queues a high-priority ablate job")
 def ablate_api(request: Request, run: str, form: AblateForm, session: SessionDep, settings: SettingsDep) -> Created:
     ablation_id = create_ablation(session, run, form, settings)

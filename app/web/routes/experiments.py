@@ -7,13 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
+from app.web.data.common import MAX_ID
 from app.web.data.experiments import ExperimentPage, experiment_page
 from app.web.deps import SessionDep
 from app.web.render import render
 
 router = APIRouter(tags=["experiments"])
 
-ExperimentId = Annotated[int, Path(ge=1, description="Experiment id.")]
+ExperimentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Experiment id.")]
 
 
 @router.get("/runs/{run}/experiments/{experiment_id}", include_in_schema=False, name="experiment_page")

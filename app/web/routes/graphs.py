@@ -8,13 +8,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 
+from app.web.data.common import MAX_ID
 from app.web.data.graphs import GraphPage, circuit_tracer_json, graph_page
 from app.web.deps import SessionDep
 from app.web.render import render
 
 router = APIRouter(tags=["graphs"])
 
-GraphId = Annotated[int, Path(ge=1, description="Graph id.")]
+GraphId = Annotated[int, Path(ge=1, le=MAX_ID, description="Graph id.")]
 
 
 @router.get("/runs/{run}/graphs/{graph_id}", include_in_schema=False, name="graph_page")
