@@ -25,11 +25,21 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db import queue
-from app.db.schema import Ablation, Example, Experiment, FeatureSet, FeatureSetMember, Prompt, Run
+from app.db.schema import (
+    Ablation,
+    Example,
+    Experiment,
+    FeatureSet,
+    FeatureSetMember,
+    Job,
+    JobStatus,
+    Prompt,
+    Run,
+)
 from app.db.text import text_problem
 from training.chat import format_prompt
 
@@ -54,22 +64,31 @@ Compare = Literal["target", "hybrid"]
 
 
 class AblationRequestError(ValueError):
-    """Bad input in an ablation or experiment request; ``status_code`` is the HTTP answer (404 or 422)."""
+    """Bad input in an ablation or experiment request; ``status_code`` is the HTTP answer (404, 422, or 429
+    with ``retry_after`` seconds when too much interactive work is waiting)."""
 
-    def __init__(self, message: str, status_code: int = 422) -> None:
+    def __init__(self, message: str, status_code: int = 422, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
 
 
 @dataclass(frozen=True)
 class AblationLimits:
-    """Configurable bounds (``Settings.ablation_max_new_tokens``)."""
+    """Configurable bounds (``Settings.ablation_max_new_tokens``, ``interactive_queue_per_run``/``_total``)."""
 
     max_new_tokens: int = 512
+    queue_per_run: int = 8  # interactive jobs waiting for one run, at most
+    queue_total: int = 32  # interactive jobs waiting in all, at most
 
     @classmethod
     def from_settings(cls, settings: Any) -> AblationLimits:
-        return cls(max_new_tokens=settings.ablation_max_new_tokens)
+        return cls(max_new_tokens=settings.ablation_max_new_tokens, queue_per_run=settings.interactive_queue_per_run,
+                   queue_total=settings.interactive_queue_total)
 
 
 class GenerationOptions(BaseModel):
@@ -405,6 +424,38 @@ def load_jsonl(path: str) -> list[PromptItem]:
 # -------------------------------------------------------------------------------------- submission
 
 
+RETRY_AFTER_DEFAULT_S = 5  # Retry-After when no interactive job has finished yet to time
+RETRY_AFTER_MAX_S = 300
+RECENT_JOBS_TIMED = 20  # finished interactive jobs whose durations estimate Retry-After
+
+
+def check_interactive_room(session: Session, run_id: int, limits: AblationLimits) -> None:
+    """Refuse (429) a new interactive request when too many wait already, for this run or in all.
+
+    Waiting means ``todo`` (running ones are bounded by the workers). Retry-After is the median duration of
+    recent interactive jobs times the excess, so a client that waits that long finds room. Two submissions
+    racing may both pass: the bound holds to within the number of concurrent requests.
+    """
+    waiting = (select(func.count()).select_from(Job)
+               .where(Job.kind.in_(queue.INTERACTIVE_KINDS), Job.status == JobStatus.TODO))
+    total = session.scalar(waiting) or 0
+    per_run = session.scalar(waiting.where(Job.run_id == run_id)) or 0
+    if per_run < limits.queue_per_run and total < limits.queue_total:
+        return
+    excess = max(per_run - limits.queue_per_run, total - limits.queue_total) + 1
+    recent = session.execute(
+        select(Job.started, Job.finished).where(Job.kind.in_(queue.INTERACTIVE_KINDS), Job.status == JobStatus.SUCCEEDED,
+                                                Job.started.is_not(None), Job.finished.is_not(None))
+        .order_by(Job.id.desc()).limit(RECENT_JOBS_TIMED)).all()
+    durations = sorted((f - s).total_seconds() for s, f in recent)
+    typical = durations[len(durations) // 2] if durations else RETRY_AFTER_DEFAULT_S
+    retry_after = int(min(RETRY_AFTER_MAX_S, max(1, math.ceil(typical * excess))))
+    which = (f"{per_run} for this run (limit {limits.queue_per_run})" if per_run >= limits.queue_per_run
+             else f"{total} in all (limit {limits.queue_total})")
+    raise AblationRequestError(f"too many interactive requests are waiting: {which}; try again in {retry_after} s",
+                               429, retry_after=retry_after)
+
+
 def submit_ablation(session: Session, data: AblationRequest | dict, *, limits: AblationLimits = AblationLimits(),
                     encode: Callable[[str], Sequence[int]] | None = None,
                     context_length: int | None = None) -> tuple[int, int]:
@@ -413,6 +464,7 @@ def submit_ablation(session: Session, data: AblationRequest | dict, *, limits: A
     Nothing is written when validation fails. The caller commits (the job's NOTIFY fires on commit).
     """
     resolved = validate_ablation(session, data, limits=limits, encode=encode, context_length=context_length)
+    check_interactive_room(session, resolved.request.run_id, limits)
     row = Ablation(run_id=resolved.request.run_id, status="todo", request=resolved.model_dump(mode="json"))
     session.add(row)
     session.flush()

@@ -53,7 +53,9 @@ def ablate_html(request: Request, run: str, form: Annotated[AblateForm, Form()],
         ablation_id = create_ablation(session, run, form, settings)
     except BadInput as exc:
         page = ablation_list(session, run)
-        return render(request, "ablations.html", page, form=form, error=str(exc), status_code=exc.status_code)
+        response = render(request, "ablations.html", page, form=form, error=str(exc), status_code=exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
     url = request.app.url_path_for("ablation_page", run=str(get_run(session, run).id), ablation_id=str(ablation_id))
     return RedirectResponse(url, status_code=303)
 
