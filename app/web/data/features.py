@@ -14,7 +14,7 @@ of the run for a token that almost never matches.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from sqlalchemy import Float, Integer, Text, and_, cast, false, func, literal, or_, select, text
@@ -31,13 +31,17 @@ MAX_QUERY_IDS = 50  # token ids a search may expand to (variants of one word)
 SEARCH_TOP_EXAMPLES = 5  # a search looks at the focus token of this many top examples per feature
 
 
+# What an empty form field sends; read as "no filter" (declared, so the OpenAPI document says it is accepted).
+Blank = Annotated[str, Field(pattern=r"^\s{0,100}$", description="blank: no filter")]
+
+
 class FeatureQuery(BaseModel):
     """The shareable state of the feature index (all of it lives in the URL)."""
 
-    layer: int | None = Field(None, ge=0, le=10_000, description="Only this layer.")
+    layer: int | Blank | None = Field(None, ge=0, le=10_000, description="Only this layer.")
     category: str | None = Field(None, max_length=100, description="Only this category.")
-    freq_min: float | None = Field(None, ge=0, le=1, description="Minimum activation frequency (0–1).")
-    freq_max: float | None = Field(None, ge=0, le=1, description="Maximum activation frequency (0–1).")
+    freq_min: float | Blank | None = Field(None, ge=0, le=1, description="Minimum activation frequency (0–1).")
+    freq_max: float | Blank | None = Field(None, ge=0, le=1, description="Maximum activation frequency (0–1).")
     in_set: bool = Field(False, description="Only members of the run's hesitation feature set.")
     q: str | None = Field(None, max_length=100, description="A token in the logit lens or top examples.")
     sort: Sort = Field("layer", description="layer (ascending) or frequency / max_act (descending).")
@@ -47,7 +51,7 @@ class FeatureQuery(BaseModel):
     @field_validator("category", "q", "after", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
-        return None if isinstance(v, str) and not v.strip() else v
+        return None if isinstance(v, str) and not v.strip() and len(v) <= 100 else v
 
     @field_validator("layer", "freq_min", "freq_max", mode="before")
     @classmethod
