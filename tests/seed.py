@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from app.db.graphs import index_graph_features
 from app.db.schema import (
     Ablation,
     AblationToken,
@@ -27,6 +28,7 @@ from app.db.schema import (
     Feature,
     FeatureSet,
     FeatureSetMember,
+    FeatureToken,
     Graph,
     Job,
     JobStatus,
@@ -126,6 +128,8 @@ def seed_world(engine: Engine, tokenizer_dir: Path) -> World:
                 _add_feature(s, rng, rid, layer, index, categories[(layer * N_FEATURES + index) % 4], prompt.id)
         graph = _graph(rng, rid, prompt)
         s.add(graph)
+        s.flush()
+        index_graph_features(s, graph.id, rid, graph.nodes)
         hset = FeatureSet(run_id=rid, name="hesitation", description="features the 'Wait' token depends on")
         s.add(hset)
         s.flush()
@@ -204,6 +208,13 @@ def _add_feature(s: Session, rng: random.Random, rid: int, layer: int, index: in
         think_pos_hist={"edges": [k / 10 for k in range(11)], "counts": [rng.randint(0, 40) for _ in range(10)]},
         neighbours=neighbours,
     ))
+    promoted: dict[int, tuple[int, float]] = {}
+    for rank, (tid, _, value) in enumerate(top):  # as the collect writer fills feature_tokens
+        promoted.setdefault(tid, (rank, value))
+    for tid, (rank, value) in promoted.items():
+        s.add(FeatureToken(run_id=rid, relation="promotes", token_id=tid, layer=layer, index=index, rank=rank,
+                           value=value))
+    fires: dict[int, tuple[int, float]] = {}
     for kind, n in (("top", 5), ("random", 3)):
         for rank in range(n):
             ids = _sentence(rng, 30)
@@ -214,6 +225,19 @@ def _add_feature(s: Session, rng: random.Random, rid: int, layer: int, index: in
             acts[focus] = round(max_act * (1 - 0.1 * rank) if kind == "top" else max_act * rng.random(), 3)
             s.add(Example(run_id=rid, layer=layer, index=index, kind=kind, rank=rank, token_ids=ids, acts=acts,
                           focus=focus, prompt_id=prompt_id if rank == 0 else None, max_act=max(acts)))
+            if kind == "top":
+                old = fires.get(ids[focus])
+                fires[ids[focus]] = (rank, acts[focus]) if old is None else (old[0], max(old[1], acts[focus]))
+    for band in (4, 7):  # quantile examples as collect stores them: rank = band * 100 + place in the band
+        ids = _sentence(rng, 20)
+        focus = 10
+        acts = [0.0] * len(ids)
+        acts[focus] = round(0.5 * (10 ** (-2 + band / 2) + 10 ** (-2 + (band - 1) / 2)), 4)
+        s.add(Example(run_id=rid, layer=layer, index=index, kind="quantile", rank=band * 100, token_ids=ids,
+                      acts=acts, focus=focus, prompt_id=None, max_act=max(acts)))
+    for tid, (rank, value) in fires.items():
+        s.add(FeatureToken(run_id=rid, relation="fires_on", token_id=tid, layer=layer, index=index, rank=rank,
+                           value=value))
 
 
 def _graph(rng: random.Random, rid: int, prompt: Prompt) -> Graph:

@@ -128,3 +128,27 @@ def test_experiment_rows_show_their_prompt_text(web):
     soup = BeautifulSoup(web.client.get(f"{web.run}/experiments/{web.world.experiment_id}").text, "html.parser")
     heads = [th.get_text() for th in soup.select('table[data-table="prompts"] tbody th')]
     assert heads[0] == "0" and heads[1:3] == ["1 + 7 = ?", "2 + 7 = ?"]  # index where no text was kept
+
+
+def test_feature_index_filters_swap_only_the_results_and_csv_has_every_match(web, monkeypatch):
+    import csv
+    import io
+
+    import app.web.data.features as features
+
+    url = f"{web.run}/features?layer=1"
+    full = web.client.get(url)
+    part = web.client.get(url, headers={"HX-Request": "true", "HX-Target": "feature-results"})
+    assert "<form" in full.text and "<form" not in part.text
+    assert part.text.lstrip().startswith('<div id="feature-results"')
+    monkeypatch.setattr(features, "CSV_PAGE", 5)  # several keyset pages in one export
+    from app.web.routes import features as route
+    monkeypatch.setattr(route, "CSV_PAGE", 5)
+    resp = web.client.get(f"/api{web.run}/features.csv?layer=1&freq_min=0")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(resp.text)))
+    api = web.client.get(f"/api{web.run}/features?layer=1&freq_min=0&limit=500").json()["rows"]
+    assert [(int(r["layer"]), int(r["index"])) for r in rows] == [(r["layer"], r["index"]) for r in api]
+    assert len(rows) == 16
+    promoted = list(csv.DictReader(io.StringIO(web.client.get(f"/api{web.run}/features.csv?promotes=Wait").text)))
+    assert promoted[0]["layer"] == "2" and promoted[0]["index"] == "7" and float(promoted[0]["strength"]) == 4.2

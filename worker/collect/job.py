@@ -33,6 +33,7 @@ class CollectPayload(BaseModel):
     corpus_path: str | None = Field(None, description="JSONL with a 'text' field (real models)")
     top_k: int = Field(20, ge=1, le=1000)
     n_random: int = Field(10, ge=0, le=1000)
+    n_quantile: int = Field(2, ge=0, le=100, description="examples per half-decade activation band")
     n_shards: int = Field(1, ge=1, le=1024)
     shard: int | None = Field(None, ge=0, description="set on the shard jobs that a sharded collect queues")
     seed: int = 0
@@ -100,7 +101,7 @@ def collect_job(ctx: JobContext) -> dict:
         ctx.progress(done, total, message or "collecting")
         ctx.check()
 
-    result = collect(model, corpus, top_k=p.top_k, n_random=p.n_random, shard=shard, seed=p.seed, progress=progress)
+    result = collect(model, corpus, top_k=p.top_k, n_random=p.n_random, n_quantile=p.n_quantile, shard=shard, seed=p.seed, progress=progress)
     if shard is not None:
         folder = _collect_dir(ctx, run.name) / f"shards-{p.n_shards}"
         folder.mkdir(exist_ok=True)

@@ -45,12 +45,12 @@ def run_ref(run: Run) -> RunRef:
                   target_model=run.target_model, created=run.created)
 
 
-MAX_ID = 2**63 - 1  # ids are 64-bit in the store; a larger number names nothing (and Postgres refuses it)
+MAX_ID = 2**31 - 1  # ids are 32-bit integer columns; a larger number names nothing (and Postgres refuses it)
 
 
 def as_id(key: str) -> int | None:
     """``key`` as a row id when it is plain ASCII digits within 64 bits (``"²"`` is a digit to str.isdigit)."""
-    if key.isascii() and key.isdigit() and len(key) <= 19:
+    if key.isascii() and key.isdigit() and len(key) <= 10:
         value = int(key)
         return value if 0 < value <= MAX_ID else None
     return None

@@ -174,10 +174,7 @@ def run_page(session: Session, run_key: str | int) -> RunPage:
     ]
     ablations = [ablation_item(a) for a in session.scalars(
         select(Ablation).where(Ablation.run_id == rid).order_by(Ablation.id.desc()).limit(20))]
-    experiments = [
-        LinkItem(id=e.id, title=e.name, status=e.status, created=e.created)
-        for e in session.scalars(select(Experiment).where(Experiment.run_id == rid).order_by(Experiment.id.desc()).limit(20))
-    ]
+    experiments = experiment_items(session, rid, limit=20)
     jobs = [
         LinkItem(id=j.id, title=j.kind, status=str(j.status.value if hasattr(j.status, "value") else j.status),
                  detail=(j.progress or {}).get("message"), created=j.created)
@@ -189,6 +186,27 @@ def run_page(session: Session, run_key: str | int) -> RunPage:
         evaluation=_evaluation(run.evaluation), curves=_curves(session, rid), n_collected=n_collected,
         graphs=graphs, feature_sets=sets, ablations=ablations, experiments=experiments, jobs=jobs,
     )
+
+
+def experiment_items(session: Session, run_id: int, limit: int = 200) -> list[LinkItem]:
+    """A run's experiments, newest first."""
+    return [
+        LinkItem(id=e.id, title=e.name, status=e.status, created=e.created,
+                 detail=_experiment_detail(e.summary))
+        for e in session.scalars(select(Experiment).where(Experiment.run_id == run_id)
+                                 .order_by(Experiment.id.desc()).limit(limit))
+    ]
+
+
+def _experiment_detail(summary: dict[str, Any] | None) -> str | None:
+    cond = (summary or {}).get("conditions") if isinstance(summary, dict) else None
+    if not isinstance(cond, dict) or "unablated" not in cond:
+        return None
+    parts = []
+    for name, c in cond.items():
+        if isinstance(c, dict) and isinstance(c.get("hesitation_rate"), int | float):
+            parts.append(f"{name}: {100 * c['hesitation_rate']:.0f}% hesitate")
+    return f"{summary.get('n_prompts', '?')} prompts · " + ", ".join(parts) if parts else None
 
 
 def ablation_item(a: Ablation) -> LinkItem:
