@@ -300,13 +300,14 @@ def worker(
     restarts: Annotated[int, typer.Option(hidden=True, help="Set by `up`: restarts so far.")] = 0,
     note: Annotated[str | None, typer.Option(hidden=True, help="Set by `up`: why it was restarted.")] = None,
     parent_pid: Annotated[int | None, typer.Option(hidden=True, help="Set by `up`: stop when it is gone.")] = None,
+    migrate: Annotated[bool, typer.Option(help="Apply migrations first (`up` has done it already).")] = True,
 ) -> None:
     """Run the job loop: claim jobs from the database and run them (a database outage never stops it)."""
     from worker.loop import run_worker
 
     split = lambda text: [k.strip() for k in text.split(",") if k.strip()] if text else None  # noqa: E731
     n = run_worker(_settings(), kinds=split(kinds), exclude_kinds=split(exclude_kinds), wait=not once,
-                   worker_id=worker_id, restarts=restarts, note=note, parent_pid=parent_pid)
+                   worker_id=worker_id, restarts=restarts, note=note, parent_pid=parent_pid, migrate=migrate)
     typer.echo(f"processed {n} job(s)")
 
 
@@ -399,14 +400,15 @@ def up(
             jobs = queue_demo_if_empty(engine, organism_preset=organism_preset, train_preset=preset, seed=seed)
             if jobs:
                 typer.echo(f"empty store: queued the demo pipeline ({', '.join(jobs)}); watch it at /jobs")
-        if progress and sys.stderr.isatty():
-            live, line = _progress_display(engine)
         specs = worker_classes(interactive_workers, workers, threads=settings.torch_threads)
-        supervisor = Supervisor(specs, settings)
-        supervisor.start()
         typer.echo(f"dashboard: http://{host}:{port}/  (data: {settings.resolved_data_dir}, database: "
                    f"{settings.db_url.split('@')[-1]}; workers: "
-                   + ", ".join(f"{s.name} ({s.threads} threads)" for s in specs) + ")", err=True)
+                   + ", ".join(f"{s.name} ({s.threads} torch thread{'s' if s.threads != 1 else ''})" for s in specs)
+                   + ")", err=True)
+        if progress and sys.stderr.isatty():
+            live, line = _progress_display(engine)  # before the workers: their output goes through it
+        supervisor = Supervisor(specs, settings, worker_args=["--no-migrate"])
+        supervisor.start()
         # uvicorn restores our handlers when it stops and re-raises the signal it caught: it lands in shutdown().
         run_server(settings, host=host, port=port, access_log=access_log)
     except _Shutdown as exc:

@@ -1,8 +1,7 @@
 """The one-line progress display of ``adapterlens up``: the running jobs, read from the store once a second.
 
-Jobs store ``progress = {done, total, message}``; this shows each running job as
-``#12 train 45% 360/800 training · 2m10s left`` (the time left from the job's rate since it started), joined
-on one line that rich keeps at the bottom of the terminal while log lines scroll above it. Nothing is shown
+Each running job is shown as the jobs page shows it (percentage, steps, message, time left at the rate so
+far: ``app.web.data.jobs.job_view``), e.g. ``#12 train 45% 360/800 training · 2m10s left``, joined on one line that rich keeps at the bottom of the terminal while log lines scroll above it. Nothing is shown
 when the output is not a terminal (compose logs, CI).
 """
 
@@ -10,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from app.db.schema import Job, JobStatus, utcnow
+from app.db.schema import Job, JobStatus
+from app.web.data.jobs import JobView, job_view
 
 log = logging.getLogger(__name__)
 
@@ -33,40 +32,35 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def _number(x: Any) -> str:
-    return f"{x:,}" if isinstance(x, int) else f"{x:,.4g}" if isinstance(x, float) else str(x)
+def _number(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:,.3g}"
 
 
-def describe(job_id: int, kind: str, progress: dict[str, Any] | None, started: datetime | None,
-             now: datetime) -> str:
-    """One running job as a short phrase."""
-    p = progress or {}
-    done, total, message = p.get("done"), p.get("total"), p.get("message")
-    parts = [f"#{job_id} {kind}"]
-    numeric = isinstance(done, int | float) and isinstance(total, int | float) and total > 0
-    if numeric:
-        parts.append(f"{100 * done / total:.0f}% {_number(done)}/{_number(total)}")
-    elif isinstance(done, int | float):
-        parts.append(_number(done))
+def describe(job: JobView) -> str:
+    """One running job as the jobs page shows it (``app.web.data.jobs.job_view``), in a short phrase."""
+    parts = [f"#{job.id} {job.kind}"]
+    if job.percent is not None and job.step is not None and job.total:
+        parts.append(f"{job.percent:.0f}% {_number(job.step)}/{_number(job.total)}")
+    elif job.step is not None:
+        parts.append(_number(job.step))
+    message = (job.progress or {}).get("message")
     if message:
         parts.append(str(message)[:40])
     text = " ".join(parts)
-    if numeric and started is not None and 0 < done < total:
-        elapsed = (now - started).total_seconds()
-        text += f" · {_duration(elapsed * (total - done) / done)} left"
+    if job.eta_s is not None:
+        text += f" · {_duration(job.eta_s)} left"
     return text
 
 
 def running_line(engine: Engine, width: int = 120) -> str:
-    """The running jobs (oldest first) on one line of at most ``width`` characters, or a waiting message."""
+    """The running jobs (oldest first) on one line of at most ``width`` characters, or an idle message."""
     with Session(engine) as s:
-        rows = s.execute(select(Job.id, Job.kind, Job.progress, Job.started)
-                         .where(Job.status == JobStatus.RUNNING).order_by(Job.id).limit(8)).all()
+        running = s.scalars(select(Job).where(Job.status == JobStatus.RUNNING).order_by(Job.id).limit(8)).all()
         waiting = s.scalar(select(Job.id).where(Job.status == JobStatus.TODO).limit(1)) is not None
-    now = utcnow()
-    if not rows:
-        return "▷ idle, jobs waiting (dependencies or a busy worker class)" if waiting else "▷ idle"
-    line = "▶ " + " │ ".join(describe(r.id, r.kind, r.progress, r.started, now) for r in rows)
+        views = [job_view(j) for j in running]
+    if not views:
+        return "▷ idle, jobs waiting (on a dependency, or for their worker class)" if waiting else "▷ idle"
+    line = "▶ " + " │ ".join(describe(v) for v in views)
     return line if len(line) <= width else line[: width - 1] + "…"
 
 

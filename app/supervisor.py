@@ -161,6 +161,8 @@ class Supervisor:
             env["ADAPTERLENS_TORCH_THREADS"] = str(child.spec.threads)
             env["OMP_NUM_THREADS"] = str(child.spec.threads)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the terminal: `up` shows one line instead
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         child.proc = subprocess.Popen(self._command(child), env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
         child.started_at = time.monotonic()
@@ -169,8 +171,7 @@ class Supervisor:
                                   name=f"relay-{child.spec.name}", daemon=True)
         reader.start()
         child.readers = [r for r in child.readers if r.is_alive()] + [reader]
-        log.info("Started worker %s (pid %d, %s threads)", child.spec.name, child.proc.pid,
-                 child.spec.threads or "default")
+        log.info("Started worker %s (pid %d)", child.spec.name, child.proc.pid)
 
     def _relay(self, name: str, stream: IO[str]) -> None:
         for line in stream:
