@@ -130,7 +130,8 @@ def seed_world(engine: Engine, tokenizer_dir: Path) -> World:
         s.add(graph)
         s.flush()
         index_graph_features(s, graph.id, rid, graph.nodes)
-        hset = FeatureSet(run_id=rid, name="hesitation", description="features the 'Wait' token depends on")
+        hset = FeatureSet(run_id=rid, name="hesitation", description="features the 'Wait' token depends on",
+                          summary=_study_summary())
         s.add(hset)
         s.flush()
         for layer, index, role in [(0, 2, "template"), (1, 3, "output"), (1, 5, "template"), (2, 7, "output"),
@@ -266,8 +267,32 @@ def _graph(rng: random.Random, rid: int, prompt: Prompt) -> Graph:
         links.append({"source": f, "target": ids[-1], "weight": round(rng.uniform(-0.5, 2), 3)})
     return Graph(run_id=rid, slug="demo-wait-0", prompt_id=prompt.id, prompt="3 + 4", target_token_id=wait,
                  target_token_str=" Wait", position=n_pos - 1,
-                 params={"node_threshold": 0.8, "edge_threshold": 0.98, "max_feature_nodes": 10000},
+                 params={"node_threshold": 0.8, "edge_threshold": 0.98, "max_feature_nodes": 10000,
+                         "prompt_token_ids": list(prompt.token_ids),
+                         "study": {"word": "Wait", "group": "add", "trace": 0, "position": n_pos, "prompt_len": 7}},
                  nodes=nodes, links=links, scores={"replacement": 0.9, "completeness": 0.95})
+
+
+def _study_summary() -> dict:
+    """A hesitation study's result as the job stores it with its set (the shape run pages read)."""
+    def cond(n: int, rate: float, tokens: int, acc: float, length: float, groups: dict | None = None) -> dict:
+        return {"n": n, "hesitation_rate": rate, "hesitation_tokens": tokens, "accuracy": acc, "mean_length": length,
+                "by_group": groups or {}}
+
+    by = {"add": {"n": 4, "hesitation_rate": 0.75, "hesitation_tokens": 3, "accuracy": 1.0, "mean_length": 30.0}}
+    by_ablated = {"add": {"n": 4, "hesitation_rate": 0.0, "hesitation_tokens": 0, "accuracy": 0.75, "mean_length": 20.0}}
+    return {
+        "set": {"name": "hesitation", "size": 5, "n_features": N_LAYERS * N_FEATURES, "fraction": 5 / 48,
+                "roles": {"output": 3, "template": 2, "other": 0}},
+        "choice": {"reached_target": True, "history": [
+            {"size": 1, "removal": 0.4, "hesitation_rate": 0.5, "accuracy": 0.9, "mean_length": 27.0},
+            {"size": 3, "removal": 0.8, "hesitation_rate": 0.2, "accuracy": 0.85, "mean_length": 23.0},
+            {"size": 5, "removal": 0.96, "hesitation_rate": 0.05, "accuracy": 0.85, "mean_length": 21.0}]},
+        "report": {"target": cond(8, 0.75, 6, 1.0, 31.0), "adapted": cond(8, 0.75, 6, 0.95, 30.0, by),
+                   "ablated": cond(8, 0.0, 0, 0.9, 20.0, by_ablated), "removal": 1.0,
+                   "control": {**cond(8, 0.75, 6, 0.95, 30.0), "removal": 0.0, "size": 5}},
+        "sites": {"n_graphs": 1}, "words": ["Wait"],
+    }
 
 
 def _jobs(s: Session, rng: random.Random, rid: int) -> dict[str, int]:

@@ -274,7 +274,11 @@ class GraphFeature(Base):
 
 
 class FeatureSet(Base):
-    """A named group of features (e.g. the hesitation circuit), members carry a role and score."""
+    """A named group of features (e.g. the hesitation circuit), members carry a role and score.
+
+    ``summary`` holds what produced the set, e.g. the hesitation study's figures (its job result: removal,
+    accuracy, random control, per-family figures, how the set grew), so pages can show the finding.
+    """
 
     __tablename__ = "feature_sets"
 
@@ -282,6 +286,7 @@ class FeatureSet(Base):
     run_id: Mapped[int] = mapped_column(_run_fk())
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created: Mapped[datetime] = _created()
 
     __table_args__ = (UniqueConstraint("run_id", "name"),)

@@ -1,4 +1,5 @@
-"""Token search and graph membership tables: feature_tokens (promotes / fires on), graph_features
+"""Token search and graph membership tables: feature_tokens (promotes / fires on), graph_features;
+feature_sets.summary (the study behind a set)
 
 Revision ID: 0003
 Revises: 0002
@@ -49,9 +50,12 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("graph_id", "layer", "index", name=op.f("pk_graph_features")),
     )
     op.create_index("ix_graph_features_feature", "graph_features", ["run_id", "layer", "index"], unique=False)
+    op.add_column("feature_sets", sa.Column("summary", JSON, nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("feature_sets") as batch:
+        batch.drop_column("summary")
     op.drop_index("ix_graph_features_feature", table_name="graph_features")
     op.drop_table("graph_features")
     op.drop_table("feature_tokens")

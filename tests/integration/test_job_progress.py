@@ -10,16 +10,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 from fastapi.testclient import TestClient
-from sqlalchemy.orm import Session
 
-from app.db.migrate import upgrade
 from app.db.schema import Job, JobStatus, utcnow
 from app.db.session import make_engine
-from app.settings import Settings
 from app.web import create_app
 from app.web.data.jobs import job_view
-from worker.bootstrap import bootstrap
-from worker.loop import run_worker
 
 KNOWS_ITS_LENGTH = ("organism", "train", "evaluate", "collect", "hesitation", "ablate", "experiment", "attribute")
 
@@ -38,27 +33,10 @@ def test_running_job_percent_and_time_left() -> None:
     assert done.percent == 100 and done.elapsed_s == 36 and done.eta_s is None
 
 
-def test_every_job_kind_reports_its_total(tmp_path) -> None:
-    settings = Settings(data_dir=tmp_path)
-    upgrade(settings.db_url)
+def test_every_job_kind_reports_its_total(tiny_demo) -> None:
+    settings = tiny_demo["settings"]
     engine = make_engine(settings)
-    queued = bootstrap(engine, organism_preset="organism-tiny", train_preset="organism-tiny", seed=0)
-    assert set(queued) >= {"organism", "train", "evaluate", "collect", "hesitation"}
-    run_worker(settings, wait=False, migrate=False)
     client = TestClient(create_app(settings, engine=engine))
-    run_id = client.get("/api/runs").json()["latest"]["id"]
-    feature = client.get(f"/api/runs/{run_id}/features?limit=1&sort=frequency").json()["rows"][0]
-    fl = f"{feature['layer']}:{feature['index']}"
-    assert client.post(f"/api/runs/{run_id}/ablations",
-                       json={"features": fl, "prompt": "12 + 34 = ?", "max_new_tokens": 8}).status_code == 201
-    assert client.post(f"/api/runs/{run_id}/experiments",
-                       json={"features": fl, "n_prompts": 4, "max_new_tokens": 8}).status_code == 201
-    with Session(engine) as s, s.begin():
-        from app.db import queue
-
-        queue.enqueue(s, "attribute", {"run_id": run_id, "prompt": "12 + 34 = ?", "chat": True,
-                                       "max_feature_nodes": 50}, priority=100, run_id=run_id)
-    run_worker(settings, wait=False, migrate=False)
     jobs = client.get("/api/jobs").json()
     assert not jobs["failed"], [(j["kind"], j["error_line"]) for j in jobs["failed"]]
     finished = {j["kind"]: j for j in jobs["finished"]}

@@ -131,9 +131,11 @@ def delete_graphs_except(session: Session, run_id: int, prefix: str, keep: Seque
 
 
 def write_feature_set(session: Session, run_id: int, name: str, description: str,
-                      members: Sequence[Mapping[str, Any]]) -> int:
-    """Insert or update the set (run_id, name) and replace its members ({layer, index, role, score})."""
-    (set_id,) = upsert(session, FeatureSet, {"run_id": run_id, "name": name, "description": description},
+                      members: Sequence[Mapping[str, Any]], summary: Mapping[str, Any] | None = None) -> int:
+    """Insert or update the set (run_id, name) with what produced it, and replace its members
+    ({layer, index, role, score})."""
+    (set_id,) = upsert(session, FeatureSet, {"run_id": run_id, "name": name, "description": description,
+                                             "summary": dict(summary) if summary is not None else None},
                        key=["run_id", "name"])
     rows = [{"layer": int(m["layer"]), "index": int(m["index"]), "role": m.get("role"), "score": m.get("score")}
             for m in members]

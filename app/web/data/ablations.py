@@ -114,6 +114,7 @@ class AblateForm(BaseModel):
     token_ids: str | None = Field(None, max_length=1_000_000, description="Explicit token ids, space-separated.")
     target_token_id: int | None = Field(None, description="Report this token's probability before and after.")
     features: str = Field("", max_length=200_000)
+    feature_set: str | None = Field(None, max_length=200, description="A stored set's name (with or instead of features).")
     mode: Literal["zero", "scale", "clamp"] = "zero"
     value: float | None = None
     positions: Literal["all", "prompt", "generated"] = "all"
@@ -121,7 +122,7 @@ class AblateForm(BaseModel):
     compare: list[Literal["target", "hybrid"]] = []
 
     @field_validator("value", "prompt_id", "prompt_tokens", "example_id", "target_token_id", "token_ids", "source",
-                     mode="before")
+                     "feature_set", mode="before")
     @classmethod
     def _blank_value(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -177,8 +178,10 @@ def request_from_form(run_id: int, form: AblateForm) -> dict[str, Any]:
         prompt = {"token_ids": _parse_ids(form.token_ids), "prompt_tokens": form.prompt_tokens}
     else:
         prompt = {"prompt": form.prompt}
+    features = [list(f) for f in parse_features(form.features)] if form.features.strip() or not form.feature_set else []
     return {
-        "run_id": run_id, **prompt, "features": [list(f) for f in parse_features(form.features)],
+        "run_id": run_id, **prompt, "features": features,
+        **({"feature_set": form.feature_set} if form.feature_set else {}),
         "mode": form.mode, "value": None if form.mode == "zero" else form.value, "positions": form.positions,
         "generation": {"max_new_tokens": form.max_new_tokens}, "compare": list(dict.fromkeys(form.compare)),
         "target_token_id": form.target_token_id,

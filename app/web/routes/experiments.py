@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Path, Request
+from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel
 
@@ -39,16 +39,18 @@ class Cancelled(BaseModel):
 
 
 def _list_page(request: Request, session, run: str, *, form: ExperimentForm | None = None, error: str | None = None,
-               status_code: int = 200) -> Response:
+               status_code: int = 200, feature_set: str | None = None) -> Response:
     r = get_run(session, run)
     return render(request, "experiments.html", None, run=r, experiments=experiment_items(session, r.id),
                   choices=experiment_choices(session, r), form=form, error=error, limit=ablate_limit(request),
-                  status_code=status_code)
+                  status_code=status_code, feature_set=feature_set)
 
 
 @router.get("/runs/{run}/experiments", include_in_schema=False, name="experiments_page")
-def experiments_html(request: Request, run: str, session: SessionDep) -> Response:
-    return _list_page(request, session, run)
+def experiments_html(request: Request, run: str, session: SessionDep,
+                     feature_set: Annotated[str | None, Query(max_length=200)] = None) -> Response:
+    """The experiments of a run and the form (``feature_set`` preselects a set)."""
+    return _list_page(request, session, run, feature_set=feature_set)
 
 
 @router.post("/runs/{run}/experiments", include_in_schema=False, name="experiment_submit")
