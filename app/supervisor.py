@@ -204,8 +204,12 @@ class Supervisor:
         child.delay = min(wait * 2, RESTART_MAX_S)
         child.restart_at = now + wait
         when = datetime.now().astimezone().strftime("%H:%M:%S")
-        how = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_ \
-            else f"exit code {code}"
+        how = f"exit code {code}"
+        if code < 0:
+            try:
+                how = f"signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"signal {-code}"
         child.note = f"restart {child.restarts + 1}: the previous process ended with {how} at {when}"
         log.warning("Worker %s ended with %s after %.0f s; restarting in %.0f s", child.spec.name, how, ran, wait)
         self._record_exit(child, how, when, wait)

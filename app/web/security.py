@@ -147,7 +147,9 @@ class Guard:
         if b"\x00" in target or b"%00" in target.lower():
             return 400, "The URL contains a NUL character (%00); no name, id or parameter value can contain one."
         length = headers.get("content-length")
-        if length is not None and (not length.strip().isdigit() or int(length) > self.max_body):
+        if length is not None and not (length.strip().isascii() and length.strip().isdigit()):
+            return 400, "The Content-Length header is not a number."
+        if length is not None and int(length) > self.max_body:
             return 413, f"The request body is larger than {self.max_body:,} bytes."
         if scope.get("method", "GET").upper() in SAFE_METHODS:
             return None
