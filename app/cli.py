@@ -339,12 +339,21 @@ def pipeline(
 @app.command()
 def worker(
     kinds: Annotated[str | None, typer.Option(help="Comma-separated job kinds to take (default: all).")] = None,
+    exclude_kinds: Annotated[str | None, typer.Option(help="Comma-separated job kinds to leave to other workers "
+                                                           "(`up`'s long-job worker leaves ablate,attribute,lens).")] = None,
     once: Annotated[bool, typer.Option(help="Exit when the queue is empty.")] = False,
+    worker_id: Annotated[str | None, typer.Option(help="Worker id (default: host-pid-random).")] = None,
+    restarts: Annotated[int, typer.Option(hidden=True, help="Set by `up`: restarts so far.")] = 0,
+    note: Annotated[str | None, typer.Option(hidden=True, help="Set by `up`: why it was restarted.")] = None,
+    parent_pid: Annotated[int | None, typer.Option(hidden=True, help="Set by `up`: stop when it is gone.")] = None,
+    migrate: Annotated[bool, typer.Option(help="Apply migrations first (`up` has done it already).")] = True,
 ) -> None:
-    """Run the job loop: claim jobs from the database and run them."""
+    """Run the job loop: claim jobs from the database and run them (a database outage never stops it)."""
     from worker.loop import run_worker
 
-    n = run_worker(_settings(), kinds=kinds.split(",") if kinds else None, wait=not once)
+    split = lambda text: [k.strip() for k in text.split(",") if k.strip()] if text else None  # noqa: E731
+    n = run_worker(_settings(), kinds=split(kinds), exclude_kinds=split(exclude_kinds), wait=not once,
+                   worker_id=worker_id, restarts=restarts, note=note, parent_pid=parent_pid, migrate=migrate)
     typer.echo(f"processed {n} job(s)")
 
 
@@ -377,6 +386,7 @@ def enqueue(
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
     """Run the dashboard (no worker): pages and the JSON API."""
     from app.db.migrate import upgrade
@@ -384,55 +394,108 @@ def serve(
 
     settings = _settings()
     upgrade(settings.db_url)
-    run_server(settings, host=host, port=port)
+    run_server(settings, host=host, port=port, access_log=access_log)
+
+
+class _Shutdown(BaseException):  # noqa: N818 (a control-flow signal like KeyboardInterrupt)
+    """SIGTERM/SIGINT in ``up``: unwind to the code that stops the workers."""
 
 
 @app.command()
 def up(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    workers: Annotated[int, typer.Option(help="Worker processes to start beside the server.")] = 1,
+    workers: Annotated[int, typer.Option(min=0, help="Workers for long jobs (train, collect, experiment, …).")] = 1,
+    interactive_workers: Annotated[int, typer.Option(min=0, help="Workers reserved for the kinds a person waits "
+                                                                 "for (ablate, attribute, lens).")] = 1,
+    demo: Annotated[bool, typer.Option(help="Queue the demo pipeline when the store has no run.")] = True,
+    access_log: Annotated[bool, typer.Option(help="Show every request in the terminal.")] = False,
+    progress: Annotated[bool, typer.Option(help="A line at the bottom showing the running jobs "
+                                                "(only on a terminal).")] = True,
     organism_preset: Annotated[str, typer.Option(help="Organism preset of the demo pipeline.")] = DEFAULT_ORGANISM,
     preset: Annotated[str, typer.Option(help="Training preset of the demo pipeline.")] = DEFAULT_TRAIN_PRESET,
     seed: Annotated[int, typer.Option(help="Organism seed.")] = 0,
 ) -> None:
-    """The embedded default: migrate, start worker(s) and the dashboard; queue the demo pipeline on an empty store.
+    """The embedded default: migrate, start the workers and the dashboard; queue the demo pipeline on an empty store.
 
     The demo pipeline (organism → train → evaluate → collect → hesitation study) is queued only when
-    the database has no run; a second ``up`` reuses everything.
+    the database has no run; a second ``up`` reuses everything. One worker takes long jobs and one the
+    interactive ones, each restarted when it dies (app/supervisor.py); SIGTERM or Ctrl-C stops them all.
     """
     import signal
-    import subprocess
     import sys
 
     from app.db.migrate import upgrade
     from app.db.session import make_engine
+    from app.supervisor import Supervisor, worker_classes
     from app.web.main import serve as run_server
     from worker.bootstrap import bootstrap as queue_demo_if_empty
 
+    def shutdown(signum: int, _frame: object) -> None:
+        raise _Shutdown(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, shutdown) for sig in (signal.SIGINT, signal.SIGTERM)}
     settings = _settings()
     upgrade(settings.db_url)
     engine = make_engine(settings)
+    live = None
+    line = None
+    supervisor = None
     try:
-        jobs = queue_demo_if_empty(engine, organism_preset=organism_preset, train_preset=preset, seed=seed)
-        if jobs:
-            typer.echo(f"empty store: queued the demo pipeline ({', '.join(jobs)}); watch it at /jobs")
+        if demo:
+            jobs = queue_demo_if_empty(engine, organism_preset=organism_preset, train_preset=preset, seed=seed)
+            if jobs:
+                typer.echo(f"empty store: queued the demo pipeline ({', '.join(jobs)}); watch it at /jobs")
+        specs = worker_classes(interactive_workers, workers, threads=settings.torch_threads)
+        typer.echo(f"dashboard: http://{host}:{port}/  (data: {settings.resolved_data_dir}, database: "
+                   f"{settings.db_url.split('@')[-1]}; workers: "
+                   + ", ".join(f"{s.name} ({s.threads} torch thread{'s' if s.threads != 1 else ''})" for s in specs)
+                   + ")", err=True)
+        if progress and sys.stderr.isatty():
+            live, line = _progress_display(engine)  # before the workers: their output goes through it
+        supervisor = Supervisor(specs, settings, worker_args=["--no-migrate"])
+        supervisor.start()
+        # uvicorn restores our handlers when it stops and re-raises the signal it caught: it lands in shutdown().
+        run_server(settings, host=host, port=port, access_log=access_log)
+    except _Shutdown as exc:
+        log.info("%s: stopping the workers", exc)
     finally:
+        def hurry(_signum: int, _frame: object) -> None:  # a second Ctrl-C: workers release their jobs now
+            if supervisor is not None:
+                supervisor.hurry()
+
+        for sig in previous:
+            signal.signal(sig, hurry)
+        if line is not None:
+            line.stop()
+        if supervisor is not None:
+            supervisor.stop()
+        if live is not None:
+            live.stop()
         engine.dispose()
-    env = {**os.environ, "ADAPTERLENS_DATA_DIR": str(settings.resolved_data_dir)}
-    procs = [subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env) for _ in range(max(workers, 0))]
-    typer.echo(f"dashboard: http://{host}:{port}/  (data: {settings.resolved_data_dir}, database: "
-               f"{settings.db_url.split('@')[-1]})")
-    try:
-        run_server(settings, host=host, port=port)
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _progress_display(engine):
+    """A rich ``Live`` line at the bottom of the terminal; log lines (ours and the workers') print above it."""
+    import sys
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    from app.progress_line import ProgressLine
+
+    live = Live(Text("▷ starting"), console=Console(stderr=True), refresh_per_second=2, transient=True,
+                redirect_stdout=True, redirect_stderr=True)
+    live.start()
+    for handler in logging.getLogger().handlers:  # basicConfig's handler holds the real stderr: use the proxy
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+    line = ProgressLine(engine, live)
+    line.start()
+    return live, line
 
 
 # -- deployment: bootstrap, import, plan (docs/deploy.md) -----------------------------------------------------

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class Settings(BaseSettings):
@@ -32,6 +35,33 @@ class Settings(BaseSettings):
     ablation_max_new_tokens: int = Field(
         default=512, ge=1, description="Most tokens an ablation or experiment may ask to generate per condition."
     )
+    # --- web: what the dashboard accepts (docs/deploy.md, README "Operations") ---------------------------------
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default=list(LOOPBACK_HOSTS), description="Host names the dashboard answers (comma-separated in the "
+        "environment; '*.example.org' matches subdomains, '*' any host). Loopback by default: a foreign Host "
+        "(DNS rebinding) gets a 400. Add the public name when a proxy forwards it.")
+    trusted_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins (scheme://host[:port]) besides the dashboard's own that may "
+        "send state-changing requests, e.g. a proxy's public origin when it rewrites Host.")
+    max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024, description="Largest request body; "
+                                "larger ones get a 413.")
+    interactive_queue_per_run: int = Field(default=8, ge=1, description="Interactive jobs (ablate, attribute, "
+                                           "lens) that may wait in the queue per run; more get a 429.")
+    interactive_queue_total: int = Field(default=32, ge=1, description="Interactive jobs that may wait in "
+                                         "the queue in all; more get a 429.")
+    # --- workers ----------------------------------------------------------------------------------------------
+    lease_s: float = Field(default=60.0, ge=1.0, description="Seconds a claimed job stays a worker's without a "
+                           "heartbeat (renewed every third); a dead worker's job is claimable again after it.")
+    torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads of a worker "
+                                      "(unset: torch's default, every core). `up` sets it per worker class.")
+
+    @field_validator("allowed_hosts", "trusted_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """Accept ``a,b`` (the environment's form) as well as a list."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @cached_property
     def resolved_data_dir(self) -> Path:

@@ -13,15 +13,11 @@ Fixtures for other test files: ``db_url`` (parametrized: sqlite, postgres), ``sq
 
 from __future__ import annotations
 
-import glob
 import os
 import pwd
 import random
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +29,7 @@ from sqlalchemy.engine import Engine, make_url
 from app.db.migrate import upgrade
 from app.db.session import make_engine
 from app.settings import Settings
+from tests.pg_cluster import ClusterError, ThrowawayCluster, pg_bindir, stop_orphaned_clusters
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any import of huggingface_hub reads it
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -41,7 +38,6 @@ pytest_plugins = ["tests.organism_fixtures"]  # the tiny built organism and a tr
 
 PG_URL_ENV = "ADAPTERLENS_TEST_PG_URL"
 NO_PG_ENV = "ADAPTERLENS_TEST_NO_PG"  # set to 1 to run the SQLite tier alone (quick local runs)
-PG_START_TIMEOUT_S = 60  # seconds pg_ctl waits for the throwaway cluster to accept connections
 
 
 # ---------------------------------------------------------------------------------- reproducibility
@@ -62,20 +58,10 @@ def _reproducible(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------------------- postgres
 
 
-def _pg_bindir() -> Path | None:
-    """Where initdb and pg_ctl live: PATH first, else the newest Debian cluster version."""
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
-        return Path(found).parent
-    candidates = glob.glob("/usr/lib/postgresql/*/bin/initdb")
-    candidates.sort(key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
-    return Path(candidates[-1]).parent if candidates else None
-
-
 def _pg_unavailable_reason() -> str | None:
     if os.environ.get(NO_PG_ENV, "") not in ("", "0"):
         return f"{NO_PG_ENV} is set: running the SQLite tier only"
-    if os.environ.get(PG_URL_ENV) or _pg_bindir() is not None:
+    if os.environ.get(PG_URL_ENV) or pg_bindir() is not None:
         return None
     return (
         f"PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin) and "
@@ -89,38 +75,7 @@ def pytest_report_header(config: pytest.Config) -> str:
         return f"databases: {reason}"
     if os.environ.get(PG_URL_ENV):
         return f"databases: SQLite and PostgreSQL from {PG_URL_ENV}"
-    return f"databases: SQLite and a throwaway PostgreSQL cluster ({_pg_bindir()})"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_as_postgres(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run a server command; as root, as the ``postgres`` user (the server refuses to run as root)."""
-    if os.geteuid() == 0:
-        cmd = ["runuser", "-u", "postgres", "--", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=PG_START_TIMEOUT_S + 30)
-
-
-def _stop_orphaned_clusters(bindir: Path) -> None:
-    """Stop and delete throwaway clusters whose pytest process died without cleaning up (SIGKILL)."""
-    for owner_file in glob.glob(os.path.join(tempfile.gettempdir(), "adapterlens-pg-*", "owner.pid")):
-        root = Path(owner_file).parent
-        try:
-            os.kill(int(Path(owner_file).read_text()), 0)
-            continue  # its owner is alive
-        except ProcessLookupError:
-            pass
-        except (ValueError, PermissionError, OSError):
-            continue
-        if (root / "data" / "postmaster.pid").exists():
-            _run_as_postgres(
-                [str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "-w", "stop"]
-            )
-        shutil.rmtree(root, ignore_errors=True)
+    return f"databases: SQLite and a throwaway PostgreSQL cluster ({pg_bindir()})"
 
 
 @pytest.fixture(scope="session")
@@ -132,67 +87,24 @@ def pg_server_url() -> Iterator[str]:
     if os.environ.get(PG_URL_ENV):
         yield Settings(database_url=os.environ[PG_URL_ENV]).db_url
         return
-    bindir = _pg_bindir()
+    bindir = pg_bindir()
     assert bindir is not None  # _pg_unavailable_reason checked it
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("postgres")
         except KeyError:
             pytest.skip("running as root, and there is no 'postgres' user to run the throwaway cluster as")
-    _stop_orphaned_clusters(bindir)
-    root = Path(tempfile.mkdtemp(prefix="adapterlens-pg-"))
-    (root / "owner.pid").write_text(str(os.getpid()))
-    data, sockets, logfile = root / "data", root / "sock", root / "server.log"
-    sockets.mkdir()
-    if os.geteuid() == 0:
-        for path in (root, sockets):
-            shutil.chown(path, "postgres", "postgres")
-    port = _free_port()
-    started = False
+    stop_orphaned_clusters(bindir)
+    cluster = ThrowawayCluster(bindir)
     try:
-        init = _run_as_postgres(
-            [
-                str(bindir / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ]
-        )
-        if init.returncode != 0:
-            pytest.fail(f"initdb failed:\n{init.stdout}\n{init.stderr}")
-        options = (
-            f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off"
-        )
-        start = _run_as_postgres(
-            [
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                str(logfile),
-                "-w",
-                "-t",
-                str(PG_START_TIMEOUT_S),
-                "-o",
-                options,
-                "start",
-            ]  # fmt: skip
-        )
-        started = start.returncode == 0
-        if not started:
-            log_text = logfile.read_text() if logfile.exists() else ""
-            pytest.fail(f"pg_ctl start failed:\n{start.stdout}\n{start.stderr}\n{log_text}")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        try:
+            cluster.init()
+            cluster.start()
+        except ClusterError as exc:
+            pytest.fail(str(exc))
+        yield cluster.url
     finally:
-        if started:
-            _run_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.remove()
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     try:
         bootstrap(engine, organism_preset="organism-tiny", train_preset="organism-tiny", seed=0)
         run_worker(settings, wait=False, migrate=False)
-        client = TestClient(create_app(settings, engine=engine))
+        client = TestClient(create_app(settings, engine=engine), base_url="http://127.0.0.1")
         run_id = client.get("/api/runs").json()["latest"]["id"]
         feature = client.get(f"/api/runs/{run_id}/features?limit=1&sort=frequency").json()["rows"][0]
         fl = f"{feature['layer']}:{feature['index']}"

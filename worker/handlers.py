@@ -40,6 +40,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import queue
+from app.db.session import is_disconnect
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,12 @@ class JobContext:
         if now - self._last_progress < PROGRESS_MIN_INTERVAL_S and (total is None or done < total):
             return
         self._last_progress = now
-        queue.set_progress(self.engine, self.job_id, done, total, message)
+        try:
+            queue.set_progress(self.engine, self.job_id, done, total, message)
+        except Exception as exc:
+            if not is_disconnect(exc):
+                raise
+            log.debug("Job %s: progress not recorded (database unreachable)", self.job_id)  # the next one will be
 
     def cancelled(self) -> bool:
         """True once a user cancelled the job or the worker is shutting down: stop soon."""
@@ -186,7 +192,13 @@ class JobContext:
         now = time.monotonic()
         if now - self._last_cancel_check >= CANCEL_CHECK_INTERVAL_S:
             self._last_cancel_check = now
-            self._cancelled = queue.is_cancelled(self.engine, self.job_id)
+            try:
+                self._cancelled = queue.is_cancelled(self.engine, self.job_id)
+            except Exception as exc:
+                if not is_disconnect(exc):
+                    raise
+                # The database is unreachable: keep working (a cancel is seen once it is back; the heartbeat
+                # notices if the lease went to another worker meanwhile).
         return self._cancelled
 
     def check(self) -> None:

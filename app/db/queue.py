@@ -18,6 +18,11 @@ Claiming is one statement on both backends (after procrastinate's ``procrastinat
 [FOR UPDATE SKIP LOCKED]) RETURNING …``. On SQLite a write statement takes the database's single
 write lock before it reads, so the subquery and the update are atomic without row locks.
 
+Request rows (``ablations``, ``experiments``) follow their job in the same transaction wherever the job
+changes from outside its handler (lapsed lease, fail, release, cancel, retry): ``app.db.request_rows``.
+Workers come in classes: ``kinds`` (only these) and ``exclude_kinds`` (all but these) select what a worker
+claims, so ``adapterlens up`` runs one worker for :data:`INTERACTIVE_KINDS` and one for everything else.
+
 Timestamps compare against the worker's clock (aware UTC), so hosts need synchronised clocks.
 Every function takes ``db``: an Engine (the call runs and commits its own transaction) or a
 Session/Connection (the call joins its transaction and the caller commits, e.g. to insert an
@@ -54,6 +59,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from app.db.request_rows import follow_jobs
 from app.db.schema import Job, JobStatus, Worker, utcnow
 
 log = logging.getLogger(__name__)
@@ -172,7 +178,8 @@ def enqueue(
 # -------------------------------------------------------------------------------------------- claim
 
 
-def _claimable(alias: Any, now: datetime, kinds: Sequence[str] | None) -> Any:
+def _claimable(alias: Any, now: datetime, kinds: Sequence[str] | None,
+               exclude_kinds: Sequence[str] | None = None) -> Any:
     dep = _jobs.alias("dep")
     dependency_ok = or_(
         alias.c.depends_on.is_(None),
@@ -191,16 +198,24 @@ def _claimable(alias: Any, now: datetime, kinds: Sequence[str] | None) -> Any:
     condition = or_(ready_todo, lapsed)
     if kinds is not None:
         condition = and_(condition, alias.c.kind.in_(list(kinds)))
+    if exclude_kinds:
+        condition = and_(condition, alias.c.kind.not_in(list(exclude_kinds)))
     return condition
 
 
 def claim_job(
-    db: Db, worker_id: str, kinds: Sequence[str] | None = None, lease_s: float = DEFAULT_LEASE_S
+    db: Db,
+    worker_id: str,
+    kinds: Sequence[str] | None = None,
+    lease_s: float = DEFAULT_LEASE_S,
+    *,
+    exclude_kinds: Sequence[str] | None = None,
 ) -> JobRecord | None:
     """Claim the best claimable job for ``worker_id`` for ``lease_s`` seconds, or return None.
 
     Claimable: ``todo`` whose ``run_after`` passed and whose dependency succeeded, or ``running``
-    whose lease lapsed (its worker died) with attempts left. Order: priority desc, then id.
+    whose lease lapsed (its worker died) with attempts left; of ``kinds`` (None: any) and not of
+    ``exclude_kinds``. Order: priority desc, then id.
     """
     if kinds is not None and not kinds:
         return None
@@ -209,7 +224,7 @@ def claim_job(
     cand = _jobs.alias("cand")
     subquery = (
         select(cand.c.id)
-        .where(_claimable(cand, now, kinds))
+        .where(_claimable(cand, now, kinds, exclude_kinds))
         .order_by(cand.c.priority.desc(), cand.c.id)
         .limit(1)
     )
@@ -252,8 +267,9 @@ def reap(db: Db) -> int:
     Returns the number of jobs failed. Called by ``claim_job``; cheap when there is nothing to do.
     """
     now = utcnow()
+    message = f"Lease expired on the last attempt (worker presumed dead at {now.isoformat()})."
     with _tx(db) as conn:
-        n = conn.execute(
+        lapsed = conn.execute(
             update(_jobs)
             .where(
                 _jobs.c.status == JobStatus.RUNNING,
@@ -265,11 +281,13 @@ def reap(db: Db) -> int:
                 finished=now,
                 locked_by=None,
                 locked_until=None,
-                error=func.coalesce(_jobs.c.error + "\n", "")
-                + f"Lease expired on the last attempt (worker presumed dead at {now.isoformat()}).",
+                error=func.coalesce(_jobs.c.error + "\n", "") + message,
             )
-        ).rowcount
-        n += _fail_dependents(conn)
+            .returning(_jobs.c.id)
+        ).scalars().all()
+        if lapsed:
+            follow_jobs(conn, list(lapsed), JobStatus.FAILED, "The worker running it stopped answering: " + message)
+        n = len(lapsed) + _fail_dependents(conn)
     return n
 
 
@@ -348,6 +366,10 @@ def complete(db: Db, job_id: int, result: Any = None, *, worker_id: str | None =
         ).rowcount
         if n:
             _notify(conn, "succeeded")  # dependents may have become claimable
+        else:  # cancelled (or re-claimed) meanwhile: the handler may have marked its row done; the job decides
+            current = conn.execute(select(_jobs.c.status).where(_jobs.c.id == job_id)).scalar_one_or_none()
+            if current is not None and JobStatus(current) is not JobStatus.RUNNING:
+                follow_jobs(conn, [job_id], JobStatus(current))
     return n == 1
 
 
@@ -386,6 +408,7 @@ def fail(
         if row is None:
             return None
         status = JobStatus(row[0])
+        follow_jobs(conn, [job_id], status, traceback.strip().splitlines()[-1] if traceback.strip() else None)
         if status is JobStatus.FAILED:
             _fail_dependents(conn)
         else:
@@ -410,6 +433,7 @@ def release(db: Db, job_id: int, worker_id: str | None = None) -> bool:
             )
         ).rowcount
         if n:
+            follow_jobs(conn, [job_id], JobStatus.TODO)
             _notify(conn, "release")
     return n == 1
 
@@ -426,6 +450,7 @@ def cancel(db: Db, job_id: int) -> bool:
             .values(status=JobStatus.CANCELLED, finished=utcnow(), locked_until=None)
         ).rowcount
         if n:
+            follow_jobs(conn, [job_id], JobStatus.CANCELLED)
             _fail_dependents(conn)
     return n == 1
 
@@ -464,6 +489,9 @@ def retry(db: Db, job_id: int) -> bool:
 
 
 def _retry_one(conn: Connection | Session, job_id: int) -> int:
+    follow_jobs(conn, select(_jobs.c.id).where(_jobs.c.id == job_id,
+                                              _jobs.c.status.in_([JobStatus.FAILED, JobStatus.CANCELLED])),
+                JobStatus.TODO)
     return conn.execute(
         update(_jobs)
         .where(_jobs.c.id == job_id, _jobs.c.status.in_([JobStatus.FAILED, JobStatus.CANCELLED]))
@@ -486,12 +514,14 @@ def get_job(db: Db, job_id: int) -> JobRecord | None:
     return None if row is None else JobRecord.from_row(row)
 
 
-def has_claimable(db: Db, kinds: Sequence[str] | None = None) -> bool:
+def has_claimable(db: Db, kinds: Sequence[str] | None = None, exclude_kinds: Sequence[str] | None = None) -> bool:
     """Whether ``claim_job`` would find something now (the SQLite wait loop polls this)."""
     if kinds is not None and not kinds:
         return False
     with _tx(db) as conn:
-        return conn.execute(select(exists().where(_claimable(_jobs, utcnow(), kinds)))).scalar_one()
+        return conn.execute(
+            select(exists().where(_claimable(_jobs, utcnow(), kinds, exclude_kinds)))
+        ).scalar_one()
 
 
 # ------------------------------------------------------------------------------------------ waiting
@@ -503,42 +533,75 @@ class JobListener:
     Postgres: a dedicated autocommit connection LISTENs on ``CHANNEL``; notifications that arrive
     while the worker is busy queue up and end the next wait at once. SQLite: polls
     ``has_claimable`` every ``POLL_INTERVAL_S``. Either way a wait also ends on ``stop``.
+    When the LISTEN connection breaks (a database restart) the listener says so by returning True
+    (look at the queue now) and connects again at the next wait; until then it sleeps instead.
     """
 
-    def __init__(self, engine: Engine, kinds: Sequence[str] | None = None) -> None:
+    def __init__(self, engine: Engine, kinds: Sequence[str] | None = None,
+                 exclude_kinds: Sequence[str] | None = None) -> None:
         self.engine = engine
         self.kinds = kinds
+        self.exclude_kinds = exclude_kinds
         self._pg: Any = None
-        if engine.dialect.name == "postgresql":
-            import psycopg
+        self._postgres = engine.dialect.name == "postgresql"
+        if self._postgres:
+            self._connect()
 
-            url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-            self._pg = psycopg.connect(url, autocommit=True)
+    def _connect(self) -> bool:
+        import psycopg
+
+        url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        try:
+            self._pg = psycopg.connect(url, autocommit=True, connect_timeout=5)
             self._pg.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as exc:
+            log.debug("LISTEN connection failed: %s", exc)
+            self._drop()
+            return False
+        return True
+
+    def _drop(self) -> None:
+        if self._pg is not None:
+            try:
+                self._pg.close()
+            except Exception:  # noqa: BLE001 (closing a broken connection)
+                pass
+            self._pg = None
 
     def wait(self, timeout: float, stop: threading.Event | None = None) -> bool:
         """Block up to ``timeout`` seconds; True when woken by a job (or a claimable one exists)."""
+        import_error: type[Exception] = Exception
+        if self._postgres:
+            import psycopg
+
+            import_error = psycopg.Error
+            if self._pg is None and self._connect():
+                return True  # back after an outage: jobs may have been queued meanwhile
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (stop is not None and stop.is_set()):
                 return False
-            step = min(remaining, POLL_INTERVAL_S if self._pg is None else 1.0)
             if self._pg is not None:
-                for _ in self._pg.notifies(timeout=step, stop_after=1):
+                try:
+                    for _ in self._pg.notifies(timeout=min(remaining, 1.0), stop_after=1):
+                        return True
+                except import_error as exc:
+                    log.warning("The LISTEN connection broke (%s); listening again at the next wait",
+                                str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+                    self._drop()
                     return True
+                continue
+            step = min(remaining, POLL_INTERVAL_S)
+            if not self._postgres and has_claimable(self.engine, self.kinds, self.exclude_kinds):
+                return True
+            if stop is not None:
+                stop.wait(step)
             else:
-                if has_claimable(self.engine, self.kinds):
-                    return True
-                if stop is not None:
-                    stop.wait(step)
-                else:
-                    time.sleep(step)
+                time.sleep(step)
 
     def close(self) -> None:
-        if self._pg is not None:
-            self._pg.close()
-            self._pg = None
+        self._drop()
 
     def __enter__(self) -> JobListener:
         return self
@@ -548,26 +611,66 @@ class JobListener:
 
 
 def wait_for_job(
-    engine: Engine, timeout: float, *, kinds: Sequence[str] | None = None, stop: threading.Event | None = None
+    engine: Engine,
+    timeout: float,
+    *,
+    kinds: Sequence[str] | None = None,
+    exclude_kinds: Sequence[str] | None = None,
+    stop: threading.Event | None = None,
 ) -> bool:
     """One-off wait for a job (LISTEN on Postgres, short polling on SQLite); see ``JobListener``."""
-    if has_claimable(engine, kinds):
+    if has_claimable(engine, kinds, exclude_kinds):
         return True
-    with JobListener(engine, kinds) as listener:
+    with JobListener(engine, kinds, exclude_kinds) as listener:
         return listener.wait(timeout, stop)
 
 
 # ------------------------------------------------------------------------------------------ workers
 
 
-def register_worker(db: Db, worker_id: str, hostname: str, pid: int) -> None:
-    """Record a live worker (replacing a stale row with the same id)."""
+def describe_kinds(kinds: Sequence[str] | None, exclude_kinds: Sequence[str] | None = None) -> str | None:
+    """What a worker claims, for people: ``"ablate, lens"``, ``"all but ablate, lens"``, or None (everything)."""
+    if kinds is not None:
+        return ", ".join(kinds)
+    return f"all but {', '.join(exclude_kinds)}" if exclude_kinds else None
+
+
+def register_worker(
+    db: Db,
+    worker_id: str,
+    hostname: str,
+    pid: int,
+    *,
+    kinds: str | None = None,
+    restarts: int = 0,
+    note: str | None = None,
+) -> None:
+    """Record a live worker (replacing a stale row with the same id: a supervised worker's restart)."""
     now = utcnow()
     with _tx(db) as conn:
         conn.execute(delete(_workers).where(_workers.c.id == worker_id))
         conn.execute(
-            insert(_workers).values(id=worker_id, hostname=hostname, pid=pid, started=now, heartbeat_at=now)
+            insert(_workers).values(id=worker_id, hostname=hostname, pid=pid, started=now, heartbeat_at=now,
+                                    kinds=kinds, restarts=restarts, note=(note or None) and note[:500])
         )
+
+
+def worker_stopped(db: Db, worker_id: str, note: str) -> None:
+    """Mark a worker's process as down (the supervisor saw it exit) with the reason; shown on the jobs page."""
+    with _tx(db) as conn:
+        conn.execute(update(_workers).where(_workers.c.id == worker_id).values(stopped=utcnow(), note=note[:500]))
+
+
+def fail_worker_jobs(db: Db, worker_id: str, reason: str) -> list[int]:
+    """Fail the attempt of every job a dead worker held (its supervisor saw the process exit), at once rather
+    than when the lease lapses; each is retried while attempts remain. Returns the job ids."""
+    with _tx(db) as conn:
+        held = conn.execute(
+            select(_jobs.c.id).where(_jobs.c.status == JobStatus.RUNNING, _jobs.c.locked_by == worker_id)
+        ).scalars().all()
+    for job_id in held:
+        fail(db, job_id, reason, worker_id=worker_id)
+    return list(held)
 
 
 def worker_heartbeat(db: Db, worker_id: str) -> None:
@@ -598,8 +701,10 @@ __all__ = [
     "cancel",
     "claim_job",
     "complete",
+    "describe_kinds",
     "enqueue",
     "fail",
+    "fail_worker_jobs",
     "get_job",
     "has_claimable",
     "heartbeat",
@@ -613,4 +718,5 @@ __all__ = [
     "unregister_worker",
     "wait_for_job",
     "worker_heartbeat",
+    "worker_stopped",
 ]

@@ -22,15 +22,25 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db import queue
-from app.db.schema import Ablation, Example, Experiment, FeatureSet, FeatureSetMember, Prompt, Run
-from app.db.text import has_nul
+from app.db.schema import (
+    Ablation,
+    Example,
+    Experiment,
+    FeatureSet,
+    FeatureSetMember,
+    Job,
+    JobStatus,
+    Prompt,
+    Run,
+)
+from app.db.text import text_problem
 
 log = logging.getLogger(__name__)
 
@@ -43,29 +53,41 @@ MAX_PROMPT_CHARS = 100_000  # free text beyond this is refused before tokenizing
 MAX_PROMPT_TOKENS = 100_000  # explicit token ids per prompt
 MAX_ID = 2**31 - 1  # ids are 32-bit integers in the store
 MAX_EXPERIMENT_PROMPTS = 10_000
+MAX_INDEX = 2**31 - 1  # layers and feature indices
 
+DbId = Annotated[int, Field(ge=1, le=MAX_ID)]
+Index = Annotated[int, Field(ge=0, le=MAX_INDEX)]
 Mode = Literal["zero", "scale", "clamp"]
 Positions = Literal["all", "prompt", "generated"]
 Compare = Literal["target", "hybrid"]
 
 
 class AblationRequestError(ValueError):
-    """Bad input in an ablation or experiment request; ``status_code`` is the HTTP answer (404 or 422)."""
+    """Bad input in an ablation or experiment request; ``status_code`` is the HTTP answer (404, 422, or 429
+    with ``retry_after`` seconds when too much interactive work is waiting)."""
 
-    def __init__(self, message: str, status_code: int = 422) -> None:
+    def __init__(self, message: str, status_code: int = 422, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
 
 
 @dataclass(frozen=True)
 class AblationLimits:
-    """Configurable bounds (``Settings.ablation_max_new_tokens``)."""
+    """Configurable bounds (``Settings.ablation_max_new_tokens``, ``interactive_queue_per_run``/``_total``)."""
 
     max_new_tokens: int = 512
+    queue_per_run: int = 8  # interactive jobs waiting for one run, at most
+    queue_total: int = 32  # interactive jobs waiting in all, at most
 
     @classmethod
     def from_settings(cls, settings: Any) -> AblationLimits:
-        return cls(max_new_tokens=settings.ablation_max_new_tokens)
+        return cls(max_new_tokens=settings.ablation_max_new_tokens, queue_per_run=settings.interactive_queue_per_run,
+                   queue_total=settings.interactive_queue_total)
 
 
 class GenerationOptions(BaseModel):
@@ -87,11 +109,18 @@ class FeatureSelection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    features: list[tuple[int, int]] = Field(default_factory=list)
-    feature_set: str | int | None = None
-    roles: list[str] | None = None
-    layers: list[int] = Field(default_factory=list)
+    features: list[tuple[Index, Index]] = Field(default_factory=list)
+    feature_set: Annotated[str, Field(max_length=200)] | DbId | None = None
+    roles: list[Annotated[str, Field(max_length=100)]] | None = None
+    layers: list[Index] = Field(default_factory=list)
     complement: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        """Refuse NUL and lone surrogates in any text of the request, before anything else looks at it."""
+        _check_text(data, ())
+        return data
 
     @model_validator(mode="after")
     def _some_selection(self) -> FeatureSelection:
@@ -156,11 +185,24 @@ class AblationRequest(InterventionSpec):
             raise ValueError("token_ids must be a non-empty list of token ids")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("the prompt is empty")
-        if self.prompt is not None and has_nul(self.prompt):
-            raise ValueError("the prompt contains a NUL character (\\x00); remove it")
         if self.prompt is not None and len(self.prompt) > MAX_PROMPT_CHARS:
             raise ValueError(f"the prompt has {len(self.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
         return self
+
+
+def _check_text(data: Any, where: tuple[str, ...]) -> None:
+    """Raise ValueError naming the first string in ``data`` (dicts, lists, nested) that cannot be stored."""
+    if isinstance(data, str):
+        problem = text_problem(data)
+        if problem:
+            raise ValueError(f"{'.'.join(where) or 'the text'} {problem}")
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            _check_text(key, where)
+            _check_text(value, (*where, str(key)[:40]))
+    elif isinstance(data, list | tuple):
+        for i, value in enumerate(data):
+            _check_text(value, (*where, str(i)))
 
 
 class PromptItem(BaseModel):
@@ -169,11 +211,11 @@ class PromptItem(BaseModel):
     prompt: str
     answer: str | None = None
 
-    @model_validator(mode="after")
-    def _no_nul(self) -> PromptItem:
-        if has_nul(self.prompt) or (self.answer is not None and has_nul(self.answer)):
-            raise ValueError("a prompt or answer contains a NUL character (\\x00); remove it")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        _check_text(data, ())
+        return data
 
 
 class ExperimentRequest(InterventionSpec):
@@ -187,12 +229,12 @@ class ExperimentRequest(InterventionSpec):
     (N held-out problems of the run's organism, taken in turn from each task family; 0 = all).
     """
 
-    run_id: int
+    run_id: DbId
     name: str = Field(..., min_length=1, max_length=200)
     design: Literal["necessity", "sufficiency"] = "necessity"
     items: list[PromptItem] | None = None
     jsonl: str | None = None
-    prompt_ids: list[int] | None = None
+    prompt_ids: list[DbId] | None = None
     organism_heldout: int | None = Field(None, ge=0)
     chat: bool = True
     generation: GenerationOptions = Field(default_factory=lambda: GenerationOptions(max_new_tokens=96))
@@ -399,6 +441,38 @@ def load_jsonl(path: str) -> list[PromptItem]:
 # -------------------------------------------------------------------------------------- submission
 
 
+RETRY_AFTER_DEFAULT_S = 5  # Retry-After when no interactive job has finished yet to time
+RETRY_AFTER_MAX_S = 300
+RECENT_JOBS_TIMED = 20  # finished interactive jobs whose durations estimate Retry-After
+
+
+def check_interactive_room(session: Session, run_id: int, limits: AblationLimits) -> None:
+    """Refuse (429) a new interactive request when too many wait already, for this run or in all.
+
+    Waiting means ``todo`` (running ones are bounded by the workers). Retry-After is the median duration of
+    recent interactive jobs times the excess, so a client that waits that long finds room. Two submissions
+    racing may both pass: the bound holds to within the number of concurrent requests.
+    """
+    waiting = (select(func.count()).select_from(Job)
+               .where(Job.kind.in_(queue.INTERACTIVE_KINDS), Job.status == JobStatus.TODO))
+    total = session.scalar(waiting) or 0
+    per_run = session.scalar(waiting.where(Job.run_id == run_id)) or 0
+    if per_run < limits.queue_per_run and total < limits.queue_total:
+        return
+    excess = max(per_run - limits.queue_per_run, total - limits.queue_total) + 1
+    recent = session.execute(
+        select(Job.started, Job.finished).where(Job.kind.in_(queue.INTERACTIVE_KINDS), Job.status == JobStatus.SUCCEEDED,
+                                                Job.started.is_not(None), Job.finished.is_not(None))
+        .order_by(Job.id.desc()).limit(RECENT_JOBS_TIMED)).all()
+    durations = sorted((f - s).total_seconds() for s, f in recent)
+    typical = durations[len(durations) // 2] if durations else RETRY_AFTER_DEFAULT_S
+    retry_after = int(min(RETRY_AFTER_MAX_S, max(1, math.ceil(typical * excess))))
+    which = (f"{per_run} for this run (limit {limits.queue_per_run})" if per_run >= limits.queue_per_run
+             else f"{total} in all (limit {limits.queue_total})")
+    raise AblationRequestError(f"too many interactive requests are waiting: {which}; try again in {retry_after} s",
+                               429, retry_after=retry_after)
+
+
 def submit_ablation(session: Session, data: AblationRequest | dict, *, limits: AblationLimits = AblationLimits(),
                     encode: Callable[[str], Sequence[int]] | None = None,
                     context_length: int | None = None) -> tuple[int, int]:
@@ -407,6 +481,7 @@ def submit_ablation(session: Session, data: AblationRequest | dict, *, limits: A
     Nothing is written when validation fails. The caller commits (the job's NOTIFY fires on commit).
     """
     resolved = validate_ablation(session, data, limits=limits, encode=encode, context_length=context_length)
+    check_interactive_room(session, resolved.request.run_id, limits)
     row = Ablation(run_id=resolved.request.run_id, status="todo", request=resolved.model_dump(mode="json"))
     session.add(row)
     session.flush()

@@ -419,7 +419,11 @@ class Job(Base):
 
 
 class Worker(Base):
-    """A live (or recently dead) worker process; ``heartbeat_at`` says which."""
+    """A live (or recently dead) worker process; ``heartbeat_at`` says which.
+
+    A worker that ``adapterlens up`` supervises keeps its id across restarts: ``restarts`` counts them,
+    ``stopped`` is set while its process is down, and ``note`` says why (the supervisor writes both).
+    """
 
     __tablename__ = "workers"
 
@@ -428,3 +432,7 @@ class Worker(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started: Mapped[datetime] = _created()
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    kinds: Mapped[str | None] = mapped_column(String(300))  # what it claims: "ablate, lens", "all but …"; None: all
+    restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    stopped: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    note: Mapped[str | None] = mapped_column(String(500))

@@ -10,13 +10,16 @@ that reads and later writes never holds a stale WAL snapshot that would make its
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
@@ -24,6 +27,11 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # milliseconds a SQLite writer waits for the lock before failing
+RECONNECT_FIRST_S = 0.2  # seconds before the first retry when the database cannot be reached
+RECONNECT_MAX_S = 5.0  # seconds between retries at most (the wait doubles up to this)
+_SQLITE_TRANSIENT = ("database is locked", "unable to open database file", "disk i/o error")
+
+T = TypeVar("T")
 
 
 def _url_of(target: str | Settings | None) -> str:
@@ -79,3 +87,64 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+# ---------------------------------------------------------------------------------------- outages
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether ``exc`` means "the database cannot answer right now" (a restart, a dropped connection, a lock),
+    as opposed to a statement that is wrong and would fail again (an unknown table, a constraint).
+
+    Postgres: any psycopg ``OperationalError`` or ``InterfaceError`` (server shutting down or starting,
+    connection refused or lost, deadlock) or a connection SQLAlchemy invalidated. SQLite: a lock held too long
+    or a file that cannot be opened.
+    """
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig if exc.orig is not None else exc
+    try:
+        import psycopg
+
+        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+            return True
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        pass
+    import sqlite3
+
+    if isinstance(exc, sqlite3.OperationalError):
+        return any(m in str(exc).lower() for m in _SQLITE_TRANSIENT)
+    return False
+
+
+def retry_while_down(fn: Callable[[], T], what: str, *, stop: threading.Event | None = None,
+                     give_up_s: float | None = None) -> T:
+    """``fn()``, retried with exponential backoff for as long as the database cannot be reached.
+
+    Any other error propagates at once. ``stop`` (set by a shutdown) or ``give_up_s`` end the waiting: the
+    last disconnect error is raised. The first failure and the recovery are logged once each, not every try.
+    """
+    delay, started, failures = RECONNECT_FIRST_S, time.monotonic(), 0
+    while True:
+        try:
+            result = fn()
+        except Exception as exc:
+            if not is_disconnect(exc):
+                raise
+            failures += 1
+            waited = time.monotonic() - started
+            if failures == 1:
+                log.warning("Database unreachable while %s (%s); retrying with backoff",
+                            what, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+            if (stop is not None and stop.is_set()) or (give_up_s is not None and waited >= give_up_s):
+                raise
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX_S)
+            continue
+        if failures:
+            log.warning("Database back after %.1f s (%s)", time.monotonic() - started, what)
+        return result

@@ -9,16 +9,18 @@ or 422 with the offending value, and nothing the user types turns into a 500.
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from app.db.session import make_engine, make_sessionmaker
 from app.settings import Settings
-from app.web.errors import install_error_handlers
+from app.web.errors import API_ERRORS, install_error_handlers
+from app.web.security import Guard
 from app.web.templating import build_templates
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,42 @@ def plotly_version() -> str:
     return plotly.__version__
 
 
+def docs_assets_dir() -> Path:
+    """Swagger UI and ReDoc as shipped inside the installed fastapi-offline package (no CDN at run time)."""
+    import fastapi_offline
+
+    return Path(fastapi_offline.__file__).parent / "static"
+
+
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"  # ReDoc's side menu shows this image from its CDN
+EMPTY_IMAGE = "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg'/%3E"
+
+
+@lru_cache(maxsize=1)
+def _redoc_js() -> bytes:
+    """ReDoc's bundle with its one off-site reference (the side menu's logo) pointed at an empty image."""
+    return (docs_assets_dir() / "redoc.standalone.js").read_bytes().replace(REDOC_LOGO.encode(), EMPTY_IMAGE.encode())
+
+
+def _docs_routes(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc from local files; their start-up code is static/js/docs.js, no inline script."""
+
+    @app.get("/docs-assets/redoc.standalone.js", include_in_schema=False, name="redoc_js")
+    def redoc_js() -> Response:
+        return Response(_redoc_js(), media_type="text/javascript", headers={"Cache-Control": "public, max-age=3600"})
+
+    def page(request: Request, template: str) -> HTMLResponse:
+        return request.app.state.templates.TemplateResponse(request, template, {"openapi_url": app.openapi_url})
+
+    @app.get("/docs", include_in_schema=False, name="docs")
+    def swagger_ui(request: Request) -> HTMLResponse:
+        return page(request, "docs_swagger.html")
+
+    @app.get("/redoc", include_in_schema=False, name="redoc")
+    def redoc(request: Request) -> HTMLResponse:
+        return page(request, "docs_redoc.html")
+
+
 # --------------------------------------------------------------------------------------------- app
 
 
@@ -50,7 +88,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastA
     from app.web.routes import ablations, experiments, features, graphs, jobs, runs
 
     settings = settings or Settings()
-    app = FastAPI(title="AdapterLens", version="0.1.0",
+    app = FastAPI(title="AdapterLens", version="0.1.0", docs_url=None, redoc_url=None,
                   description="Transcoder-adapter features, attribution graphs and ablations. "
                               "Every page has its data at the same path under /api/.")
     app.state.settings = settings
@@ -59,7 +97,10 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastA
     app.state.templates = build_templates(app, str(TEMPLATES_DIR), f"/static/{HTMX_FILE}",
                                           f"/vendor/plotly-{plotly_version()}.min.js")
     install_error_handlers(app)
+    app.add_middleware(Guard, settings=settings)
+    _docs_routes(app)  # before the /docs-assets mount: one of its files is served rewritten
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=str(docs_assets_dir())), name="docs_assets")
 
     @app.get(f"/vendor/plotly-{plotly_version()}.min.js", include_in_schema=False, name="plotly_js")
     def plotly_js() -> FileResponse:
@@ -67,14 +108,15 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastA
                             headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
     for module in (runs, features, graphs, ablations, experiments, jobs):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=API_ERRORS)
     return app
 
 
-def serve(settings: Settings | None = None, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(settings: Settings | None = None, host: str = "127.0.0.1", port: int = 8000, *,
+          access_log: bool = True) -> None:
     """Run the dashboard with uvicorn until interrupted (what ``adapterlens serve`` calls)."""
     import uvicorn
 
     app = create_app(settings)
     log.info("Serving AdapterLens on http://%s:%s", host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)

@@ -47,6 +47,18 @@
     btn.textContent = ex.classList.contains("expanded") ? "less" : "context";
   });
 
+  // The run switch on a run page: choosing a run opens it (no inline handlers: the CSP forbids them).
+  document.addEventListener("change", (ev) => {
+    const form = ev.target.closest && ev.target.closest("form[data-run-switch]");
+    if (form && ev.target.name === "run") location.href = form.dataset.runSwitch + encodeURIComponent(ev.target.value);
+  });
+  document.addEventListener("submit", (ev) => {
+    const form = ev.target.closest && ev.target.closest("form[data-run-switch]");
+    if (!form) return;
+    ev.preventDefault();
+    location.href = form.dataset.runSwitch + encodeURIComponent(form.elements.run.value);
+  });
+
   const baseLayout = {
     margin: { l: 48, r: 12, t: 10, b: 40 }, paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
     font: { size: 11 }, bargap: 0.05, legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" },

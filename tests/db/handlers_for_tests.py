@@ -46,3 +46,23 @@ class FailPayload(BaseModel):
 @register("test.fail", FailPayload)
 def always_fail(ctx: JobContext) -> None:
     raise RuntimeError(ctx.payload.message)
+
+
+class StepsPayload(BaseModel):
+    run_id: int
+    steps: int = 30
+    step_s: float = 0.1
+
+
+@register("test.steps", StepsPayload)
+def write_steps(ctx: JobContext) -> dict:
+    """One ``run_metrics`` row per step, each in its own transaction, ``step_s`` apart: a database outage
+    during the job hits one of these writes (upserts, so a re-run replaces them)."""
+    p: StepsPayload = ctx.payload
+    for i in range(p.steps):
+        with ctx.session() as session:
+            upsert(session, RunMetric, [{"run_id": p.run_id, "step": i, "metrics": {"attempt": ctx.attempt}}])
+        ctx.progress(i + 1, p.steps, "writing")
+        ctx.check()
+        time.sleep(p.step_s)
+    return {"steps": p.steps, "attempt": ctx.attempt}

@@ -101,6 +101,18 @@ def test_app_image_has_no_torch() -> None:
     assert 'optional-dependencies\\"][\\"ml' in worker_docker  # the worker installs the ml extra
 
 
+def test_images_run_as_a_non_root_user() -> None:
+    for name in ("Dockerfile.app", "Dockerfile.worker"):
+        text = (ROOT / "docker" / name).read_text()
+        assert "useradd" in text and "\nUSER adapterlens\n" in text, name
+
+
+def test_app_answers_the_names_it_is_given(compose: dict) -> None:
+    env = compose["services"]["app"]["environment"]
+    assert "localhost" in env["ADAPTERLENS_ALLOWED_HOSTS"] and "127.0.0.1" in env["ADAPTERLENS_ALLOWED_HOSTS"]
+    assert "ADAPTERLENS_TRUSTED_ORIGINS" in env
+
+
 def test_cpu_override_replaces_the_gpu_worker(compose: dict) -> None:
     cpu = _load(CPU_OVERRIDE)["services"]
     assert cpu["worker"]["profiles"] == ["gpu"]  # not started by default, so nothing asks for a GPU

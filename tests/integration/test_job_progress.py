@@ -36,7 +36,7 @@ def test_running_job_percent_and_time_left() -> None:
 def test_every_job_kind_reports_its_total(tiny_demo) -> None:
     settings = tiny_demo["settings"]
     engine = make_engine(settings)
-    client = TestClient(create_app(settings, engine=engine))
+    client = TestClient(create_app(settings, engine=engine), base_url="http://127.0.0.1")
     jobs = client.get("/api/jobs").json()
     assert not jobs["failed"], [(j["kind"], j["error_line"]) for j in jobs["failed"]]
     finished = {j["kind"]: j for j in jobs["finished"]}

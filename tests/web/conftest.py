@@ -15,6 +15,8 @@ from app.settings import Settings
 from app.web import create_app
 from tests.seed import World, seed_world
 
+BASE_URL = "http://127.0.0.1"  # a loopback Host (the default allow-list); requests carry it as Origin, like a page's
+
 
 @dataclass
 class Web:
@@ -32,7 +34,7 @@ def web(db_url: str, tmp_path: Path) -> Iterator[Web]:
     engine = make_engine(db_url)
     world = seed_world(engine, tmp_path / "tokenizer")
     app = create_app(Settings(database_url=db_url, data_dir=tmp_path), engine=engine)
-    with TestClient(app, raise_server_exceptions=True) as client:
+    with TestClient(app, base_url=BASE_URL, headers={"Origin": BASE_URL}, raise_server_exceptions=True) as client:
         yield Web(client, world, engine)
     engine.dispose()
 
@@ -42,6 +44,6 @@ def empty_web(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
     """The app over a migrated database with nothing in it."""
     engine = make_engine(db_url)
     app = create_app(Settings(database_url=db_url, data_dir=tmp_path), engine=engine)
-    with TestClient(app, raise_server_exceptions=True) as client:
+    with TestClient(app, base_url=BASE_URL, headers={"Origin": BASE_URL}, raise_server_exceptions=True) as client:
         yield client
     engine.dispose()

@@ -161,7 +161,7 @@ def test_unmigrated_database_is_a_clear_503(tmp_path):
     from app.web import create_app
 
     app = create_app(Settings(database_url=f"sqlite:///{tmp_path / 'blank.db'}", data_dir=tmp_path))
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         resp = client.get("/api/jobs")
         assert resp.status_code == 503 and "adapterlens db upgrade" in resp.json()["detail"]
         assert client.get("/jobs").status_code == 503
@@ -183,7 +183,7 @@ def test_web_app_never_imports_torch(tmp_path):
         f"settings = Settings(data_dir={str(tmp_path)!r})\nupgrade(settings.db_url)\n"
         "app = create_app(settings)\n"
         "from fastapi.testclient import TestClient\n"
-        "TestClient(app).get('/jobs')\n"
+        "TestClient(app, base_url='http://127.0.0.1').get('/jobs')\n"
         "import app.web.data.ablations, app.db.requests, app.db.queue\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

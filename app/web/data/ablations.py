@@ -206,7 +206,7 @@ def create_ablation(session: Session, run_key: str | int, form: AblateForm, sett
         session.commit()
     except AblationRequestError as exc:
         session.rollback()
-        raise BadInput(str(exc), exc.status_code) from None
+        raise BadInput(str(exc), exc.status_code, exc.headers) from None
     except BaseException:
         session.rollback()
         raise

@@ -23,9 +23,10 @@ class NotFound(LookupError):
 class BadInput(ValueError):
     """A request that cannot be served as asked; the app answers ``status_code`` (400) with this message."""
 
-    def __init__(self, message: str, status_code: int = 400) -> None:
+    def __init__(self, message: str, status_code: int = 400, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.headers = headers  # e.g. Retry-After with a 429
 
 
 class RunRef(BaseModel):
@@ -60,14 +61,26 @@ def run_ref(run: Run) -> RunRef:
                   created=run.created)
 
 
+MAX_ID = 2**31 - 1  # ids are 32-bit integer columns; a larger number names nothing (and Postgres refuses it)
+
+
+def as_id(key: str) -> int | None:
+    """``key`` as a row id when it is plain ASCII digits within 64 bits (``"²"`` is a digit to str.isdigit)."""
+    if key.isascii() and key.isdigit() and len(key) <= 10:
+        value = int(key)
+        return value if 0 < value <= MAX_ID else None
+    return None
+
+
 def get_run(session: Session, run: str | int) -> Run:
     """A run by id (digits) or by name; :class:`NotFound` otherwise."""
     key = str(run)
-    row = session.get(Run, int(key)) if key.isdigit() else None
-    if row is None:
+    run_id = as_id(key)
+    row = session.get(Run, run_id) if run_id is not None else None
+    if row is None and "\x00" not in key and len(key) <= 200:  # names are at most 200 characters, never NUL
         row = session.scalars(select(Run).where(Run.name == key)).first()
     if row is None:
-        raise NotFound(f"No run {key!r}. The index page lists the runs that exist.")
+        raise NotFound(f"No run {key[:100]!r}. The index page lists the runs that exist.")
     return row
 
 

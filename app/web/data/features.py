@@ -16,7 +16,7 @@ the activation on that token) that the ``strength`` sort orders by, strongest fi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from sqlalchemy import Float, and_, cast, false, func, null, or_, select, text
@@ -31,13 +31,17 @@ MAX_QUERY_IDS = 50  # token ids a search may expand to (variants of one word)
 TOKEN_FILTERS = ("promotes", "fires_on")
 
 
+# What an empty form field sends; read as "no filter" (declared, so the OpenAPI document says it is accepted).
+Blank = Annotated[str, Field(pattern=r"^\s{0,100}$", description="blank: no filter")]
+
+
 class FeatureQuery(BaseModel):
     """The shareable state of the feature index (all of it lives in the URL)."""
 
-    layer: int | None = Field(None, ge=0, le=100_000, description="Only this layer.")
+    layer: int | Blank | None = Field(None, ge=0, le=100_000, description="Only this layer.")
     category: str | None = Field(None, max_length=100, description="Only this category.")
-    freq_min: float | None = Field(None, ge=0, le=1, description="Minimum activation frequency (0–1).")
-    freq_max: float | None = Field(None, ge=0, le=1, description="Maximum activation frequency (0–1).")
+    freq_min: float | Blank | None = Field(None, ge=0, le=1, description="Minimum activation frequency (0–1).")
+    freq_max: float | Blank | None = Field(None, ge=0, le=1, description="Maximum activation frequency (0–1).")
     in_set: bool = Field(False, description="Only members of the run's hesitation feature set.")
     promotes: str | None = Field(None, max_length=100, description="A token in the feature's logit-lens top 10 "
                                  "(e.g. Wait: every variant; #123: one id).")
@@ -51,7 +55,7 @@ class FeatureQuery(BaseModel):
                      mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
-        return None if isinstance(v, str) and not v.strip() else v
+        return None if isinstance(v, str) and not v.strip() and len(v) <= 100 else v
 
     @model_validator(mode="after")
     def _range(self) -> FeatureQuery:

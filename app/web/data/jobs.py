@@ -46,6 +46,10 @@ class WorkerView(BaseModel):
     pid: int
     heartbeat_at: datetime | None
     alive: bool
+    kinds: str | None = Field(None, description="What it claims (None: every kind).")
+    restarts: int = Field(0, description="Times its supervisor (adapterlens up) restarted it.")
+    stopped: datetime | None = Field(None, description="When its process ended, while it waits to be restarted.")
+    note: str | None = Field(None, description="Its supervisor's word: why it ended or was restarted.")
 
 
 class JobsPage(BaseModel):
@@ -97,7 +101,8 @@ def jobs_page(session: Session) -> JobsPage:
     cutoff = utcnow() - timedelta(seconds=WORKER_ALIVE_S)
     workers = [
         WorkerView(id=w.id, hostname=w.hostname, pid=w.pid, heartbeat_at=w.heartbeat_at,
-                   alive=bool(w.heartbeat_at and w.heartbeat_at >= cutoff))
+                   alive=bool(w.heartbeat_at and w.heartbeat_at >= cutoff and w.stopped is None), kinds=w.kinds,
+                   restarts=w.restarts or 0, stopped=w.stopped, note=w.note)
         for w in session.scalars(select(Worker).order_by(
             case((Worker.heartbeat_at >= cutoff, 0), else_=1), Worker.id))
     ]

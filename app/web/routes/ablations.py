@@ -24,13 +24,14 @@ from app.web.data.ablations import (
     create_ablation,
     tokens_after,
 )
-from app.web.data.common import BadInput, get_run
+from app.web.data.common import MAX_ID, BadInput, get_run
 from app.web.deps import SessionDep, SettingsDep
+from app.web.errors import QUEUE_FULL, WRITE_ERRORS
 from app.web.render import ablate_limit, graph_prompt_source, render
 
 router = APIRouter(tags=["ablations"])
 
-AblationId = Annotated[int, Path(ge=1, description="Ablation id.")]
+AblationId = Annotated[int, Path(ge=1, le=MAX_ID, description="Ablation id.")]
 
 
 class Created(BaseModel):
@@ -61,13 +62,16 @@ def ablate_html(request: Request, run: str, form: Annotated[AblateForm, Form()],
     except BadInput as exc:
         page = ablation_list(session, run)
         graph = graph_prompt_source(session, page.run.id)
-        return render(request, "ablations.html", page, form=form, error=str(exc), status_code=exc.status_code,
-                      sources=[graph] if graph else [], limit=ablate_limit(request))
+        response = render(request, "ablations.html", page, form=form, error=str(exc), status_code=exc.status_code,
+                          sources=[graph] if graph else [], limit=ablate_limit(request))
+        response.headers.update(exc.headers or {})
+        return response
     url = request.app.url_path_for("ablation_page", run=str(get_run(session, run).id), ablation_id=str(ablation_id))
     return RedirectResponse(url, status_code=303)
 
 
 @router.post("/api/runs/{run}/ablations", response_model=Created, status_code=201, name="api_ablate",
+             responses={**WRITE_ERRORS, **QUEUE_FULL},
              summary="Request an ablation: stores it and queues a high-priority ablate job")
 def ablate_api(request: Request, run: str, form: AblateForm, session: SessionDep, settings: SettingsDep) -> Created:
     ablation_id = create_ablation(session, run, form, settings)
@@ -96,6 +100,7 @@ class Cancelled(BaseModel):
 
 
 @router.post("/api/runs/{run}/ablations/{ablation_id}/cancel", response_model=Cancelled, name="api_ablation_cancel",
+             responses=WRITE_ERRORS,
              summary="Cancel an ablation (its job stops between two tokens; what was generated stays)")
 def ablation_cancel_api(run: str, ablation_id: AblationId, session: SessionDep) -> Cancelled:
     changed = cancel_ablation(session, run, ablation_id)

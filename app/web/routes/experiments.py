@@ -8,7 +8,7 @@ from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel
 
-from app.web.data.common import BadInput, get_run
+from app.web.data.common import MAX_ID, BadInput, get_run
 from app.web.data.experiments import (
     ExperimentForm,
     ExperimentPage,
@@ -19,11 +19,12 @@ from app.web.data.experiments import (
 )
 from app.web.data.runs import experiment_items
 from app.web.deps import SessionDep, SettingsDep
+from app.web.errors import WRITE_ERRORS
 from app.web.render import ablate_limit, render
 
 router = APIRouter(tags=["experiments"])
 
-ExperimentId = Annotated[int, Path(ge=1, description="Experiment id.")]
+ExperimentId = Annotated[int, Path(ge=1, le=MAX_ID, description="Experiment id.")]
 
 
 class Created(BaseModel):
@@ -64,6 +65,7 @@ def experiment_submit_html(request: Request, run: str, form: Annotated[Experimen
 
 
 @router.post("/api/runs/{run}/experiments", response_model=Created, status_code=201, name="api_experiment_submit",
+             responses=WRITE_ERRORS,
              summary="Request an experiment: the intervention over a prompt set, queued as a batch job")
 def experiment_submit_api(request: Request, run: str, form: ExperimentForm, session: SessionDep,
                           settings: SettingsDep) -> Created:
@@ -91,7 +93,7 @@ def experiment_cancel_html(request: Request, run: str, experiment_id: Experiment
     return RedirectResponse(url, status_code=303)
 
 
-@router.post("/api/runs/{run}/experiments/{experiment_id}/cancel", response_model=Cancelled,
+@router.post("/api/runs/{run}/experiments/{experiment_id}/cancel", response_model=Cancelled, responses=WRITE_ERRORS,
              name="api_experiment_cancel", summary="Cancel an experiment (the worker stops between batches)")
 def experiment_cancel_api(run: str, experiment_id: ExperimentId, session: SessionDep) -> Cancelled:
     changed = cancel_experiment(session, run, experiment_id)

@@ -16,7 +16,7 @@ from app.db import queue
 from app.db.attribute_request import AttributeRequestError, submit_attribute
 from app.formats import FeatureFile, GraphFormatError, cantor_unpair
 from app.graph_import import GraphImportError, import_graph, parse_graph_bytes
-from app.web.data.common import BadInput, NotFound, get_run
+from app.web.data.common import MAX_ID, BadInput, NotFound, get_run
 from app.web.data.exports import ablation_transcript, experiment_transcript, feature_file, jsonl_lines
 from app.web.data.graphs import (
     GraphHeader,
@@ -32,7 +32,7 @@ from app.web.render import ablate_limit, render
 
 router = APIRouter(tags=["graphs"])
 
-GraphId = Annotated[int, Path(ge=1, description="Graph id.")]
+GraphId = Annotated[int, Path(ge=1, le=MAX_ID, description="Graph id.")]
 GZIP_MIN_BYTES = 64 * 1024  # responses larger than this are gzipped for clients that accept it
 
 

@@ -8,14 +8,15 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel
 
-from app.web.data.common import NotFound
+from app.web.data.common import MAX_ID, NotFound
 from app.web.data.jobs import JobsPage, jobs_page
 from app.web.deps import SessionDep
+from app.web.errors import WRITE_ERRORS
 from app.web.render import render
 
 router = APIRouter(tags=["jobs"])
 
-JobId = Annotated[int, Path(ge=1, description="Job id.")]
+JobId = Annotated[int, Path(ge=1, le=MAX_ID, description="Job id.")]
 
 
 class JobAction(BaseModel):
@@ -62,13 +63,13 @@ def cancel_html(request: Request, job_id: JobId) -> Response:
     return RedirectResponse(request.app.url_path_for("jobs_page"), status_code=303)
 
 
-@router.post("/api/jobs/{job_id}/retry", response_model=JobAction, name="api_job_retry",
+@router.post("/api/jobs/{job_id}/retry", response_model=JobAction, name="api_job_retry", responses=WRITE_ERRORS,
              summary="Put a failed or cancelled job back in the queue")
 def retry_api(request: Request, job_id: JobId) -> JobAction:
     return _act(request, job_id, "retry")
 
 
-@router.post("/api/jobs/{job_id}/cancel", response_model=JobAction, name="api_job_cancel",
+@router.post("/api/jobs/{job_id}/cancel", response_model=JobAction, name="api_job_cancel", responses=WRITE_ERRORS,
              summary="Cancel a waiting or running job")
 def cancel_api(request: Request, job_id: JobId) -> JobAction:
     return _act(request, job_id, "cancel")
