@@ -15,23 +15,26 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Ablation, AblationToken, Job, utcnow
+from app.db.schema import Ablation, AblationToken, Job
 from app.web.data.common import (
+    REQUEST_DONE,
     BadInput,
     NotFound,
     RunRef,
+    cancel_request,
     get_run,
     hesitation_words,
     run_prompt_checker,
     run_ref,
     run_vocab,
+    stored_request,
 )
 from app.web.data.feature import Tok, token_views
 from app.web.data.runs import LinkItem, ablation_item
 from training.hesitation import hesitation_marks
 
 CONDITION_ORDER = ("unablated", "ablated", "hybrid", "target")
-DONE_STATES = ("done", "succeeded", "failed", "cancelled")  # ablation / job states after which nothing changes
+DONE_STATES = REQUEST_DONE  # ablation / job states after which nothing changes
 _FEATURE_RE = re.compile(r"^\s*(\d+)\s*[:/_,.]\s*(\d+)\s*$")
 
 
@@ -194,23 +197,15 @@ def create_ablation(session: Session, run_key: str | int, form: AblateForm, sett
     One transaction: a refused request stores nothing. Refusals become :class:`BadInput` with the
     worker's message and status (404 for a missing run/set/prompt, 422 otherwise).
     """
-    from app.db.requests import AblationLimits, AblationRequestError, submit_ablation  # no torch
+    from app.db.requests import AblationLimits, submit_ablation  # no torch
 
     run = get_run(session, run_key)
     limits = AblationLimits.from_settings(settings) if settings is not None else AblationLimits()
     checker = run_prompt_checker(session, run) if form.prompt else None  # stored prompts carry their ids
-    try:
-        ablation_id, _ = submit_ablation(session, request_from_form(run.id, form), limits=limits,
-                                         encode=checker.encode if checker else None,
-                                         context_length=checker.context_length if checker else None)
-        session.commit()
-    except AblationRequestError as exc:
-        session.rollback()
-        raise BadInput(str(exc), exc.status_code, exc.headers) from None
-    except BaseException:
-        session.rollback()
-        raise
-    return ablation_id
+    request = request_from_form(run.id, form)
+    return stored_request(session, lambda: submit_ablation(
+        session, request, limits=limits, encode=checker.encode if checker else None,
+        context_length=checker.context_length if checker else None))
 
 
 def request_view(stored: dict[str, Any] | None) -> RequestView:
@@ -301,20 +296,8 @@ def ablation_list(session: Session, run_key: str | int) -> AblationList:
 
 
 def cancel_ablation(session: Session, run_key: str | int, ablation_id: int) -> bool:
-    """Cancel an ablation's job; a request that never started is marked cancelled at once (a running one is
-    marked by the worker when it stops between two tokens). Returns whether anything changed."""
-    from app.db import queue
-
-    run = get_run(session, run_key)
-    a = _ablation(session, run.id, ablation_id)
-    if a.status in DONE_STATES:
-        return False
-    changed = queue.cancel(session, a.job_id) if a.job_id is not None else False
-    if a.status == "todo":
-        a.status, a.finished = "cancelled", utcnow()
-        changed = True
-    session.commit()
-    return changed
+    """Cancel an ablation (its job stops between two tokens; what was generated stays)."""
+    return cancel_request(session, _ablation(session, get_run(session, run_key).id, ablation_id))
 
 
 def tokens_after(session: Session, ablation_id: int, seen: dict[str, int]) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,41 @@ class BadInput(ValueError):
         super().__init__(message)
         self.status_code = status_code
         self.headers = headers  # e.g. Retry-After with a 429
+
+
+def stored_request(session: Session, submit: Callable[[], tuple[int, int]]) -> int:
+    """Run a store-layer ``submit_*`` (validate, insert the request row and its job) and commit; return the row id.
+
+    One transaction: a refused request stores nothing and becomes a :class:`BadInput` with the store's message,
+    status (404 for a missing run/set/prompt, 422 otherwise, 429 over the queue bound) and headers.
+    """
+    from app.db.requests import AblationRequestError
+
+    try:
+        row_id, _ = submit()
+        session.commit()
+    except AblationRequestError as exc:
+        session.rollback()
+        raise BadInput(str(exc), exc.status_code, exc.headers) from None
+    except BaseException:
+        session.rollback()
+        raise
+    return row_id
+
+
+REQUEST_DONE = ("done", "succeeded", "failed", "cancelled")  # request row states after which nothing changes
+
+
+def cancel_request(session: Session, row: Any) -> bool:
+    """Cancel a request row's job (an ablation or an experiment); the queue marks the row in the same
+    transaction, and a running handler stops at its next check. Returns whether anything changed."""
+    from app.db import queue
+
+    if row.status in REQUEST_DONE or row.job_id is None:
+        return False
+    changed = queue.cancel(session, row.job_id)
+    session.commit()
+    return changed
 
 
 class RunRef(BaseModel):

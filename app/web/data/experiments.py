@@ -9,11 +9,21 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Experiment, ExperimentRow, FeatureSet, Job, utcnow
-from app.web.data.common import BadInput, NotFound, RunRef, get_run, hesitation_set, run_ref
+from app.db.schema import Experiment, ExperimentRow, FeatureSet, Job
+from app.web.data.common import (
+    REQUEST_DONE,
+    BadInput,
+    NotFound,
+    RunRef,
+    cancel_request,
+    get_run,
+    hesitation_set,
+    run_ref,
+    stored_request,
+)
 
 BASELINE_FIRST = ("baseline", "unablated", "none", "adapted", "hybrid", "target")
-DONE_STATES = ("done", "succeeded", "failed", "cancelled")
+DONE_STATES = REQUEST_DONE
 
 
 class ConditionStats(BaseModel):
@@ -161,38 +171,21 @@ def experiment_request(run_id: int, form: ExperimentForm) -> dict[str, Any]:
 
 def create_experiment(session: Session, run_key: str | int, form: ExperimentForm, settings: Any = None) -> int:
     """Validate, store and queue an experiment in one transaction (a refused request stores nothing)."""
-    from app.db.requests import AblationLimits, AblationRequestError, submit_experiment
+    from app.db.requests import AblationLimits, submit_experiment
 
     run = get_run(session, run_key)
     limits = AblationLimits.from_settings(settings) if settings is not None else AblationLimits()
-    try:
-        experiment_id, _ = submit_experiment(session, experiment_request(run.id, form), limits=limits)
-        session.commit()
-    except AblationRequestError as exc:
-        session.rollback()
-        raise BadInput(str(exc), exc.status_code) from None
-    except BaseException:
-        session.rollback()
-        raise
-    return experiment_id
+    request = experiment_request(run.id, form)
+    return stored_request(session, lambda: submit_experiment(session, request, limits=limits))
 
 
 def cancel_experiment(session: Session, run_key: str | int, experiment_id: int) -> bool:
-    """Cancel an experiment's job (the worker stops between batches); a waiting one is marked at once."""
-    from app.db import queue
-
+    """Cancel an experiment (the worker stops between batches; rows written so far stay)."""
     run = get_run(session, run_key)
     e = session.get(Experiment, experiment_id)
     if e is None or e.run_id != run.id:
         raise NotFound(f"No experiment {experiment_id} in run {run.id}.")
-    if e.status in DONE_STATES:
-        return False
-    changed = queue.cancel(session, e.job_id) if e.job_id is not None else False
-    if e.status == "todo":
-        e.status, e.finished = "cancelled", utcnow()
-        changed = True
-    session.commit()
-    return changed
+    return cancel_request(session, e)
 
 
 class ExperimentChoices(BaseModel):
