@@ -173,7 +173,7 @@ def test_hesitation_study_bad_input(settings: Settings, run_id: int) -> None:
     with pytest.raises(FileNotFoundError, match="no prompt file"):
         run_inline(settings, "hesitation", {"run_id": run_id, "prompts_path": "/nonexistent.jsonl"},
                    show_progress=False, handler_modules=MODULES)
-    with pytest.raises(ValueError, match="single token"):
+    with pytest.raises(ValueError, match=r"no hesitation \(Zyzzyva\) in \d+ generated traces"):
         run_inline(settings, "hesitation", {"run_id": run_id, "hesitation_words": ["Zyzzyva"]},
                    show_progress=False, handler_modules=MODULES)
     with pytest.raises(ValueError, match="n_graphs"):
