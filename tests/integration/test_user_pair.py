@@ -150,3 +150,31 @@ def test_pipeline_on_a_new_data_directory_then_serve(pairs: dict[str, UserPair],
         assert run["config"]["chat"]["source"] == "tokenizer chat template"
         assert run["config"]["data"]["heldout"]["fraction"] == 0.1
         assert run["evaluation"]["kl_gap_closed"] > 0.05  # the adapters close part of the gap on held-out texts
+
+
+def test_train_then_evaluate_a_pair_on_a_new_data_directory(pairs: dict[str, UserPair], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first command a new user runs (issue 15: it failed with "no such table: runs"), in-process."""
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    pair = pairs["qwen2"]
+    data_dir = tmp_path / "fresh"
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("ADAPTERLENS_DATA_DIR", str(data_dir))  # restored after the test (the CLI exports it)
+    monkeypatch.setenv("ADAPTERLENS_DEVICE", "cpu")
+    runner = CliRunner()
+    out = runner.invoke(app, ["--data-dir", str(data_dir), "train", "--run", "r", "--base", str(pair.base),
+                              "--target", str(pair.target), "--data", str(pair.texts), "--preset", "organism-tiny",
+                              "--set", "max_steps=3", "--set", "adapter.n_features=8", "--hesitation-words", "Wait"])
+    assert out.exit_code == 0, out.output
+    assert (data_dir / "adapterlens.db").is_file() and json.loads(out.output[out.output.index("{"):])["steps"] == 3
+    out = runner.invoke(app, ["--data-dir", str(data_dir), "evaluate", "--run", "r", "--n-prompts", "2",
+                              "--n-texts", "3", "--max-new-tokens", "4", "--prompts", str(pair.prompts)])
+    assert out.exit_code == 0, out.output
+    assert "held-out texts: 35 of the 350 texts of texts.jsonl held out" in out.output
+    assert "hesitations (Wait)" in out.output and "prompts.jsonl" in out.output
+    bad = runner.invoke(app, ["--data-dir", str(data_dir), "train", "--run", "r", "--base", str(pair.target),
+                              "--target", str(pair.target), "--data", str(pair.texts)])
+    assert bad.exit_code == 2 and "exists with another pair" in bad.output
