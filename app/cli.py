@@ -248,7 +248,8 @@ def evaluate(
 def collect_cmd(
     run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
     n_prompts: Annotated[int, typer.Option(help="Organism: held-out prompts whose target responses form the corpus.")] = 600,
-    corpus: Annotated[Path | None, typer.Option(help="JSONL with a 'text' field (real models).")] = None,
+    corpus: Annotated[Path | None, typer.Option(help="JSONL with a 'text' field (default: the run's own texts; "
+                                                     "the organism: the target's responses).")] = None,
     top_k: Annotated[int, typer.Option(help="Top-activating examples kept per feature.")] = 20,
 ) -> None:
     """Collect every feature's statistics and examples into the store."""

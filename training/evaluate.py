@@ -146,9 +146,28 @@ class _Models:
                 yield m
 
 
+def token_batches(lengths: Sequence[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
+    """Indices of texts in batches of at most ``batch_size`` texts and ``max_batch_tokens`` padded tokens
+    (a longer text goes alone), longest first so that each batch pads little."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and \
+                (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
-def text_stats(models: _Models, texts: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64) -> TextStats:
-    """KL(target ‖ model) averaged over every real position of ``texts``, residual NMSE per point, and L0."""
+def text_stats(models: _Models, texts: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64,
+               max_batch_tokens: int = 8192) -> TextStats:
+    """KL(target ‖ model) averaged over every real position of ``texts``, residual NMSE per point, and L0.
+
+    Memory: one batch (≤ ``max_batch_tokens`` padded tokens) holds the target's log-probs and one other
+    model's at a time (at a 152k vocabulary, 8,192 tokens are 5 GB of float32 log-probs each).
+    """
     if not texts:
         raise ValueError("no texts to measure on")
     m, names = models.m, models.names
@@ -159,36 +178,40 @@ def text_stats(models: _Models, texts: Sequence[Sequence[int]], pad_id: int, bat
     n_tok = 0
     fires: list[torch.Tensor] | None = None
     l0_sum: torch.Tensor | None = None
-    for start in range(0, len(texts), batch_size):
-        ids, mask = _pad(texts[start:start + batch_size], pad_id)
+    for batch in token_batches([len(t) for t in texts], batch_size, max_batch_tokens):
+        ids, mask = _pad([texts[i] for i in batch], pad_id)
         ids, mask = ids.to(device), mask.to(device)
         valid = mask.bool()
-        per_model = {}
-        for name in names:
-            with models.use(name) as model:
-                hf = model.hf if isinstance(model, AdapterModel) else model
-                run = lambda i, a, mm=model: mm(input_ids=i, attention_mask=a).logits  # noqa: E731
-                if name != "adapted":
-                    per_model[name] = _forward_stats(run, hf, ids, mask)
-                    continue
-                with m.capture() as acts:
-                    per_model[name] = _forward_stats(run, hf, ids, mask)
-                active = [(torch.cat(acts[layer], dim=0) > 0) & valid.unsqueeze(-1) for layer in range(m.n_layers)]
-                batch_fires = [a.any(dim=(0, 1)) for a in active]
-                fires = batch_fires if fires is None else [x | y for x, y in zip(fires, batch_fires, strict=True)]
-                batch_l0 = torch.stack([a.sum(-1)[valid].float().sum() for a in active])
-                l0_sum = batch_l0 if l0_sum is None else l0_sum + batch_l0
-        t_logp, t_res = per_model["target"]
+        with models.use("target") as target:
+            hf = target.hf if isinstance(target, AdapterModel) else target
+            t_logp, t_res = _forward_stats(lambda i, a, mm=target: mm(input_ids=i, attention_mask=a).logits, hf,
+                                           ids, mask)
         t_p = t_logp.exp()
         den = torch.stack([(r.pow(2).sum(-1) * valid).sum() for r in t_res])
         nmse_den = den if nmse_den is None else nmse_den + den
         n_tok += int(valid.sum())
         for name in names:
-            logp, res = per_model[name]
+            with models.use(name) as model:
+                hf = model.hf if isinstance(model, AdapterModel) else model
+                run = lambda i, a, mm=model: mm(input_ids=i, attention_mask=a).logits  # noqa: E731
+                if name == "target":
+                    logp, res = t_logp, t_res
+                elif name != "adapted":
+                    logp, res = _forward_stats(run, hf, ids, mask)
+                else:
+                    with m.capture() as acts:
+                        logp, res = _forward_stats(run, hf, ids, mask)
+                    active = [(torch.cat(acts[layer], dim=0) > 0) & valid.unsqueeze(-1) for layer in range(m.n_layers)]
+                    del acts
+                    batch_fires = [a.any(dim=(0, 1)) for a in active]
+                    fires = batch_fires if fires is None else [x | y for x, y in zip(fires, batch_fires, strict=True)]
+                    batch_l0 = torch.stack([a.sum(-1)[valid].float().sum() for a in active])
+                    l0_sum = batch_l0 if l0_sum is None else l0_sum + batch_l0
             kl = (t_p * (t_logp - logp)).sum(-1)
             kl_sum[name] += float((kl * valid).sum())
             num = torch.stack([((r - tr).pow(2).sum(-1) * valid).sum() for r, tr in zip(res, t_res, strict=True)])
             nmse_num[name] = num if nmse_num[name] is None else nmse_num[name] + num
+            del logp, res, kl
     assert nmse_den is not None
     return TextStats(
         kl={n: kl_sum[n] / max(n_tok, 1) for n in names},
@@ -219,6 +242,7 @@ def evaluate(
     hesitation_words: Sequence[str] | None = None,
     target_model: torch.nn.Module | None = None,
     data: dict[str, Any] | None = None,
+    max_batch_tokens: int = 8192,
 ) -> EvalResult:
     """Evaluate base / hybrid / adapted / target (module docstring).
 
@@ -249,8 +273,9 @@ def evaluate(
         if not generated:
             raise ValueError("nothing to evaluate on: give held-out texts or prompts")
         heldout = generated
-    held = text_stats(models, list(heldout), pad_id, batch_size)
-    on_gen = text_stats(models, generated, pad_id, batch_size) if generated and heldout is not generated else held
+    held = text_stats(models, list(heldout), pad_id, batch_size, max_batch_tokens)
+    on_gen = text_stats(models, generated, pad_id, batch_size, max_batch_tokens) \
+        if generated and heldout is not generated else held
 
     # 4. Behaviour.
     def behaviour(gs: list[Generation]) -> tuple[float, dict[str, float], float, float | None, list[bool]]:

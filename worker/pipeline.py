@@ -215,7 +215,8 @@ def evaluate_job(ctx: JobContext) -> dict:
                       hesitation_words=words_from_config(run.config),
                       data={"texts": texts_from, "prompts": prompts.description})
     table = format_table(result)
-    log.info("evaluation of %s:\n%s", run.name, table)
+    log.info("evaluation of %s: KL gap closed %.3f on %d held-out texts; %d prompts generated from", run.name,
+             result.kl_gap_closed, result.n_texts, result.n_prompts)
     out = result.to_dict()
     run_dir = settings.runs_dir / run.name
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -262,7 +262,7 @@ def run_prompts(run: Run, tokenizer, *, prompts_path: str | None = None, n: int 
         rows = rows[:n] if n is not None else rows
         answers = [None if r.get("answer") is None else str(r["answer"]) for r in rows]
         return PromptSet([chat.format(r["prompt"]) for r in rows], answers, [str(r.get("group", "")) for r in rows],
-                         score, f"{Path(path).name}, in the {chat.source}")
+                         score, f"{Path(path).name} (formatted with the {chat.source})")
     texts = text_split(run)
     pool = texts.heldout if split == "heldout" else texts.train + texts.heldout
     prompts = prompts_from_texts(pool, chat)

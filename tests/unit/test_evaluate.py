@@ -60,6 +60,17 @@ def test_heldout_kl_equals_a_direct_computation(pair) -> None:
     assert result.n_prompts == 0 and result.models["adapted"].hesitation_rate is None
     assert len(result.l0_per_layer) == model.n_layers and result.l0_mean > 0
     assert "nine texts" in format_table(result)
+    alone = evaluate(model, None, tokenizer, [], heldout=texts, max_batch_tokens=30)  # every text its own batch
+    assert alone.models["adapted"].kl_to_target == pytest.approx(want["adapted"], rel=1e-4)
+    assert "base" not in alone.models
+
+
+def test_token_batches_bound_padded_tokens() -> None:
+    from training.evaluate import token_batches
+
+    batches = token_batches([5, 50, 10, 10, 3], batch_size=3, max_batch_tokens=30)
+    assert batches == [[1], [2, 3, 0], [4]]
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
 
 
 def test_generation_rows_count_words_and_score_answers(pair) -> None:

@@ -12,7 +12,14 @@ from app.db.schema import Run
 from tests.user_pair import build_tokenizer, trace
 from training.chat import ChatFormat
 from training.data import heldout_indices
-from worker.run_data import heldout_sequences, prompts_from_texts, run_chat_format, run_prompts, text_split, training_data
+from worker.run_data import (
+    heldout_sequences,
+    prompts_from_texts,
+    run_chat_format,
+    run_prompts,
+    text_split,
+    training_data,
+)
 
 
 def _run(path: Path, **data) -> Run:
