@@ -23,8 +23,10 @@ def pair():
     rows = [trace(random.Random(i)) for i in range(40)]
     tokenizer = build_tokenizer([t for _, t, _ in rows])
     base, target = build_model("llama", tokenizer, 0), build_model("llama", tokenizer, 1)
-    model = randomize_adapters(build_adapter_model(build_model("llama", tokenizer, 0), target,
-                                                   AdapterConfig(n_features=24)), seed=1, scale=0.1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the encoder init draws from the global RNG
+        model = randomize_adapters(build_adapter_model(build_model("llama", tokenizer, 0), target,
+                                                       AdapterConfig(n_features=24)), seed=1, scale=0.5)
     return model.eval(), base, tokenizer, rows
 
 
@@ -61,7 +63,7 @@ def test_heldout_kl_equals_a_direct_computation(pair) -> None:
     assert len(result.l0_per_layer) == model.n_layers and result.l0_mean > 0
     assert "nine texts" in format_table(result)
     alone = evaluate(model, None, tokenizer, [], heldout=texts, max_batch_tokens=30)  # every text its own batch
-    assert alone.models["adapted"].kl_to_target == pytest.approx(want["adapted"], rel=1e-4)
+    assert alone.models["adapted"].kl_to_target == pytest.approx(want["adapted"], rel=1e-4, abs=1e-6)
     assert "base" not in alone.models
 
 
