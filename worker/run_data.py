@@ -263,6 +263,9 @@ def run_prompts(run: Run, tokenizer, *, prompts_path: str | None = None, n: int 
         answers = [None if r.get("answer") is None else str(r["answer"]) for r in rows]
         return PromptSet([chat.format(r["prompt"]) for r in rows], answers, [str(r.get("group", "")) for r in rows],
                          score, f"{Path(path).name} (formatted with the {chat.source})")
+    if data_config(run).get("kind") != "jsonl":
+        raise ValueError(f"run {run.name!r} has no prompts and no texts of its own to take them from: give a prompts "
+                         "file (JSONL of {\"prompt\", \"answer\"?})")
     texts = text_split(run)
     pool = texts.heldout if split == "heldout" else texts.train + texts.heldout
     prompts = prompts_from_texts(pool, chat)

@@ -90,6 +90,9 @@ def test_prompts_are_cut_from_texts_after_the_generation_prompt(texts, tokenizer
               config={"data": {"kind": "jsonl", "path": str(path)}, "chat": {"template": "Q: {prompt}\nA:"}})
     with pytest.raises(ValueError, match="give --prompts"):
         run_prompts(odd, tokenizer)
+    imported = Run(name="imp", base_model="/ckpt", target_model="/ckpt", config={"imported": {"format": "reference"}})
+    with pytest.raises(ValueError, match="give a prompts file"):
+        run_prompts(imported, tokenizer)
 
 
 def test_prompt_files_are_formatted_with_the_run_chat_format(texts, tokenizer, tmp_path: Path) -> None:

@@ -72,6 +72,9 @@ def corpus_source(run, p: CollectPayload) -> tuple[str | None, int | None]:
     data = data_config(run)
     if data.get("kind") == "jsonl":
         return data["path"], p.n_texts or RUN_TEXTS_DEFAULT
+    if data.get("kind") != "organism":
+        raise ValueError(f"run {run.name!r} has no texts of its own to collect on: give corpus_path (JSONL with a "
+                         "'text' field; e.g. the target's reasoning traces)")
     return None, None
 
 
