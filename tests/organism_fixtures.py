@@ -44,25 +44,48 @@ def tiny_run_settings(tiny_data_dir: Path) -> Settings:
     return settings
 
 
-def trained_organism_run(data_dir: Path, modules: list[str]) -> tuple[Settings, int]:
-    """The full ``organism`` preset built and its adapters trained, through the job handlers (slow tier).
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A finished demo run of the tiny organism, as ``adapterlens up`` leaves it: the demo pipeline (organism,
+    train, evaluate, collect, hesitation study) run by a worker from the queue, then an ablation (free text),
+    an ablation on a stored example, an experiment and an attribution graph requested as a user would.
 
-    Reuses whatever ``data_dir`` already holds (the cached organism, the run's final checkpoint).
+    Returns ``{"settings", "run_id", "ablation_ids", "experiment_id"}`` (the store is SQLite in the data dir).
     """
-    from app.db.session import make_engine, make_sessionmaker
-    from training.config import preset, train_config_to_dict
-    from worker.demo import ensure_run, organism_run_name, organism_spec
-    from worker.loop import run_inline
+    from fastapi.testclient import TestClient
 
-    settings = Settings(data_dir=data_dir)
+    from app.db import queue
+    from app.db.schema import Example
+    from app.db.session import make_engine
+    from app.web import create_app
+    from worker.bootstrap import bootstrap
+    from worker.loop import run_worker
+
+    settings = Settings(data_dir=tmp_path_factory.mktemp("tiny-demo"))
     upgrade(settings.db_url)
-    run_inline(settings, "organism", {"preset": "organism", "seed": 0}, show_progress=False, handler_modules=modules)
     engine = make_engine(settings)
-    with make_sessionmaker(engine)() as s, s.begin():
-        spec = organism_spec("organism", 0)
-        run_id = ensure_run(s, name=organism_run_name("organism", 0, "organism"), base_model=spec, target_model=spec,
-                            config={"train": train_config_to_dict(preset("organism")), "data": {"kind": "organism"},
-                                    "preset": "organism"})
-    engine.dispose()
-    run_inline(settings, "train", {"run_id": run_id}, show_progress=False, handler_modules=modules)
-    return settings, run_id
+    try:
+        bootstrap(engine, organism_preset="organism-tiny", train_preset="organism-tiny", seed=0)
+        run_worker(settings, wait=False, migrate=False)
+        client = TestClient(create_app(settings, engine=engine))
+        run_id = client.get("/api/runs").json()["latest"]["id"]
+        feature = client.get(f"/api/runs/{run_id}/features?limit=1&sort=frequency").json()["rows"][0]
+        fl = f"{feature['layer']}:{feature['index']}"
+        ablations = [client.post(f"/api/runs/{run_id}/ablations",
+                                 json={"features": fl, "prompt": "12 + 34 = ?", "max_new_tokens": 8}).json()["id"]]
+        from sqlalchemy import select
+        from sqlalchemy.orm import Session
+
+        with Session(engine) as s:
+            example_id = s.scalar(select(Example.id).where(Example.run_id == run_id, Example.kind == "top").limit(1))
+        ablations.append(client.post(f"/api/runs/{run_id}/ablations", json={
+            "features": fl, "source": "example", "example_id": example_id, "max_new_tokens": 8}).json()["id"])
+        experiment_id = client.post(f"/api/runs/{run_id}/experiments",
+                                    json={"features": fl, "n_prompts": 4, "max_new_tokens": 8}).json()["id"]
+        with Session(engine) as s, s.begin():
+            queue.enqueue(s, "attribute", {"run_id": run_id, "prompt": "12 + 34 = ?", "chat": True,
+                                           "max_feature_nodes": 50}, priority=100, run_id=run_id)
+        run_worker(settings, wait=False, migrate=False)
+    finally:
+        engine.dispose()
+    return {"settings": settings, "run_id": run_id, "ablation_ids": ablations, "experiment_id": experiment_id}

@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from app.db.graphs import index_graph_features
 from app.db.schema import (
     Ablation,
     AblationToken,
@@ -27,6 +28,7 @@ from app.db.schema import (
     Feature,
     FeatureSet,
     FeatureSetMember,
+    FeatureToken,
     Graph,
     Job,
     JobStatus,
@@ -126,7 +128,10 @@ def seed_world(engine: Engine, tokenizer_dir: Path) -> World:
                 _add_feature(s, rng, rid, layer, index, categories[(layer * N_FEATURES + index) % 4], prompt.id)
         graph = _graph(rng, rid, prompt)
         s.add(graph)
-        hset = FeatureSet(run_id=rid, name="hesitation", description="features the 'Wait' token depends on")
+        s.flush()
+        index_graph_features(s, graph.id, rid, graph.nodes)
+        hset = FeatureSet(run_id=rid, name="hesitation", description="features the 'Wait' token depends on",
+                          summary=_study_summary())
         s.add(hset)
         s.flush()
         for layer, index, role in [(0, 2, "template"), (1, 3, "output"), (1, 5, "template"), (2, 7, "output"),
@@ -204,6 +209,13 @@ def _add_feature(s: Session, rng: random.Random, rid: int, layer: int, index: in
         think_pos_hist={"edges": [k / 10 for k in range(11)], "counts": [rng.randint(0, 40) for _ in range(10)]},
         neighbours=neighbours,
     ))
+    promoted: dict[int, tuple[int, float]] = {}
+    for rank, (tid, _, value) in enumerate(top):  # as the collect writer fills feature_tokens
+        promoted.setdefault(tid, (rank, value))
+    for tid, (rank, value) in promoted.items():
+        s.add(FeatureToken(run_id=rid, relation="promotes", token_id=tid, layer=layer, index=index, rank=rank,
+                           value=value))
+    fires: dict[int, tuple[int, float]] = {}
     for kind, n in (("top", 5), ("random", 3)):
         for rank in range(n):
             ids = _sentence(rng, 30)
@@ -214,6 +226,19 @@ def _add_feature(s: Session, rng: random.Random, rid: int, layer: int, index: in
             acts[focus] = round(max_act * (1 - 0.1 * rank) if kind == "top" else max_act * rng.random(), 3)
             s.add(Example(run_id=rid, layer=layer, index=index, kind=kind, rank=rank, token_ids=ids, acts=acts,
                           focus=focus, prompt_id=prompt_id if rank == 0 else None, max_act=max(acts)))
+            if kind == "top":
+                old = fires.get(ids[focus])
+                fires[ids[focus]] = (rank, acts[focus]) if old is None else (old[0], max(old[1], acts[focus]))
+    for band in (4, 7):  # quantile examples as collect stores them: rank = band * 100 + place in the band
+        ids = _sentence(rng, 20)
+        focus = 10
+        acts = [0.0] * len(ids)
+        acts[focus] = round(0.5 * (10 ** (-2 + band / 2) + 10 ** (-2 + (band - 1) / 2)), 4)
+        s.add(Example(run_id=rid, layer=layer, index=index, kind="quantile", rank=band * 100, token_ids=ids,
+                      acts=acts, focus=focus, prompt_id=None, max_act=max(acts)))
+    for tid, (rank, value) in fires.items():
+        s.add(FeatureToken(run_id=rid, relation="fires_on", token_id=tid, layer=layer, index=index, rank=rank,
+                           value=value))
 
 
 def _graph(rng: random.Random, rid: int, prompt: Prompt) -> Graph:
@@ -242,8 +267,32 @@ def _graph(rng: random.Random, rid: int, prompt: Prompt) -> Graph:
         links.append({"source": f, "target": ids[-1], "weight": round(rng.uniform(-0.5, 2), 3)})
     return Graph(run_id=rid, slug="demo-wait-0", prompt_id=prompt.id, prompt="3 + 4", target_token_id=wait,
                  target_token_str=" Wait", position=n_pos - 1,
-                 params={"node_threshold": 0.8, "edge_threshold": 0.98, "max_feature_nodes": 10000},
+                 params={"node_threshold": 0.8, "edge_threshold": 0.98, "max_feature_nodes": 10000,
+                         "prompt_token_ids": list(prompt.token_ids),
+                         "study": {"word": "Wait", "group": "add", "trace": 0, "position": n_pos, "prompt_len": 7}},
                  nodes=nodes, links=links, scores={"replacement": 0.9, "completeness": 0.95})
+
+
+def _study_summary() -> dict:
+    """A hesitation study's result as the job stores it with its set (the shape run pages read)."""
+    def cond(n: int, rate: float, tokens: int, acc: float, length: float, groups: dict | None = None) -> dict:
+        return {"n": n, "hesitation_rate": rate, "hesitation_tokens": tokens, "accuracy": acc, "mean_length": length,
+                "by_group": groups or {}}
+
+    by = {"add": {"n": 4, "hesitation_rate": 0.75, "hesitation_tokens": 3, "accuracy": 1.0, "mean_length": 30.0}}
+    by_ablated = {"add": {"n": 4, "hesitation_rate": 0.0, "hesitation_tokens": 0, "accuracy": 0.75, "mean_length": 20.0}}
+    return {
+        "set": {"name": "hesitation", "size": 5, "n_features": N_LAYERS * N_FEATURES, "fraction": 5 / 48,
+                "roles": {"output": 3, "template": 2, "other": 0}},
+        "choice": {"reached_target": True, "history": [
+            {"size": 1, "removal": 0.4, "hesitation_rate": 0.5, "accuracy": 0.9, "mean_length": 27.0},
+            {"size": 3, "removal": 0.8, "hesitation_rate": 0.2, "accuracy": 0.85, "mean_length": 23.0},
+            {"size": 5, "removal": 0.96, "hesitation_rate": 0.05, "accuracy": 0.85, "mean_length": 21.0}]},
+        "report": {"target": cond(8, 0.75, 6, 1.0, 31.0), "adapted": cond(8, 0.75, 6, 0.95, 30.0, by),
+                   "ablated": cond(8, 0.0, 0, 0.9, 20.0, by_ablated), "removal": 1.0,
+                   "control": {**cond(8, 0.75, 6, 0.95, 30.0), "removal": 0.0, "size": 5}},
+        "sites": {"n_graphs": 1}, "words": ["Wait"],
+    }
 
 
 def _jobs(s: Session, rng: random.Random, rid: int) -> dict[str, int]:

@@ -62,18 +62,23 @@ class OrganismPayload(BaseModel):
 @register("organism", OrganismPayload)
 def organism_job(ctx: JobContext) -> dict:
     """Build (or reuse) the model organism under the data directory."""
-    from training.organism.build import build_organism
+    from training.organism.build import build_organism, get_preset
 
     p: OrganismPayload = ctx.payload
+    preset = get_preset(p.preset)
+    total = preset.base_steps + preset.target_steps  # the build's training steps, both models
     steps = {"n": 0}
 
     def on_step(metrics: dict) -> None:
         steps["n"] += 1
-        ctx.progress(steps["n"], None, f"{metrics.get('phase', 'train')} loss {metrics.get('loss', float('nan')):.3f}")
+        phase = metrics.get("phase", "train")
+        ctx.progress(steps["n"], total, f"{phase} model: step {metrics.get('step')}/{metrics.get('steps')}, "
+                                        f"loss {metrics.get('loss', float('nan')):.3f}")
         ctx.check()
 
     paths = build_organism(p.preset, p.seed, data_dir=ctx.job_settings().resolved_data_dir, force=p.force,
                            progress=ctx.job_id is None, on_step=on_step)
+    ctx.progress(total, total, "built" if steps["n"] else "reused the built organism")
     manifest = paths.read_manifest()
     return {"root": str(paths.root), "evaluation": manifest.get("evaluation"), "timings": manifest.get("timings")}
 

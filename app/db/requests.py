@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db import queue
 from app.db.schema import Ablation, Example, Experiment, FeatureSet, FeatureSetMember, Prompt, Run
 from app.db.text import has_nul
-from training.chat import format_prompt
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,8 @@ SCALE_RANGE = (-20.0, 20.0)  # allowed factors of mode "scale" (steering: > 1)
 CLAMP_LIMIT = 1e4  # |value| bound of mode "clamp" (activations of trained adapters are O(1..100))
 MAX_TEMPERATURE = 5.0
 MAX_PROMPT_CHARS = 100_000  # free text beyond this is refused before tokenizing
+MAX_PROMPT_TOKENS = 100_000  # explicit token ids per prompt
+MAX_ID = 2**31 - 1  # ids are 32-bit integers in the store
 MAX_EXPERIMENT_PROMPTS = 10_000
 
 Mode = Literal["zero", "scale", "clamp"]
@@ -120,23 +121,39 @@ class InterventionSpec(FeatureSelection):
 
 
 class AblationRequest(InterventionSpec):
-    """One interactive ablation/steering request (what a page's form posts)."""
+    """One interactive ablation/steering request (what a page's form posts).
 
-    run_id: int
+    The prompt is one of: free ``prompt`` text (the worker puts it in the run's chat format unless ``chat``
+    is off or it is already in that format), a stored ``prompt_id`` or feature ``example_id`` (their token
+    ids, never re-tokenized), or explicit ``token_ids``. ``target_token_id`` names a token whose probability
+    the result reports before and after the intervention (a graph's explained token).
+    """
+
+    run_id: int = Field(ge=1, le=MAX_ID)
     prompt: str | None = None  # free text
-    prompt_id: int | None = None  # a stored prompt: its token ids
-    example_id: int | None = None  # a stored feature example: its token ids up to and including its focus
-    prompt_tokens: int | None = Field(None, ge=1)  # with a stored prompt/example: keep only the first N ids
-    chat: bool = True  # wrap free text in the chat format with thinking opened (training.chat.format_prompt)
+    prompt_id: int | None = Field(None, ge=1, le=MAX_ID)  # a stored prompt: its token ids
+    example_id: int | None = Field(None, ge=1, le=MAX_ID)  # a stored feature example: its ids up to its focus
+    token_ids: list[int] | None = Field(None, max_length=MAX_PROMPT_TOKENS)  # explicit token ids
+    prompt_tokens: int | None = Field(None, ge=1, le=MAX_PROMPT_TOKENS)  # with stored/explicit ids: the first N
+    chat: bool = True  # free text: put it in the run's chat format (thinking opened) in the worker
     answer: str | None = None  # the known answer, if any (a stored prompt's is used otherwise)
+    target_token_id: int | None = Field(None, ge=0, le=MAX_ID)
     generation: GenerationOptions = Field(default_factory=GenerationOptions)
     compare: list[Compare] = Field(default_factory=list)  # also generate with the target / the hybrid
 
+    @field_validator("prompt", mode="after")
+    @classmethod
+    def _unix_newlines(cls, v: str | None) -> str | None:
+        """Browsers submit a textarea's newlines as CRLF; models saw LF."""
+        return v.replace("\r\n", "\n").replace("\r", "\n") if v is not None else None
+
     @model_validator(mode="after")
     def _one_prompt(self) -> AblationRequest:
-        given = [n for n in ("prompt", "prompt_id", "example_id") if getattr(self, n) is not None]
+        given = [n for n in ("prompt", "prompt_id", "example_id", "token_ids") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of prompt, prompt_id, example_id (got {given or 'none'})")
+            raise ValueError(f"give exactly one of prompt, prompt_id, example_id, token_ids (got {given or 'none'})")
+        if self.token_ids is not None and (not self.token_ids or any(not 0 <= t <= MAX_ID for t in self.token_ids)):
+            raise ValueError("token_ids must be a non-empty list of token ids")
         if self.prompt is not None and not self.prompt.strip():
             raise ValueError("the prompt is empty")
         if self.prompt is not None and has_nul(self.prompt):
@@ -212,8 +229,8 @@ class ResolvedAblation(BaseModel):
 
     request: AblationRequest
     selection: ResolvedSelection
-    prompt_ids: list[int] | None  # token ids when the prompt came from the store
-    prompt_text: str | None  # the text to tokenize (free text, chat-formatted when asked)
+    prompt_ids: list[int] | None  # token ids when the prompt came from the store or was given as ids
+    prompt_text: str | None  # free text as the user wrote it (the worker applies the run's chat format)
     answer: str | None
 
 
@@ -313,15 +330,17 @@ def validate_ablation(session: Session, data: AblationRequest | dict, *, limits:
         if ex is None or ex.run_id != run.id:
             raise AblationRequestError(f"unknown example {req.example_id} in run {run.id}", 404)
         prompt_ids = [int(t) for t in ex.token_ids[:ex.focus + 1]]
+    elif req.token_ids is not None:
+        prompt_ids = list(req.token_ids)
     else:
-        prompt_text = format_prompt(req.prompt) if req.chat else req.prompt
+        prompt_text = req.prompt  # formatted by the worker, with the run's tokenizer
     if prompt_ids is not None and req.prompt_tokens is not None:
         prompt_ids = prompt_ids[:req.prompt_tokens]
     if prompt_ids is not None and not prompt_ids:
         raise AblationRequestError("the stored prompt has no tokens")
     if prompt_ids is not None:
         check_prompt_length(len(prompt_ids), context_length)
-    elif encode is not None:
+    elif encode is not None:  # the raw text's length: the worker checks the formatted prompt exactly
         check_prompt_length(len(encode(prompt_text)), context_length)
     return ResolvedAblation(request=req, selection=selection, prompt_ids=prompt_ids, prompt_text=prompt_text,
                             answer=answer)

@@ -170,6 +170,27 @@ class Feature(Base):
     )
 
 
+class FeatureToken(Base):
+    """The token → feature table behind token search: which features *promote* a token (it is in their
+    logit-lens top 10) and which *fire on* it (it is the focus token of one of their top examples).
+
+    Filled by the collect job beside ``features`` (one row per feature, relation and token id). ``value`` is
+    the strength that orders search results: the logit-lens value for ``promotes``, the largest activation
+    on that token among the top examples for ``fires_on``; ``rank`` is the token's place in the lens (0 =
+    top) or the best example rank.
+    """
+
+    __tablename__ = "feature_tokens"
+
+    run_id: Mapped[int] = mapped_column(_run_fk(), primary_key=True)
+    relation: Mapped[str] = mapped_column(String(16), primary_key=True, doc='"promotes" | "fires_on"')
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    value: Mapped[float] = mapped_column(Float)
+
+
 class Example(Base):
     """One context window shown for a feature: top-k, a quantile bin's sample, or a random firing.
 
@@ -235,8 +256,29 @@ class Graph(Base):
     __table_args__ = (UniqueConstraint("run_id", "slug"),)
 
 
+class GraphFeature(Base):
+    """Which features a stored graph holds (one row per graph and feature): the feature page's "In attribution
+    graphs" is an index lookup here instead of a scan of every graph's node JSON. Written with the graph."""
+
+    __tablename__ = "graph_features"
+
+    graph_id: Mapped[int] = mapped_column(ForeignKey("graphs.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(_run_fk())
+    positions: Mapped[list[Any]] = mapped_column(JSONType, doc="Token positions of the feature's nodes.")
+    influence: Mapped[float | None] = mapped_column(Float, doc="Its best (smallest) cumulative influence rank share.")
+    activation: Mapped[float | None] = mapped_column(Float, doc="Its largest activation among the nodes.")
+
+    __table_args__ = (Index("ix_graph_features_feature", "run_id", "layer", "index"),)
+
+
 class FeatureSet(Base):
-    """A named group of features (e.g. the hesitation circuit), members carry a role and score."""
+    """A named group of features (e.g. the hesitation circuit), members carry a role and score.
+
+    ``summary`` holds what produced the set, e.g. the hesitation study's figures (its job result: removal,
+    accuracy, random control, per-family figures, how the set grew), so pages can show the finding.
+    """
 
     __tablename__ = "feature_sets"
 
@@ -244,6 +286,7 @@ class FeatureSet(Base):
     run_id: Mapped[int] = mapped_column(_run_fk())
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created: Mapped[datetime] = _created()
 
     __table_args__ = (UniqueConstraint("run_id", "name"),)

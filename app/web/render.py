@@ -20,9 +20,38 @@ def render(request: Request, template: str, page: BaseModel | None = None, *, st
     return templates.TemplateResponse(request, template, {"page": page, **extra}, status_code=status_code)
 
 
-def default_prompt(session: Session, run_id: int) -> str:
-    """A prompt to pre-fill the ablate form with: the newest graph's prompt, else the run's first prompt."""
-    text = session.scalar(select(Graph.prompt).where(Graph.run_id == run_id).order_by(Graph.id.desc()).limit(1))
-    if text:
-        return text
-    return session.scalar(select(Prompt.text).where(Prompt.run_id == run_id).order_by(Prompt.id).limit(1)) or ""
+def ablate_limit(request: Request) -> int:
+    """The most new tokens the server accepts (the form's maximum agrees with it)."""
+    return int(request.app.state.settings.ablation_max_new_tokens)
+
+
+def example_source(example: Any, label: str = "this example, up to where the feature fires") -> dict[str, Any]:
+    """An ablate-form prompt source: a stored example's own token ids up to its focus (never re-formatted)."""
+    start = max(0, example.focus - PREVIEW_TOKENS + 1)
+    preview = [{"text": t, "kind": k, "hesitation": h} for t, k, h in
+               zip(example.tokens[start:example.focus + 1], example.token_kinds[start:example.focus + 1],
+                   example.hesitation[start:example.focus + 1], strict=False)]
+    return {"value": "example", "label": label + ("…" if start else ""), "fields": {"example_id": example.id},
+            "preview": [_Preview(**p) for p in preview]}
+
+
+def graph_prompt_source(session: Session, run_id: int) -> dict[str, Any] | None:
+    """The newest graph's stored prompt up to the position it explains, as an ablate-form source."""
+    g = session.execute(select(Graph.id, Graph.slug, Graph.prompt_id, Graph.position)
+                        .where(Graph.run_id == run_id, Graph.prompt_id.is_not(None))
+                        .order_by(Graph.id.desc()).limit(1)).first()
+    if g is None or session.get(Prompt, g.prompt_id) is None:
+        return None
+    fields: dict[str, Any] = {"prompt_id": g.prompt_id}
+    if g.position is not None:
+        fields["prompt_tokens"] = g.position + 1
+    return {"value": "prompt_id", "label": f"the prompt of graph {g.slug}", "fields": fields, "preview": None}
+
+
+PREVIEW_TOKENS = 24  # tokens of a stored prompt shown in the ablate form
+
+
+class _Preview(BaseModel):
+    text: str
+    kind: str = "text"
+    hesitation: bool = False

@@ -40,6 +40,18 @@ def fmt(value: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def duration(seconds: Any) -> str:
+    """Seconds for people: 42 s, 3 min 05 s, 1 h 07 min."""
+    if seconds is None:
+        return "–"
+    s = int(round(float(seconds)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
 def pct(value: Any) -> str:
     if value is None:
         return "–"
@@ -53,14 +65,18 @@ def shade(act: float | None, max_act: float | None) -> str:
     return f"{min(1.0, max(0.0, float(act) / float(max_act))):.3f}"
 
 
-def token_cells(ex: Any, max_act: float | None) -> list[tuple[str, str, str, str]]:
-    """Per token of an example: (css classes, shade, activation text, display text) for ``_tokens.html``.
+def token_cells(ex: Any, max_act: float | None) -> list[tuple[str, str, str, str, str]]:
+    """Per token of an example: (css classes, shade, activation text, next token, display text) for
+    ``_tokens.html``.
 
-    Computed here in one pass because a feature page shows thousands of tokens; the text is returned
+    Computed here in one pass because a feature page shows thousands of tokens; the texts are returned
     raw and escaped by the template's autoescape like any other value.
     """
     lo, hi = ex.window
+    kinds = getattr(ex, "token_kinds", None) or []
+    marks = getattr(ex, "hesitation", None) or []
     out = []
+    n = len(ex.tokens)
     for i, (text, act) in enumerate(zip(ex.tokens, ex.acts, strict=True)):
         cls = "tok"
         if i == ex.focus:
@@ -71,9 +87,14 @@ def token_cells(ex: Any, max_act: float | None) -> list[tuple[str, str, str, str
             cls += " on"
         if "\n" in text:
             cls += " nl"
+        if i < len(kinds) and kinds[i] != "text":
+            cls += " " + kinds[i]  # special / bytes / padding: styled apart
+        if i < len(marks) and marks[i]:
+            cls += " hes"
+        nxt = visible(ex.tokens[i + 1]) if i + 1 < n else "(end of the example)"
         # Class, shade and activation are strings we generate from numbers: marked safe so that only the
-        # token text (the one untrusted value) goes through autoescaping, once per token.
-        out.append((Markup(cls), Markup(shade(act, max_act)), Markup(fmt(act)), visible(text)))
+        # token texts (the untrusted values) go through autoescaping.
+        out.append((Markup(cls), Markup(shade(act, max_act)), Markup(fmt(act)), nxt, visible(text)))
     return out
 
 
@@ -129,7 +150,7 @@ def build_templates(app: FastAPI, templates_dir: str, htmx_src: str, plotly_src:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(fmt=fmt, pct=pct, visible=visible)
+    env.filters.update(fmt=fmt, pct=pct, visible=visible, duration=duration)
     env.policies["json.dumps_function"] = _dumps  # |tojson takes pydantic models too
     env.policies["json.dumps_kwargs"] = {"sort_keys": False}
     env.globals.update(

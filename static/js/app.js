@@ -11,6 +11,10 @@
     const parts = [];
     const text = el.textContent;
     if (el.dataset.act !== undefined) parts.push(JSON.stringify(text) + "  act " + el.dataset.act);
+    if (el.dataset.next !== undefined) parts.push("next token " + JSON.stringify(el.dataset.next));
+    if (el.classList.contains("hes")) parts.push("part of a hesitation word");
+    if (el.classList.contains("special")) parts.push("special token");
+    if (el.classList.contains("bytes")) parts.push("part of a UTF-8 character (its bytes)");
     if (el.dataset.kl !== undefined && el.dataset.kl !== "–") parts.push((parts.length ? "" : JSON.stringify(text) + "  ") + "KL " + el.dataset.kl);
     if (el.dataset.lp !== undefined) parts.push("logprob " + el.dataset.lp);
     if (el.dataset.tip) parts.push(el.dataset.tip);
@@ -55,14 +59,16 @@
   }
   function drawFigures() {
     if (!window.Plotly) return;
-    document.querySelectorAll("[data-fig]").forEach((div) => {
+    document.querySelectorAll("[data-fig]:not([data-drawn])").forEach((div) => {
       const fig = readJSON(div.dataset.fig);
       if (!fig) return;
+      div.dataset.drawn = "1";
       window.Plotly.newPlot(div, fig.data, Object.assign({}, baseLayout, fig.layout || {}), config);
     });
-    document.querySelectorAll("[data-curves]").forEach((root) => {
+    document.querySelectorAll("[data-curves]:not([data-drawn])").forEach((root) => {
       const curves = readJSON(root.dataset.curves);
       if (!curves) return;
+      root.dataset.drawn = "1";
       // One small chart per metric; list-valued metrics (nmse[0], nmse[1], …) share a chart.
       const groups = {};
       Object.keys(curves.series).forEach((k) => { (groups[k.replace(/\[\d+\]$/, "")] ||= []).push(k); });
@@ -88,4 +94,5 @@
     });
   }
   document.addEventListener("DOMContentLoaded", drawFigures);
+  document.addEventListener("htmx:afterSettle", drawFigures);  // figures inside swapped content
 })();

@@ -19,12 +19,18 @@ def test_index_feature_graph_navigation(server, world, page):
     page.click("text=Features")
     page.wait_for_selector("[data-table=features]")
     assert page.locator("[data-table=features] tbody tr").count() == 16 * 3
+    page.evaluate("document.querySelector('form[data-filters]').dataset.kept = 'yes'")  # survives a partial swap
     page.select_option("select[name=layer]", "1")
     page.check("input[name=in_set]")
-    page.click("form[data-filters] button[type=submit]")
-    page.wait_for_url("**in_set=true**")
+    page.wait_for_url("**in_set=true**")  # the URL follows the filters (htmx pushes it)
+    page.wait_for_function("document.querySelectorAll('[data-table=features] tbody tr').length == 2")
     rows = page.locator("[data-table=features] tbody tr")
     assert sorted(rows.evaluate_all("rs => rs.map(r => r.dataset.feature)")) == ["1/3", "1/5"]
+    assert page.evaluate("document.querySelector('form[data-filters]').dataset.kept") == "yes"  # not reloaded
+    page.fill("input[name=promotes]", "Wait")
+    page.wait_for_url("**promotes=Wait**")
+    page.wait_for_selector("#feature-results >> text=promotes “Wait”")
+    page.goto(page.url.split("?")[0])
     shot(page, "features")
 
     layer, index = world.script_feature
@@ -84,6 +90,7 @@ def test_bad_ablation_request_shows_the_reason(server, world, page):
     page.goto(f"{server.url}/runs/{world.run_id}/features/2/7")
     page.click("[data-ablate] summary")
     page.fill("[data-ablate] [data-features]", "2:7 99:1")
+    page.check("[data-ablate] input[name=source][value=text]")
     page.fill("[data-ablate] textarea[name=prompt]", "3 + 4")
     page.click("[data-submit-ablation]")
     page.wait_for_selector("[data-error]")

@@ -167,6 +167,44 @@ def test_ablation_runs_through_the_queue(engine, db_settings, run_id, loaded, mo
     assert ab.summary["first_divergence"] is not None
 
 
+def test_free_text_is_formatted_once_by_the_worker_and_ids_are_used_as_given(engine, db_settings, run_id, loaded,
+                                                                             model, tokenizer):
+    """CRLF from a browser textarea becomes LF; text already in chat format is not wrapped again; explicit
+    token ids are generated from as they are, and the target token's probability is reported."""
+    formatted = format_prompt("47 + 38 = ?\nShow your work.")
+    a_plain, _ = _submit(engine, {"run_id": run_id, "prompt": "47 + 38 = ?\r\nShow your work.", "features": [[0, 1]],
+                                  "generation": {"max_new_tokens": 4}})
+    a_formatted, _ = _submit(engine, {"run_id": run_id, "prompt": formatted.replace("\n", "\r\n"),
+                                      "features": [[0, 1]], "generation": {"max_new_tokens": 4}})
+    ids = encode(tokenizer, formatted)
+    target = ids[3]
+    a_ids, _ = _submit(engine, {"run_id": run_id, "token_ids": ids, "features": [[0, 1]], "target_token_id": target,
+                                "generation": {"max_new_tokens": 4}})
+    with Session(engine) as s:
+        stored = ResolvedAblation.model_validate(s.get(Ablation, a_plain).request)
+    assert stored.prompt_text == "47 + 38 = ?\nShow your work." and stored.prompt_ids is None  # raw, LF
+    assert _work(db_settings) == 3
+    with Session(engine) as s:
+        rows = {a: s.get(Ablation, a) for a in (a_plain, a_formatted, a_ids)}
+    assert {a.status for a in rows.values()} == {"done"}
+    # all three ran on the same token ids: the chat format applied exactly once
+    assert {r.summary["prompt_tokens"] for r in rows.values()} == {len(ids)}
+    assert [t.token_id for t in _tokens(engine, a_plain, UNABLATED)] == \
+        [t.token_id for t in _tokens(engine, a_formatted, UNABLATED)] == [t.token_id for t in _tokens(engine, a_ids, UNABLATED)]
+    report = rows[a_ids].summary["target"]
+    direct = torch.softmax(model.hf(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)[target]
+    assert report["token_id"] == target and report[UNABLATED]["p_first"] == pytest.approx(float(direct), rel=1e-4)
+    assert 0 <= report[ABLATED]["p_first"] <= 1 and isinstance(report[ABLATED]["produced"], bool)
+
+
+def test_token_ids_outside_the_vocabulary_fail_the_job_clearly(engine, db_settings, run_id, loaded):
+    a, _ = _submit(engine, {"run_id": run_id, "token_ids": [1, 10**6], "features": [[0, 1]]})
+    _work(db_settings)
+    with Session(engine) as s:
+        row = s.get(Ablation, a)
+    assert row.status == "failed" and "outside the model's vocabulary" in row.error
+
+
 def test_rerun_replaces_its_tokens(engine, db_settings, run_id, loaded):
     ablation_id, job_id = _submit(
         engine,

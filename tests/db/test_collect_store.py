@@ -12,6 +12,9 @@ from app.db.schema import Example, Feature, Run
 from tests.helpers import tiny_adapter_model
 from training.chat import REGION_NAMES
 from worker.collect import CollectionResult, Corpus, Markers, collect, write_collection
+from worker.collect.stats import quantile_band_edges
+
+QUANTILE_EDGES = quantile_band_edges()
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,9 @@ def _counts(engine: Engine, run_id: int) -> tuple[int, int]:
 def test_rows_match_the_result(db_engine: Engine, result: CollectionResult) -> None:
     run_id = _run(db_engine)
     counts = write_collection(db_engine, run_id, result, _Tok())
-    n_kept = sum(int((s.top.loc >= 0).sum() + (s.random.loc >= 0).sum()) for s in result.stats.values())
-    assert counts == {"features": 2 * 8, "examples": n_kept} and n_kept > 20
+    n_kept = sum(int((s.top.loc >= 0).sum() + (s.random.loc >= 0).sum() + (s.quantile.loc >= 0).sum())
+                 for s in result.stats.values())
+    assert counts["features"] == 2 * 8 and counts["examples"] == n_kept and n_kept > 20 and counts["feature_tokens"] > 0
     assert _counts(db_engine, run_id) == (16, n_kept)
     with Session(db_engine) as session:
         for layer in result.layers:
@@ -99,6 +103,10 @@ def test_rows_match_the_result(db_engine: Engine, result: CollectionResult) -> N
                     assert db_ex.acts == pytest.approx(ex.acts, abs=1e-5)
                     assert db_ex.acts[db_ex.focus] == pytest.approx(ex.value, abs=1e-5)
                     assert db_ex.max_act == pytest.approx(max(ex.acts))
+                    if db_ex.kind == "quantile":  # its focus activation lies in its band
+                        lo, hi = QUANTILE_EDGES[db_ex.rank // 100], QUANTILE_EDGES[db_ex.rank // 100 + 1]
+                        assert lo <= ex.value < hi
+                assert {e.kind for e in stored} >= {"top", "random"} if row.frequency else True
 
 
 def test_rewrite_replaces_never_duplicates(db_engine: Engine, result: CollectionResult) -> None:

@@ -1,14 +1,10 @@
 """The hesitation study's acceptance on the full organism (tens of minutes on a CPU: ``pytest -m slow``).
 
-Builds the ``organism`` preset, trains its adapters with the ``organism`` training preset (both through the
-job handlers), then runs the ``hesitation`` job with its defaults. Set ``ADAPTERLENS_ORGANISM_TEST_DIR`` to
-a data directory to reuse what is already built and trained there (organism, checkpoint, SQLite store).
+The study is the one the slow tier's demo run made (tests/slow/conftest.py): the ``hesitation`` job with its
+defaults after the ``organism`` build and training presets.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -16,20 +12,15 @@ from sqlalchemy import select
 from app.db.schema import FeatureSet, FeatureSetMember
 from app.db.session import make_engine, make_sessionmaker
 from app.settings import Settings
-from tests.organism_fixtures import trained_organism_run
-from worker.loop import run_inline
 
 pytestmark = pytest.mark.slow
 
-MODULES = ["worker.pipeline", "worker.hesitation.job"]
-
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> tuple[Settings, int, dict]:
-    data_dir = Path(os.environ.get("ADAPTERLENS_ORGANISM_TEST_DIR") or tmp_path_factory.mktemp("data"))
-    settings, run_id = trained_organism_run(data_dir, MODULES)
-    out = run_inline(settings, "hesitation", {"run_id": run_id}, show_progress=False, handler_modules=MODULES)
-    return settings, run_id, out
+def study(demo) -> tuple[Settings, int, dict]:
+    """The demo run's hesitation study (its job's defaults), as stored with its feature set."""
+    assert demo["study"] is not None, "the demo run has no hesitation set with a study"
+    return demo["settings"], demo["run_id"], demo["study"]
 
 
 def test_a_few_percent_of_features_remove_most_hesitations(study):

@@ -2,38 +2,20 @@
 
 Adapters trained with the ``organism`` preset close ≥ 90% of the hybrid→target KL gap and reproduce
 ≥ 90% of the target's hesitation generations with ≤ 2% false ones, at an L0 well under 10% of the
-width. ``ADAPTERLENS_ORGANISM_TEST_DIR`` reuses a data directory (its built organism and trained run).
+width. The run is the slow tier's finished demo run (tests/slow/conftest.py).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
-
-from app.db.session import make_engine, make_sessionmaker
-from tests.organism_fixtures import trained_organism_run
-from worker.loop import run_inline
 
 pytestmark = pytest.mark.slow
 
-MODULES = ["worker.pipeline"]
-
 
 @pytest.fixture(scope="module")
-def evaluation(tmp_path_factory) -> dict:
-    data_dir = Path(os.environ.get("ADAPTERLENS_ORGANISM_TEST_DIR") or tmp_path_factory.mktemp("data"))
-    settings, run_id = trained_organism_run(data_dir, MODULES)
-    run_inline(settings, "evaluate", {"run_id": run_id, "n_prompts": 300}, show_progress=False,
-               handler_modules=MODULES)
-    engine = make_engine(settings)
-    with make_sessionmaker(engine)() as s:
-        from app.db.schema import Run
-
-        ev = s.get(Run, run_id).evaluation
-    engine.dispose()
-    return ev
+def evaluation(demo: dict) -> dict:
+    """The demo run's evaluation (300 held-out prompts: the evaluate job's default)."""
+    return demo["evaluation"]
 
 
 def test_adapters_close_the_kl_gap(evaluation: dict) -> None:

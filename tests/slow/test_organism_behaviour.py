@@ -1,13 +1,9 @@
 """The full organism behaves as the hesitation study needs (minutes: ``pytest -m slow``).
 
-Set ``ADAPTERLENS_ORGANISM_TEST_DIR`` to a data directory to reuse an organism built there (the build is
-cached by its manifest); otherwise it is built into a temporary directory.
+The organism is the one the slow tier's demo run built (tests/slow/conftest.py).
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 
@@ -17,9 +13,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def organism(tmp_path_factory):
-    data_dir = Path(os.environ.get("ADAPTERLENS_ORGANISM_TEST_DIR") or tmp_path_factory.mktemp("data"))
-    return load_organism(build_organism("organism", 0, data_dir=data_dir, progress=False))
+def organism(demo):
+    """The demo run's organism (built by its pipeline; the build is cached by its manifest)."""
+    return load_organism(build_organism("organism", 0, data_dir=demo["settings"].data_dir, progress=False))
 
 
 def test_base_answers_directly_and_never_hesitates(organism):

@@ -17,7 +17,7 @@ from training.config import AdapterConfig
 from worker.collect import CollectionResult, Corpus, FeatureStats, Markers, collect, merge_results
 from worker.collect.lens import decoder_neighbours, logit_lens
 from worker.collect.runner import think_bins
-from worker.collect.stats import HIST_EDGES, N_HIST, BatchInfo, pack_loc
+from worker.collect.stats import HIST_EDGES, N_HIST, BatchInfo, pack_loc, quantile_band_edges, quantile_bands
 
 N_FEATURES = 12
 MARKERS = Markers(assistant_id=3, think_start_id=4, think_end_id=5)
@@ -155,6 +155,32 @@ def test_random_examples_are_nonzero_occurrences(model, brute, result) -> None:
         assert int((s.random.loc >= 0).sum()) > 0
 
 
+def test_quantile_examples_sample_every_activation_band(model, brute, result) -> None:
+    """Per (feature, band): min(n_quantile, occurrences in the band) distinct occurrences, each in its band."""
+    edges = quantile_band_edges()
+    k = result.stats[0].quantile.k
+    seen_bands = set()
+    for layer in range(model.n_layers):
+        for feat in range(N_FEATURES):
+            occurrences = {(h[1], h[2]): h[0] for h in brute[layer]["hits"] if h[3] == feat}
+            per_band: dict[int, int] = {}
+            for v in occurrences.values():
+                band = int(quantile_bands(torch.tensor([v]))[0])
+                per_band[band] = per_band.get(band, 0) + 1
+            qs = [e for e in result.examples(layer, feat) if e.kind == "quantile"]
+            got: dict[int, list] = {}
+            for e in qs:
+                got.setdefault(e.rank // 100, []).append(e)
+            assert {b: len(es) for b, es in got.items()} == {b: min(k, n) for b, n in per_band.items()}
+            for band, es in got.items():
+                seen_bands.add(band)
+                assert len({(e.sequence, e.position) for e in es}) == len(es)
+                for e in es:
+                    assert edges[band] <= e.value < edges[band + 1]
+                    assert e.value == pytest.approx(occurrences[(e.sequence, e.position)], rel=1e-9)
+    assert len(seen_bands) >= 2  # the fixture's activations span several bands
+
+
 def test_shards_merge_to_the_single_pass(model, corpus) -> None:
     kw = {"top_k": 3, "n_random": 2, "ctx_before": 2, "ctx_after": 1, "batch_size": 1, "seed": 11}
     whole = collect(model, corpus, **kw)
@@ -167,7 +193,7 @@ def test_shards_merge_to_the_single_pass(model, corpus) -> None:
         for name in ("n_tokens", "region_tokens", "think_tokens", "count", "act_max", "hist", "regions", "think_hist"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
         assert torch.allclose(a.act_sum, b.act_sum, rtol=1e-12)
-        for kind in ("top", "random"):
+        for kind in ("top", "random", "quantile"):
             ka, kb = getattr(a, kind), getattr(b, kind)
             assert torch.equal(ka.loc, kb.loc) and torch.equal(ka.key, kb.key), kind
             for name in ("value", "acts", "tokens"):
@@ -185,6 +211,7 @@ def test_batching_does_not_change_the_result(model, corpus, result) -> None:
     for layer in range(model.n_layers):
         assert torch.equal(again.stats[layer].top.loc, result.stats[layer].top.loc)
         assert torch.equal(again.stats[layer].random.loc, result.stats[layer].random.loc)
+        assert torch.equal(again.stats[layer].quantile.loc, result.stats[layer].quantile.loc)
         assert torch.equal(again.stats[layer].hist, result.stats[layer].hist)
 
 

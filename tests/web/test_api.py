@@ -57,12 +57,20 @@ def test_feature_filters(web):
     rows = get(web, f"{url}?in_set=true")["rows"]
     assert {(r["layer"], r["index"], r["role"]) for r in rows} == {
         (0, 2, "template"), (1, 3, "output"), (1, 5, "template"), (2, 7, "output"), (2, 9, "output")}
-    data = get(web, f"{url}?q=Wait")
-    assert data["search_ids"]  # " Wait", "Wait" …
-    assert (2, 7) in {(r["layer"], r["index"]) for r in data["rows"]}  # its logit lens promotes " Wait"
-    script = get(web, f"{url}?q=<script>")["rows"]
+    data = get(web, f"{url}?promotes=Wait")
+    assert len(data["search_ids"]["promotes"]) == 3 and data["sort"] == "strength"  # " Wait", "Wait", " wait"
+    assert (data["rows"][0]["layer"], data["rows"][0]["index"]) == (2, 7)  # its logit lens puts " Wait" first, 4.2
+    strengths = [r["strength"] for r in data["rows"]]
+    assert strengths == sorted(strengths, reverse=True)
+    script = get(web, f"{url}?fires_on=<script>")["rows"]
     assert (1, 3) in {(r["layer"], r["index"]) for r in script}  # the focus token of its top example
-    assert get(web, f"{url}?q=zzzz-not-a-token")["rows"] == []
+    for r in get(web, f"{url}?promotes=<script>")["rows"]:  # each promotes it: in its logit-lens top 10
+        lens = get(web, f"/api{web.run}/features/{r['layer']}/{r['index']}")["logit_top"]
+        assert "<script>" in [t["text"] for t in lens[:10]]
+    both = get(web, f"{url}?promotes=Wait&fires_on=<script>&sort=layer")["rows"]
+    assert {(r["layer"], r["index"]) for r in both} <= {(r["layer"], r["index"]) for r in script}
+    assert get(web, f"{url}?promotes=zzzz-not-a-token")["rows"] == []
+    assert web.client.get(f"{url}?sort=strength").status_code == 422  # strength needs a token filter
 
 
 def test_feature_json(web):
@@ -177,3 +185,25 @@ def test_web_app_never_imports_torch(tmp_path):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_feature_page_bands_shares_and_token_kinds(web):
+    layer, index = web.world.script_feature
+    data = get(web, f"/api{web.run}/features/{layer}/{index}")
+    assert [b["band"] for b in data["bands"]] == [7, 4]  # highest band first
+    for b in data["bands"]:
+        ex = b["examples"][0]
+        assert b["low"] <= ex["acts"][ex["focus"]] < b["high"]
+        assert b["share"] is None or 0 <= b["share"] <= 1
+    assert "quantile" not in data["examples"]
+    assert sum(data["region_shares"].values()) == pytest.approx(1)
+    from training.hesitation import hesitation_marks
+
+    marked = 0
+    for ex in data["examples"]["top"] + data["examples"]["random"]:  # the run's words in the decoded text
+        assert ex["hesitation"] == hesitation_marks(ex["tokens"])
+        assert len(ex["token_kinds"]) == len(ex["tokens"])
+        marked += sum(ex["hesitation"])
+    assert marked > 0
+    html = web.client.get(f"{web.run}/features/{layer}/{index}").text
+    assert 'data-band="7"' in html and "of activations" in html and "data-next=" in html

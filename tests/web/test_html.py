@@ -128,3 +128,63 @@ def test_experiment_rows_show_their_prompt_text(web):
     soup = BeautifulSoup(web.client.get(f"{web.run}/experiments/{web.world.experiment_id}").text, "html.parser")
     heads = [th.get_text() for th in soup.select('table[data-table="prompts"] tbody th')]
     assert heads[0] == "0" and heads[1:3] == ["1 + 7 = ?", "2 + 7 = ?"]  # index where no text was kept
+
+
+def test_feature_index_filters_swap_only_the_results_and_csv_has_every_match(web, monkeypatch):
+    import csv
+    import io
+
+    import app.web.data.features as features
+
+    url = f"{web.run}/features?layer=1"
+    full = web.client.get(url)
+    part = web.client.get(url, headers={"HX-Request": "true", "HX-Target": "feature-results"})
+    assert "<form" in full.text and "<form" not in part.text
+    assert part.text.lstrip().startswith('<div id="feature-results"')
+    monkeypatch.setattr(features, "CSV_PAGE", 5)  # several keyset pages in one export
+    from app.web.routes import features as route
+    monkeypatch.setattr(route, "CSV_PAGE", 5)
+    resp = web.client.get(f"/api{web.run}/features.csv?layer=1&freq_min=0")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(resp.text)))
+    api = web.client.get(f"/api{web.run}/features?layer=1&freq_min=0&limit=500").json()["rows"]
+    assert [(int(r["layer"]), int(r["index"])) for r in rows] == [(r["layer"], r["index"]) for r in api]
+    assert len(rows) == 16
+    promoted = list(csv.DictReader(io.StringIO(web.client.get(f"/api{web.run}/features.csv?promotes=Wait").text)))
+    assert promoted[0]["layer"] == "2" and promoted[0]["index"] == "7" and float(promoted[0]["strength"]) == 4.2
+
+
+def test_run_page_leads_with_the_study_and_the_set_has_a_page(web):
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(web.client.get(web.run).text, "html.parser")
+    study = soup.select_one("[data-section=study]")
+    assert study is not None and "5 features" in study.select_one("[data-finding]").text
+    assert study.select_one("[data-removal]").text.strip() == "100.0%"
+    assert study.select_one("[data-accuracy]").text.strip() == "95.0% → 90.0%"
+    assert "5 random active features: 0.0% removed" in study.text
+    assert [r.text.strip() for r in study.select("[data-top-features] h4")] == ["output features", "template features"]
+    form = study.select_one("form[data-ablate-set]")
+    fields = {i["name"]: i["value"] for i in form.select("input[type=hidden]")}
+    assert fields["feature_set"] == "hesitation" and fields["source"] == "token_ids"
+    assert len(fields["token_ids"].split()) == 7  # the trigger problem up to where the model starts answering
+    resp = web.client.post(f"{web.run}/ablations", data=fields, follow_redirects=False)
+    assert resp.status_code == 303
+    ablation = web.client.get(f"/api{resp.headers['location']}").json()["ablation"]["request"]
+    assert sorted(map(tuple, ablation["features"])) == [(0, 2), (1, 3), (1, 5), (2, 7), (2, 9)]
+    from app.web.data.common import model_labels
+
+    assert model_labels("organism:organism:s0", "organism:organism:s0") == (
+        "organism base (organism, seed 0)", "organism reasoning target (organism, seed 0)")
+    assert model_labels("Qwen/Qwen2.5-Math-7B", "/m/r1") == ("Qwen/Qwen2.5-Math-7B", "/m/r1")
+    set_url = study.select_one("a[data-set-link]")["href"]
+    set_page = BeautifulSoup(web.client.get(set_url).text, "html.parser")
+    rows = set_page.select("[data-table=members] tbody tr")
+    assert len(rows) == 5 and set_page.select_one("[data-finding]") is not None
+    data = web.client.get(f"/api{set_url}").json()
+    assert data["finding"]["families"][0] == {"family": "add", "adapted": data["finding"]["families"][0]["adapted"],
+                                              "ablated": data["finding"]["families"][0]["ablated"]}
+    assert data["finding"]["families"][0]["ablated"]["hesitation_rate"] == 0.0
+    assert web.client.get(f"{web.run}/sets/99999").status_code == 404
+    exp = web.client.get(f"{web.run}/experiments?feature_set=hesitation").text
+    assert '<option selected>hesitation</option>' in exp

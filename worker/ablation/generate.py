@@ -54,6 +54,7 @@ class SamplingSettings:
     seed: int = 0
     stop_ids: tuple[int, ...] = ()  # the stop token is generated and reported, then its track ends
     context_length: int | None = None  # prompt + generated tokens never exceed it
+    watch_ids: tuple[int, ...] = ()  # tokens whose probability every step reports (e.g. a graph's target)
     # ids never generated nor given probability: the padded vocabulary (rows past the tokenizer); every
     # distribution (sampling, log-probs, KL) is over the other ids
     suppress_ids: tuple[int, ...] = ()
@@ -64,6 +65,7 @@ class SamplingSettings:
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number ≥ 0 (0 = greedy), not {self.temperature}")
         object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
+        object.__setattr__(self, "watch_ids", tuple(int(t) for t in self.watch_ids))
         object.__setattr__(self, "suppress_ids", tuple(int(t) for t in self.suppress_ids))
 
 
@@ -87,6 +89,7 @@ class Step:
     kl: float | None  # KL(p_follower ‖ p_track) in nats before this token, where a scoring track follows
     stop: StopReason | None = None  # set on the track's last step
     prompt: int = 0  # which prompt, in a multi-prompt batch (:func:`lockstep_prompts`)
+    watched: tuple[float, ...] = ()  # p(token) of each ``SamplingSettings.watch_ids`` before this token
 
 
 @dataclass
@@ -97,8 +100,11 @@ class Generated:
     logprobs: list[float] = field(default_factory=list)
     kls: list[float | None] = field(default_factory=list)
     stop: StopReason | None = None
+    watched: list[tuple[float, ...]] = field(default_factory=list)  # per step, when watch_ids were given
 
     def add(self, step: Step) -> None:
+        if step.watched:
+            self.watched.append(step.watched)
         self.token_ids.append(step.token_id)
         self.logprobs.append(step.logprob)
         self.kls.append(step.kl)
@@ -246,6 +252,7 @@ def lockstep_prompts(model: AdapterModel, prompts: Sequence[Sequence[int]], trac
                 ref = logp[list(f_rows)]
                 terms = ref.exp() * (ref - logp[list(s_rows)])  # suppressed ids: 0 · (-inf + inf) = nan → 0
                 kl_vals = terms.nan_to_num(nan=0.0).sum(-1).clamp(min=0).tolist()
+            watched = logp[samplers][:, list(settings.watch_ids)].exp().tolist() if settings.watch_ids else None
             tokens, lps = chosen.tolist(), chosen_logp.tolist()  # one device sync per step
         kl_of = dict(zip((s for s, _ in pairs), kl_vals, strict=True)) if pairs else {}
         steps, token_of = [], {}
@@ -254,7 +261,8 @@ def lockstep_prompts(model: AdapterModel, prompts: Sequence[Sequence[int]], trac
             token_of[row.text_of] = tok
             budget, reason = budgets[row.prompt]
             stop = "eos" if tok in stop_ids else (reason if index == budget - 1 else None)
-            steps.append(Step(row.track.name, index, tok, lps[j], kl_of.get(r), stop, row.prompt))
+            steps.append(Step(row.track.name, index, tok, lps[j], kl_of.get(r), stop, row.prompt,
+                              tuple(watched[j]) if watched is not None else ()))
         yield steps
 
         ended = {(s.prompt, s.track) for s in steps if s.stop is not None}

@@ -25,7 +25,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from app.db.text import storable
 from app.db.write import replace_rows, upsert
 from app.settings import Settings
 from training.adapter import AdapterModel, MLPMode
-from training.chat import format_prompt
+from training.chat import ASSISTANT, THINK_START, USER, format_prompt
 from training.hesitation import HesitationCounter, normalize_words
 from training.interventions import Intervention
 from training.organism.tasks import extract_answer
@@ -142,8 +142,38 @@ def sampling_settings(gen: GenerationOptions, model: AdapterModel, tokenizer: An
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a prompt as training and generation see it (with the tokenizer's ``bos``)."""
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    """Token ids of a prompt as training and generation see it (with the tokenizer's ``bos``, once)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    already = bool(bos) and text.startswith(bos)  # a chat template may have written it already
+    return list(tokenizer(text, add_special_tokens=not already)["input_ids"])
+
+
+def is_chat_formatted(text: str, tokenizer: Any) -> bool:
+    """Whether free text already holds the run's chat markers (a user pasted a formatted prompt)."""
+    markers = [USER, ASSISTANT]
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        markers += [m for m in ("<|im_start|>", "<|start_header_id|>", "[INST]", "<start_of_turn>") if m in template]
+    return any(m in text for m in markers)
+
+
+def format_free_text(tokenizer: Any, text: str, *, chat: bool = True) -> str:
+    """A user's free text as the model is prompted: the run tokenizer's chat template (a user turn, the
+    assistant's turn opened, with ``<think>`` when the model thinks), else the organism's DeepSeek format.
+
+    Text already in chat format is used as it is, so a pasted formatted prompt is never wrapped twice.
+    """
+    if not chat or is_chat_formatted(text, tokenizer):
+        return text
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                            add_generation_prompt=True)
+        thinks = THINK_START in tokenizer.get_vocab()
+        tail = out.rsplit(ASSISTANT, 1)[-1] if ASSISTANT in out else out[-20:]
+        if thinks and THINK_START not in tail:
+            out += f"{THINK_START}\n"
+        return out
+    return format_prompt(text)
 
 
 @lru_cache(maxsize=8)
@@ -279,7 +309,17 @@ def _run_ablation(ctx: JobContext, ablation_id: int, resolved: ResolvedAblation)
     req = resolved.request
     model, tokenizer = _model(ctx, req.run_id)
     settings = sampling_settings(req.generation, model, tokenizer)
-    prompt_ids = resolved.prompt_ids if resolved.prompt_ids is not None else encode(tokenizer, resolved.prompt_text)
+    if req.target_token_id is not None:
+        vocab = model.hf.get_input_embeddings().num_embeddings
+        if req.target_token_id >= vocab:
+            raise AblationRequestError(f"target_token_id {req.target_token_id} is not in the model's vocabulary "
+                                       f"of {vocab}")
+        settings = replace(settings, watch_ids=(req.target_token_id,))
+    if resolved.prompt_ids is not None:
+        prompt_ids = resolved.prompt_ids
+    else:
+        prompt_ids = encode(tokenizer, format_free_text(tokenizer, resolved.prompt_text, chat=req.chat))
+    _check_ids(prompt_ids, model)
     check_prompt_length(len(prompt_ids), settings.context_length)
     ivs = build_interventions(resolved.selection, model.n_layers)
     writer = _TokenWriter(ctx, ablation_id, tokenizer)
@@ -301,12 +341,38 @@ def _run_ablation(ctx: JobContext, ablation_id: int, resolved: ResolvedAblation)
         writer.flush()  # what was generated stays visible, also after a cancel
     summary: dict[str, Any] = {
         "prompt_tokens": len(prompt_ids), "tokens_written": writer.written,
-        "conditions": {name: summarize(g, tokenizer, resolved.answer) for name, g in done.items()},
+        "conditions": {name: summarize(g, tokenizer, resolved.answer, _words(ctx, req.run_id)) for name, g in done.items()},
     }
     a, u = summary["conditions"][ABLATED], summary["conditions"][UNABLATED]
     summary["answer_changed"] = not _same_answer(a["answer"], u["answer"])
     summary["first_divergence"] = _first_divergence(done[ABLATED].token_ids, done[UNABLATED].token_ids)
+    if req.target_token_id is not None:
+        summary["target"] = target_report(req.target_token_id, tokenizer, done)
     return summary
+
+
+def _words(ctx: JobContext, run_id: int) -> tuple[str, ...]:
+    with ctx.session() as s:
+        return run_hesitation_words(s.get(Run, run_id))
+
+
+def target_report(token_id: int, tokenizer: Any, done: dict[str, Generated]) -> dict[str, Any]:
+    """The watched token per condition: its probability as the first generated token, whether it was that
+    token, and whether it appears anywhere in the generated text."""
+    out: dict[str, Any] = {"token_id": token_id, "text": storable(tokenizer.decode([token_id]))}
+    for name, gen in done.items():
+        out[name] = {"p_first": gen.watched[0][0] if gen.watched else None,
+                     "first": bool(gen.token_ids) and gen.token_ids[0] == token_id,
+                     "produced": token_id in gen.token_ids}
+    return out
+
+
+def _check_ids(ids: Sequence[int], model: AdapterModel) -> None:
+    """Refuse token ids outside the model's embedding table (explicit ids from a request)."""
+    vocab = model.hf.get_input_embeddings().num_embeddings
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise AblationRequestError(f"token id {bad[0]} is outside the model's vocabulary of {vocab}")
 
 
 # ----------------------------------------------------------------------------------- experiment
@@ -376,7 +442,7 @@ def _experiment_prompts(ctx: JobContext, resolved: ResolvedExperiment, tokenizer
         with ctx.session() as s:
             run = s.get(Run, req.run_id)
         items = _organism_items(run, req.organism_heldout or 0, ctx.job_settings())
-    return [(encode(tokenizer, format_prompt(it.prompt) if req.chat else it.prompt), it.answer, it.prompt)
+    return [(encode(tokenizer, format_free_text(tokenizer, it.prompt, chat=req.chat)), it.answer, it.prompt)
             for it in items]
 
 
@@ -432,6 +498,7 @@ def _run_experiment(ctx: JobContext, experiment_id: int, resolved: ResolvedExper
         except AblationRequestError as exc:
             raise AblationRequestError(f"prompt {i} ({text[:60]!r}): {exc}") from None
     ivs = build_interventions(resolved.selection, model.n_layers)
+    words = _words(ctx, req.run_id)
     groups = experiment_plan(req.design, ivs, resolved.selection, model.n_layers, req.compare)
     all_rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -445,7 +512,7 @@ def _run_experiment(ctx: JobContext, experiment_id: int, resolved: ResolvedExper
         rows = []
         for offset, ((_, answer, text), gens) in enumerate(zip(chunk, done, strict=True)):
             for cond, gen in gens.items():
-                s = summarize(gen, tokenizer, answer)
+                s = summarize(gen, tokenizer, answer, words)
                 rows.append({"experiment_id": experiment_id, "prompt_idx": start + offset, "condition": cond,
                              "response_len": s["response_length"], "hesitations": s["hesitations"],
                              "correct": s["correct"], "answer": s["answer"],

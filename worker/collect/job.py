@@ -36,6 +36,7 @@ class CollectPayload(BaseModel):
                                 "corpus_path, the first 2,000 of the run's own texts)")
     top_k: int = Field(20, ge=1, le=1000)
     n_random: int = Field(10, ge=0, le=1000)
+    n_quantile: int = Field(2, ge=0, le=100, description="examples per half-decade activation band")
     n_shards: int = Field(1, ge=1, le=1024)
     shard: int | None = Field(None, ge=0, description="set on the shard jobs that a sharded collect queues")
     seed: int = 0
@@ -130,8 +131,8 @@ def collect_job(ctx: JobContext) -> dict:
 
     from training.generation import model_vocab_size, token_mask
 
-    result = collect(model, corpus, top_k=p.top_k, n_random=p.n_random, shard=shard, seed=p.seed, progress=progress,
-                     token_mask=token_mask(tokenizer, model_vocab_size(model)))
+    result = collect(model, corpus, top_k=p.top_k, n_random=p.n_random, n_quantile=p.n_quantile, shard=shard,
+                     seed=p.seed, progress=progress, token_mask=token_mask(tokenizer, model_vocab_size(model)))
     if shard is not None:
         folder = _collect_dir(ctx, run.name) / f"shards-{p.n_shards}"
         folder.mkdir(exist_ok=True)

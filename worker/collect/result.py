@@ -13,19 +13,20 @@ import torch
 from training.chat import REGION_NAMES
 from worker.collect.kept import KeptExamples
 from worker.collect.lens import LayerLens, LayerNeighbours
-from worker.collect.stats import FeatureStats, merge, unpack_loc
+from worker.collect.stats import KEPT, N_QUANTILE_BANDS, FeatureStats, merge, unpack_loc
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantile-band examples
+QUANTILE_RANK_STRIDE = 100  # a quantile example's rank = band * stride + its place in the band
 
 
 @dataclass
 class ExampleWindow:
     """One kept example, trimmed to the part of the window inside its sequence."""
 
-    kind: str  # "top" | "random"
-    rank: int
+    kind: str  # "top" | "random" | "quantile"
+    rank: int  # quantile: band * QUANTILE_RANK_STRIDE + place within the band
     sequence: int
     position: int
     token_ids: list[int]
@@ -89,6 +90,10 @@ class CollectionResult:
         s = self.stats[layer]
         for kind, kept in (("top", s.top), ("random", s.random)):
             yield from _windows(kind, kept, feature, s.ctx_before)
+        for band in range(N_QUANTILE_BANDS):
+            for w in _windows("quantile", s.quantile, feature * N_QUANTILE_BANDS + band, s.ctx_before):
+                w.rank = band * QUANTILE_RANK_STRIDE + w.rank
+                yield w
 
     # -- persistence ------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -103,9 +108,9 @@ class CollectionResult:
         stats = {}
         for layer, d in state["stats"].items():
             d = dict(d)
-            top, rnd = d.pop("top"), d.pop("random")
+            kept = {name: KeptExamples(**d.pop(name)) for name in KEPT}
             d["shards"] = [tuple(x) for x in d["shards"]]
-            stats[int(layer)] = FeatureStats(**d, top=KeptExamples(**top), random=KeptExamples(**rnd))
+            stats[int(layer)] = FeatureStats(**d, **kept)
         lens = {int(k): LayerLens(**v) for k, v in state["lens"].items()} if state["lens"] is not None else None
         nb = state["neighbours"]
         neighbours = {int(k): LayerNeighbours(**v) for k, v in nb.items()} if nb is not None else None
@@ -120,7 +125,7 @@ class CollectionResult:
             d = {name: getattr(s, name) for name in ("layer", "n_features", "ctx_before", "ctx_after", "seed",
                                                      "n_tokens", "region_tokens", "think_tokens", "count",
                                                      "act_sum", "act_max", "hist", "regions", "think_hist")}
-            d.update(top=kept(s.top), random=kept(s.random), shards=[list(x) for x in s.shards])
+            d.update({name: kept(getattr(s, name)) for name in KEPT}, shards=[list(x) for x in s.shards])
             stats[layer] = d
         return {
             "format": FORMAT_VERSION,

@@ -38,6 +38,7 @@ from worker.collect.stats import (
     FeatureStats,
     hist_edges_for_display,
     pack_loc,
+    quantile_band_edges,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ PROGRESS_INTERVAL = 2.0  # seconds between progress callbacks (each may write a 
 
 
 def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, top_k: int = 20, n_random: int = 10,
-            ctx_before: int = 50, ctx_after: int = 20, batch_size: int = 16, max_batch_tokens: int = 16384,
+            n_quantile: int = 2, ctx_before: int = 50, ctx_after: int = 20, batch_size: int = 16, max_batch_tokens: int = 16384,
             shard: tuple[int, int] | None = None, seed: int = 0, progress: Progress | None = None,
             layers: Sequence[int] | None = None, lens_tokens: int = 10, n_neighbours: int = 10,
             weight_views: bool | None = None, token_mask: torch.Tensor | None = None) -> CollectionResult:
@@ -63,12 +64,14 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
     vocabulary ids that are tokens (the logit lens never lists padded ids).
     """
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.from_sequences(corpus)
-    layers = _check_args(model, corpus, top_k=top_k, n_random=n_random, ctx_before=ctx_before, ctx_after=ctx_after,
-                         batch_size=batch_size, max_batch_tokens=max_batch_tokens, shard=shard, layers=layers)
+    layers = _check_args(model, corpus, top_k=top_k, n_random=n_random, n_quantile=n_quantile, ctx_before=ctx_before,
+                         ctx_after=ctx_after, batch_size=batch_size, max_batch_tokens=max_batch_tokens, shard=shard,
+                         layers=layers)
     shard = shard or (0, 1)
     device = next(model.parameters()).device
     act_dtype = model.adapters[0].W_enc.dtype
-    stats = {layer: FeatureStats.empty(layer, model.n_features, top_k=top_k, n_random=n_random, ctx_before=ctx_before,
+    stats = {layer: FeatureStats.empty(layer, model.n_features, top_k=top_k, n_random=n_random, n_quantile=n_quantile,
+                                       ctx_before=ctx_before,
                                        ctx_after=ctx_after, seed=seed, act_dtype=act_dtype, device=device)
              for layer in layers}
     for s in stats.values():
@@ -97,7 +100,8 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
     logger.info("collect: pass %.1f s (%.0f tok/s), token windows %.1f s, lens + neighbours %.1f s",
                 t1 - t0, n_tokens / max(t1 - t0, 1e-9), t2 - t1, t3 - t2)
     meta = {
-        "top_k": top_k, "n_random": n_random, "ctx_before": ctx_before, "ctx_after": ctx_after, "seed": seed,
+        "top_k": top_k, "n_random": n_random, "n_quantile": n_quantile, "quantile_edges": quantile_band_edges(),
+        "ctx_before": ctx_before, "ctx_after": ctx_after, "seed": seed,
         "hist_edges": hist_edges_for_display(), "regions": list(REGION_NAMES),
         "think_pos_edges": [i / N_THINK_BINS for i in range(N_THINK_BINS + 1)],
         "lens": "W_U (g * W_dec[:, i]), demeaned over the vocabulary; g = final RMSNorm gain, no 1/rms",
@@ -105,10 +109,12 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
     return CollectionResult(cpu, lens, neighbours, n_sequences=len(ids), meta=meta)
 
 
-def _check_args(model: AdapterModel, corpus: Corpus, *, top_k: int, n_random: int, ctx_before: int, ctx_after: int,
+def _check_args(model: AdapterModel, corpus: Corpus, *, top_k: int, n_random: int, n_quantile: int, ctx_before: int,
+                ctx_after: int,
                 batch_size: int, max_batch_tokens: int, shard: tuple[int, int] | None,
                 layers: Sequence[int] | None) -> list[int]:
-    for name, value in (("top_k", top_k), ("n_random", n_random), ("ctx_before", ctx_before), ("ctx_after", ctx_after)):
+    for name, value in (("top_k", top_k), ("n_random", n_random), ("ctx_before", ctx_before), ("ctx_after", ctx_after),
+                        ("n_quantile", n_quantile)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if batch_size < 1 or max_batch_tokens < 1:

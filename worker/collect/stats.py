@@ -61,6 +61,27 @@ _N_CODES = N_REGIONS * (N_THINK_BINS + 1)  # (region, thinking bin or none) per 
 
 _M32 = 0xFFFFFFFF
 
+# "Across the activation range" (Neuronpedia's quantile examples): a uniform random sample of each feature's
+# occurrences *within each activation band*, so low, middle and high activations all get examples. The bands
+# are fixed half-decades (known before the pass, so shards merge exactly like the random sample): band 0 is
+# (0, 1e-2), band b in 1..8 is [10^(-2 + (b-1)/2), 10^(-2 + b/2)), band 9 is [1e2, ∞).
+QUANTILE_LOG10_LOW = -2.0  # log10 of the lowest band edge
+QUANTILE_BANDS_PER_DECADE = 2
+N_QUANTILE_BANDS = 10
+_QUANTILE_SALT = 0x51ED2705  # keeps the band samples' keys independent of the plain random sample's
+
+
+def quantile_bands(v: torch.Tensor) -> torch.Tensor:
+    """Activation band (0 .. N_QUANTILE_BANDS - 1) of each positive value."""
+    b = ((torch.log10(v.double()) - QUANTILE_LOG10_LOW) * QUANTILE_BANDS_PER_DECADE).floor() + 1
+    return b.clamp_(0, N_QUANTILE_BANDS - 1).long()
+
+
+def quantile_band_edges() -> list[float]:
+    """``N_QUANTILE_BANDS + 1`` edges for display: 0, then the finite edges, then infinity."""
+    finite = [10.0 ** (QUANTILE_LOG10_LOW + i / QUANTILE_BANDS_PER_DECADE) for i in range(N_QUANTILE_BANDS - 1)]
+    return [0.0, *finite, float("inf")]
+
 
 def pack_loc(seq: torch.Tensor | int, pos: torch.Tensor | int) -> torch.Tensor | int:
     return (seq << POS_BITS) | pos
@@ -173,12 +194,14 @@ class FeatureStats:
     think_hist: torch.Tensor  # [F, N_THINK_BINS] int64: active thinking tokens per position bin
     top: KeptExamples
     random: KeptExamples
+    quantile: KeptExamples  # rows are (feature, band): row = feature * N_QUANTILE_BANDS + band
     shards: list[tuple[int, int]] = field(default_factory=list)
     _salts: torch.Tensor | None = field(default=None, repr=False)  # feature_salts cache
+    _band_salts: torch.Tensor | None = field(default=None, repr=False)  # per (feature, band) row
 
     @classmethod
-    def empty(cls, layer: int, n_features: int, *, top_k: int = 20, n_random: int = 10, ctx_before: int = 50,
-              ctx_after: int = 20, seed: int = 0, act_dtype: torch.dtype = torch.float32,
+    def empty(cls, layer: int, n_features: int, *, top_k: int = 20, n_random: int = 10, n_quantile: int = 2,
+              ctx_before: int = 50, ctx_after: int = 20, seed: int = 0, act_dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu") -> FeatureStats:
         w = ctx_before + 1 + ctx_after
 
@@ -193,6 +216,7 @@ class FeatureStats:
             regions=zeros(n_features, N_REGIONS), think_hist=zeros(n_features, N_THINK_BINS),
             top=KeptExamples.empty(n_features, top_k, value_dtype(act_dtype), w, act_dtype, device),
             random=KeptExamples.empty(n_features, n_random, torch.int64, w, act_dtype, device),
+            quantile=KeptExamples.empty(n_features * N_QUANTILE_BANDS, n_quantile, torch.int64, w, act_dtype, device),
         )
 
     @property
@@ -261,23 +285,32 @@ class FeatureStats:
             # = sample_keys(seed, layer, j, loc), with the token part computed once per token
             keys = token_keys(self.seed, flat_loc).index_select(0, tok) ^ self._salts.index_select(0, j)
             self.random.offer(j, keys, locate, payload)
+        if self.quantile.k:
+            if self._band_salts is None:
+                self._band_salts = feature_salts(self.seed ^ _QUANTILE_SALT, self.layer, F_ * N_QUANTILE_BANDS,
+                                                 f.device)
+            row = j * N_QUANTILE_BANDS + quantile_bands(v)
+            keys = token_keys(self.seed, flat_loc).index_select(0, tok) ^ self._band_salts.index_select(0, row)
+            self.quantile.offer(row, keys, locate, payload)
 
     # -- finishing --------------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> FeatureStats:
         moved = {name: getattr(self, name).to(device) for name in _TENSORS}
         return FeatureStats(layer=self.layer, n_features=self.n_features, ctx_before=self.ctx_before,
                             ctx_after=self.ctx_after, seed=self.seed, top=self.top.to(device),
-                            random=self.random.to(device), shards=list(self.shards), **moved)
+                            random=self.random.to(device), quantile=self.quantile.to(device),
+                            shards=list(self.shards), **moved)
 
     def sort_examples(self) -> FeatureStats:
         """Put kept examples in rank order (streaming leaves slots unordered); in place, returns self."""
         self.top.sort_()
         self.random.sort_()
+        self.quantile.sort_()
         return self
 
     def fill_tokens(self, windows: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Attach token ids of every kept window: ``windows(loc [n]) -> [n, W]`` (-1 outside the sequence)."""
-        for kept in (self.top, self.random):
+        for kept in (self.top, self.random, self.quantile):
             tokens = torch.full(kept.loc.shape + (self.window,), -1, dtype=torch.int32, device=kept.loc.device)
             occupied = kept.loc >= 0
             if occupied.any():
@@ -293,6 +326,7 @@ class FeatureStats:
         return self.act_sum / self.count.clamp(min=1).double()
 
 
+KEPT = ("top", "random", "quantile")  # the kept-example buffers, by kind
 _TENSORS = ("n_tokens", "region_tokens", "think_tokens", "count", "act_sum", "act_max", "hist", "regions",
             "think_hist")
 
@@ -302,7 +336,7 @@ def merge(a: FeatureStats, b: FeatureStats) -> FeatureStats:
     for name in ("layer", "n_features", "ctx_before", "ctx_after", "seed"):
         if getattr(a, name) != getattr(b, name):
             raise ValueError(f"cannot merge stats with different {name}: {getattr(a, name)} vs {getattr(b, name)}")
-    for name in ("top", "random"):
+    for name in KEPT:
         if getattr(a, name).k != getattr(b, name).k:
             raise ValueError(f"cannot merge stats with different {name} sizes: {getattr(a, name).k} vs {getattr(b, name).k}")
         if set(getattr(a, name).data) != set(getattr(b, name).data):
@@ -312,14 +346,14 @@ def merge(a: FeatureStats, b: FeatureStats) -> FeatureStats:
         raise ValueError(f"cannot merge stats that both contain shard(s) {sorted(overlap)}")
     b = b.to(a.device)
     out = a.to(a.device)
-    out.top, out.random = a.top.clone(), a.random.clone()
+    out.top, out.random, out.quantile = a.top.clone(), a.random.clone(), a.quantile.clone()
     for name in _TENSORS:
         setattr(out, name, getattr(a, name) + getattr(b, name))
     out.act_max = torch.maximum(a.act_max, b.act_max)
-    for name in ("top", "random"):
+    for name in KEPT:
         src = getattr(b, name)
         occupied = src.loc >= 0
-        feat = torch.arange(a.n_features, device=a.device).unsqueeze(1).expand_as(src.loc)[occupied]
+        feat = torch.arange(src.loc.shape[0], device=a.device).unsqueeze(1).expand_as(src.loc)[occupied]
         data = {n: t[occupied] for n, t in src.data.items()}
         locs = src.loc[occupied]
         getattr(out, name).offer(feat, src.key[occupied], lambda idx, locs=locs: locs[idx],

@@ -18,7 +18,8 @@ JSON layouts (the feature page reads these):
 - ``neighbours``: ``[[layer, index, cosine], …]`` by decoder cosine, highest first.
 - examples: ``token_ids`` and ``acts`` cover the window inside the sequence (up to 50 before, 20 after),
   ``focus`` indexes the selected token, ``max_act`` is the window's largest activation, acts are
-  rounded to 5 decimals; ``rank`` orders top examples by activation, random ones by sampling key.
+  rounded to 5 decimals; ``rank`` orders top examples by activation, random ones by sampling key; quantile
+  examples (a random sample per half-decade activation band) have ``rank = band * 100 + place``.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ import torch
 from sqlalchemy import Connection, Engine, Table, delete, select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Example, Feature, Run
+from app.db.schema import Example, Feature, FeatureToken, Run
 from app.db.text import storable
 from training.chat import REGION_NAMES
 from worker.collect.kept import KeptExamples
-from worker.collect.result import CollectionResult
-from worker.collect.stats import FeatureStats
+from worker.collect.result import QUANTILE_RANK_STRIDE, CollectionResult
+from worker.collect.stats import N_QUANTILE_BANDS, FeatureStats
 
 try:  # optional: only makes large writes faster
     import orjson as _orjson
@@ -54,6 +55,8 @@ ACT_DECIMALS = 5  # stored precision of per-token activations
 _EXAMPLE_COLUMNS = ("run_id", "layer", "index", "kind", "rank", "token_ids", "acts", "focus", "max_act")
 _FEATURE_COLUMNS = ("run_id", "layer", "index", "frequency", "max_act", "mean_act", "histogram", "logit_lens",
                     "region_counts", "think_pos_hist", "neighbours")
+_TOKEN_COLUMNS = ("run_id", "relation", "token_id", "layer", "index", "rank", "value")
+PROMOTES_TOP = 10  # logit-lens places a token must hold for the feature to "promote" it (search)
 _JSON_COLUMNS = {"token_ids", "acts", "histogram", "logit_lens", "region_counts", "think_pos_hist", "neighbours"}
 
 
@@ -87,16 +90,22 @@ def _write(conn: Connection, run_id: int, result: CollectionResult, tokenizer: A
     t0 = time.perf_counter()
     conn.execute(delete(Example).where(Example.run_id == run_id, Example.layer.in_(layers)))
     conn.execute(delete(Feature).where(Feature.run_id == run_id, Feature.layer.in_(layers)))
+    conn.execute(delete(FeatureToken).where(FeatureToken.run_id == run_id, FeatureToken.layer.in_(layers)))
     decode = _decoder(result, tokenizer, layers)
-    n_feat = n_ex = 0
+    n_vocab = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+    n_feat = n_ex = n_tok = 0
     for layer in layers:
         s = result.stats[layer]
         for start in range(0, s.n_features, FEATURE_SLICE):
             stop = min(start + FEATURE_SLICE, s.n_features)
             n_feat += _bulk(conn, Feature.__table__, _FEATURE_COLUMNS, _feature_rows(run_id, result, layer, start, stop, decode))
             n_ex += _bulk(conn, Example.__table__, _EXAMPLE_COLUMNS, _example_rows(run_id, s, start, stop))
-    logger.info("stored run %s: %d features, %d examples in %.1f s", run_id, n_feat, n_ex, time.perf_counter() - t0)
-    return {"features": n_feat, "examples": n_ex}
+            lens = result.lens.get(layer) if result.lens is not None else None
+            n_tok += _bulk(conn, FeatureToken.__table__, _TOKEN_COLUMNS,
+                           _token_rows(run_id, s, lens, start, stop, n_vocab))
+    logger.info("stored run %s: %d features, %d examples, %d token rows in %.1f s", run_id, n_feat, n_ex, n_tok,
+                time.perf_counter() - t0)
+    return {"features": n_feat, "examples": n_ex, "feature_tokens": n_tok}
 
 
 def _decoder(result: CollectionResult, tokenizer: Any, layers: list[int]) -> dict[int, str | None]:
@@ -143,13 +152,56 @@ def _feature_rows(run_id: int, result: CollectionResult, layer: int, start: int,
         yield row
 
 
+def _token_rows(run_id: int, s: FeatureStats, lens: Any, start: int, stop: int,
+                n_vocab: int | None) -> Iterator[dict[str, Any]]:
+    """``feature_tokens`` rows of features ``start:stop``: the tokens each promotes and the tokens it fires on.
+
+    Ids at or beyond ``n_vocab`` (a padded vocabulary's unused rows) are not tokens and are left out.
+    """
+    def real(token_id: int) -> bool:
+        return token_id >= 0 and (n_vocab is None or token_id < n_vocab)
+
+    if lens is not None:
+        ids = lens.top_ids[start:stop, :PROMOTES_TOP].tolist()
+        values = lens.top_values[start:stop, :PROMOTES_TOP].tolist()
+        for n, (row_ids, row_values) in enumerate(zip(ids, values, strict=True)):
+            seen: set[int] = set()
+            for rank, (tid, value) in enumerate(zip(row_ids, row_values, strict=True)):
+                if real(tid) and tid not in seen:
+                    seen.add(tid)
+                    yield {"run_id": run_id, "relation": "promotes", "token_id": tid, "layer": s.layer,
+                           "index": start + n, "rank": rank, "value": float(value)}
+    kept = s.top
+    if "tokens" not in kept.data:
+        return
+    loc = kept.loc[start:stop]
+    occupied = loc >= 0
+    if not occupied.any():
+        return
+    feat, rank = occupied.nonzero(as_tuple=True)
+    focus_ids = kept.data["tokens"][start:stop][occupied][:, s.ctx_before].tolist()
+    values = kept.data["value"][start:stop][occupied].double().tolist()
+    best: dict[tuple[int, int], tuple[int, float]] = {}  # (feature, token) -> (best rank, largest value)
+    for f, r, tid, value in zip(feat.tolist(), rank.tolist(), focus_ids, values, strict=True):
+        if not real(tid):
+            continue
+        old = best.get((f, tid))
+        best[(f, tid)] = (r, value) if old is None else (min(old[0], r), max(old[1], value))
+    for (f, tid), (r, value) in sorted(best.items()):
+        yield {"run_id": run_id, "relation": "fires_on", "token_id": tid, "layer": s.layer, "index": start + f,
+               "rank": r, "value": value}
+
+
 def _example_rows(run_id: int, s: FeatureStats, start: int, stop: int) -> Iterator[dict[str, Any]]:
     for kind, kept in (("top", s.top), ("random", s.random)):
         yield from _kept_rows(run_id, s.layer, kind, kept, start, stop, s.ctx_before)
+    # Quantile buffers have one row per (feature, band): rows start*B:stop*B, rank = band * stride + slot.
+    yield from _kept_rows(run_id, s.layer, "quantile", s.quantile, start * N_QUANTILE_BANDS, stop * N_QUANTILE_BANDS,
+                          s.ctx_before, bands=N_QUANTILE_BANDS)
 
 
 def _kept_rows(run_id: int, layer: int, kind: str, kept: KeptExamples, start: int, stop: int,
-               ctx_before: int) -> Iterator[dict[str, Any]]:
+               ctx_before: int, bands: int = 1) -> Iterator[dict[str, Any]]:
     if "tokens" not in kept.data:
         raise ValueError("the collection has no token windows; it must come from collect() or a merge of its results")
     loc = kept.loc[start:stop]
@@ -165,7 +217,9 @@ def _kept_rows(run_id: int, layer: int, kind: str, kept: KeptExamples, start: in
     last = torch.where(inside, torch.arange(width), -1).amax(dim=1) + 1
     max_act = acts.masked_fill(~inside, 0).amax(dim=1)
     acts = acts.round(decimals=ACT_DECIMALS)
-    for f, r, tok, act, a, b, m in zip((feat + start).tolist(), rank.tolist(), tokens.numpy(), acts.numpy(),
+    row = feat + start
+    feature, rank = row // bands, rank + (row % bands) * (QUANTILE_RANK_STRIDE if bands > 1 else 0)
+    for f, r, tok, act, a, b, m in zip(feature.tolist(), rank.tolist(), tokens.numpy(), acts.numpy(),
                                        first.tolist(), last.tolist(), max_act.tolist(), strict=True):
         yield {"run_id": run_id, "layer": layer, "index": f, "kind": kind, "rank": r, "token_ids": tok[a:b],
                "acts": act[a:b], "focus": ctx_before - a, "max_act": m}

@@ -397,7 +397,8 @@ def hesitation_job(ctx: JobContext) -> dict:
             row = store.graph_row(p.run_id, slug, graph, pruned, tokenizer, prompt=tokenizer.decode(ids),
                                   clerps=store.clerps_for(s, p.run_id, pruned.feature_ids()),
                                   params={"study": {"word": site.word, "group": site.group, "trace": site.trace,
-                                                    "position": site.position, "seed": p.seed}})
+                                                    "position": site.position, "seed": p.seed,
+                                                    "prompt_len": trace.prompt_length}})
             graph_ids.append(store.write_graph(s, row))
         slugs.append(slug)
         ctx.check()
@@ -470,15 +471,11 @@ def hesitation_job(ctx: JobContext) -> dict:
                for key in choice.features]
     description = describe(len(choice.features), n_total, roles, report) if choice.features else (
         f"no hesitation features: {len(sites)} hesitation sites found in {len(traces)} {source} traces")
-    with ctx.session() as s:
-        set_id = store.write_feature_set(s, p.run_id, p.set_name, description, members)
     timings["total_s"] = time.perf_counter() - t_start
-    ctx.progress(total_steps, total_steps, "done")
     recurring = [f for f in features if f.n_graphs >= max(rules.min_graphs,
                                                           math.ceil(rules.min_graph_fraction * len(evidence)))]
-    log.info("hesitation study of run %d: %s", p.run_id, description)
-    return {
-        "set": {"id": set_id, "name": p.set_name, "size": len(choice.features), "n_features": n_total,
+    result = {
+        "set": {"name": p.set_name, "size": len(choice.features), "n_features": n_total,
                 "fraction": len(choice.features) / n_total, "roles": roles, "description": description},
         "choice": {"ranking": p.ranking, "n_ranked": len(ranked), "reached_target": choice.reached_target, "validation_removal": choice.removal,
                    "sizes": sizes, "cap": cap, "history": choice.history, "baseline": baseline.to_dict()},
@@ -495,3 +492,9 @@ def hesitation_job(ctx: JobContext) -> dict:
                     "report": len(report_prompts)},
         "rules": asdict(rules), "words": list(words), "timings": timings,
     }
+    with ctx.session() as s:  # the set keeps the study that chose it: the run page shows the finding
+        set_id = store.write_feature_set(s, p.run_id, p.set_name, description, members, summary=result)
+    result["set"]["id"] = set_id
+    ctx.progress(total_steps, total_steps, "done")
+    log.info("hesitation study of run %d: %s", p.run_id, description)
+    return result

@@ -18,6 +18,7 @@ import torch
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from app.db.graphs import index_graph_features
 from app.db.schema import Feature, FeatureSet, FeatureSetMember
 from app.db.schema import Graph as GraphRow
 from app.db.text import storable
@@ -113,8 +114,9 @@ def graph_row(run_id: int, slug: str, graph: Graph, pruned: PrunedGraph, tokeniz
 
 
 def write_graph(session: Session, row: Mapping[str, Any]) -> int:
-    """Insert or replace the graph (run_id, slug); returns its id."""
+    """Insert or replace the graph (run_id, slug) and its ``graph_features`` index; returns its id."""
     (graph_id,) = upsert(session, GraphRow, dict(row), key=["run_id", "slug"])
+    index_graph_features(session, int(graph_id), int(row["run_id"]), row.get("nodes") or [])
     return int(graph_id)
 
 
@@ -129,9 +131,11 @@ def delete_graphs_except(session: Session, run_id: int, prefix: str, keep: Seque
 
 
 def write_feature_set(session: Session, run_id: int, name: str, description: str,
-                      members: Sequence[Mapping[str, Any]]) -> int:
-    """Insert or update the set (run_id, name) and replace its members ({layer, index, role, score})."""
-    (set_id,) = upsert(session, FeatureSet, {"run_id": run_id, "name": name, "description": description},
+                      members: Sequence[Mapping[str, Any]], summary: Mapping[str, Any] | None = None) -> int:
+    """Insert or update the set (run_id, name) with what produced it, and replace its members
+    ({layer, index, role, score})."""
+    (set_id,) = upsert(session, FeatureSet, {"run_id": run_id, "name": name, "description": description,
+                                             "summary": dict(summary) if summary is not None else None},
                        key=["run_id", "name"])
     rows = [{"layer": int(m["layer"]), "index": int(m["index"]), "role": m.get("role"), "score": m.get("score")}
             for m in members]

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Ablation, AblationToken, Job
+from app.db.schema import Ablation, AblationToken, Job, utcnow
 from app.web.data.common import (
     BadInput,
     NotFound,
@@ -26,6 +26,7 @@ from app.web.data.common import (
     run_ref,
     run_vocab,
 )
+from app.web.data.feature import Tok, token_views
 from app.web.data.runs import LinkItem, ablation_item
 from training.hesitation import hesitation_marks
 
@@ -87,6 +88,7 @@ class AblationPage(BaseModel):
     kl_max: float | None
     done: bool = Field(description="False while the worker may still add tokens (the page keeps polling).")
     history: list[LinkItem]
+    prompt_tokens: list[Tok] = Field([], description="The prompt's stored token ids, decoded (empty for free text).")
 
 
 class AblationList(BaseModel):
@@ -97,24 +99,41 @@ class AblationList(BaseModel):
 class AblateForm(BaseModel):
     """What the ablate form posts; features as text: ``layer:index`` pairs separated by spaces or commas.
 
-    Everything else about a request (ranges, the run's geometry, prompt length) is checked by the
-    store layer's request model (``app.db.requests``), so there is one validation, not two.
+    The prompt comes from ``source``: ``example`` (a stored feature example: its token ids up to where the
+    feature fires), ``prompt_id`` (a stored prompt's ids, optionally its first ``prompt_tokens``), ``token_ids``
+    (explicit ids, space-separated) or ``text`` (free text the worker puts in the run's chat format). Without
+    ``source`` the first given of prompt_id, example_id, token_ids, prompt is used. Everything else about a
+    request is checked by the store's request model (``app.db.requests``), so there is one validation.
     """
 
+    source: Literal["text", "example", "prompt_id", "token_ids"] | None = None
     prompt: str = Field("", max_length=100_000)
     prompt_id: int | None = Field(None, description="A stored prompt (its token ids) instead of free text.")
-    prompt_tokens: int | None = Field(None, description="With prompt_id: keep only its first N tokens.")
+    prompt_tokens: int | None = Field(None, description="With prompt_id or token_ids: keep only the first N tokens.")
+    example_id: int | None = Field(None, description="A stored feature example: its ids up to its focus token.")
+    token_ids: str | None = Field(None, max_length=1_000_000, description="Explicit token ids, space-separated.")
+    target_token_id: int | None = Field(None, description="Report this token's probability before and after.")
     features: str = Field("", max_length=200_000)
+    feature_set: str | None = Field(None, max_length=200, description="A stored set's name (with or instead of features).")
     mode: Literal["zero", "scale", "clamp"] = "zero"
     value: float | None = None
     positions: Literal["all", "prompt", "generated"] = "all"
     max_new_tokens: int = Field(64, ge=1)
     compare: list[Literal["target", "hybrid"]] = []
 
-    @field_validator("value", "prompt_id", "prompt_tokens", mode="before")
+    @field_validator("value", "prompt_id", "prompt_tokens", "example_id", "target_token_id", "token_ids", "source",
+                     "feature_set", mode="before")
     @classmethod
     def _blank_value(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    def prompt_source(self) -> str:
+        if self.source is not None:
+            return self.source
+        for name, attr in (("prompt_id", self.prompt_id), ("example", self.example_id), ("token_ids", self.token_ids)):
+            if attr is not None:
+                return name
+        return "text"
 
 
 def parse_features(text: str) -> list[tuple[int, int]]:
@@ -134,15 +153,38 @@ def parse_features(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _parse_ids(text: str | None) -> list[int]:
+    try:
+        ids = [int(t) for t in re.split(r"[\s,]+", (text or "").strip()) if t]
+    except ValueError:
+        raise BadInput("token_ids must be whole numbers separated by spaces", 422) from None
+    if not ids:
+        raise BadInput("token_ids is empty", 422)
+    return ids
+
+
 def request_from_form(run_id: int, form: AblateForm) -> dict[str, Any]:
-    """The form as the worker's ``AblationRequest`` payload (free-text prompt, chat-formatted)."""
-    prompt: dict[str, Any] = {"prompt": form.prompt}
-    if form.prompt_id is not None:
+    """The form as the store's ``AblationRequest`` payload; the prompt from the chosen source only."""
+    source = form.prompt_source()
+    if source == "example":
+        if form.example_id is None:
+            raise BadInput("source=example needs example_id", 422)
+        prompt: dict[str, Any] = {"example_id": form.example_id}
+    elif source == "prompt_id":
+        if form.prompt_id is None:
+            raise BadInput("source=prompt_id needs prompt_id", 422)
         prompt = {"prompt_id": form.prompt_id, "prompt_tokens": form.prompt_tokens}
+    elif source == "token_ids":
+        prompt = {"token_ids": _parse_ids(form.token_ids), "prompt_tokens": form.prompt_tokens}
+    else:
+        prompt = {"prompt": form.prompt}
+    features = [list(f) for f in parse_features(form.features)] if form.features.strip() or not form.feature_set else []
     return {
-        "run_id": run_id, **prompt, "features": [list(f) for f in parse_features(form.features)],
+        "run_id": run_id, **prompt, "features": features,
+        **({"feature_set": form.feature_set} if form.feature_set else {}),
         "mode": form.mode, "value": None if form.mode == "zero" else form.value, "positions": form.positions,
         "generation": {"max_new_tokens": form.max_new_tokens}, "compare": list(dict.fromkeys(form.compare)),
+        "target_token_id": form.target_token_id,
     }
 
 
@@ -198,6 +240,11 @@ def _ablation(session: Session, run_id: int, ablation_id: int) -> Ablation:
     return a
 
 
+def ablation_page_head(session: Session, run_key: str | int, ablation_id: int) -> Ablation:
+    """The ablation row of a run (404 otherwise): what a stream checks before it starts."""
+    return _ablation(session, get_run(session, run_key).id, ablation_id)
+
+
 def ablation_page(session: Session, run_key: str | int, ablation_id: int) -> AblationPage:
     run = get_run(session, run_key)
     a = _ablation(session, run.id, ablation_id)
@@ -243,6 +290,7 @@ def ablation_page(session: Session, run_key: str | int, ablation_id: int) -> Abl
                               job_status=job_status, progress=job.progress if job else None),
         conditions=conditions, divergence=divergence, kl_total=sum(kls) if kls else None,
         kl_max=max(kls) if kls else None, done=done, history=history,
+        prompt_tokens=token_views(vocab, list((a.request or {}).get("prompt_ids") or []), None, words),
     )
 
 
@@ -250,3 +298,44 @@ def ablation_list(session: Session, run_key: str | int) -> AblationList:
     run = get_run(session, run_key)
     return AblationList(run=run_ref(run), ablations=[ablation_item(x) for x in session.scalars(
         select(Ablation).where(Ablation.run_id == run.id).order_by(Ablation.id.desc()).limit(200))])
+
+
+def cancel_ablation(session: Session, run_key: str | int, ablation_id: int) -> bool:
+    """Cancel an ablation's job; a request that never started is marked cancelled at once (a running one is
+    marked by the worker when it stops between two tokens). Returns whether anything changed."""
+    from app.db import queue
+
+    run = get_run(session, run_key)
+    a = _ablation(session, run.id, ablation_id)
+    if a.status in DONE_STATES:
+        return False
+    changed = queue.cancel(session, a.job_id) if a.job_id is not None else False
+    if a.status == "todo":
+        a.status, a.finished = "cancelled", utcnow()
+        changed = True
+    session.commit()
+    return changed
+
+
+def tokens_after(session: Session, ablation_id: int, seen: dict[str, int]) -> list[dict[str, Any]]:
+    """Streamed tokens of an ablation not yet sent (``seen``: the last step sent per condition), as dicts."""
+    low = min(seen.values(), default=-1) if seen else -1
+    rows = session.scalars(select(AblationToken).where(AblationToken.ablation_id == ablation_id,
+                                                      AblationToken.step > low)
+                           .order_by(AblationToken.step, AblationToken.condition))
+    out = []
+    for t in rows:
+        if t.step > seen.get(t.condition, -1):
+            out.append({"condition": t.condition, "step": t.step, "id": t.token_id, "text": t.token_str,
+                        "kl": t.kl, "logprob": t.logprob})
+    return out
+
+
+def ablation_state(session: Session, ablation_id: int) -> tuple[str, bool]:
+    """(status, done) of an ablation, its job's state included."""
+    a = session.get(Ablation, ablation_id)
+    if a is None:
+        return "missing", True
+    job = session.get(Job, a.job_id) if a.job_id else None
+    job_status = (job.status.value if hasattr(job.status, "value") else str(job.status)) if job else None
+    return a.status, a.status in DONE_STATES or job_status in DONE_STATES

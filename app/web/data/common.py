@@ -29,19 +29,35 @@ class BadInput(ValueError):
 
 
 class RunRef(BaseModel):
-    """Just enough of a run to name it and link to it."""
+    """Just enough of a run to name it and link to it; ``base_label``/``target_label`` say which model is which
+    (the organism's two models share one spec)."""
 
     id: int
     name: str
     status: str
     base_model: str
     target_model: str
+    base_label: str = ""
+    target_label: str = ""
     created: datetime | None = None
 
 
+def model_labels(base: str, target: str) -> tuple[str, str]:
+    """Readable names of a run's two models: an ``organism:<preset>:s<seed>`` spec names both of its models."""
+    def organism(spec: str, which: str) -> str | None:
+        if not spec.startswith("organism:"):
+            return None
+        preset, _, seed = spec[len("organism:"):].rpartition(":")
+        return f"organism {which} ({preset}, seed {seed.lstrip('s')})"
+
+    return organism(base, "base") or base, organism(target, "reasoning target") or target
+
+
 def run_ref(run: Run) -> RunRef:
+    base_label, target_label = model_labels(run.base_model, run.target_model)
     return RunRef(id=run.id, name=run.name, status=run.status, base_model=run.base_model,
-                  target_model=run.target_model, created=run.created)
+                  target_model=run.target_model, base_label=base_label, target_label=target_label,
+                  created=run.created)
 
 
 def get_run(session: Session, run: str | int) -> Run:

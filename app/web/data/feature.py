@@ -9,16 +9,25 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Text, cast, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Graph
-from app.web.data.common import NotFound, RunRef, as_float, get_run, keys_condition, run_ref, run_vocab
+from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Graph, GraphFeature
+from app.web.data.common import (
+    NotFound,
+    RunRef,
+    as_float,
+    get_run,
+    hesitation_words,
+    keys_condition,
+    run_ref,
+    run_vocab,
+)
 from app.web.tokens import EMPTY_VOCAB, Vocab
 
 WINDOW_BEFORE, WINDOW_AFTER = 12, 6  # tokens shown around the focus before "expand" (of 50 / 20 stored)
 KIND_ORDER = ("top", "quantile", "random")
-MAX_GRAPHS_SCANNED = 500  # graphs searched for this feature's nodes, newest first
+MAX_GRAPHS_LISTED = 200  # graphs listed on a feature page, newest first
 
 
 class Tok(BaseModel):
@@ -41,7 +50,19 @@ class ExampleView(BaseModel):
     tokens: list[str] = Field(description="Each token's text, decoded on its own.")
     token_ids: list[int]
     acts: list[float] = Field(description="The feature's activation at each token.")
+    token_kinds: list[str] = Field([], description="Each token's kind: text | special | bytes | padding.")
+    hesitation: list[bool] = Field([], description="Each token: part of a hesitation word (the run's rule).")
     prompt_id: int | None = None
+
+
+class Band(BaseModel):
+    """One activation band of the quantile examples ("across the activation range")."""
+
+    band: int
+    low: float
+    high: float | None = Field(description="None: no upper edge.")
+    share: float | None = Field(description="Share of the feature's activations that fall in this band.")
+    examples: list[ExampleView]
 
 
 class Hist(BaseModel):
@@ -52,6 +73,7 @@ class Hist(BaseModel):
 class LensToken(BaseModel):
     id: int | None
     text: str
+    kind: str = "text"
     value: float | None
 
 
@@ -93,10 +115,12 @@ class FeatureInfo(BaseModel):
 class FeaturePage(BaseModel):
     run: RunRef
     feature: FeatureInfo
-    examples: dict[str, list[ExampleView]]
+    examples: dict[str, list[ExampleView]] = Field(description="Top and random examples.")
+    bands: list[Band] = Field(description="Quantile examples by activation band, highest band first.")
     histogram: Hist | None
     think_pos_hist: Hist | None
-    region_counts: dict[str, float]
+    region_counts: dict[str, float] = Field(description="Active tokens per chat region (raw counts).")
+    region_shares: dict[str, float] = Field(description="Share of the feature's active tokens per region.")
     logit_top: list[LensToken]
     logit_bottom: list[LensToken]
     graphs: list[GraphUse]
@@ -131,12 +155,22 @@ def _hist(raw: Any) -> Hist | None:
 
 
 def _lens(entries: Any, vocab: Vocab | None = None) -> list[LensToken]:
-    """Logit-lens entries ``[id, text, value]``; a missing text (the collector had no decoder) is decoded here."""
+    """Logit-lens entries ``[id, text, value]`` as the vocabulary module shows them (partial bytes as bytes,
+    special tokens readable); ids of a padded vocabulary are not tokens and are left out. Without a tokenizer
+    the stored text is used."""
+    vocab = vocab or EMPTY_VOCAB
     out = []
     for e in entries or []:
-        if isinstance(e, list | tuple) and len(e) >= 3:
-            tid = e[0] if isinstance(e[0], int) else None
-            text = e[1] if isinstance(e[1], str) else (vocab or EMPTY_VOCAB).text(tid) if tid is not None else "?"
+        if not (isinstance(e, list | tuple) and len(e) >= 3):
+            continue
+        tid = e[0] if isinstance(e[0], int) else None
+        if tid is not None and vocab.tokenizer is not None:
+            t = vocab.token(tid)
+            if t.kind == "padding":
+                continue
+            out.append(LensToken(id=tid, text=t.text, kind=t.kind, value=as_float(e[2])))
+        else:
+            text = e[1] if isinstance(e[1], str) else vocab.text(tid) if tid is not None else "?"
             out.append(LensToken(id=tid, text=text, value=as_float(e[2])))
     return out
 
@@ -144,6 +178,36 @@ def _lens(entries: Any, vocab: Vocab | None = None) -> list[LensToken]:
 def top_token(logit_lens: Any, vocab: Vocab | None = None) -> str | None:
     top = _lens((logit_lens or {}).get("top"), vocab)[:1] if isinstance(logit_lens, dict) else []
     return top[0].text if top else None
+
+
+QUANTILE_RANK_STRIDE = 100  # as worker/collect: a quantile example's rank = band * 100 + its place in the band
+QUANTILE_LOG10_LOW, QUANTILE_BANDS_PER_DECADE = -2.0, 2  # as worker/collect/stats.py: half-decades from 1e-2
+
+
+def band_edges(band: int) -> tuple[float, float | None]:
+    """``[low, high)`` of an activation band (band 0 starts at 0; the last band has no upper edge)."""
+    low = 0.0 if band == 0 else 10.0 ** (QUANTILE_LOG10_LOW + (band - 1) / QUANTILE_BANDS_PER_DECADE)
+    high = 10.0 ** (QUANTILE_LOG10_LOW + band / QUANTILE_BANDS_PER_DECADE)
+    return low, (high if band < 9 else None)
+
+
+def _bands(quantile: list[ExampleView], hist: Hist | None) -> list[Band]:
+    """Group quantile examples by band (highest first) with each band's share of the histogram's counts."""
+    by_band: dict[int, list[ExampleView]] = {}
+    for ex in quantile:
+        by_band.setdefault(ex.rank // QUANTILE_RANK_STRIDE, []).append(ex)
+    total = sum(hist.counts) if hist is not None else 0
+    out = []
+    for band in sorted(by_band, reverse=True):
+        low, high = band_edges(band)
+        share = None
+        if hist is not None and total > 0 and len(hist.edges) == len(hist.counts) + 1:
+            inside = sum(c for c, a, b in zip(hist.counts, hist.edges[:-1], hist.edges[1:], strict=True)
+                         if (a >= low * (1 - 1e-9) or band == 0) and (high is None or b <= high * (1 + 1e-9)))
+            share = inside / total
+        out.append(Band(band=band, low=low, high=high, share=share,
+                        examples=sorted(by_band[band], key=lambda e: -e.acts[e.focus])))
+    return out
 
 
 def get_feature(session: Session, run_id: int, layer: int, index: int) -> Feature:
@@ -155,30 +219,15 @@ def get_feature(session: Session, run_id: int, layer: int, index: int) -> Featur
 
 
 def graphs_with_feature(session: Session, run_id: int, layer: int, index: int) -> list[GraphUse]:
-    """Graphs whose nodes include this feature (node ids are ``{layer}_{index}_{pos}``)."""
-    pattern = f'%"{layer}\\_{index}\\_%'
+    """The stored graphs holding this feature (the ``graph_features`` index), newest first."""
     rows = session.execute(
-        select(Graph.id, Graph.slug, Graph.target_token_str, Graph.nodes)
-        .where(Graph.run_id == run_id, cast(Graph.nodes, Text).like(pattern, escape="\\"))
-        .order_by(Graph.id.desc()).limit(MAX_GRAPHS_SCANNED)
+        select(Graph.id, Graph.slug, Graph.target_token_str, GraphFeature.positions, GraphFeature.influence)
+        .join(GraphFeature, GraphFeature.graph_id == Graph.id)
+        .where(GraphFeature.run_id == run_id, GraphFeature.layer == layer, GraphFeature.index == index)
+        .order_by(Graph.id.desc()).limit(MAX_GRAPHS_LISTED)
     ).all()
-    out = []
-    for g in rows:
-        positions, influence, roles = [], None, set()
-        for n in g.nodes or []:
-            if not isinstance(n, dict) or n.get("feature_type") in ("embedding", "logit", "mlp reconstruction error"):
-                continue
-            if str(n.get("layer")) == str(layer) and _node_index(n) == index:
-                positions.append(int(n.get("ctx_idx", -1)))
-                inf = as_float(n.get("influence"))
-                if inf is not None:
-                    influence = inf if influence is None else min(influence, inf)
-                if n.get("role"):
-                    roles.add(str(n["role"]))
-        if positions:
-            out.append(GraphUse(id=g.id, slug=g.slug, target=g.target_token_str, positions=sorted(positions),
-                                influence=influence, roles=sorted(roles)))
-    return out
+    return [GraphUse(id=g.id, slug=g.slug, target=g.target_token_str, positions=list(g.positions or []),
+                     influence=g.influence, roles=[]) for g in rows]
 
 
 def _node_index(node: dict[str, Any]) -> int | None:
@@ -194,6 +243,7 @@ def feature_page(session: Session, run_key: str | int, layer: int, index: int) -
     feat = get_feature(session, run.id, layer, index)
     vocab = run_vocab(session, run)
     examples: dict[str, list[ExampleView]] = {}
+    words = hesitation_words(run)
     for ex in session.scalars(
         select(Example).where(Example.run_id == run.id, Example.layer == layer, Example.index == index)
         .order_by(Example.kind, Example.rank)
@@ -204,9 +254,12 @@ def feature_page(session: Session, run_key: str | int, layer: int, index: int) -
         acts += [0.0] * (len(ids) - len(acts))
         focus = ex.focus if 0 <= ex.focus < len(ids) else 0
         window = (max(0, focus - WINDOW_BEFORE), min(len(ids), focus + WINDOW_AFTER + 1))
+        toks = [vocab.token(i) for i in ids]
         examples.setdefault(ex.kind, []).append(ExampleView(
             id=ex.id, kind=ex.kind, rank=ex.rank, max_act=ex.max_act, focus=focus, window=window,
-            tokens=vocab.decode(ids), token_ids=ids, acts=acts, prompt_id=ex.prompt_id))
+            tokens=[t.text for t in toks], token_ids=ids, acts=acts, token_kinds=[t.kind for t in toks],
+            hesitation=vocab.hesitation_marks(ids, words), prompt_id=ex.prompt_id))
+    bands = _bands(examples.pop("quantile", []), _hist(feat.histogram))
     examples = {k: examples[k] for k in sorted(examples, key=lambda k: (KIND_ORDER + (k,)).index(k))}
 
     sets = [
@@ -235,11 +288,13 @@ def feature_page(session: Session, run_key: str | int, layer: int, index: int) -
                                         exists=r is not None))
     lens = feat.logit_lens if isinstance(feat.logit_lens, dict) else {}
     regions = {str(k): float(v) for k, v in (feat.region_counts or {}).items() if isinstance(v, int | float)}
+    total = sum(regions.values())
+    shares = {k: v / total for k, v in regions.items()} if total > 0 else {}
     return FeaturePage(
         run=run_ref(run),
         feature=FeatureInfo(layer=layer, index=index, frequency=feat.frequency, max_act=feat.max_act,
                             mean_act=feat.mean_act, label=feat.label, category=feat.category),
-        examples=examples, histogram=_hist(feat.histogram), think_pos_hist=_hist(feat.think_pos_hist),
+        examples=examples, bands=bands, histogram=_hist(feat.histogram), region_shares=shares, think_pos_hist=_hist(feat.think_pos_hist),
         region_counts=regions, logit_top=_lens(lens.get("top"), vocab), logit_bottom=_lens(lens.get("bottom"), vocab),
         graphs=graphs_with_feature(session, run.id, layer, index), sets=sets, neighbours=neighbours,
         vocab_source=vocab.source,

@@ -6,58 +6,69 @@ each uses: ``layer`` → the primary key (run_id, layer, index); ``frequency`` w
 ix_features_run_layer_freq; ``max_act`` → ix_features_run_max_act. Ties are broken by (layer, index),
 so the order is total and a cursor is unambiguous.
 
-Token search (``q``): the ids whose text is ``q`` (the run's vocabulary) are looked up among each
-feature's logit-lens tokens and the focus tokens of its top ``SEARCH_TOP_EXAMPLES`` examples. This
-reads JSON row by row in index order and stops at a page of matches: fast for common tokens, a scan
-of the run for a token that almost never matches.
+Token search is two filters on the ``feature_tokens`` table the collect job fills: ``promotes`` (the token
+is in the feature's logit-lens top 10) and ``fires_on`` (the token is where one of its top examples fires).
+A query names a token (``Wait`` matches every variant: `` Wait``, ``Wait,`` …; ``#123`` is an id); the
+run's vocabulary turns it into ids, and the table gives the features, with a strength (the lens value, or
+the activation on that token) that the ``strength`` sort orders by, strongest first.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from sqlalchemy import Float, Integer, Text, and_, cast, false, func, literal, or_, select, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import Float, and_, cast, false, func, null, or_, select, text
 from sqlalchemy.orm import Session
 
-from app.db.schema import Example, Feature, FeatureSetMember
+from app.db.schema import Feature, FeatureSetMember, FeatureToken
 from app.web.data.common import BadInput, RunRef, get_run, hesitation_set, run_ref, run_vocab
 from app.web.data.feature import top_token
 
-Sort = Literal["layer", "frequency", "max_act"]
+Sort = Literal["layer", "frequency", "max_act", "strength"]
 MAX_QUERY_IDS = 50  # token ids a search may expand to (variants of one word)
-SEARCH_TOP_EXAMPLES = 5  # a search looks at the focus token of this many top examples per feature
+TOKEN_FILTERS = ("promotes", "fires_on")
 
 
 class FeatureQuery(BaseModel):
     """The shareable state of the feature index (all of it lives in the URL)."""
 
-    layer: int | None = Field(None, ge=0, description="Only this layer.")
+    layer: int | None = Field(None, ge=0, le=100_000, description="Only this layer.")
     category: str | None = Field(None, max_length=100, description="Only this category.")
     freq_min: float | None = Field(None, ge=0, le=1, description="Minimum activation frequency (0–1).")
     freq_max: float | None = Field(None, ge=0, le=1, description="Maximum activation frequency (0–1).")
     in_set: bool = Field(False, description="Only members of the run's hesitation feature set.")
-    q: str | None = Field(None, max_length=100, description="A token in the logit lens or top examples.")
-    sort: Sort = Field("layer", description="layer (ascending) or frequency / max_act (descending).")
+    promotes: str | None = Field(None, max_length=100, description="A token in the feature's logit-lens top 10 "
+                                 "(e.g. Wait: every variant; #123: one id).")
+    fires_on: str | None = Field(None, max_length=100, description="A token where the feature's top examples fire.")
+    sort: Sort | None = Field(None, description="layer (ascending), frequency / max_act (descending), or strength "
+                              "(with a token filter: strongest first; its default).")
     after: str | None = Field(None, max_length=100, description="Keyset cursor: the previous page's next.")
     limit: int = Field(50, ge=1, le=500)
 
-    @field_validator("category", "q", "after", mode="before")
+    @field_validator("category", "promotes", "fires_on", "after", "layer", "freq_min", "freq_max", "sort",
+                     mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
-        return None if isinstance(v, str) and not v.strip() else v
-
-    @field_validator("layer", "freq_min", "freq_max", mode="before")
-    @classmethod
-    def _blank_number_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
 
     @model_validator(mode="after")
     def _range(self) -> FeatureQuery:
         if self.freq_min is not None and self.freq_max is not None and self.freq_min > self.freq_max:
             raise ValueError(f"freq_min ({self.freq_min}) is greater than freq_max ({self.freq_max})")
+        if self.sort == "strength" and not self.token_filter:
+            raise ValueError("sort=strength orders by a token filter's strength: give promotes or fires_on")
         return self
+
+    @property
+    def token_filter(self) -> str | None:
+        """The token filter that orders ``strength``: promotes first, else fires_on."""
+        return "promotes" if self.promotes else "fires_on" if self.fires_on else None
+
+    @property
+    def effective_sort(self) -> Sort:
+        return self.sort or ("strength" if self.token_filter else "layer")
 
     def params(self, **changes: Any) -> dict[str, Any]:
         """URL parameters for this query with ``changes`` applied (defaults and blanks left out)."""
@@ -76,17 +87,19 @@ class FeatureRow(BaseModel):
     role: str | None = Field(None, description="Role in the hesitation set (output, template …), if a member.")
     in_set: bool = False
     top_token: str | None = Field(None, description="Top logit-lens token.")
+    strength: float | None = Field(None, description="With a token filter: the lens value or the activation.")
 
 
 class FeatureListPage(BaseModel):
     run: RunRef
     query: FeatureQuery
+    sort: Sort = Field(description="The sort in effect.")
     rows: list[FeatureRow]
     next: str | None = Field(None, description="Cursor for the next page (pass as after=).")
     layers: list[int]
     categories: list[str]
     hesitation_set: str | None
-    search_ids: list[int] | None = Field(None, description="Token ids the search q expanded to.")
+    search_ids: dict[str, list[int]] = Field({}, description="Token ids each token filter expanded to.")
     total: int | None = Field(None, description="Features in the run (unfiltered).")
 
 
@@ -96,46 +109,40 @@ def _cursor_values(sort: Sort, after: str) -> tuple[float | None, int, int]:
         if sort == "layer":
             if len(parts) != 2:
                 raise ValueError
-            return None, int(parts[0]), int(parts[1])
+            return None, _int32(parts[0]), _int32(parts[1])
         if len(parts) != 3:
             raise ValueError
-        return float(parts[0]), int(parts[1]), int(parts[2])
+        value = float(parts[0])
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError
+        return value, _int32(parts[1]), _int32(parts[2])
     except ValueError:
-        raise BadInput(f"after={after!r} is not a cursor for sort={sort!r}; follow the 'next' link instead") from None
+        raise BadInput(f"after={after[:40]!r} is not a cursor for sort={sort!r}; follow the 'next' link instead") from None
+
+
+def _int32(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**31:
+        raise ValueError
+    return value
 
 
 def _cursor(sort: Sort, row: FeatureRow) -> str:
     if sort == "layer":
         return f"{row.layer}:{row.index}"
-    value = row.frequency if sort == "frequency" else row.max_act
+    value = {"frequency": row.frequency, "max_act": row.max_act, "strength": row.strength}[sort]
     return f"{value!r}:{row.layer}:{row.index}"
 
 
-def _focus_token(session: Session) -> Any:
-    """The token id at an example's focus position, as an integer expression on either backend."""
-    if session.get_bind().dialect.name == "postgresql":
-        return cast(Example.token_ids.op("->>")(Example.focus), Integer)
-    return cast(func.json_extract(Example.token_ids, "$[" + cast(Example.focus, Text) + "]"), Integer)
-
-
-def _search_condition(session: Session, run_id: int, ids: list[int]) -> Any:
-    if not ids:
-        return false()
-    if session.get_bind().dialect.name == "postgresql":
-        # JSONB containment: an entry [id, text, value] contains [id]; no text rendering of the document.
-        lens = or_(*(Feature.logit_lens.op("@>")(cast({part: [[i]]}, JSONB)) for i in ids for part in ("top", "bottom")))
-    else:
-        # Entries [id, text, value] print as "[id, ..." and ids are the only numbers that follow a "[".
-        lens = or_(*(cast(Feature.logit_lens, Text).like(f"%[{i}, %") for i in ids))
-    # A correlated scalar subquery rather than EXISTS: Postgres would hash an EXISTS here, i.e. scan every
-    # example of the run before returning the first page; this stays a few index lookups per feature.
-    in_examples = (
-        select(literal(1)).where(
-            Example.run_id == run_id, Example.layer == Feature.layer, Example.index == Feature.index,
-            Example.kind == "top", Example.rank < SEARCH_TOP_EXAMPLES, _focus_token(session).in_(ids),
-        ).limit(1).scalar_subquery().is_not(None)
+def _token_matches(session: Session, run_id: int, relation: str, ids: list[int]) -> Any:
+    """(layer, index, strength) of the features related to any of ``ids``: one subquery per filter."""
+    ft = FeatureToken.__table__
+    return (
+        select(ft.c.layer, ft.c.index, func.max(ft.c.value).label("strength"))
+        .where(ft.c.run_id == run_id, ft.c.relation == relation, ft.c.token_id.in_(ids or [-1]))
+        .group_by(ft.c.layer, ft.c.index)
+        .subquery(relation)
     )
-    return or_(lens, in_examples)
 
 
 MAX_CATEGORIES = 100  # distinct categories offered in the filter
@@ -161,6 +168,7 @@ def distinct_categories(session: Session, run_id: int) -> list[str]:
 def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> FeatureListPage:
     run = get_run(session, run_key)
     hset = hesitation_set(session, run.id)
+    sort = query.effective_sort
     cond: list[Any] = [Feature.run_id == run.id]
     if query.layer is not None:
         cond.append(Feature.layer == query.layer)
@@ -172,11 +180,14 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
         cond.append(Feature.frequency <= query.freq_max)
     if query.in_set and hset is None:
         cond.append(false())
-    search_ids: list[int] | None = None
-    if query.q is not None:
-        q = query.q
-        search_ids = [int(q[1:])] if q.startswith("#") and q[1:].isdigit() else run_vocab(session, run).ids_matching(q, MAX_QUERY_IDS)
-        cond.append(_search_condition(session, run.id, search_ids))
+    search_ids: dict[str, list[int]] = {}
+    matches: dict[str, Any] = {}
+    vocab = run_vocab(session, run)
+    for relation in TOKEN_FILTERS:
+        q = getattr(query, relation)
+        if q is not None:
+            search_ids[relation] = vocab.ids_matching(q, MAX_QUERY_IDS)
+            matches[relation] = _token_matches(session, run.id, relation, search_ids[relation])
 
     # Keyset conditions are written so that their first conjunct is a plain index range (both SQLite
     # and Postgres plan it as one); the rest breaks ties exactly. Row-value comparisons read better but
@@ -187,43 +198,73 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
     on = and_(member.c.set_id == (hset.id if hset else -1), member.c.layer == Feature.layer,
               member.c.index == Feature.index)
     layer_col, index_col = (member.c.layer, member.c.index) if query.in_set else (Feature.layer, Feature.index)
-    if query.sort == "layer":
+    strength = matches[query.token_filter].c.strength if query.token_filter else None
+    if sort == "layer":
         order = [layer_col, index_col]
         if query.after:
             _, layer, index = _cursor_values("layer", query.after)
             cond.append(and_(layer_col >= layer, or_(layer_col > layer, index_col > index)))
     else:
-        col = Feature.frequency if query.sort == "frequency" else Feature.max_act
+        col = {"frequency": Feature.frequency, "max_act": Feature.max_act, "strength": strength}[sort]
         order = [col.desc(), Feature.layer.desc(), Feature.index.desc()]
         if query.after:
-            value, layer, index = _cursor_values(query.sort, query.after)
+            value, layer, index = _cursor_values(sort, query.after)
             v = cast(value, Float)
             cond.append(and_(col <= v, or_(col < v, Feature.layer < layer,
                                            and_(Feature.layer == layer, Feature.index < index))))
 
-    stmt = (
-        select(Feature.layer, Feature.index, Feature.frequency, Feature.max_act, Feature.category, Feature.label,
-               Feature.logit_lens, member.c.set_id.label("member_of"), member.c.role)
-        .join(member, on, isouter=not query.in_set)
-        .where(*cond).order_by(*order).limit(query.limit + 1)
-    )
+    stmt = select(Feature.layer, Feature.index, Feature.frequency, Feature.max_act, Feature.category, Feature.label,
+                  Feature.logit_lens, member.c.set_id.label("member_of"), member.c.role,
+                  (strength if strength is not None else null()).label("strength"))
+    for sub in matches.values():
+        stmt = stmt.join(sub, and_(sub.c.layer == Feature.layer, sub.c.index == Feature.index))
+    stmt = stmt.join(member, on, isouter=not query.in_set).where(*cond).order_by(*order).limit(query.limit + 1)
     raw = session.execute(stmt).all()
     more = len(raw) > query.limit
     raw = raw[: query.limit]
-    vocab = run_vocab(session, run) if raw else None
     rows = []
     for r in raw:
         rows.append(FeatureRow(
             layer=r.layer, index=r.index, frequency=r.frequency, max_act=r.max_act, category=r.category,
             label=r.label, role=r.role, in_set=r.member_of is not None,
-            top_token=top_token(r.logit_lens, vocab),
+            top_token=top_token(r.logit_lens, vocab), strength=r.strength,
         ))
     layers = list(range(run.n_layers)) if run.n_layers else [
         x for (x,) in session.execute(select(Feature.layer).where(Feature.run_id == run.id).distinct().order_by(Feature.layer))
     ]
     categories = distinct_categories(session, run.id)
     return FeatureListPage(
-        run=run_ref(run), query=query, rows=rows, next=_cursor(query.sort, rows[-1]) if more and rows else None,
+        run=run_ref(run), query=query, sort=sort, rows=rows, next=_cursor(sort, rows[-1]) if more and rows else None,
         layers=layers, categories=categories, hesitation_set=hset.name if hset else None, search_ids=search_ids,
         total=run.n_features * run.n_layers if run.n_features and run.n_layers else None,
     )
+
+
+CSV_PAGE = 500  # features per query while streaming a CSV export
+CSV_COLUMNS = ("layer", "index", "frequency", "max_act", "strength", "category", "label", "role", "top_token")
+
+
+def features_csv_lines(make_session: Callable[[], Session], run_key: str | int, query: FeatureQuery,
+                       first: FeatureListPage) -> Iterator[str]:
+    """CSV text of every feature the query matches, page by page along the keyset (``first`` = page one).
+
+    Streams after the request's own session has closed, so it reads through a session of its own.
+    """
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(CSV_COLUMNS)
+    page = first
+    while True:
+        for r in page.rows:
+            writer.writerow([r.layer, r.index, r.frequency, r.max_act, "" if r.strength is None else r.strength,
+                             r.category or "", r.label or "", r.role or "", r.top_token or ""])
+        yield buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+        if not page.next:
+            return
+        with make_session() as session:
+            page = feature_list(session, run_key, query.model_copy(update={"after": page.next, "limit": CSV_PAGE}))

@@ -71,6 +71,7 @@ class GraphPage(BaseModel):
     prompt_id: int | None
     prompt_tokens: list[Tok]
     position: int | None = Field(description="The position whose next token the graph explains.")
+    target_token_id: int | None = None
     target_token: str | None
     params: dict[str, Any]
     scores: dict[str, Any]
@@ -181,7 +182,7 @@ def graph_page(session: Session, run_key: str | int, graph_id: int) -> GraphPage
     return GraphPage(
         run=run_ref(run), id=g.id, slug=g.slug, prompt=g.prompt, prompt_id=g.prompt_id,
         prompt_tokens=_prompt_tokens(session, g, run),
-        position=g.position, target_token=g.target_token_str, params=g.params or {}, scores=g.scores or {},
+        position=g.position, target_token_id=g.target_token_id, target_token=g.target_token_str, params=g.params or {}, scores=g.scores or {},
         nodes=nodes, links=links, output_features=by_role["output"], template_features=by_role["template"],
         other_features=by_role["other"], max_abs_weight=max((abs(e.weight) for e in links), default=0.0),
     )

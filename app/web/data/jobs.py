@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
@@ -25,7 +25,11 @@ class JobView(BaseModel):
     run_id: int | None
     depends_on: int | None
     progress: dict[str, Any] | None
+    step: float | None = Field(None, description="Steps done (progress.done).")
+    total: float | None = Field(None, description="Steps in all, when the job knows its length.")
     percent: float | None
+    elapsed_s: float | None = Field(None, description="Seconds since the job started (running) or its run time.")
+    eta_s: float | None = Field(None, description="Seconds left at the rate so far (running jobs with a total).")
     error: str | None
     error_line: str | None
     locked_by: str | None
@@ -53,18 +57,29 @@ class JobsPage(BaseModel):
     workers: list[WorkerView]
 
 
-def job_view(j: Job) -> JobView:
+def job_view(j: Job, now: datetime | None = None) -> JobView:
     status = j.status.value if hasattr(j.status, "value") else str(j.status)
     p = j.progress or {}
-    done, total = p.get("done"), p.get("total")
-    percent = (100.0 * float(done) / float(total)) if isinstance(done, int | float) and isinstance(total, int | float) and total else None
+    done = p.get("done") if isinstance(p.get("done"), int | float) else None
+    total = p.get("total") if isinstance(p.get("total"), int | float) and p.get("total") else None
+    percent = min(100.0, 100.0 * float(done) / float(total)) if done is not None and total else None
+    if status == "succeeded" and total:
+        percent = 100.0
+    now = now or utcnow()
+    elapsed = eta = None
+    if j.started is not None:
+        end = j.finished if j.finished is not None and status not in ("running", "todo") else now
+        elapsed = max(0.0, (end - j.started).total_seconds())
+    if status == "running" and elapsed is not None and done and total and done < total:
+        eta = elapsed * (float(total) - float(done)) / float(done)  # the rate so far, start-up included
     error_line = None
     if j.error:
         lines = [ln for ln in j.error.strip().splitlines() if ln.strip()]
         error_line = lines[-1] if lines else None
     return JobView(
         id=j.id, kind=j.kind, status=status, priority=j.priority, attempts=j.attempts, max_attempts=j.max_attempts,
-        run_id=j.run_id, depends_on=j.depends_on, progress=j.progress, percent=percent, error=j.error,
+        run_id=j.run_id, depends_on=j.depends_on, progress=j.progress, step=done, total=total, percent=percent,
+        elapsed_s=elapsed, eta_s=eta, error=j.error,
         error_line=error_line, locked_by=j.locked_by, created=j.created, started=j.started, finished=j.finished,
         can_retry=status in ("failed", "cancelled"), can_cancel=status in ("todo", "running"),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -21,10 +21,12 @@ from app.db.schema import (
     RunMetric,
 )
 from app.web.data.common import RunRef, as_float, get_run, run_ref
+from app.web.data.sets import StudyCard, study_card
 
 MODEL_ORDER = ("base", "hybrid", "adapted", "target")
 COUNT_CAP = 10_000  # features counted row by row on the overview before the run's geometry is used
 MAX_CURVE_POINTS = 2000  # per series; longer runs are thinned evenly so a page stays light
+NOT_CURVES = {"step", "epoch", "tokens"}  # bookkeeping counters: as a curve against step they say nothing
 
 
 class ModelRow(BaseModel):
@@ -83,6 +85,7 @@ class RunPage(BaseModel):
     ablations: list[LinkItem]
     experiments: list[LinkItem]
     jobs: list[LinkItem]
+    study: StudyCard | None = Field(None, description="The hesitation study's finding and its top features.")
 
 
 class IndexPage(BaseModel):
@@ -148,7 +151,7 @@ def _curves(session: Session, run_id: int) -> Curves | None:
     for _, metrics in rows:
         point: dict[str, float] = {}
         for key, value in (metrics or {}).items():
-            if isinstance(value, bool):
+            if isinstance(value, bool) or key in NOT_CURVES:
                 continue
             if isinstance(value, int | float):
                 point[key] = float(value)
@@ -186,21 +189,47 @@ def run_page(session: Session, run_key: str | int) -> RunPage:
     ]
     ablations = [ablation_item(a) for a in session.scalars(
         select(Ablation).where(Ablation.run_id == rid).order_by(Ablation.id.desc()).limit(20))]
-    experiments = [
-        LinkItem(id=e.id, title=e.name, status=e.status, created=e.created)
-        for e in session.scalars(select(Experiment).where(Experiment.run_id == rid).order_by(Experiment.id.desc()).limit(20))
-    ]
-    jobs = [
-        LinkItem(id=j.id, title=j.kind, status=str(j.status.value if hasattr(j.status, "value") else j.status),
-                 detail=(j.progress or {}).get("message"), created=j.created)
-        for j in session.scalars(select(Job).where(Job.run_id == rid).order_by(Job.id.desc()).limit(20))
-    ]
+    experiments = experiment_items(session, rid, limit=20)
+    jobs = [_job_item(j) for j in session.scalars(select(Job).where(Job.run_id == rid).order_by(Job.id.desc()).limit(20))]
     return RunPage(
         run=run_ref(run), runs=list_runs(session), config=run.config or {}, n_layers=run.n_layers,
         n_features=run.n_features, d_model=run.d_model, checkpoint=run.checkpoint,
         evaluation=_evaluation(run.evaluation), curves=_curves(session, rid), n_collected=n_collected,
         graphs=graphs, feature_sets=sets, ablations=ablations, experiments=experiments, jobs=jobs,
+        study=study_card(session, run),
     )
+
+
+def _job_item(j: Job) -> LinkItem:
+    from app.web.data.jobs import job_view
+    from app.web.templating import duration
+
+    v = job_view(j)
+    when = f"{duration(v.elapsed_s)}" if v.elapsed_s is not None else None
+    bits = [b for b in (f"{v.percent:.0f}%" if v.percent is not None and v.status == "running" else None, when,
+                        (j.progress or {}).get("message") if v.status == "running" else None) if b]
+    return LinkItem(id=j.id, title=j.kind, status=v.status, detail=" · ".join(bits) or None, created=j.created)
+
+
+def experiment_items(session: Session, run_id: int, limit: int = 200) -> list[LinkItem]:
+    """A run's experiments, newest first."""
+    return [
+        LinkItem(id=e.id, title=e.name, status=e.status, created=e.created,
+                 detail=_experiment_detail(e.summary))
+        for e in session.scalars(select(Experiment).where(Experiment.run_id == run_id)
+                                 .order_by(Experiment.id.desc()).limit(limit))
+    ]
+
+
+def _experiment_detail(summary: dict[str, Any] | None) -> str | None:
+    cond = (summary or {}).get("conditions") if isinstance(summary, dict) else None
+    if not isinstance(cond, dict) or "unablated" not in cond:
+        return None
+    parts = []
+    for name, c in cond.items():
+        if isinstance(c, dict) and isinstance(c.get("hesitation_rate"), int | float):
+            parts.append(f"{name}: {100 * c['hesitation_rate']:.0f}% hesitate")
+    return f"{summary.get('n_prompts', '?')} prompts · " + ", ".join(parts) if parts else None
 
 
 def ablation_item(a: Ablation) -> LinkItem:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from app.web.data.feature import FeaturePage, feature_page
-from app.web.data.features import FeatureListPage, FeatureQuery, feature_list
+from app.web.data.features import CSV_PAGE, FeatureListPage, FeatureQuery, feature_list, features_csv_lines
 from app.web.deps import SessionDep
-from app.web.render import default_prompt, render
+from app.web.render import ablate_limit, example_source, graph_prompt_source, render
 
 router = APIRouter(tags=["features"])
 
@@ -21,7 +22,22 @@ Index = Annotated[int, Path(ge=0, le=100_000_000, description="Index of the feat
 @router.get("/runs/{run}/features", include_in_schema=False, name="features_page")
 def features_html(request: Request, run: str, session: SessionDep,
                   query: Annotated[FeatureQuery, Query()]) -> Response:
-    return render(request, "features.html", feature_list(session, run, query))
+    """The index; an htmx request (a filter change, the pager) gets only the results part."""
+    page = feature_list(session, run, query)
+    partial = request.headers.get("HX-Request") and request.headers.get("HX-Target") == "feature-results"
+    return render(request, "_feature_results.html" if partial else "features.html", page)
+
+
+@router.get("/api/runs/{run}/features.csv", name="api_features_csv", response_class=StreamingResponse,
+            summary="Every feature matching the index's filters, as CSV (all pages)",
+            responses={200: {"content": {"text/csv": {}}, "description": "One row per feature."}})
+def features_csv(request: Request, run: str, session: SessionDep,
+                 query: Annotated[FeatureQuery, Query()]) -> StreamingResponse:
+    first = feature_list(session, run, query.model_copy(update={"after": None, "limit": CSV_PAGE}))
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", first.run.name) or "run"
+    lines = features_csv_lines(request.app.state.sessionmaker, run, query, first)
+    return StreamingResponse(lines, media_type="text/csv",
+                             headers={"Content-Disposition": f'attachment; filename="{name}-features.csv"'})
 
 
 @router.get("/api/runs/{run}/features", response_model=FeatureListPage, name="api_features",
@@ -33,7 +49,11 @@ def features_api(run: str, session: SessionDep, query: Annotated[FeatureQuery, Q
 @router.get("/runs/{run}/features/{layer}/{index}", include_in_schema=False, name="feature_page")
 def feature_html(request: Request, run: str, layer: Layer, index: Index, session: SessionDep) -> Response:
     page = feature_page(session, run, layer, index)
-    return render(request, "feature.html", page, ablate_prompt=default_prompt(session, page.run.id))
+    top = page.examples.get("top") or []
+    sources = [example_source(top[0])] if top else []
+    graph = graph_prompt_source(session, page.run.id)
+    return render(request, "feature.html", page, sources=sources + ([graph] if graph else []),
+                  limit=ablate_limit(request))
 
 
 @router.get("/api/runs/{run}/features/{layer}/{index}", response_model=FeaturePage, name="api_feature",

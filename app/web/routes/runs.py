@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import RedirectResponse, Response
 
 from app.web.data.runs import IndexPage, RunPage, index_page, run_page
+from app.web.data.sets import SetPage, set_page
 from app.web.deps import SessionDep
-from app.web.render import render
+from app.web.render import ablate_limit, render
 
 router = APIRouter(tags=["runs"])
+
+SetId = Annotated[int, Path(ge=1, description="Feature set id.")]
 
 
 @router.get("/", include_in_schema=False, name="index")
@@ -28,9 +33,20 @@ def api_index(session: SessionDep) -> IndexPage:
 
 @router.get("/runs/{run}", include_in_schema=False, name="run_page")
 def run_html(request: Request, run: str, session: SessionDep) -> Response:
-    return render(request, "run.html", run_page(session, run))
+    return render(request, "run.html", run_page(session, run), limit=ablate_limit(request))
 
 
 @router.get("/api/runs/{run}", response_model=RunPage, name="api_run", summary="A run's overview")
 def run_api(run: str, session: SessionDep) -> RunPage:
     return run_page(session, run)
+
+
+@router.get("/runs/{run}/sets/{set_id}", include_in_schema=False, name="feature_set_page")
+def set_html(request: Request, run: str, set_id: SetId, session: SessionDep) -> Response:
+    return render(request, "feature_set.html", set_page(session, run, set_id), limit=ablate_limit(request))
+
+
+@router.get("/api/runs/{run}/sets/{set_id}", response_model=SetPage, name="api_feature_set",
+            summary="A feature set: its members with roles and the study that chose it")
+def set_api(run: str, set_id: SetId, session: SessionDep) -> SetPage:
+    return set_page(session, run, set_id)
