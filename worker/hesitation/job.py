@@ -371,9 +371,9 @@ def hesitation_job(ctx: JobContext) -> dict:
         source = "texts (the target's generations held none)"
         traces = text_traces(run, tokenizer, len(pool))
         sites = collect_sites(traces, counter)
-    if not sites:
-        raise ValueError(f"no hesitation ({', '.join(words)}) in {len(traces)} {p.traces} traces: check the run's "
-                         "hesitation words (--hesitation-words) and its chat format")
+    if not sites:  # the job still ends: its set says so (a run can be studied again with other words)
+        log.warning("no hesitation (%s) in %d %s traces: check the run's hesitation words (--hesitation-words) and "
+                    "its chat format", ", ".join(words), len(traces), source)
     chosen_sites = sample_sites(sites, p.n_graphs, p.seed) if sites else []
     timings["traces_s"] = time.perf_counter() - t
     log.info("%d hesitation sites in %d traces; %d sampled", len(sites), len(traces), len(chosen_sites))
@@ -470,7 +470,8 @@ def hesitation_job(ctx: JobContext) -> dict:
     members = [{"layer": key[0], "index": key[1], "role": by_key[key].role, "score": scores[key]}
                for key in choice.features]
     description = describe(len(choice.features), n_total, roles, report) if choice.features else (
-        f"no hesitation features: {len(sites)} hesitation sites found in {len(traces)} {source} traces")
+        f"no hesitation features: {len(sites)} hesitation sites ({', '.join(words)}) found in {len(traces)} "
+        f"{source} traces")
     timings["total_s"] = time.perf_counter() - t_start
     recurring = [f for f in features if f.n_graphs >= max(rules.min_graphs,
                                                           math.ceil(rules.min_graph_fraction * len(evidence)))]
