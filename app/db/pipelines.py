@@ -147,7 +147,9 @@ def check_request_paths(req: PipelineRequest, settings: Settings) -> PipelineReq
     updates: dict[str, Any] = {}
     for key, what in (("base", "base model"), ("target", "target model")):
         spec = getattr(req, key)
-        if looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
+        raw = Path(spec).expanduser()
+        on_disk = (raw if raw.is_absolute() else settings.resolved_data_dir / raw).exists()
+        if _HUB_ID.match(spec) and not on_disk:  # org/name that is no directory under the data directory
             if not _model_allowed(spec, settings):
                 raise PipelineRequestError(
                     f"{what} {spec!r} is a Hugging Face id not in the allowed models (ADAPTERLENS_API_ALLOWED_MODELS)",

@@ -36,7 +36,7 @@ def client(db_url: str, tmp_path: Path):
 
 def test_a_pair_under_the_data_directory_is_queued(client) -> None:
     c, engine, tmp = client
-    body = _pair(tmp / "data" / "pair") | {"prompts": "pair/prompts.jsonl", "name": "mine",  # relative: data dir
+    body = _pair(tmp / "data" / "pair") | {"prompts": "pair/prompts.jsonl", "name": "mine", "base": "pair/base",
                                            "hesitation_words": ["Wait", "Hmm,"], "overrides": ["max_steps=5"]}
     r = c.post("/api/pipelines", json=body)
     assert r.status_code == 201, r.text
@@ -46,6 +46,7 @@ def test_a_pair_under_the_data_directory_is_queued(client) -> None:
         run = s.get(Run, out["run_id"])
         jobs = s.scalars(select(Job).where(Job.run_id == run.id).order_by(Job.id)).all()
     assert run.name == "mine" and run.config["hesitation_words"] == ["Wait", "Hmm"]
+    assert run.base_model == str((tmp / "data" / "pair" / "base").resolve())  # relative paths: the data directory
     assert run.config["train"]["max_steps"] == 5 and run.config["preset"] == "organism"
     assert run.config["data"]["prompts_path"] == str((tmp / "data" / "pair" / "prompts.jsonl").resolve())
     assert [j.kind for j in jobs] == ["train", "evaluate", "collect", "hesitation"]
