@@ -50,6 +50,21 @@ def _settings() -> Settings:
     return Settings()
 
 
+_migrated: set[str] = set()  # database URLs this process has brought to the current schema
+
+
+def _ready_db(settings: Settings | None = None) -> Settings:
+    """Settings whose database is migrated: once per process and URL, under app.db.migrate's lock (two
+    processes starting together on a new data directory migrate it once)."""
+    from app.db.migrate import upgrade
+
+    settings = settings or _settings()
+    if settings.db_url not in _migrated:
+        upgrade(settings.db_url)
+        _migrated.add(settings.db_url)
+    return settings
+
+
 def _fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg="red")
     return typer.Exit(2)
@@ -57,11 +72,9 @@ def _fail(message: str) -> typer.Exit:
 
 def _inline(kind: str, payload: dict):
     """Run a job kind's handler in the foreground (same code as the worker), after migrating the store."""
-    from app.db.migrate import upgrade
     from worker.loop import run_inline
 
-    settings = _settings()
-    upgrade(settings.db_url)
+    settings = _ready_db()
     try:
         return run_inline(settings, kind, payload, handler_modules=["worker.pipeline", *_extra_handler_modules()])
     except (ValueError, LookupError, FileNotFoundError) as exc:
@@ -76,34 +89,69 @@ def _extra_handler_modules() -> list[str]:
     return [n for n in names if importlib.util.find_spec(n) is not None]
 
 
+def _words(text: str | None) -> list[str] | None:
+    """``--hesitation-words "Wait, Hmm"`` → a checked list (None: the default words)."""
+    from training.hesitation import HesitationWordsError, normalize_words
+
+    if text is None:
+        return None
+    try:
+        return list(normalize_words(text))
+    except HesitationWordsError as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _pair_request(base: str, target: str, data: Path | None, *, name: str | None, preset: str, overrides: list[str],
+                  prompts: Path | None = None, eval_data: Path | None = None, hesitation_words: str | None = None,
+                  chat_format: str | None = None, **extra):
+    """The request describing a user's pair (app.db.pipelines), with a clear error for a bad option."""
+    from app.db.pipelines import PipelineRequestError, parse_request
+
+    if data is None:
+        raise _fail("training real models needs --data (a JSONL file with a 'text' field)")
+    for flag, path in (("--data", data), ("--prompts", prompts), ("--eval-data", eval_data)):
+        if path is not None and not path.is_file():
+            raise _fail(f"{flag}: no file at {path}")
+    fields = {"base": base, "target": target, "data": str(data), "name": name, "preset": preset, "overrides": overrides,
+              "prompts": str(prompts) if prompts else None, "eval_data": str(eval_data) if eval_data else None,
+              "hesitation_words": _words(hesitation_words), "chat_format": chat_format, **extra}
+    try:
+        return parse_request({k: v for k, v in fields.items() if v is not None})
+    except PipelineRequestError as exc:
+        raise _fail(str(exc)) from exc
+
+
 def _create_run(name: str | None, base: str | None, target: str | None, preset: str, organism_preset: str,
-                seed: int, config: Path | None, overrides: list[str], data: Path | None) -> int:
-    """Create (or find) the run row that the train/evaluate/collect handlers work on."""
+                seed: int, config: Path | None, overrides: list[str], data: Path | None, **pair) -> int:
+    """Create (or find) the run row that the train/evaluate/collect handlers work on (migrating a new store)."""
+    from app.db.pipelines import PipelineRequestError, create_run
     from app.db.session import make_engine, make_sessionmaker
     from training.config import load_train_config, train_config_to_dict
     from worker.demo import ensure_run, organism_run_name, organism_spec
 
-    try:
-        cfg = load_train_config(config, preset_name=preset, overrides=overrides)
-    except ValueError as exc:
-        raise _fail(str(exc)) from exc
     if (base is None) != (target is None):
         raise _fail("give both --base and --target, or neither (the organism)")
-    if base is None:
-        spec = organism_spec(organism_preset, seed)
-        base = target = spec
-        data_cfg = {"kind": "organism"}
-        name = name or organism_run_name(organism_preset, seed, preset)
-    else:
-        if data is None:
-            raise _fail("training real models needs --data (a JSONL file with a 'text' field)")
-        data_cfg = {"kind": "jsonl", "path": str(data.resolve())}
-        name = name or f"{Path(target).name}-{preset}"
-    engine = make_engine(_settings())
+    settings = _ready_db()
+    engine = make_engine(settings)
     try:
         with make_sessionmaker(engine)() as s, s.begin():
-            return ensure_run(s, name=name, base_model=base, target_model=target,
-                              config={"train": train_config_to_dict(cfg), "data": data_cfg, "preset": preset})
+            if base is not None:
+                req = _pair_request(base, target, data, name=name, preset=preset, overrides=overrides, **pair)
+                try:
+                    return create_run(s, req, config_file=config)
+                except PipelineRequestError as exc:
+                    raise _fail(str(exc)) from exc
+            try:
+                cfg = load_train_config(config, preset_name=preset, overrides=overrides)
+            except ValueError as exc:
+                raise _fail(str(exc)) from exc
+            spec = organism_spec(organism_preset, seed)
+            config_dict = {"train": train_config_to_dict(cfg), "data": {"kind": "organism"}, "preset": preset}
+            words = _words(pair.get("hesitation_words"))
+            if words:
+                config_dict["hesitation_words"] = words
+            return ensure_run(s, name=name or organism_run_name(organism_preset, seed, preset), base_model=spec,
+                              target_model=spec, config=config_dict)
     finally:
         engine.dispose()
 
@@ -112,12 +160,10 @@ def _run_id(run: str | None) -> int:
     """A run by name or id (default: the latest)."""
     from sqlalchemy import select
 
-    from app.db.migrate import upgrade
     from app.db.schema import Run
     from app.db.session import make_engine, make_sessionmaker
 
-    settings = _settings()
-    upgrade(settings.db_url)
+    settings = _ready_db()
     engine = make_engine(settings)
     try:
         with make_sessionmaker(engine)() as s:
@@ -161,11 +207,20 @@ def train(
     fresh: Annotated[bool, typer.Option(help="Start over instead of resuming the run's checkpoint.")] = False,
     nproc: Annotated[int | None, typer.Option(min=1, help="Data-parallel processes, one per GPU (torchrun); "
                                               "default ADAPTERLENS_TRAIN_NPROC or 1.")] = None,
+    eval_data: Annotated[Path | None, typer.Option(help="JSONL of held-out texts (default: 10% of --data is held out "
+                                                        "and never trained on).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="JSONL {prompt, answer?}: the run's evaluation prompts.")] = None,
+    hesitation_words: Annotated[str | None, typer.Option(help="The run's hesitation words, comma-separated "
+                                                              "(default: Wait, wait, Hmm, Actually, But).")] = None,
+    chat_format: Annotated[str | None, typer.Option(help="Prompt template with one {prompt} (default: the "
+                                                         "tokenizer's chat template).")] = None,
 ) -> None:
     """Train transcoder adapters so that the adapter model matches the target."""
     if base is None:
         _inline("organism", {"preset": organism_preset, "seed": seed})
-    run_id = _create_run(run, base, target, preset, organism_preset, seed, config, set_ or [], data)
+    run_id = _create_run(run, base, target, preset, organism_preset, seed, config, set_ or [], data,
+                         prompts=prompts, eval_data=eval_data, hesitation_words=hesitation_words,
+                         chat_format=chat_format)
     out = _inline("train", {"run_id": run_id, "resume": not fresh, "nproc": nproc})
     typer.echo(json.dumps({k: v for k, v in out.items() if k != "final"}, indent=1))
 
@@ -173,12 +228,19 @@ def train(
 @app.command()
 def evaluate(
     run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
-    n_prompts: Annotated[int, typer.Option(help="Held-out prompts.")] = 300,
-    prompts: Annotated[Path | None, typer.Option(help="JSONL {prompt, answer} for real models.")] = None,
+    n_prompts: Annotated[int, typer.Option(help="Held-out prompts generated from.")] = 300,
+    n_texts: Annotated[int, typer.Option(help="Held-out texts KL and NMSE are measured on.")] = 300,
+    prompts: Annotated[Path | None, typer.Option(help="JSONL {prompt, answer?} (default: the run's prompts, else "
+                                                      "the prompts of its held-out texts).")] = None,
+    eval_data: Annotated[Path | None, typer.Option(help="JSONL of held-out texts (default: the run's held-out "
+                                                        "split).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 96,
 ) -> None:
-    """Compare base / hybrid / adapted / target: KL, NMSE, hesitation, length, accuracy, L0."""
-    out = _inline("evaluate", {"run_id": _run_id(run), "n_prompts": n_prompts,
-                               "prompts_path": str(prompts) if prompts else None})
+    """Compare base / hybrid / adapted / target: KL, gap closed and NMSE on held-out texts; hesitation, length
+    and accuracy on generations."""
+    out = _inline("evaluate", {"run_id": _run_id(run), "n_prompts": n_prompts, "n_texts": n_texts,
+                               "max_new_tokens": max_new_tokens, "prompts_path": str(prompts) if prompts else None,
+                               "eval_path": str(eval_data) if eval_data else None})
     typer.echo(out["table"])
 
 
@@ -186,7 +248,8 @@ def evaluate(
 def collect_cmd(
     run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
     n_prompts: Annotated[int, typer.Option(help="Organism: held-out prompts whose target responses form the corpus.")] = 600,
-    corpus: Annotated[Path | None, typer.Option(help="JSONL with a 'text' field (real models).")] = None,
+    corpus: Annotated[Path | None, typer.Option(help="JSONL with a 'text' field (default: the run's own texts; "
+                                                     "the organism: the target's responses).")] = None,
     top_k: Annotated[int, typer.Option(help="Top-activating examples kept per feature.")] = 20,
 ) -> None:
     """Collect every feature's statistics and examples into the store."""
@@ -261,9 +324,15 @@ def hesitation(
     run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
     n_graphs: Annotated[int, typer.Option(help="Graphs at sampled hesitation sites.")] = 24,
     mode: Annotated[str, typer.Option(help="relp or frozen-mlp.")] = "relp",
+    hesitation_words: Annotated[str | None, typer.Option(help="Words, comma-separated (default: the run's).")] = None,
+    traces: Annotated[str, typer.Option(help="Sites in: generated (the target's), adapted, reference (organism) or "
+                                             "texts (the run's own).")] = "generated",
+    prompts: Annotated[Path | None, typer.Option(help="JSONL {prompt, answer?} (default: the run's).")] = None,
 ) -> None:
     """The hesitation study: graphs at hesitation tokens, the features behind them, a named feature set."""
-    out = _inline("hesitation", {"run_id": _run_id(run), "n_graphs": n_graphs, "mode": mode})
+    payload = {"run_id": _run_id(run), "n_graphs": n_graphs, "mode": mode, "traces": traces,
+               "hesitation_words": _words(hesitation_words), "prompts_path": str(prompts) if prompts else None}
+    out = _inline("hesitation", {k: v for k, v in payload.items() if v is not None})
     typer.echo(json.dumps(out, indent=1, default=str))
 
 
@@ -319,21 +388,83 @@ def experiment(
 
 @app.command()
 def pipeline(
-    organism_preset: Annotated[str, typer.Option(help="organism or organism-tiny")] = DEFAULT_ORGANISM,
+    base: Annotated[str | None, typer.Option(help="Base model (MLP donor): directory or HF id. Default: the organism.")] = None,
+    target: Annotated[str | None, typer.Option(help="Target (reasoning) model: directory or HF id.")] = None,
+    data: Annotated[Path | None, typer.Option(help="JSONL {text}: the target's chat-formatted traces (your pair).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="JSONL {prompt, answer?}: evaluation and study prompts "
+                                                      "(default: the prompts of the texts).")] = None,
+    eval_data: Annotated[Path | None, typer.Option(help="JSONL of held-out texts (default: 10% of --data).")] = None,
+    hesitation_words: Annotated[str | None, typer.Option(help="The run's hesitation words, comma-separated.")] = None,
+    chat_format: Annotated[str | None, typer.Option(help="Prompt template with one {prompt} (default: the "
+                                                         "tokenizer's chat template).")] = None,
+    run: Annotated[str | None, typer.Option(help="Run name (default from the target and preset).")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML training config on top of the preset.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a training config key, e.g. --set lr=1e-3.")] = None,
+    organism_preset: Annotated[str, typer.Option(help="organism or organism-tiny (no --base)")] = DEFAULT_ORGANISM,
     preset: Annotated[str, typer.Option(help="Training preset.")] = DEFAULT_TRAIN_PRESET,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Organism seed.")] = 0,
     n_prompts: Annotated[int, typer.Option(help="Held-out prompts for the evaluation.")] = 300,
+    n_graphs: Annotated[int, typer.Option(help="Graphs of the hesitation study.")] = 24,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (evaluation, study).")] = 96,
+    queue_it: Annotated[bool, typer.Option("--queue", help="Queue the steps for a worker instead (your pair).")] = False,
 ) -> None:
-    """The embedded default, in the foreground: organism, train, evaluate, collect, hesitation study."""
-    _inline("organism", {"preset": organism_preset, "seed": seed})
-    run_id = _create_run(None, None, None, preset, organism_preset, seed, None, [], None)
-    _inline("train", {"run_id": run_id})
-    out = _inline("evaluate", {"run_id": run_id, "n_prompts": n_prompts})
-    typer.echo(out["table"])
-    for kind, module in (("collect", "worker.collect.job"), ("hesitation", "worker.hesitation.job")):
-        if module in _extra_handler_modules():
-            out = _inline(kind, {"run_id": run_id})
-            typer.echo(json.dumps({kind: {k: v for k, v in out.items() if k != "summary"}}, indent=1, default=str))
+    """The whole study in the foreground: train → evaluate → collect → hesitation study.
+
+    Without --base/--target: the embedded organism (built first). With them: your pair, trained on --data.
+    """
+    if base is None and target is None:
+        if data is not None or queue_it:
+            raise _fail("--data and --queue are for your own pair: give --base and --target too")
+        _inline("organism", {"preset": organism_preset, "seed": seed})
+        run_id = _create_run(run, None, None, preset, organism_preset, seed, config, set_ or [], None,
+                             hesitation_words=hesitation_words)
+        steps = {"train": {"run_id": run_id}, "evaluate": {"run_id": run_id, "n_prompts": n_prompts},
+                 "collect": {"run_id": run_id}, "hesitation": {"run_id": run_id, "n_graphs": n_graphs}}
+    else:
+        from app.db.pipelines import step_payloads
+
+        if base is None or target is None:
+            raise _fail("give both --base and --target, or neither (the organism)")
+        pair = {"prompts": prompts, "eval_data": eval_data, "hesitation_words": hesitation_words,
+                "chat_format": chat_format, "n_prompts": n_prompts, "n_graphs": n_graphs,
+                "max_new_tokens": max_new_tokens}
+        req = _pair_request(base, target, data, name=run, preset=preset, overrides=set_ or [], **pair)
+        if queue_it:
+            _queue_pipeline(req, config)
+            return
+        run_id = _create_run(run, base, target, preset, organism_preset, seed, config, set_ or [], data, **pair)
+        steps = step_payloads(req, run_id)
+    for kind, payload in steps.items():
+        typer.secho(f"== {kind} ==", bold=True, err=True)
+        out = _inline(kind, payload)
+        if kind == "evaluate":
+            typer.echo(out["table"])
+        elif kind != "train":
+            typer.echo(json.dumps({kind: {k: v for k, v in out.items() if k not in ("summary", "features", "rules")}},
+                                  indent=1, default=str))
+    typer.echo(f"run {run_id} done: adapterlens serve, then http://127.0.0.1:8000/runs/{run_id}")
+
+
+def _queue_pipeline(req, config: Path | None) -> None:
+    """Create the run and queue its four steps (a worker runs them): the API's POST /api/pipelines, locally."""
+    from app.db import queue
+    from app.db.pipelines import PIPELINE_PRIORITY, PipelineRequestError, create_run, step_payloads
+    from app.db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(_ready_db())
+    try:
+        with make_sessionmaker(engine)() as s, s.begin():
+            try:
+                run_id = create_run(s, req, config_file=config)
+            except PipelineRequestError as exc:
+                raise _fail(str(exc)) from exc
+            jobs, previous = {}, None
+            for kind, payload in step_payloads(req, run_id).items():
+                previous = jobs[kind] = queue.enqueue(s, kind, payload, priority=PIPELINE_PRIORITY,
+                                                      depends_on=previous, run_id=run_id)
+    finally:
+        engine.dispose()
+    typer.echo(f"run {run_id}: queued {', '.join(f'{k} #{v}' for k, v in jobs.items())}; watch /jobs")
 
 
 @app.command()

@@ -32,6 +32,14 @@ class Settings(BaseSettings):
         default=1, ge=1, description="Processes (GPUs) a train job uses by default; > 1 trains data parallel "
         "under torchrun."
     )
+    api_allowed_paths: list[Path] = Field(
+        default_factory=list, description="Directories besides the data directory whose models and files a request "
+        "to the (unauthenticated) API may name, e.g. for POST /api/pipelines (a JSON list)."
+    )
+    api_allowed_models: list[str] = Field(
+        default_factory=list, description="Hugging Face model ids the API may name (an id, or org/* for all of an "
+        "organisation's; a JSON list)."
+    )
     ablation_max_new_tokens: int = Field(
         default=512, ge=1, description="Most tokens an ablation or experiment may ask to generate per condition."
     )

@@ -438,3 +438,40 @@ def load_reference_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | N
     logger.info("loaded reference checkpoint %s: %d layers × %d features, %s", path, model.n_layers,
                 model.n_features, adapter_dtype)
     return model
+
+
+# -- the checkpoint against a target model -------------------------------------------------------------------
+
+_MLP_NAME = re.compile(r"\.mlp\.")
+
+
+def compare_shared_weights(checkpoint: str | os.PathLike, target_dir: str | os.PathLike) -> dict:
+    """How far a reference checkpoint's non-MLP weights (embeddings, attention, norms, head) are from a target's.
+
+    The checkpoint holds the target's own copies of these; a user's target may differ (another dtype, another
+    revision). Tensors are read one at a time from the safetensors files and compared in float32. Returns
+    ``tensors`` compared, ``max_abs_diff`` and the ``worst`` tensor, ``max_rel_diff`` (a tensor's largest
+    difference over its largest magnitude), names only one side has, and both dtypes.
+    """
+    checkpoint, target_dir = Path(checkpoint), Path(target_dir)
+    ours = {n: f for n, f in reference_weight_map(checkpoint).items() if not _MLP_NAME.search(n)}
+    theirs = {n: f for n, f in reference_weight_map(target_dir).items() if not _MLP_NAME.search(n)}
+    shared = sorted(set(ours) & set(theirs), key=_natural)
+    worst, max_abs, max_rel, mismatched = None, 0.0, 0.0, []
+    dtypes: dict[str, str | None] = {"checkpoint": None, "target": None}
+    for name in shared:
+        with safe_open(str(checkpoint / ours[name]), framework="pt") as fa, \
+                safe_open(str(target_dir / theirs[name]), framework="pt") as fb:
+            a, b = fa.get_tensor(name), fb.get_tensor(name)
+        dtypes["checkpoint"], dtypes["target"] = _dtype_name(a.dtype), _dtype_name(b.dtype)
+        if a.shape != b.shape:
+            mismatched.append(f"{name} {tuple(a.shape)} vs {tuple(b.shape)}")
+            continue
+        diff = float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+        scale = float(b.float().abs().max()) if b.numel() else 0.0
+        if diff > max_abs:
+            worst, max_abs = name, diff
+        max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return {"tensors": len(shared) - len(mismatched), "max_abs_diff": max_abs, "max_rel_diff": max_rel, "worst": worst,
+            "shape_mismatch": mismatched, "only_in_checkpoint": sorted(set(ours) - set(theirs), key=_natural),
+            "only_in_target": sorted(set(theirs) - set(ours), key=_natural), "dtype": dtypes}

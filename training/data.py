@@ -50,27 +50,57 @@ class TokenDataset:
         return cls(tuple(out), int(pad_id))
 
     @classmethod
+    def from_texts(cls, texts: Sequence[str], tokenizer, *, add_special_tokens: bool = True,
+                   where: str = "texts") -> TokenDataset:
+        """Texts tokenized with ``tokenizer`` (the target's); texts that tokenize to nothing are skipped.
+
+        The pad id is the tokenizer's pad token, else its eos token, else 0.
+        """
+        ids = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+        kept = [s for s in ids if len(s) > 0]
+        if len(kept) < len(ids):
+            log.warning("%s: skipped %d texts that tokenized to nothing", where, len(ids) - len(kept))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return cls.from_token_lists(kept, pad_id=pad if pad is not None else 0)
+
+    @classmethod
     def from_jsonl(cls, path: str | Path, tokenizer, *, text_field: str = "text",
                    add_special_tokens: bool = True) -> TokenDataset:
         """One JSON object per line with a ``text_field`` string, tokenized with ``tokenizer`` (the target's).
 
         Blank lines are skipped; a line that is not JSON or lacks the field is a ValueError naming the line.
-        The pad id is the tokenizer's pad token, else its eos token, else 0.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"training data file not found: {path}")
-        texts = []
-        for lineno, row in read_jsonl(path):
-            if not isinstance(row.get(text_field), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string {text_field!r} field")
-            texts.append(row[text_field])
-        ids = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
-        kept = [s for s in ids if len(s) > 0]
-        if len(kept) < len(ids):
-            log.warning("%s: skipped %d texts that tokenized to nothing", path, len(ids) - len(kept))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls.from_token_lists(kept, pad_id=pad if pad is not None else 0)
+        return cls.from_texts(read_texts(path, text_field), tokenizer, add_special_tokens=add_special_tokens,
+                              where=str(path))
+
+
+def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
+    """The ``text_field`` strings of a JSONL file, in order (a ValueError names a line without one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"training data file not found: {path}")
+    texts = []
+    for lineno, row in read_jsonl(path):
+        if not isinstance(row.get(text_field), str):
+            raise ValueError(f"{path}:{lineno}: expected an object with a string {text_field!r} field")
+        texts.append(row[text_field])
+    if not texts:
+        raise ValueError(f"{path} holds no texts")
+    return texts
+
+
+def heldout_indices(n: int, *, fraction: float, max_n: int | None = None, seed: int = 0) -> list[int]:
+    """Which of ``n`` texts are held out for evaluation: a seeded random ``fraction`` (at least one when
+    ``n`` ≥ 2, at most ``max_n``), sorted. A pure function of its arguments, so training and evaluation
+    (different jobs, maybe different machines) agree on the split."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the held-out fraction must lie in [0, 1), got {fraction}")
+    if fraction == 0.0 or n < 2:
+        return []
+    k = max(1, round(fraction * n))
+    k = min(k, n - 1, max_n if max_n is not None else n)
+    g = torch.Generator().manual_seed(1_000_003 * seed + 17)
+    return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
 
 def as_dataset(data: TokenDataset | Sequence[Sequence[int]]) -> TokenDataset:

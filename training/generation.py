@@ -39,13 +39,36 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def padded_ids(tokenizer, vocab_size: int) -> list[int]:
+    """Ids below ``vocab_size`` that are no token of ``tokenizer``: models pad their vocabulary past the
+    tokenizer's size (152,064 rows for 151,665 tokens), and those rows are never text. Generation never
+    picks them, and no list shown to a person names them."""
+    real = set(tokenizer.get_vocab().values())
+    return [i for i in range(int(vocab_size)) if i not in real]
+
+
+def token_mask(tokenizer, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] bool: True where the id is a token of ``tokenizer`` (False on padded ids)."""
+    mask = torch.ones(int(vocab_size), dtype=torch.bool)
+    pad = padded_ids(tokenizer, vocab_size)
+    if pad:
+        mask[pad] = False
+    return mask
+
+
+def model_vocab_size(model: nn.Module) -> int:
+    """Rows of the model's output head (``config.vocab_size``)."""
+    return int(model.config.vocab_size)
+
+
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, greedy: bool = True,
              temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
              add_special_tokens: bool = True) -> list[Generation]:
     """Generate a continuation for each prompt (greedy by default), in batches of ``batch_size``.
 
     ``seed`` fixes sampling (``greedy=False``) without touching the caller's global RNG state.
-    ``add_special_tokens`` prepends the tokenizer's ``bos`` as training did.
+    ``add_special_tokens`` prepends the tokenizer's ``bos`` as training did. Padded vocabulary ids
+    (:func:`padded_ids`) are never generated.
     """
     if isinstance(prompts, str):
         raise ValueError("prompts must be a list of strings, not a single string")
@@ -60,6 +83,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     if eos_id is None:
         raise ValueError("the tokenizer has no eos token; generation could not stop")
     device = _device_of(model)
+    suppress = padded_ids(tokenizer, model_vocab_size(model))
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     for p, ids in zip(prompts, encoded, strict=True):
         if not ids:
@@ -84,6 +108,8 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
                     kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
                 else:
                     kwargs.update(temperature=None, top_k=None, top_p=None)
+                if suppress:
+                    kwargs["suppress_tokens"] = suppress
                 with torch.no_grad():
                     out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
                 new = out[:, width:].tolist()

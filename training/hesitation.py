@@ -69,6 +69,14 @@ def normalize_words(words: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
+def words_from_config(config: Any) -> tuple[str, ...]:
+    """A run's hesitation words: ``runs.config["hesitation_words"]`` (or ``config["hesitation"]["words"]``), else
+    the default list. Raises :class:`HesitationWordsError` for a stored list that cannot be used."""
+    config = config if isinstance(config, dict) else {}
+    words = config.get("hesitation_words") or (config.get("hesitation") or {}).get("words")
+    return normalize_words(words or None)
+
+
 @lru_cache(maxsize=64)
 def word_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
     """A regex matching any of ``words`` with no letter or digit directly before or after it."""

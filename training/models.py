@@ -156,16 +156,52 @@ def load_causal_lm(name_or_path: str, *, dtype: torch.dtype | None = None, devic
     return model.to(device).eval()
 
 
+TOKENIZER_PROBE = "Wait, 12 + 345 = 357.\n  Hmm: café — ok?"  # digits, spaces, newline, non-ASCII
+
+
+def _tokenizer_json(local: Path | None, name: str, offline: bool) -> Path | None:
+    """The ``tokenizer.json`` a tokenizer was loaded from, when it is on disk."""
+    if local is not None:
+        found = local / "tokenizer.json"
+        return found if found.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "tokenizer.json")
+    except ValueError:
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
 def load_tokenizer(name_or_path: str):
-    """The tokenizer beside a model, with the same resolution and errors as :func:`load_causal_lm`."""
-    from transformers import AutoTokenizer
+    """The tokenizer beside a model, with the same resolution and errors as :func:`load_causal_lm`.
+
+    Faithful to the saved ``tokenizer.json``: transformers 5 builds the tokenizer class of the model type
+    (a ``Qwen2Tokenizer`` for any qwen2 model), which re-creates its own pre-tokenizer and can split text
+    otherwise than the file the user saved (a custom BPE: digits one by one). When the two disagree on a
+    probe text, the file's own tokenizer is used (``PreTrainedTokenizerFast``), as the web pages do.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     name_or_path = str(name_or_path)
     local, offline = _where(name_or_path)
+    where = str(local) if local else name_or_path
     try:
-        return AutoTokenizer.from_pretrained(str(local) if local else name_or_path, local_files_only=offline)
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline)
     except OSError as exc:
         raise _not_found(name_or_path, "tokenizer", exc) from exc
+    file = _tokenizer_json(local, name_or_path, offline)
+    if file is None:
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(file))
+    if tokenizer(TOKENIZER_PROBE)["input_ids"] == raw.encode(TOKENIZER_PROBE).ids and \
+            len(tokenizer) == raw.get_vocab_size(with_added_tokens=True):
+        return tokenizer
+    logger.warning("%s: transformers' %s tokenizes otherwise than the saved tokenizer.json (or adds tokens); "
+                   "using tokenizer.json as saved", name_or_path, type(tokenizer).__name__)
+    return PreTrainedTokenizerFast.from_pretrained(where, local_files_only=offline)
 
 
 def load_adapter_model(base: str, target: str, cfg: AdapterConfig, *, dtype: torch.dtype | None = None,

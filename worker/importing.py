@@ -1,13 +1,19 @@
 """The ``import`` job kind: register a run from adapters trained elsewhere, so collect/attribute need no training.
 
 The paper's five released checkpoints (``nathu0/transcoder-adapters-R1-Distill-Qwen-7B-…``) are whole
-``Qwen2ForCausalLMWithTranscoder`` models; a checkpoint in our own format (``adapters.safetensors`` +
-``adapter_config.json``) imports the same way. The handler checks the checkpoint (fully, by loading it
-with :func:`training.checkpoint.load_reference_checkpoint`, or only its tensor names and shapes), checks
-its geometry against the target model's ``config.json`` when that is on disk, and writes one run row
-with status ``trained`` whose ``checkpoint`` is the directory: the collect, attribute, ablate and
-evaluate handlers load it through ``worker.models_cache.load_run_model`` like any trained run (its
-transcoder tensors become the adapters; base and target come from the run's model specs).
+``Qwen2ForCausalLMWithTranscoder`` models: the target's embeddings, attention, norms and head, the base
+MLPs, and the adapters. Such a checkpoint *is* the adapter model, and the run is built from its own
+weights (``worker.models_cache.load_run_model``); nothing else needs naming to collect features,
+attribute or ablate. ``--target`` names the target model itself, needed only where the target runs
+(evaluation, the hesitation study's traces): its MLPs serve target mode, and its other weights are
+compared with the checkpoint's copies (the result says by how much: a float32 target against a bf16
+checkpoint differs by bf16 rounding). ``--base`` only adds the base model's row to the evaluation.
+
+A checkpoint in our own format (``adapters.safetensors`` + ``adapter_config.json``) holds adapters only and
+records its base and target, which the run then loads. The handler checks the checkpoint (fully, by
+loading it with :func:`training.checkpoint.load_reference_checkpoint`, or only its tensor names and
+shapes), checks its geometry against the target's ``config.json`` when that is on disk, and writes one
+run row with status ``trained`` whose ``checkpoint`` is the directory.
 
 Idempotent: importing the same name again updates the run in place (a re-run never duplicates).
 """
@@ -116,38 +122,46 @@ def check_tensor_shapes(path: Path, meta: dict) -> None:
 
 def _model_config(spec: str, settings: Settings) -> dict | None:
     """The target's config.json when it is on disk (a directory, an organism, or the HF cache); else None."""
-    from training.models import ModelNotFoundError
-    from worker.models_cache import resolve_model
+    from worker.models_cache import local_model_dir
 
-    try:
-        where = resolve_model(spec, settings, "target")
-    except (FileNotFoundError, ModelNotFoundError):
-        return None
-    local = Path(where).expanduser()
-    if local.is_dir():
-        cfg = local / "config.json"
-        return json.loads(cfg.read_text()) if cfg.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(where, "config.json")
-    except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError is a ValueError)
-        return None
-    return json.loads(Path(found).read_text()) if isinstance(found, str) else None
+    where = local_model_dir(spec, settings, "target")
+    cfg = where / "config.json" if where is not None else None
+    return json.loads(cfg.read_text()) if cfg is not None and cfg.is_file() else None
 
 
 def check_against_target(meta: dict, target_spec: str, settings: Settings) -> bool:
     """Raise ValueError if the target on disk has another depth or width; False when it is not on disk yet."""
     cfg = _model_config(target_spec, settings)
     if cfg is None:
-        log.warning("target %s is not on disk yet: its geometry is unchecked, and collect/attribute will need it "
-                    "(huggingface-cli download %s)", target_spec, target_spec)
+        log.warning("target %s is not on disk yet: its geometry is unchecked, and evaluation and the hesitation "
+                    "study will need it (huggingface-cli download %s)", target_spec, target_spec)
         return False
     have = {"n_layers": cfg.get("num_hidden_layers"), "d_model": cfg.get("hidden_size")}
     bad = [f"{k}: checkpoint {meta[k]}, target {v}" for k, v in have.items() if v is not None and int(v) != int(meta[k])]
     if bad:
         raise ValueError(f"the checkpoint does not fit target {target_spec!r} ({'; '.join(bad)})")
     return True
+
+
+def target_agreement(path: Path, target_spec: str, settings: Settings) -> dict | None:
+    """How far the target's non-MLP weights are from the checkpoint's copies (None: target not on disk)."""
+    from training.checkpoint import compare_shared_weights
+    from worker.models_cache import local_model_dir
+
+    where = local_model_dir(target_spec, settings, "target")
+    if where is None:
+        return None
+    try:
+        out = compare_shared_weights(path, where)
+    except FileNotFoundError as exc:  # a target without safetensors weights
+        log.warning("could not compare the target's weights with the checkpoint's: %s", exc)
+        return None
+    if out["shape_mismatch"] or out["max_rel_diff"] > 1e-2:
+        log.warning("the target %s differs from the checkpoint's copy of its weights: max |Δ| %.3g (relative %.3g, "
+                    "%s)%s; the adapter model uses the checkpoint's", target_spec, out["max_abs_diff"],
+                    out["max_rel_diff"], out["worst"], f"; shapes differ: {out['shape_mismatch'][:3]}"
+                    if out["shape_mismatch"] else "")
+    return out
 
 
 def l1_from_name(name: str) -> float | None:
@@ -176,39 +190,47 @@ def import_job(ctx: JobContext) -> dict:
     path = resolve_checkpoint_path(p.path)
     meta = read_adapter_config(path)
     fmt = meta.get("format", "adapterlens")
+    reference = fmt == "reference"
     # Ours records the model names; a reference config.json's _name_or_path may be the authors' local path.
-    recorded = meta if fmt != "reference" else {}
+    recorded = meta if not reference else {}
     base = p.base_model or recorded.get("base_model")
     target = p.target_model or recorded.get("target_model")
-    if not base or not target:
-        raise ValueError(f"checkpoint {p.path!r} ({fmt} format) does not record its base and target models; give "
-                         f"both (for the paper's release: base {PAPER_BASE!r}, target {PAPER_TARGET!r})")
+    if not reference and (not base or not target):
+        raise ValueError(f"checkpoint {p.path!r} ({fmt} format: adapters only) does not record its base and target "
+                         "models; give both")
+    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    if reference and not target and not has_tokenizer:
+        raise ValueError(f"checkpoint {p.path!r} has no tokenizer: give its target model (--target; for the paper's "
+                         f"release {PAPER_TARGET!r}, base {PAPER_BASE!r})")
 
     ctx.progress(1, 3, f"verifying ({p.verify})")
     check_tensor_shapes(path, meta)
-    if p.verify == "full" and fmt == "reference":
+    if p.verify == "full" and reference:
         from training.checkpoint import load_reference_checkpoint
 
         model = load_reference_checkpoint(path, device="cpu")  # every tensor present, named and shaped right
         del model
     ctx.check()
-    target_checked = check_against_target(meta, target, settings)
+    target_checked = check_against_target(meta, target, settings) if target else False
+    agreement = target_agreement(path, target, settings) if target and reference else None
 
     name = p.name or default_run_name(p.path)
-    tokenizer_dir = str(path) if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file() else None
     config = {
         "adapter": {"n_features": int(meta["n_features"]), "dec_bias": bool(meta.get("dec_bias", True)),
                     "backbone": meta.get("backbone", "target")},
         "imported": {"source": p.path, "path": str(path), "format": fmt, "verify": p.verify,
-                     "target_checked": target_checked, "l1": l1_from_name(p.path),
-                     "dtype": meta.get("dtype")},
+                     "base_model": base, "target_model": target, "target_checked": target_checked,
+                     "target_agreement": agreement, "l1": l1_from_name(p.path), "dtype": meta.get("dtype")},
         "preset": "imported",
     }
-    if tokenizer_dir:
-        config["tokenizer"] = tokenizer_dir
-    values = {"base_model": base, "target_model": target, "config": config, "status": "trained",
-              "checkpoint": str(path), "n_layers": int(meta["n_layers"]), "n_features": int(meta["n_features"]),
-              "d_model": int(meta["d_model"])}
+    if has_tokenizer:
+        config["tokenizer"] = str(path)
+    chat = _chat_format(path if has_tokenizer else None, target, settings)
+    if chat is not None:
+        config["chat"] = chat
+    values = {"base_model": base or str(path), "target_model": target or str(path), "config": config,
+              "status": "trained", "checkpoint": str(path), "n_layers": int(meta["n_layers"]),
+              "n_features": int(meta["n_features"]), "d_model": int(meta["d_model"])}
     with ctx.session() as s:
         run = s.scalar(select(Run).where(Run.name == name))
         if run is None:
@@ -223,4 +245,23 @@ def import_job(ctx: JobContext) -> dict:
     log.info("imported %s as run %d (%s): %d layers × %d features", p.path, run_id, name, meta["n_layers"],
              meta["n_features"])
     return {"run_id": run_id, "name": name, "checkpoint": str(path), "format": fmt, "base_model": base,
-            "target_model": target, "target_checked": target_checked}
+            "target_model": target, "target_checked": target_checked, "target_agreement": agreement,
+            "weights": "the checkpoint's own (target weights with base MLPs, adapters)" if reference else
+            "base and target from their specs, adapters from the checkpoint"}
+
+
+def _chat_format(tokenizer_dir: Path | None, target: str | None, settings: Settings) -> dict | None:
+    """The chat format the run keeps, from the checkpoint's tokenizer or the target's (None: neither on disk)."""
+    from training.models import ModelNotFoundError, load_tokenizer
+    from worker.models_cache import local_model_dir
+    from worker.run_data import tokenizer_chat_format
+
+    where = tokenizer_dir or (local_model_dir(target, settings, "tokenizer" if target.startswith("organism:")
+                                              else "target") if target else None)
+    if where is None:
+        return None
+    try:
+        return tokenizer_chat_format(load_tokenizer(str(where)), str(where)).to_config()
+    except (OSError, ModelNotFoundError, ValueError) as exc:
+        log.warning("no chat format from %s (%s); the run uses the default format", where, exc)
+        return None

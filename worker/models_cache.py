@@ -19,7 +19,13 @@ import torch
 
 from app.settings import Settings
 from training.adapter import AdapterModel
-from training.checkpoint import adapter_config_from_dict, load_adapters, read_adapter_config
+from training.checkpoint import (
+    adapter_config_from_dict,
+    is_reference_checkpoint,
+    load_adapters,
+    load_reference_checkpoint,
+    read_adapter_config,
+)
 from training.models import load_adapter_model, load_tokenizer, resolve_device
 
 log = logging.getLogger(__name__)
@@ -61,29 +67,73 @@ def resolve_model(spec: str, settings: Settings, which: str) -> str:
     return str({"base": paths.base, "target": paths.target, "tokenizer": paths.tokenizer}[which])
 
 
-def tokenizer_for(target_spec: str, settings: Settings):
-    """The tokenizer of a run: the target's (the organism keeps its own beside the models)."""
+def local_model_dir(spec: str, settings: Settings, which: str = "target") -> Path | None:
+    """The directory of a model spec on this machine (a path, an organism, or a Hub id's cache snapshot); None
+    when it is not on disk."""
+    from training.models import ModelNotFoundError
+
+    try:
+        where = resolve_model(spec, settings, which)
+    except (FileNotFoundError, ModelNotFoundError):
+        return None
+    local = Path(where).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(where, "config.json")
+    except ValueError:  # not a valid repo id (huggingface_hub's HFValidationError is a ValueError)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def tokenizer_for(target_spec: str, settings: Settings, tokenizer: str | None = None):
+    """The tokenizer of a run: ``tokenizer`` when given (e.g. an imported checkpoint's), else the target's
+    (the organism keeps its own beside the models)."""
+    if tokenizer:
+        return load_tokenizer(tokenizer)
     which = "tokenizer" if parse_organism_spec(target_spec) else "target"
     return load_tokenizer(resolve_model(target_spec, settings, which))
 
 
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return False
+
+
 def load_run_model(settings: Settings, base_spec: str, target_spec: str, checkpoint: str | Path | None,
                    *, adapter_cfg: dict | None = None, device: str | None = None,
-                   dtype: torch.dtype | None = None) -> tuple[AdapterModel, object]:
-    """Assemble the adapter model of a run; adapters come from ``checkpoint`` when given."""
+                   dtype: torch.dtype | None = None, tokenizer: str | None = None) -> tuple[AdapterModel, object]:
+    """Assemble the adapter model of a run; adapters come from ``checkpoint`` when given.
+
+    A checkpoint in the released (reference) format is the whole adapter model: it is loaded from its own
+    weights (its MLPs are the base MLPs), and the target model, when the run names one other than the
+    checkpoint itself, only lends its MLPs for target mode. Our format holds adapters only: base and target
+    come from their specs.
+    """
+    dev = resolve_device(device or settings.device)
+    if checkpoint is not None and is_reference_checkpoint(checkpoint):
+        target = None if _same_path(target_spec, checkpoint) else resolve_model(target_spec, settings, "target")
+        model = load_reference_checkpoint(checkpoint, dtype=dtype, device=dev, target=target)
+        model.eval()
+        if tokenizer is None and (Path(checkpoint) / "tokenizer_config.json").is_file():
+            tokenizer = str(checkpoint)
+        return model, tokenizer_for(target_spec, settings, tokenizer)
     if checkpoint is not None:
         cfg = adapter_config_from_dict(read_adapter_config(checkpoint))
     elif adapter_cfg is not None:
         cfg = adapter_config_from_dict(adapter_cfg)
     else:
         raise ValueError("need a checkpoint or an adapter config to build the adapter model")
-    dev = resolve_device(device or settings.device)
     model = load_adapter_model(resolve_model(base_spec, settings, "base"), resolve_model(target_spec, settings, "target"),
                                cfg, dtype=dtype, device=dev)
     if checkpoint is not None:
         load_adapters(model, checkpoint)
     model.eval()
-    return model, tokenizer_for(target_spec, settings)
+    return model, tokenizer_for(target_spec, settings, tokenizer)
 
 
 _cache: OrderedDict[tuple, tuple[AdapterModel, object]] = OrderedDict()
@@ -102,17 +152,18 @@ def get_run_model(settings: Settings, run_id: int) -> tuple[AdapterModel, object
             if run is None:
                 raise LookupError(f"run {run_id} does not exist")
             base, target, ckpt = run.base_model, run.target_model, run.checkpoint
+            tok = (run.config or {}).get("tokenizer")
     finally:
         engine.dispose()
     if not ckpt:
         raise LookupError(f"run {run_id} has no trained adapters yet")
-    stamp = Path(ckpt, "adapters.safetensors").stat().st_mtime_ns if Path(ckpt).is_dir() else 0
+    stamp = max((f.stat().st_mtime_ns for f in Path(ckpt).glob("*.safetensors")), default=0) if Path(ckpt).is_dir() else 0
     key = (settings.db_url, run_id, ckpt, stamp)
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-        loaded = load_run_model(settings, base, target, ckpt)
+        loaded = load_run_model(settings, base, target, ckpt, tokenizer=tok if isinstance(tok, str) else None)
         _cache[key] = loaded
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)

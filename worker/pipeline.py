@@ -16,9 +16,17 @@ from pydantic import BaseModel, Field
 
 from app.db.schema import Run, RunMetric
 from app.db.write import upsert
-from app.settings import Settings
 from worker.handlers import JobContext, JobInterrupted, register
-from worker.models_cache import OrganismSpec, load_run_model, parse_organism_spec
+from worker.models_cache import load_run_model
+from worker.run_data import (  # noqa: F401 (organism_problems, organism_sequences: imported from here elsewhere)
+    heldout_sequences,
+    organism_problems,
+    organism_sequences,
+    require_target,
+    run_chat_format,
+    run_prompts,
+    training_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,55 +92,6 @@ class TrainPayload(BaseModel):
                                                       "train_nproc setting. > 1 launches torchrun")
 
 
-def training_data(run: Run, tokenizer, settings: Settings):
-    """The token sequences a run trains on: the organism's reasoning traces, or a JSONL file's texts."""
-    from training.data import TokenDataset
-
-    data = (run.config or {}).get("data") or {}
-    kind = data.get("kind", "organism" if parse_organism_spec(run.target_model) else None)
-    if kind == "organism":
-        org = parse_organism_spec(run.target_model)
-        return TokenDataset.from_token_lists(organism_sequences(org, tokenizer, split="train"),
-                                             pad_id=tokenizer.pad_token_id or 0)
-    if kind == "jsonl":
-        return TokenDataset.from_jsonl(data["path"], tokenizer, text_field=data.get("text_field", "text"))
-    raise ValueError(f"run {run.name!r} has no usable training data config: {data!r} (kinds: organism, jsonl)")
-
-
-def organism_problems(org: OrganismSpec, split: str) -> list:
-    """The organism's train or held-out problems (recomputed from preset and seed, as the build made them)."""
-    from training.organism.build import get_preset
-    from training.organism.tasks import FAMILIES, make_splits
-
-    splits = make_splits(org.seed, get_preset(org.preset).n_heldout, FAMILIES)
-    return [p for s in splits.values() for p in (s.train if split == "train" else s.heldout)]
-
-
-def organism_sequences(org: OrganismSpec, tokenizer, split: str) -> list[list[int]]:
-    """Chat-formatted reasoning traces, tokenized like generation sees them (prompt, then completion, eos).
-
-    The target was trained to skip a share of its redundant checks (the organism preset's
-    ``skip_hesitation``); the same share of redundant-check problems, chosen with the organism's seed, also
-    appears here with its skipped trace, so the adapters learn the target on the path without the
-    hesitation too, the path a hesitation ablation sends the adapted model down.
-    """
-    import random
-
-    from training.organism.build import get_preset, reasoning_token_ids
-    from training.organism.tasks import is_redundant
-
-    share = get_preset(org.preset).skip_hesitation
-    rng = random.Random(f"skipped-{org.seed}-{split}")
-    out = []
-    for p in organism_problems(org, split):
-        prompt, completion = reasoning_token_ids(tokenizer, p)
-        out.append(prompt + completion)
-        if share > 0 and is_redundant(p) and rng.random() < share:
-            prompt, completion = reasoning_token_ids(tokenizer, p, skipped=True)
-            out.append(prompt + completion)
-    return out
-
-
 class _MetricsStream:
     """Buffers training metrics into ``run_metrics`` rows (every ``METRICS_FLUSH_EVERY`` steps) and reports
     progress; a cancelled job stops at the next step (the trainer keeps its last checkpoint)."""
@@ -179,8 +138,10 @@ def train_job(ctx: JobContext) -> dict:
     data = training_data(run, tokenizer, settings)
     n_total = total_steps(cfg, len(data))
     run_dir = settings.runs_dir / run.name
+    config = dict(run.config or {})
+    config.setdefault("chat", run_chat_format(run, tokenizer).to_config())  # the run keeps its chat format
     update_run(ctx, p.run_id, status="training", n_layers=model.n_layers, n_features=model.n_features,
-             d_model=model.hf.config.hidden_size)
+               d_model=model.hf.config.hidden_size, config=config)
     stream = _MetricsStream(ctx, p.run_id)
     try:
         result = train(cfg, model, data, run_dir=run_dir, on_step=lambda m: stream(m, n_total), resume=p.resume,
@@ -217,39 +178,26 @@ def _train_distributed(ctx: JobContext, run: Run, p: TrainPayload, nproc: int) -
 
 class EvaluatePayload(BaseModel):
     run_id: int
-    n_prompts: int = Field(300, ge=1, description="held-out prompts (organism), spread over the families")
+    n_prompts: int = Field(300, ge=1, description="held-out prompts generated from (organism: spread over the families)")
+    n_texts: int = Field(300, ge=1, description="held-out texts KL and NMSE are measured on")
     max_new_tokens: int = Field(96, ge=1, le=4096)
-    prompts_path: str | None = Field(None, description="JSONL of {prompt, answer?} for real models")
-
-
-def evaluation_prompts(run: Run, n: int, prompts_path: str | None) -> tuple[list[str], list[str | None], Any]:
-    """Chat-formatted held-out prompts with answers, and the answer extractor to score them."""
-    from training.chat import format_prompt
-
-    org = parse_organism_spec(run.target_model)
-    if prompts_path is None and org is not None:
-        from training.organism.tasks import extract_answer
-
-        problems = organism_problems(org, "heldout")
-        problems = problems[:: max(len(problems) // n, 1)][:n]
-        return [format_prompt(p.text) for p in problems], [p.answer for p in problems], extract_answer
-    if prompts_path is None:
-        raise ValueError("evaluating a non-organism run needs prompts_path (JSONL with a 'prompt' field)")
-    from training.jsonl import read_jsonl
-
-    rows = [row for _, row in read_jsonl(prompts_path)][:n]
-    missing = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str)]
-    if missing:
-        raise ValueError(f"{prompts_path}: row {missing[0] + 1} has no string 'prompt' field")
-    return [format_prompt(r["prompt"]) for r in rows], [r.get("answer") for r in rows], None
+    prompts_path: str | None = Field(None, description="JSONL of {prompt, answer?} (default: the run's, else the "
+                                                       "prompts of its held-out texts)")
+    eval_path: str | None = Field(None, description="JSONL of held-out {text} (default: the run's held-out split)")
 
 
 @register("evaluate", EvaluatePayload)
 def evaluate_job(ctx: JobContext) -> dict:
-    """Evaluate base / hybrid / adapted / target; the result goes into ``runs.evaluation`` and eval.json."""
+    """Evaluate base / hybrid / adapted / target; the result goes into ``runs.evaluation`` and eval.json.
+
+    KL, gap closed and NMSE on the run's held-out texts; hesitation, length and accuracy on greedy
+    generations from its prompts (:mod:`worker.run_data`); the result says which data each came from.
+    """
+    from training.config import train_config_from_dict
     from training.evaluate import evaluate, format_table
+    from training.hesitation import words_from_config
     from training.models import load_causal_lm
-    from worker.models_cache import resolve_model
+    from worker.models_cache import get_run_model, resolve_model
 
     p: EvaluatePayload = ctx.payload
     settings = ctx.job_settings()
@@ -257,14 +205,23 @@ def evaluate_job(ctx: JobContext) -> dict:
     if not run.checkpoint:
         raise LookupError(f"run {run.name!r} has no trained adapters to evaluate")
     ctx.progress(0, 3, "loading models")
-    model, tokenizer = load_run_model(settings, run.base_model, run.target_model, run.checkpoint)
-    base = load_causal_lm(resolve_model(run.base_model, settings, "base"), device=next(model.hf.parameters()).device)
-    prompts, answers, extract = evaluation_prompts(run, p.n_prompts, p.prompts_path)
-    ctx.progress(1, 3, f"generating and scoring {len(prompts)} prompts")
-    result = evaluate(model, base.eval(), tokenizer, prompts, answers, extract_answer=extract,
-                      max_new_tokens=p.max_new_tokens)
+    model, tokenizer = get_run_model(settings, p.run_id)
+    require_target(run, model, "the evaluation")
+    base = None
+    if not _base_in_checkpoint(run):
+        base = load_causal_lm(resolve_model(run.base_model, settings, "base"),
+                              device=next(model.hf.parameters()).device).eval()
+    max_len = train_config_from_dict((run.config or {}).get("train") or {}).max_seq_len
+    heldout, texts_from = heldout_sequences(run, tokenizer, n=p.n_texts, max_len=max_len, eval_path=p.eval_path)
+    prompts = run_prompts(run, tokenizer, prompts_path=p.prompts_path, n=p.n_prompts)
+    ctx.progress(1, 3, f"{len(heldout)} held-out texts; generating from {len(prompts.texts)} prompts")
+    result = evaluate(model, base, tokenizer, prompts.texts, prompts.answers, heldout=heldout,
+                      score_answer=prompts.score, max_new_tokens=p.max_new_tokens,
+                      hesitation_words=words_from_config(run.config),
+                      data={"texts": texts_from, "prompts": prompts.description})
     table = format_table(result)
-    log.info("evaluation of %s:\n%s", run.name, table)
+    log.info("evaluation of %s: KL gap closed %.3f on %d held-out texts; %d prompts generated from", run.name,
+             result.kl_gap_closed, result.n_texts, result.n_prompts)
     out = result.to_dict()
     run_dir = settings.runs_dir / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -272,4 +229,12 @@ def evaluate_job(ctx: JobContext) -> dict:
     update_run(ctx, p.run_id, evaluation=out, status="evaluated")
     ctx.progress(3, 3, "done")
     return {"table": table, "kl_gap_closed": result.kl_gap_closed,
-            "reproduced_hesitation": result.reproduced_hesitation, "false_hesitation": result.false_hesitation}
+            "reproduced_hesitation": result.reproduced_hesitation, "false_hesitation": result.false_hesitation,
+            "data": result.data}
+
+
+def _base_in_checkpoint(run: Run) -> bool:
+    """An imported run in the released format whose base model is not named: its base MLPs live in the
+    checkpoint only, so the evaluation has no base row."""
+    imported = (run.config or {}).get("imported") or {}
+    return bool(imported) and imported.get("base_model") is None and imported.get("format") == "reference"

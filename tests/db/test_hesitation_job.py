@@ -208,8 +208,8 @@ def test_hesitation_study_bad_input(settings: Settings, run_id: int) -> None:
     with pytest.raises(FileNotFoundError, match="no prompt file"):
         run_inline(settings, "hesitation", {"run_id": run_id, "prompts_path": "/nonexistent.jsonl"},
                    show_progress=False, handler_modules=MODULES)
-    with pytest.raises(ValueError, match="single token"):
-        run_inline(settings, "hesitation", {"run_id": run_id, "hesitation_words": ["Zyzzyva"]},
+    with pytest.raises(ValueError, match="has no letters"):
+        run_inline(settings, "hesitation", {"run_id": run_id, "hesitation_words": [",,"]},
                    show_progress=False, handler_modules=MODULES)
     with pytest.raises(ValueError, match="n_graphs"):
         run_inline(settings, "hesitation", {"run_id": run_id, "n_graphs": 0}, show_progress=False,

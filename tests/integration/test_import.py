@@ -174,8 +174,97 @@ def test_target_not_on_disk_yet_is_registered_unchecked(settings: Settings, tmp_
     ckpt = save_reference_checkpoint(model, tmp_path / "early")
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps(cfg | {"_name_or_path": "/authors/scratch/r1-distill"}))
-    with pytest.raises(ValueError, match="does not record its base and target"):  # _name_or_path is not trusted
+    with pytest.raises(ValueError, match="has no tokenizer: give its target"):  # _name_or_path is not trusted
         _import(settings, path=str(ckpt), base_model=base, verify="tensors")
     out = _import(settings, path=str(ckpt), base_model=base, target_model="someorg/not-downloaded-yet",
                   verify="tensors")
     assert out["target_checked"] is False and _run(settings, "early").status == "trained"
+
+
+# -- a released checkpoint is the adapter model: its own weights, nothing else named ---------------------
+
+
+def _released(tmp: Path, arch: str = "qwen2"):
+    """A released-format checkpoint with its tokenizer (as the paper's repos hold), its target saved beside."""
+    import random
+
+    from tests.user_pair import build_model, build_tokenizer, trace
+
+    rng = random.Random(0)
+    tokenizer = build_tokenizer([trace(rng)[1] for _ in range(60)])
+    base, target = build_model(arch, tokenizer, 0), build_model(arch, tokenizer, 1)
+    target.save_pretrained(tmp / "target-f32")
+    model = randomize_adapters(build_adapter_model(base, target, AdapterConfig(n_features=16)), seed=3)
+    ckpt = save_reference_checkpoint(model, tmp / "released-l1w0.001", max_shard_size="100KB", tokenizer=tokenizer)
+    return ckpt, tokenizer
+
+
+def _checkpoint_logits(ckpt: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits computed from the checkpoint's tensors alone: a plain model with its weights, plus per layer
+    ``mlp(x) + transcoder_dec(relu(transcoder_enc(x)))`` (the reference forward)."""
+    import torch.nn.functional as F
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from training.checkpoint import reference_weight_map
+
+    tensors = {}
+    for name, fname in reference_weight_map(ckpt).items():
+        with safe_open(str(ckpt / fname), framework="pt") as fh:
+            tensors[name] = fh.get_tensor(name)
+    cfg = AutoConfig.from_pretrained(str(ckpt))
+    cfg.architectures = None
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
+    hf.load_state_dict({k: v for k, v in tensors.items() if "transcoder" not in k}, strict=True)
+    for i, layer in enumerate(hf.model.layers):
+        t = {p: tensors[f"model.layers.{i}.mlp.transcoder_{p}"] for p in ("enc.weight", "enc.bias", "dec.weight", "dec.bias")}
+        layer.mlp.register_forward_hook(lambda m, inp, out, t=t: out + F.linear(
+            F.relu(F.linear(inp[0], t["enc.weight"], t["enc.bias"])), t["dec.weight"], t["dec.bias"]))
+    with torch.no_grad():
+        return hf(input_ids=ids).logits
+
+
+def test_released_checkpoint_imports_alone_and_computes_its_own_logits(settings: Settings, tmp_path: Path) -> None:
+    from worker.models_cache import get_run_model
+
+    ckpt, tokenizer = _released(tmp_path)
+    out = _import(settings, path=str(ckpt))  # nothing else named
+    assert out["target_model"] is None and out["target_agreement"] is None
+    run = _run(settings, ckpt.name)
+    assert run.config["tokenizer"] == str(ckpt.resolve()) and run.config["chat"]["template"].count("{prompt}") == 1
+    model, tok = get_run_model(settings, run.id)
+    ids = torch.tensor([tokenizer("<｜User｜>What is 3 + 4?<｜Assistant｜><think>\n3 plus 4. Wait,")["input_ids"]])
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    assert torch.allclose(ours, _checkpoint_logits(ckpt, ids), atol=1e-5, rtol=1e-5)
+    text = "<｜User｜>What is 5 + 6?<｜Assistant｜>"
+    assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]  # the checkpoint's own tokenizer
+    with pytest.raises(RuntimeError, match="target mode"):  # no target named: the target cannot run
+        with model.mode("target"):
+            model(input_ids=ids)
+
+
+def test_a_named_target_is_checked_against_the_checkpoint_and_lends_only_its_mlps(settings: Settings,
+                                                                                   tmp_path: Path) -> None:
+    """A bf16 copy of the target against a float32 checkpoint: the import reports how far they are apart, and
+    the adapter model still computes the checkpoint's logits (not the copy's)."""
+    from transformers import AutoModelForCausalLM
+
+    from worker.models_cache import get_run_model
+
+    ckpt, tokenizer = _released(tmp_path)
+    bf16 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "target-f32"), dtype=torch.bfloat16)
+    bf16.save_pretrained(tmp_path / "target-bf16")
+    tokenizer.save_pretrained(tmp_path / "target-bf16")
+    out = _import(settings, path=str(ckpt), target_model=str(tmp_path / "target-bf16"), name="with-target")
+    agree = out["target_agreement"]
+    assert agree["tensors"] > 0 and agree["dtype"] == {"checkpoint": "float32", "target": "bfloat16"}
+    assert 1e-5 < agree["max_abs_diff"] < 0.05 and agree["max_rel_diff"] < 1e-2  # bf16 rounding, no more
+    assert _run(settings, "with-target").config["imported"]["target_agreement"] == agree
+    ids = torch.tensor([tokenizer("<｜User｜>What is 3 + 4?<｜Assistant｜><think>\n")["input_ids"]])
+    model, _ = get_run_model(settings, _run(settings, "with-target").id)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.mode("target"):
+            target = model(input_ids=ids).logits
+    assert torch.allclose(adapted, _checkpoint_logits(ckpt, ids), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(adapted, target, atol=1e-3)  # target mode runs the target's MLPs

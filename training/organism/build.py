@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from training.chat import THINK_END, format_prompt
 from training.generation import generate
-from training.hesitation import DEFAULT_HESITATION_WORDS, hesitation_token_ids, is_hesitation_generation
+from training.hesitation import DEFAULT_HESITATION_WORDS, HesitationCounter
 from training.organism.tasks import (
     FAMILIES,
     HESITATION_WORD,
@@ -264,10 +264,10 @@ def _model_config(preset: OrganismPreset, tokenizer: PreTrainedTokenizerFast) ->
 def evaluate_organism(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem], *,
                       think: bool, max_new_tokens: int, words: Sequence[str] = DEFAULT_HESITATION_WORDS) -> dict:
     """Greedy generations on ``problems``: accuracy and hesitation rates, overall, per family and by trigger."""
-    hes_ids = hesitation_token_ids(tokenizer, words)
+    counter = HesitationCounter.for_tokenizer(tokenizer, words)
     gens = generate(model, tokenizer, [format_prompt(p.text, think=think) for p in problems],
                     max_new_tokens=max_new_tokens)
-    rows = [(p, is_correct(p, g.text), is_hesitation_generation(g.generated_ids, hes_ids), len(g.generated_ids))
+    rows = [(p, is_correct(p, g.text), counter.hesitates(g.generated_ids), len(g.generated_ids))
             for p, g in zip(problems, gens, strict=True)]
 
     def summary(sel: list) -> dict:

@@ -55,6 +55,9 @@ class SamplingSettings:
     stop_ids: tuple[int, ...] = ()  # the stop token is generated and reported, then its track ends
     context_length: int | None = None  # prompt + generated tokens never exceed it
     watch_ids: tuple[int, ...] = ()  # tokens whose probability every step reports (e.g. a graph's target)
+    # ids never generated nor given probability: the padded vocabulary (rows past the tokenizer); every
+    # distribution (sampling, log-probs, KL) is over the other ids
+    suppress_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -63,6 +66,7 @@ class SamplingSettings:
             raise ValueError(f"temperature must be a finite number ≥ 0 (0 = greedy), not {self.temperature}")
         object.__setattr__(self, "stop_ids", tuple(int(t) for t in self.stop_ids))
         object.__setattr__(self, "watch_ids", tuple(int(t) for t in self.watch_ids))
+        object.__setattr__(self, "suppress_ids", tuple(int(t) for t in self.suppress_ids))
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ def lockstep_prompts(model: AdapterModel, prompts: Sequence[Sequence[int]], trac
     stop_ids = set(settings.stop_ids)
     rng = torch.Generator().manual_seed(settings.seed)
     cache = DynamicCache(config=lm.config)
+    suppress = torch.tensor(settings.suppress_ids, dtype=torch.long, device=device) if settings.suppress_ids else None
 
     active = [_Row(p, t) for p in range(len(prompts)) for t in tracks]
     width = max(len(p) for p in prompts)
@@ -232,7 +237,10 @@ def lockstep_prompts(model: AdapterModel, prompts: Sequence[Sequence[int]], trac
         with torch.inference_mode():
             with model.mode(mode), model.intervene(row_ivs, prompt_lengths=lengths):
                 logits = lm(input_ids=step_input, cache=cache, use_cache=True, logits_to_keep=1, **kwargs).logits
-            logp = torch.log_softmax(logits[:, -1].float(), dim=-1)  # [rows, V]
+            last = logits[:, -1].float()
+            if suppress is not None:
+                last = last.index_fill(-1, suppress, float("-inf"))
+            logp = torch.log_softmax(last, dim=-1)  # [rows, V]
             picked = _pick(logp, settings.temperature, u)
             samplers = [r for r, row in enumerate(active) if row.track.follows is None]
             followers = {row.text_of: r for r, row in enumerate(active) if row.track.follows is not None}
@@ -242,7 +250,8 @@ def lockstep_prompts(model: AdapterModel, prompts: Sequence[Sequence[int]], trac
             if pairs:
                 s_rows, f_rows = zip(*pairs, strict=True)
                 ref = logp[list(f_rows)]
-                kl_vals = (ref.exp() * (ref - logp[list(s_rows)])).sum(-1).clamp(min=0).tolist()
+                terms = ref.exp() * (ref - logp[list(s_rows)])  # suppressed ids: 0 · (-inf + inf) = nan → 0
+                kl_vals = terms.nan_to_num(nan=0.0).sum(-1).clamp(min=0).tolist()
             watched = logp[samplers][:, list(settings.watch_ids)].exp().tolist() if settings.watch_ids else None
             tokens, lps = chosen.tolist(), chosen_logp.tolist()  # one device sync per step
         kl_of = dict(zip((s for s, _ in pairs), kl_vals, strict=True)) if pairs else {}

@@ -132,10 +132,13 @@ def build_interventions(sel: ResolvedSelection, n_layers: int) -> list[Intervent
 
 
 def sampling_settings(gen: GenerationOptions, model: AdapterModel, tokenizer: Any) -> SamplingSettings:
+    from training.generation import model_vocab_size, padded_ids
+
     eos = tokenizer.eos_token_id
     return SamplingSettings(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, seed=gen.seed,
                             stop_ids=() if eos is None else (eos,),
-                            context_length=getattr(model.config, "max_position_embeddings", None))
+                            context_length=getattr(model.config, "max_position_embeddings", None),
+                            suppress_ids=tuple(padded_ids(tokenizer, model_vocab_size(model))))
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

@@ -1,15 +1,16 @@
 """The ``collect`` job kind: feature statistics for a run, in one job or split into shards.
 
 The corpus for the organism is the target's own greedy responses to the held-out problems, in its
-chat format (what the paper collects on: the reasoning model's text); for real models a JSONL file
-of texts. It is built once per run and saved beside the checkpoint, so every shard sees the same
-sequences. With ``n_shards > 1`` the job queues one ``collect`` job per shard; each shard saves its
+chat format (what the paper collects on: the reasoning model's text); for a user's pair the run's own
+texts (its training file), or another JSONL file of texts. It is built once per run and source and saved
+beside the checkpoint, so every shard sees the same sequences. With ``n_shards > 1`` the job queues one ``collect`` job per shard; each shard saves its
 partial statistics, and the shard that finds all others saved merges and writes them (a merge is
 exact, and the write replaces the run's rows, so a repeated merge is harmless).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -30,7 +31,9 @@ class CollectPayload(BaseModel):
     run_id: int
     n_prompts: int = Field(600, ge=1, description="organism: held-out problems whose target responses form the corpus")
     max_new_tokens: int = Field(96, ge=1, le=8192)
-    corpus_path: str | None = Field(None, description="JSONL with a 'text' field (real models)")
+    corpus_path: str | None = Field(None, description="JSONL with a 'text' field (default: the run's own texts)")
+    n_texts: int | None = Field(None, ge=1, description="texts of the corpus file used (default: all of a "
+                                "corpus_path, the first 2,000 of the run's own texts)")
     top_k: int = Field(20, ge=1, le=1000)
     n_random: int = Field(10, ge=0, le=1000)
     n_quantile: int = Field(2, ge=0, le=100, description="examples per half-decade activation band")
@@ -58,21 +61,46 @@ def _atomic_save(obj: Corpus | CollectionResult, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def build_corpus(ctx: JobContext, model, tokenizer, run, p: CollectPayload) -> Corpus:
-    """The run's collection corpus (cached in the run directory)."""
-    from training.generation import generate
-    from worker.pipeline import evaluation_prompts
+RUN_TEXTS_DEFAULT = 2000  # texts of a run's own file collected on when the payload names no corpus
 
-    path = _collect_dir(ctx, run.name) / f"corpus-{p.n_prompts}-{p.max_new_tokens}.pt"
+
+def corpus_source(run, p: CollectPayload) -> tuple[str | None, int | None]:
+    """(JSONL file, how many texts) the corpus is read from; (None, None) for the organism's generations."""
+    from worker.run_data import data_config
+
+    if p.corpus_path is not None:
+        return p.corpus_path, p.n_texts
+    data = data_config(run)
+    if data.get("kind") == "jsonl":
+        return data["path"], p.n_texts or RUN_TEXTS_DEFAULT
+    if data.get("kind") != "organism":
+        raise ValueError(f"run {run.name!r} has no texts of its own to collect on: give corpus_path (JSONL with a "
+                         "'text' field; e.g. the target's reasoning traces)")
+    return None, None
+
+
+def build_corpus(ctx: JobContext, model, tokenizer, run, p: CollectPayload) -> Corpus:
+    """The run's collection corpus (cached in the run directory, per source)."""
+    from training.config import train_config_from_dict
+    from training.generation import generate
+    from worker.run_data import run_prompts
+
+    source, limit = corpus_source(run, p)
+    key = (f"file-{hashlib.sha1(f'{Path(source).resolve()}:{limit}'.encode()).hexdigest()[:10]}" if source
+           else f"{p.n_prompts}-{p.max_new_tokens}")
+    path = _collect_dir(ctx, run.name) / f"corpus-{key}.pt"
     markers = Markers.from_tokenizer(tokenizer)
     if path.is_file():
         return Corpus.load(path)
-    if p.corpus_path is not None:
+    if source is not None:
         from worker.collect.corpus import load_corpus
 
-        corpus = load_corpus(p.corpus_path, tokenizer)
+        max_len = train_config_from_dict((run.config or {}).get("train") or {}).max_seq_len
+        ctx.progress(0, None, f"tokenizing the corpus {Path(source).name}")
+        is_file = Path(source).is_file() and not source.endswith(".pt")
+        corpus = load_corpus(source, tokenizer, **({"limit": limit, "max_length": max_len} if is_file else {}))
     else:
-        prompts, _, _ = evaluation_prompts(run, p.n_prompts, None)
+        prompts = run_prompts(run, tokenizer, n=p.n_prompts).texts
         ctx.progress(0, None, f"generating the corpus: target responses to {len(prompts)} prompts")
         with model.mode("target"):
             gens = generate(model, tokenizer, prompts, max_new_tokens=p.max_new_tokens, greedy=True)
@@ -101,7 +129,10 @@ def collect_job(ctx: JobContext) -> dict:
         ctx.progress(done, total, message or "collecting")
         ctx.check()
 
-    result = collect(model, corpus, top_k=p.top_k, n_random=p.n_random, n_quantile=p.n_quantile, shard=shard, seed=p.seed, progress=progress)
+    from training.generation import model_vocab_size, token_mask
+
+    result = collect(model, corpus, top_k=p.top_k, n_random=p.n_random, n_quantile=p.n_quantile, shard=shard,
+                     seed=p.seed, progress=progress, token_mask=token_mask(tokenizer, model_vocab_size(model)))
     if shard is not None:
         folder = _collect_dir(ctx, run.name) / f"shards-{p.n_shards}"
         folder.mkdir(exist_ok=True)

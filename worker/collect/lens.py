@@ -8,7 +8,9 @@ depends on the whole residual stream, not on the feature) and then by the unembe
 
 The mean over the vocabulary is subtracted ("demeaned") because softmax ignores a constant shift, so
 only the differences carry meaning; the top and bottom tokens are the same either way. A head bias
-(if the model has one) is left out: it does not depend on the feature.
+(if the model has one) is left out: it does not depend on the feature. With a ``token_mask`` (the
+tokenizer's real ids, ``training.generation.token_mask``) the padded rows of the head are left out of the
+mean and never listed: they are no token.
 
 Neighbours: cosine similarity of decoder columns among all features of all layers, computed in
 chunks on the device (a chunk of query features against every feature); a feature's own column is
@@ -62,11 +64,21 @@ def _unembedding(model: AdapterModel) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def logit_lens(model: AdapterModel, *, n: int = 10, layers: list[int] | None = None) -> dict[int, LayerLens]:
-    """Top and bottom ``n`` tokens of every feature's demeaned logit-lens vector (see module docstring)."""
+def logit_lens(model: AdapterModel, *, n: int = 10, layers: list[int] | None = None,
+               token_mask: torch.Tensor | None = None) -> dict[int, LayerLens]:
+    """Top and bottom ``n`` tokens of every feature's demeaned logit-lens vector (see module docstring).
+
+    ``token_mask`` [vocab] bool: ids that are tokens (padded vocabulary rows are False and never listed).
+    """
     W_U, gain = _unembedding(model)
     vocab = W_U.shape[0]
-    n = min(n, vocab)
+    keep = None
+    if token_mask is not None:
+        if token_mask.shape != (vocab,):
+            raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}, the head has {vocab} rows")
+        if not bool(token_mask.all()):
+            keep = token_mask.to(W_U.device)
+    n = min(n, vocab if keep is None else int(keep.sum()))
     chunk = max(1, _CHUNK_ELEMENTS // vocab)
     out: dict[int, LayerLens] = {}
     for layer in layers if layers is not None else range(model.n_layers):
@@ -75,9 +87,14 @@ def logit_lens(model: AdapterModel, *, n: int = 10, layers: list[int] | None = N
         for start in range(0, W_dec.shape[1], chunk):
             dirs = (W_dec[:, start:start + chunk].T * gain).to(W_U.dtype)  # [c, d]
             logits = (dirs @ W_U.T).float()  # [c, V]
-            logits -= logits.mean(dim=1, keepdim=True)
-            top = logits.topk(n, dim=1)
-            bottom = logits.topk(n, dim=1, largest=False)
+            if keep is None:
+                logits -= logits.mean(dim=1, keepdim=True)
+                top = logits.topk(n, dim=1)
+                bottom = logits.topk(n, dim=1, largest=False)
+            else:
+                logits -= logits[:, keep].mean(dim=1, keepdim=True)
+                top = logits.masked_fill(~keep, float("-inf")).topk(n, dim=1)
+                bottom = logits.masked_fill(~keep, float("inf")).topk(n, dim=1, largest=False)
             parts.append((top.indices, top.values, bottom.indices, bottom.values))
         cat = [torch.cat(p).cpu() for p in zip(*parts, strict=True)]
         out[layer] = LayerLens(cat[0], cat[1], cat[2], cat[3])

@@ -4,9 +4,13 @@
 prompt), pruned, stored in ``graphs`` under (run_id, slug) in circuit-tracer's node format.
 
 ``hesitation``: the study of :mod:`worker.hesitation.study` on a run: traces from the target on held-out
-prompts (the organism's, or a JSONL file's), graphs at sampled hesitation sites (stored as
-``hesitation-NNN``), aggregated influence, roles (:mod:`worker.hesitation.roles`), and the named feature set
-chosen by zero-ablation, with its measured numbers in the set's description and the job's result.
+prompts (the organism's, a JSONL file's, or the prompts of the run's own texts), graphs at sampled
+hesitation sites (stored as ``hesitation-NNN``), aggregated influence, roles (:mod:`worker.hesitation.roles`),
+and the named feature set chosen by zero-ablation, with its measured numbers in the set's description and
+the job's result. Hesitations are the run's words (``runs.config["hesitation_words"]``) as
+``training.hesitation`` finds them in decoded text; a graph explains a word's first token. When the
+target's generations hold no hesitation (a user's pair whose target rarely hesitates on short
+generations), the sites come from the run's own texts, and the result says so.
 
 Both are idempotent: a re-run replaces its graphs and the set's members.
 """
@@ -20,7 +24,6 @@ import math
 import random
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -28,7 +31,7 @@ from pydantic import BaseModel, Field
 from app.db.attribute_request import STUDY_SLUG_PREFIX, AttributePayload
 from app.db.schema import Prompt, Run
 from app.db.text import storable
-from training.hesitation import DEFAULT_HESITATION_WORDS, hesitation_token_ids
+from training.hesitation import HesitationCounter, first_token_ids, hesitation_token_ids, words_from_config
 from worker.handlers import JobContext, register
 from worker.hesitation import store
 from worker.hesitation.roles import OUTPUT, ROLES, TEMPLATE, RoleRules, classify_all
@@ -74,10 +77,6 @@ def _context_limit(model) -> int:
     return min(int(ctx_len), ATTRIBUTE_MAX_TOKENS)
 
 
-def _word(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id]).strip(" \t\n\r,.;:!?")
-
-
 # -- attribute ------------------------------------------------------------------------------------------
 
 
@@ -98,9 +97,14 @@ def resolve_prompt(ctx: JobContext, p: AttributePayload, tokenizer: Any, vocab: 
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         text = tokenizer.decode(ids)
     else:
-        from training.chat import format_prompt
+        from worker.run_data import run_chat_format
 
-        text = format_prompt(p.prompt) if p.chat else p.prompt
+        if p.chat:
+            with ctx.session() as s:
+                run = s.get(Run, p.run_id)
+                text = run_chat_format(run, tokenizer).format(p.prompt)
+        else:
+            text = p.prompt
         ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     if not ids:
         raise ValueError("the prompt has no tokens")
@@ -225,12 +229,15 @@ class HesitationPayload(BaseModel):
                                    "2,000 keeps 24 organism graphs to about a minute on a CPU).")
     node_threshold: float = Field(0.8, ge=0.0, le=1.0)
     edge_threshold: float = Field(0.98, ge=0.0, le=1.0)
-    hesitation_words: list[str] | None = Field(None, min_length=1, description="Default: training.hesitation's.")
+    hesitation_words: list[str] | None = Field(None, min_length=1, description="Default: the run's "
+                                               "(runs.config['hesitation_words']), else training.hesitation's.")
     seed: int = Field(0, ge=0)
-    traces: Literal["generated", "adapted", "reference"] = Field(
-        "generated", description="Sites in the target's greedy generations (the paper), the adapted model's, or the "
-        "organism's reference traces.")
-    prompts_path: str | None = Field(None, description="JSONL of {prompt, answer?} (real models; default: organism).")
+    traces: Literal["generated", "adapted", "reference", "texts"] = Field(
+        "generated", description="Sites in the target's greedy generations (the paper), the adapted model's, the "
+        "organism's reference traces, or the run's own texts. 'generated' falls back to the run's texts when the "
+        "generations hold no hesitation.")
+    prompts_path: str | None = Field(None, description="JSONL of {prompt, answer?} (default: the run's prompts, the "
+                                     "organism's problems, or the prompts of the run's texts).")
     n_site_prompts: int = Field(200, ge=1, description="Prompts whose traces are searched for sites.")
     n_validation: int = Field(150, ge=1, description="Prompts the set is chosen on.")
     n_report: int = Field(250, ge=1, description="Prompts the chosen set is measured on (disjoint).")
@@ -261,28 +268,31 @@ def split_sizes(total: int, wanted: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(scaled)
 
 
-def study_prompts(run: Run, prompts_path: str | None) -> list[EvalPrompt]:
-    """The prompts the study draws from: the organism's held-out problems or a JSONL file's prompts."""
-    from training.chat import format_prompt
-    from worker.models_cache import parse_organism_spec
+def study_prompts(run: Run, prompts_path: str | None, tokenizer: Any) -> tuple[list[EvalPrompt], Any, str]:
+    """The prompts the study draws from (organism problems, a prompts file, or the prompts of all the run's
+    texts), their answer scorer, and where they come from."""
+    from worker.run_data import run_prompts
 
-    org = parse_organism_spec(run.target_model)
-    if prompts_path is None and org is not None:
-        from worker.pipeline import organism_problems
+    ps = run_prompts(run, tokenizer, prompts_path=prompts_path, split="all")
+    prompts = [EvalPrompt(t, a, g) for t, a, g in zip(ps.texts, ps.answers, ps.groups, strict=True)]
+    return prompts, ps.score, ps.description
 
-        return [EvalPrompt(format_prompt(p.text), p.answer, p.family) for p in organism_problems(org, "heldout")]
-    if prompts_path is None:
-        raise ValueError(f"run {run.name!r} is not the organism: the study needs prompts_path (JSONL of {{prompt}})")
-    path = Path(prompts_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"no prompt file at {prompts_path}")
-    from training.jsonl import read_jsonl
 
+def text_traces(run: Run, tokenizer: Any, limit: int) -> list[Trace]:
+    """The run's own texts as traces (a user's pair): the prompt is the text up to its chat format's
+    generation prompt, so sites are searched in what the target wrote."""
+    from worker.run_data import data_config, run_chat_format, text_split
+
+    if data_config(run).get("kind") != "jsonl":
+        raise ValueError("traces='texts' needs a run trained on a text file")
+    split = text_split(run)
+    marker = run_chat_format(run, tokenizer).generation_prompt
     out = []
-    for n, row in read_jsonl(path):
-        if "prompt" not in row:
-            raise ValueError(f"{prompts_path} line {n} is not a {{\"prompt\", \"answer\"?}} object: no 'prompt'")
-        out.append(EvalPrompt(format_prompt(str(row["prompt"])), row.get("answer"), str(row.get("group", ""))))
+    for text in (split.train + split.heldout)[:limit]:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:ATTRIBUTE_MAX_TOKENS]
+        cut = text.find(marker) if marker else -1
+        prompt_len = len(tokenizer(text[:cut + len(marker)], add_special_tokens=True)["input_ids"]) if cut >= 0 else 1
+        out.append(Trace(tuple(ids), min(prompt_len, len(ids)), "", text[:cut + len(marker)] if cut >= 0 else ""))
     return out
 
 
@@ -340,19 +350,26 @@ def hesitation_job(ctx: JobContext) -> dict:
     timings: dict[str, float] = {}  # seconds per phase
     run = get_run(ctx, p.run_id)
     rules = RoleRules()
-    words = tuple(p.hesitation_words or DEFAULT_HESITATION_WORDS)
-    prompts = study_prompts(run, p.prompts_path)
+    words = tuple(p.hesitation_words or words_from_config(run.config))
+    ctx.progress(0, None, "loading the model")  # the step count needs the model's width
+    model, tokenizer = _model(ctx, p.run_id)
+    from worker.run_data import require_target
+
+    require_target(run, model, "the hesitation study")
+    prompts, score, prompts_from = study_prompts(run, p.prompts_path, tokenizer)
     order = list(range(len(prompts)))
     random.Random(f"hesitation-{p.seed}").shuffle(order)
     n_sites, n_val, n_rep = split_sizes(len(prompts), (p.n_site_prompts, p.n_validation, p.n_report))
     pool = [prompts[i] for i in order[:n_sites]]
     validation = [prompts[i] for i in order[n_sites:n_sites + n_val]]
     report_prompts = [prompts[i] for i in order[n_sites + n_val:n_sites + n_val + n_rep]]
-    ctx.progress(0, None, "loading the model")  # the step count needs the model's width
-    model, tokenizer = _model(ctx, p.run_id)
-    hes_ids = hesitation_token_ids(tokenizer, words)
-    if not hes_ids:
-        raise ValueError(f"none of the hesitation words {list(words)} is a single token of this tokenizer")
+    counter = HesitationCounter.for_tokenizer(tokenizer, words)
+    # what the logit-lens ranks and the site margins treat as hesitation: single-token spellings and the
+    # first tokens of every spelling (a graph of a split word explains its first token)
+    hes_ids = hesitation_token_ids(tokenizer, words) | {i for ids in first_token_ids(tokenizer, words).values() for i in ids}
+    from training.generation import model_vocab_size, token_mask
+
+    real = token_mask(tokenizer, model_vocab_size(model))
     n_total = model.n_layers * model.n_features
     cap = max(1, math.floor(p.cap_fraction * n_total))
     sizes = set_sizes(cap, p.growth)
@@ -361,10 +378,24 @@ def hesitation_job(ctx: JobContext) -> dict:
     # 1. sites
     t = time.perf_counter()
     ctx.progress(1, total_steps, f"{p.traces} traces on {len(pool)} prompts")
-    traces = (reference_traces(run, pool, tokenizer) if p.traces == "reference"
-              else generated_traces(model, tokenizer, pool, p.max_new_tokens,
-                                    "adapted" if p.traces == "adapted" else "target"))
-    sites = collect_sites(traces, hes_ids, lambda tid: _word(tokenizer, tid))
+    source = p.traces
+    if p.traces == "reference":
+        traces = reference_traces(run, pool, tokenizer)
+    elif p.traces == "texts":
+        traces = text_traces(run, tokenizer, len(pool))
+    else:
+        traces = generated_traces(model, tokenizer, pool, p.max_new_tokens,
+                                  "adapted" if p.traces == "adapted" else "target")
+    sites = collect_sites(traces, counter)
+    if not sites and p.traces == "generated" and (run.config or {}).get("data", {}).get("kind") == "jsonl":
+        log.warning("the target's %d generations hold no hesitation (%s): taking the sites from the run's texts",
+                    len(traces), ", ".join(words))
+        source = "texts (the target's generations held none)"
+        traces = text_traces(run, tokenizer, len(pool))
+        sites = collect_sites(traces, counter)
+    if not sites:  # the job still ends: its set says so (a run can be studied again with other words)
+        log.warning("no hesitation (%s) in %d %s traces: check the run's hesitation words (--hesitation-words) and "
+                    "its chat format", ", ".join(words), len(traces), source)
     chosen_sites = sample_sites(sites, p.n_graphs, p.seed) if sites else []
     timings["traces_s"] = time.perf_counter() - t
     log.info("%d hesitation sites in %d traces; %d sampled", len(sites), len(traces), len(chosen_sites))
@@ -401,7 +432,8 @@ def hesitation_job(ctx: JobContext) -> dict:
 
     # 3-4. aggregate and classify
     features = aggregate(evidence)
-    ranks = lens_ranks(model, [f.key for f in features], hes_ids, k=rules.lens_top_k, decode=decode_one)
+    ranks = lens_ranks(model, [f.key for f in features], hes_ids, k=rules.lens_top_k, decode=decode_one,
+                       token_mask=real)
     for f in features:
         f.lens_rank, f.lens_top = ranks[f.key]
     classify_all(features, len(evidence), rules)
@@ -416,8 +448,9 @@ def hesitation_job(ctx: JobContext) -> dict:
         prefixes = [traces[site.trace].token_ids[:site.position] for site in chosen_sites]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         ctx.progress(2 + len(chosen_sites), total_steps, f"scoring {len(candidates)} candidates at the sites")
-        effects = site_ablation_effects(model, prefixes, [site.token_id for site in chosen_sites], hes_ids, candidates,
-                                        pad_id=pad, on_step=lambda _: ctx.check())
+        effects = site_ablation_effects(model, prefixes, [site.token_id for site in chosen_sites],
+                                        hes_ids | {site.token_id for site in chosen_sites}, candidates, pad_id=pad,
+                                        on_step=lambda _: ctx.check(), token_mask=real)
         ranked = sorted((k for k in candidates if effects[k] > 0), key=lambda k: -effects[k])
         scores = effects
         timings["scoring_s"] = time.perf_counter() - t
@@ -431,10 +464,10 @@ def hesitation_job(ctx: JobContext) -> dict:
         ctx.progress(min(step["n"], total_steps - 1), total_steps, message)
         ctx.check()
 
-    gen_kw = {"max_new_tokens": p.max_new_tokens}
+    gen_kw = {"max_new_tokens": p.max_new_tokens, "score_answer": score}
     progress("baseline on validation prompts")
-    baseline = measure(model, tokenizer, validation, hes_ids, **gen_kw)
-    choice = choose_set(ranked, lambda feats: measure(model, tokenizer, validation, hes_ids, ablate=feats, **gen_kw),
+    baseline = measure(model, tokenizer, validation, counter, **gen_kw)
+    choice = choose_set(ranked, lambda feats: measure(model, tokenizer, validation, counter, ablate=feats, **gen_kw),
                         baseline, sizes=sizes, target_removal=p.target_removal,
                         on_step=lambda size, _: progress(f"ablating {size} features on validation prompts"))
     timings["choose_s"] = time.perf_counter() - t
@@ -442,16 +475,16 @@ def hesitation_job(ctx: JobContext) -> dict:
     t = time.perf_counter()
     report: dict[str, Any] = {}
     progress("report: target")
-    report["target"] = measure(model, tokenizer, report_prompts, hes_ids, mode="target", **gen_kw).to_dict()
+    report["target"] = measure(model, tokenizer, report_prompts, counter, mode="target", **gen_kw).to_dict()
     progress("report: adapted")
-    adapted = measure(model, tokenizer, report_prompts, hes_ids, **gen_kw)
+    adapted = measure(model, tokenizer, report_prompts, counter, **gen_kw)
     progress("report: ablated")
-    ablated = measure(model, tokenizer, report_prompts, hes_ids, ablate=choice.features, **gen_kw)
+    ablated = measure(model, tokenizer, report_prompts, counter, ablate=choice.features, **gen_kw)
     report.update(adapted=adapted.to_dict(), ablated=ablated.to_dict(), removal=removal(adapted, ablated))
     if p.control and choice.features:
         progress("report: random control")
         control = random_control(by_key, len(choice.features), choice.features, p.seed)
-        ctrl: Metrics = measure(model, tokenizer, report_prompts, hes_ids, ablate=control, **gen_kw)
+        ctrl: Metrics = measure(model, tokenizer, report_prompts, counter, ablate=control, **gen_kw)
         report["control"] = {**ctrl.to_dict(), "removal": removal(adapted, ctrl), "size": len(control)}
     timings["report_s"] = time.perf_counter() - t
 
@@ -461,7 +494,8 @@ def hesitation_job(ctx: JobContext) -> dict:
     members = [{"layer": key[0], "index": key[1], "role": by_key[key].role, "score": scores[key]}
                for key in choice.features]
     description = describe(len(choice.features), n_total, roles, report) if choice.features else (
-        f"no hesitation features: {len(sites)} hesitation sites found in {len(traces)} {p.traces} traces")
+        f"no hesitation features: {len(sites)} hesitation sites ({', '.join(words)}) found in {len(traces)} "
+        f"{source} traces")
     timings["total_s"] = time.perf_counter() - t_start
     recurring = [f for f in features if f.n_graphs >= max(rules.min_graphs,
                                                           math.ceil(rules.min_graph_fraction * len(evidence)))]
@@ -471,7 +505,7 @@ def hesitation_job(ctx: JobContext) -> dict:
         "choice": {"ranking": p.ranking, "n_ranked": len(ranked), "reached_target": choice.reached_target, "validation_removal": choice.removal,
                    "sizes": sizes, "cap": cap, "history": choice.history, "baseline": baseline.to_dict()},
         "report": report,
-        "sites": {"n_traces": len(traces), "n_sites": len(sites), "n_graphs": len(evidence),
+        "sites": {"source": source, "n_traces": len(traces), "n_sites": len(sites), "n_graphs": len(evidence),
                   "words": sorted({s.word for s in chosen_sites}), "groups": sorted({s.group for s in chosen_sites})},
         "graphs": {"ids": graph_ids, "slugs": slugs},
         "features": {"n_seen": len(features), "n_recurring": len(recurring),
@@ -479,7 +513,8 @@ def hesitation_job(ctx: JobContext) -> dict:
                      "top": [{**{k: v for k, v in asdict(f).items() if k != "lens_top"},
                               "lens_top": list(f.lens_top[:5]), "direct_share": f.direct_share,
                               "format_share": f.format_share} for f in features[:20]]},
-        "prompts": {"sites": len(pool), "validation": len(validation), "report": len(report_prompts)},
+        "prompts": {"from": prompts_from, "sites": len(pool), "validation": len(validation),
+                    "report": len(report_prompts)},
         "rules": asdict(rules), "words": list(words), "timings": timings,
     }
     with ctx.session() as s:  # the set keeps the study that chose it: the run page shows the finding

@@ -4,8 +4,9 @@ Steps, each a function here (the ``hesitation`` job in :mod:`worker.hesitation.j
 and stores the results):
 
 1. **Sites**: traces (the target's greedy generations, or reference traces) and the positions where a
-   hesitation token was produced (:func:`find_hesitation_sites`, :func:`collect_sites`); a sample of them,
-   stratified over (hesitation word, group) (:func:`sample_sites`).
+   hesitation starts (:func:`find_hesitation_sites`, :func:`collect_sites`: ``training.hesitation``'s
+   definition, a word found in the decoded text, its first token the site); a sample of them, stratified
+   over (hesitation word, group) (:func:`sample_sites`).
 2. **Graphs**: per site, an attribution graph of the adapter model on the tokens before the hesitation,
    with the hesitation token as a logit target (:func:`site_graph`).
 3. **Aggregation**: per graph, each feature's influence on *the hesitation logit* (the influence seeded at
@@ -34,7 +35,7 @@ import torch
 
 from training.adapter import AdapterModel, MLPMode
 from training.generation import generate
-from training.hesitation import hesitation_positions
+from training.hesitation import HesitationCounter, count_hesitations, hesitation_positions
 from training.interventions import Intervention
 from worker.attribution import Graph, PrunedGraph, attribute, prune_graph
 from worker.attribution.graph import compute_node_influence, normalize_rows
@@ -69,22 +70,38 @@ class HesitationSite:
     group: str = ""
 
 
-def find_hesitation_sites(token_ids: Sequence[int], hesitation_ids: Iterable[int], start: int = 0) -> list[int]:
-    """Positions (indices into ``token_ids``) of hesitation tokens at or after ``start`` (the prompt length).
+Hesitation = HesitationCounter | Iterable[int]  # the definition, or a plain set of hesitation token ids
 
-    Position 0 can hold no site: a graph needs at least one token before the hesitation.
+
+def _occurrences(token_ids: Sequence[int], hesitation: Hesitation) -> list[tuple[int, str | None]]:
+    """(first token, word) of each hesitation in ``token_ids``; with a plain id set, each such token (word None)."""
+    if isinstance(hesitation, HesitationCounter):
+        return [(first, word) for first, _, word in hesitation.occurrences(list(token_ids))]
+    return [(p, None) for p in hesitation_positions(list(token_ids), set(hesitation))]
+
+
+def find_hesitation_sites(token_ids: Sequence[int], hesitation: Hesitation, start: int = 0) -> list[int]:
+    """Positions (indices into ``token_ids``) where hesitations start, at or after ``start`` (the prompt length).
+
+    ``hesitation``: a :class:`HesitationCounter` (a word spelled by several tokens is one site, at its first
+    token) or a set of hesitation token ids. Position 0 can hold no site: a graph needs a token before it.
     """
     if start < 0:
         raise ValueError(f"start must be non-negative, got {start}")
-    return [p for p in hesitation_positions(list(token_ids), set(hesitation_ids)) if p >= max(start, 1)]
+    return [p for p, _ in _occurrences(token_ids, hesitation) if p >= max(start, 1)]
 
 
-def collect_sites(traces: Sequence[Trace], hesitation_ids: Iterable[int],
-                  word_of: Callable[[int], str]) -> list[HesitationSite]:
-    """Every hesitation site of ``traces``; ``word_of`` names a token id's word (the stratum)."""
-    ids = set(hesitation_ids)
-    return [HesitationSite(i, p, t.token_ids[p], word_of(t.token_ids[p]), t.group)
-            for i, t in enumerate(traces) for p in find_hesitation_sites(t.token_ids, ids, t.prompt_length)]
+def collect_sites(traces: Sequence[Trace], hesitation: Hesitation,
+                  word_of: Callable[[int], str] | None = None) -> list[HesitationSite]:
+    """Every hesitation site of ``traces``. The word (the stratum) is the occurrence's (a counter), else
+    ``word_of(token id)``."""
+    out = []
+    for i, t in enumerate(traces):
+        for p, word in _occurrences(t.token_ids, hesitation):
+            if p >= max(t.prompt_length, 1):
+                name = word if word is not None else (word_of(t.token_ids[p]) if word_of else str(t.token_ids[p]))
+                out.append(HesitationSite(i, p, t.token_ids[p], name, t.group))
+    return out
 
 
 def sample_sites(sites: Sequence[HesitationSite], n: int, seed: int = 0) -> list[HesitationSite]:
@@ -242,14 +259,15 @@ def formatting_flags(token_ids: Sequence[int], decode: Callable[[int], str]) -> 
 
 @torch.no_grad()
 def lens_ranks(model: AdapterModel, keys: Iterable[FeatureKey], hesitation_ids: Iterable[int], *, k: int = 10,
-               decode: Callable[[int], str] | None = None) -> dict[FeatureKey, tuple[int | None, tuple[str, ...]]]:
+               decode: Callable[[int], str] | None = None, token_mask: torch.Tensor | None = None) -> dict[FeatureKey, tuple[int | None, tuple[str, ...]]]:
     """Per feature: the rank of its best hesitation token among its top ``k`` logit-lens tokens (or None),
-    and those top tokens decoded (empty without ``decode``). Same convention as the collected logit lens."""
+    and those top tokens decoded (empty without ``decode``). Same convention as the collected logit lens
+    (``token_mask``: the tokenizer's ids; padded vocabulary rows are never listed)."""
     from worker.collect.lens import logit_lens
 
     keys = list(keys)
     hes = set(hesitation_ids)
-    lens = logit_lens(model, n=k, layers=sorted({layer for layer, _ in keys})) if keys else {}
+    lens = logit_lens(model, n=k, layers=sorted({layer for layer, _ in keys}), token_mask=token_mask) if keys else {}
     out = {}
     for layer, index in keys:
         top = lens[layer].top_ids[index].tolist()
@@ -276,7 +294,7 @@ class Metrics:
 
     n: int
     hesitation_rate: float  # share of generations holding a hesitation token
-    hesitation_tokens: int  # hesitation tokens in all generations
+    hesitation_tokens: int  # hesitations in all generations (occurrences of the words; a split word once)
     accuracy: float | None  # share answered right, over prompts with a known answer (None: none known)
     mean_length: float  # generated tokens per prompt (eos included)
     by_group: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -303,23 +321,32 @@ def _summarise(rows: list[tuple[EvalPrompt, int, bool | None, int]]) -> dict[str
             "mean_length": sum(length for *_, length in rows) / n if n else 0.0}
 
 
-def measure(model: AdapterModel, tokenizer: Any, prompts: Sequence[EvalPrompt], hesitation_ids: Iterable[int], *,
+def measure(model: AdapterModel, tokenizer: Any, prompts: Sequence[EvalPrompt], hesitation: Hesitation, *,
             mode: MLPMode = "adapted", ablate: Sequence[FeatureKey] = (), max_new_tokens: int = 96,
-            batch_size: int = 64, extract_answer: Callable[[str], str | None] | None = None) -> Metrics:
-    """Greedy generations of ``model`` in ``mode`` on ``prompts``, with ``ablate`` zeroed at every position."""
+            batch_size: int = 64, extract_answer: Callable[[str], str | None] | None = None,
+            score_answer: Callable[[str, str], bool | None] | None = None) -> Metrics:
+    """Greedy generations of ``model`` in ``mode`` on ``prompts``, with ``ablate`` zeroed at every position.
+
+    Hesitations are counted by ``hesitation`` (a :class:`HesitationCounter`: occurrences of its words; or a
+    set of token ids). Answers are scored by ``score_answer(text, answer)``, else by comparing
+    ``extract_answer(text)`` (default: the organism's) with the answer.
+    """
     if not prompts:
         raise ValueError("no prompts to measure on")
-    if extract_answer is None:
-        from training.organism.tasks import extract_answer
-    hes = set(hesitation_ids)
+    if score_answer is None:
+        if extract_answer is None:
+            from training.organism.tasks import extract_answer
+        score_answer = lambda text, want: _answer_matches(extract_answer(text), want)  # noqa: E731
+    count = hesitation.count if isinstance(hesitation, HesitationCounter) else \
+        (lambda ids, hes=frozenset(hesitation): count_hesitations(ids, hes))
     interventions = [Intervention.zero(ablate, positions="all")] if ablate else []
     with model.mode(mode), model.intervene(interventions):
         gens = generate(model, tokenizer, [p.text for p in prompts], max_new_tokens=max_new_tokens,
                         batch_size=batch_size)
     rows = []
     for p, g in zip(prompts, gens, strict=True):
-        correct = _answer_matches(extract_answer(g.text), p.answer) if p.answer is not None else None
-        rows.append((p, sum(t in hes for t in g.generated_ids), correct, len(g.generated_ids)))
+        correct = score_answer(g.text, p.answer) if p.answer is not None else None
+        rows.append((p, count(g.generated_ids), correct, len(g.generated_ids)))
     m = _summarise(rows)
     groups = sorted({p.group for p in prompts if p.group})
     return Metrics(**m, by_group={grp: _summarise([r for r in rows if r[0].group == grp]) for grp in groups})
@@ -409,11 +436,13 @@ def random_control(pool: Iterable[FeatureKey], size: int, exclude: Iterable[Feat
 
 @torch.no_grad()
 def site_margins(model: AdapterModel, prefixes: Sequence[Sequence[int]], targets: Sequence[int],
-                 hesitation_ids: Iterable[int], *, ablate: Sequence[FeatureKey] = (), pad_id: int = 0) -> torch.Tensor:
+                 hesitation_ids: Iterable[int], *, ablate: Sequence[FeatureKey] = (), pad_id: int = 0,
+                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The hesitation's logit margin at each site: logit(target) − the best non-hesitation logit [n_sites].
 
     The greedy decision flips where the margin crosses 0; unlike log p (which saturates near 0 when the
-    hesitation is certain), the margin moves roughly additively with the features removed.
+    hesitation is certain), the margin moves roughly additively with the features removed. Competitors are
+    tokens (``token_mask``: padded vocabulary ids never compete).
     """
     width = max(len(p) for p in prefixes)
     device = next(model.parameters()).device
@@ -428,12 +457,15 @@ def site_margins(model: AdapterModel, prefixes: Sequence[Sequence[int]], targets
     target = logits[torch.arange(len(prefixes)), torch.tensor(list(targets))]
     others = logits.clone()
     others[:, sorted(set(hesitation_ids))] = float("-inf")
+    if token_mask is not None:
+        others[:, ~token_mask.cpu()] = float("-inf")
     return target - others.max(-1).values
 
 
 def site_ablation_effects(model: AdapterModel, prefixes: Sequence[Sequence[int]], targets: Sequence[int],
                           hesitation_ids: Iterable[int], candidates: Sequence[FeatureKey], *, pad_id: int = 0,
-                          on_step: Callable[[int], None] | None = None) -> dict[FeatureKey, float]:
+                          on_step: Callable[[int], None] | None = None,
+                          token_mask: torch.Tensor | None = None) -> dict[FeatureKey, float]:
     """Per candidate: mean drop of the hesitation margin (:func:`site_margins`) when it alone is zeroed everywhere.
 
     Positive: the feature supports the hesitation. The graphs' influence is unsigned and blind to the
@@ -441,10 +473,11 @@ def site_ablation_effects(model: AdapterModel, prefixes: Sequence[Sequence[int]]
     make the hesitation *more* likely); this measures the real model at the real sites.
     """
     hes = set(hesitation_ids)
-    base = site_margins(model, prefixes, targets, hes, pad_id=pad_id)
+    kw = {"pad_id": pad_id, "token_mask": token_mask}
+    base = site_margins(model, prefixes, targets, hes, **kw)
     out = {}
     for k, key in enumerate(candidates):
-        out[key] = float((base - site_margins(model, prefixes, targets, hes, ablate=[key], pad_id=pad_id)).mean())
+        out[key] = float((base - site_margins(model, prefixes, targets, hes, ablate=[key], **kw)).mean())
         if on_step is not None:
             on_step(k)
     return out

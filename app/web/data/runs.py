@@ -31,8 +31,8 @@ NOT_CURVES = {"step", "epoch", "tokens"}  # bookkeeping counters: as a curve aga
 
 class ModelRow(BaseModel):
     name: str
-    kl_to_target: float | None = None
-    nmse_mean: float | None = None
+    kl_to_target: float | None = None  # held-out texts
+    nmse_mean: float | None = None  # held-out texts
     hesitation_rate: float | None = None
     mean_response_len: float | None = None
     accuracy: float | None = None
@@ -48,6 +48,10 @@ class Evaluation(BaseModel):
     l0_per_layer: list[float] = []
     dead_features_per_layer: list[int] = []
     n_prompts: int | None = None
+    texts_from: str | None = None  # where the held-out texts of KL, NMSE and L0 come from
+    n_texts: int | None = None
+    n_tokens: int | None = None
+    prompts_from: str | None = None  # where the prompts of the generation columns come from
 
 
 class Curves(BaseModel):
@@ -104,6 +108,7 @@ def _evaluation(raw: dict[str, Any] | None) -> Evaluation | None:
     if not raw or not isinstance(raw, dict):
         return None
     models = raw.get("models") or {}
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
     names = [n for n in MODEL_ORDER if n in models] + sorted(n for n in models if n not in MODEL_ORDER)
     rows = []
     for name in names:
@@ -123,7 +128,14 @@ def _evaluation(raw: dict[str, Any] | None) -> Evaluation | None:
         l0_per_layer=[float(x) for x in raw.get("l0_per_layer") or [] if isinstance(x, int | float)],
         dead_features_per_layer=[int(x) for x in raw.get("dead_features_per_layer") or [] if isinstance(x, int | float)],
         n_prompts=raw.get("n_prompts") if isinstance(raw.get("n_prompts"), int) else None,
+        texts_from=_text(data.get("texts")), prompts_from=_text(data.get("prompts")),
+        n_texts=raw.get("n_texts") if isinstance(raw.get("n_texts"), int) else None,
+        n_tokens=raw.get("n_tokens") if isinstance(raw.get("n_tokens"), int) else None,
     )
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _curves(session: Session, run_id: int) -> Curves | None:
