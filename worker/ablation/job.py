@@ -49,7 +49,7 @@ from app.db.text import storable
 from app.db.write import replace_rows, upsert
 from app.settings import Settings
 from training.adapter import AdapterModel, MLPMode
-from training.chat import ASSISTANT, THINK_START, USER, format_prompt
+from training.chat import PLACEHOLDER, ChatFormat, chat_format_for
 from training.hesitation import HesitationCounter, normalize_words
 from training.interventions import Intervention
 from training.organism.tasks import extract_answer
@@ -148,32 +148,27 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=not already)["input_ids"])
 
 
-def is_chat_formatted(text: str, tokenizer: Any) -> bool:
+def run_chat_format(tokenizer: Any, config: dict | None) -> ChatFormat:
+    """The run's chat format: stored in its config, else its tokenizer's chat template, else DeepSeek-R1's."""
+    return chat_format_for(config, getattr(tokenizer, "chat_template", None),
+                           bos_token=getattr(tokenizer, "bos_token", None), eos_token=getattr(tokenizer, "eos_token", None))
+
+
+def is_chat_formatted(text: str, fmt: ChatFormat) -> bool:
     """Whether free text already holds the run's chat markers (a user pasted a formatted prompt)."""
-    markers = [USER, ASSISTANT]
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str):
-        markers += [m for m in ("<|im_start|>", "<|start_header_id|>", "[INST]", "<start_of_turn>") if m in template]
-    return any(m in text for m in markers)
+    head, tail = fmt.template.split(PLACEHOLDER)
+    return any(m.strip() and m.strip() in text for m in (head, tail))
 
 
-def format_free_text(tokenizer: Any, text: str, *, chat: bool = True) -> str:
-    """A user's free text as the model is prompted: the run tokenizer's chat template (a user turn, the
-    assistant's turn opened, with ``<think>`` when the model thinks), else the organism's DeepSeek format.
+def format_free_text(tokenizer: Any, text: str, *, chat: bool = True, config: dict | None = None) -> str:
+    """A user's free text as the model is prompted, in the run's chat format (:func:`run_chat_format`).
 
-    Text already in chat format is used as it is, so a pasted formatted prompt is never wrapped twice.
+    Text already in that format is used as it is, so a pasted formatted prompt is never wrapped twice.
     """
-    if not chat or is_chat_formatted(text, tokenizer):
+    if not chat:
         return text
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                            add_generation_prompt=True)
-        thinks = THINK_START in tokenizer.get_vocab()
-        tail = out.rsplit(ASSISTANT, 1)[-1] if ASSISTANT in out else out[-20:]
-        if thinks and THINK_START not in tail:
-            out += f"{THINK_START}\n"
-        return out
-    return format_prompt(text)
+    fmt = run_chat_format(tokenizer, config)
+    return text if is_chat_formatted(text, fmt) else fmt.format(text)
 
 
 @lru_cache(maxsize=8)
@@ -318,7 +313,8 @@ def _run_ablation(ctx: JobContext, ablation_id: int, resolved: ResolvedAblation)
     if resolved.prompt_ids is not None:
         prompt_ids = resolved.prompt_ids
     else:
-        prompt_ids = encode(tokenizer, format_free_text(tokenizer, resolved.prompt_text, chat=req.chat))
+        prompt_ids = encode(tokenizer, format_free_text(tokenizer, resolved.prompt_text, chat=req.chat,
+                                                         config=_run_config(ctx, req.run_id)))
     _check_ids(prompt_ids, model)
     check_prompt_length(len(prompt_ids), settings.context_length)
     ivs = build_interventions(resolved.selection, model.n_layers)
@@ -349,6 +345,12 @@ def _run_ablation(ctx: JobContext, ablation_id: int, resolved: ResolvedAblation)
     if req.target_token_id is not None:
         summary["target"] = target_report(req.target_token_id, tokenizer, done)
     return summary
+
+
+def _run_config(ctx: JobContext, run_id: int) -> dict | None:
+    with ctx.session() as s:
+        run = s.get(Run, run_id)
+        return dict(run.config or {}) if run is not None else None
 
 
 def _words(ctx: JobContext, run_id: int) -> tuple[str, ...]:
@@ -442,8 +444,9 @@ def _experiment_prompts(ctx: JobContext, resolved: ResolvedExperiment, tokenizer
         with ctx.session() as s:
             run = s.get(Run, req.run_id)
         items = _organism_items(run, req.organism_heldout or 0, ctx.job_settings())
-    return [(encode(tokenizer, format_free_text(tokenizer, it.prompt, chat=req.chat)), it.answer, it.prompt)
-            for it in items]
+    config = _run_config(ctx, req.run_id)
+    return [(encode(tokenizer, format_free_text(tokenizer, it.prompt, chat=req.chat, config=config)), it.answer,
+             it.prompt) for it in items]
 
 
 def _quantiles(values: Sequence[float]) -> dict[str, float] | None:
