@@ -13,6 +13,7 @@ from app.db.schema import Job, Run
 from app.db.session import make_engine, make_sessionmaker
 from app.settings import Settings
 from app.web import create_app
+from tests.web.conftest import BASE_URL
 
 
 def _pair(root: Path) -> dict[str, str]:
@@ -29,7 +30,7 @@ def client(db_url: str, tmp_path: Path):
     engine = make_engine(db_url)
     settings = Settings(database_url=db_url, data_dir=tmp_path / "data", api_allowed_paths=[tmp_path / "models"],
                         api_allowed_models=["deepseek-ai/*"])
-    with TestClient(create_app(settings, engine=engine)) as c:
+    with TestClient(create_app(settings, engine=engine), base_url=BASE_URL, headers={"Origin": BASE_URL}) as c:
         yield c, engine, tmp_path
     engine.dispose()
 

@@ -223,17 +223,23 @@ def feature_by_cantor(run: str, feature: Annotated[int, Path(ge=0, le=2**53)], s
     return JSONResponse(feature_file(session, run, layer, index).model_dump(mode="json"))
 
 
+JSONL_RESPONSE = {200: {"content": {"application/x-ndjson": {}}, "description": "One JSON object per line."}}
+
+
 @router.get("/api/runs/{run}/ablations/{ablation_id}/transcript.jsonl", name="ablation_transcript",
-            tags=["ablations"], summary="An ablation as JSONL: one line per condition")
-def ablation_jsonl(run: str, ablation_id: Annotated[int, Path(ge=1)], session: SessionDep) -> StreamingResponse:
+            tags=["ablations"], summary="An ablation as JSONL: one line per condition",
+            response_class=StreamingResponse, responses=JSONL_RESPONSE)
+def ablation_jsonl(run: str, ablation_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep) -> StreamingResponse:
     lines = ablation_transcript(session, run, ablation_id)
     return StreamingResponse(jsonl_lines(lines), media_type="application/x-ndjson", headers={
         "Content-Disposition": f'attachment; filename="ablation-{ablation_id}.jsonl"'})
 
 
 @router.get("/api/runs/{run}/experiments/{experiment_id}/transcript.jsonl", name="experiment_transcript",
-            tags=["experiments"], summary="An experiment as JSONL: one line per (prompt, condition)")
-def experiment_jsonl(run: str, experiment_id: Annotated[int, Path(ge=1)], session: SessionDep) -> StreamingResponse:
+            tags=["experiments"], summary="An experiment as JSONL: one line per (prompt, condition)",
+            response_class=StreamingResponse, responses=JSONL_RESPONSE)
+def experiment_jsonl(run: str, experiment_id: Annotated[int, Path(ge=1, le=MAX_ID)], session: SessionDep,
+                     ) -> StreamingResponse:
     lines = experiment_transcript(session, run, experiment_id)
     return StreamingResponse(jsonl_lines(lines), media_type="application/x-ndjson", headers={
         "Content-Disposition": f'attachment; filename="experiment-{experiment_id}.jsonl"'})
