@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from app.db.schema import Job, JobStatus
 from app.web.data.jobs import JobView, job_view
+from app.web.templating import duration
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +25,7 @@ REFRESH_S = 1.0  # seconds between looks at the running jobs
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return duration(seconds, compact=True)
 
 
 def _number(x: float) -> str:

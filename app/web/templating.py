@@ -40,16 +40,17 @@ def fmt(value: Any, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def duration(seconds: Any) -> str:
-    """Seconds for people: 42 s, 3 min 05 s, 1 h 07 min."""
+def duration(seconds: Any, compact: bool = False) -> str:
+    """Seconds for people: 42 s, 3 min 05 s, 1 h 07 min (``compact``, for a terminal line: 42s, 3m05s, 1h07m)."""
     if seconds is None:
         return "–"
     s = int(round(float(seconds)))
+    sec, mins, hours = ("s", "m", "h") if compact else (" s", " min ", " h ")
     if s < 60:
-        return f"{s} s"
+        return f"{s}{sec}"
     if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+        return f"{s // 60}{mins}{s % 60:02d}{sec}"
+    return f"{s // 3600}{hours}{(s % 3600) // 60:02d}{'m' if compact else ' min'}"
 
 
 def pct(value: Any) -> str:
