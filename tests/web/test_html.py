@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from bs4 import BeautifulSoup
 
 from tests.seed import N_FEATURES, N_LAYERS
@@ -33,6 +35,8 @@ def test_run_page_links_into_everything(web):
     assert {f"{web.run}/features", f"{web.run}/graphs/{w.graph_id}", f"{web.run}/ablations/{w.ablation_id}",
             f"{web.run}/experiments/{w.experiment_id}"} <= hrefs
     assert page.select_one("[data-curves]") is not None
+    graph_item = page.select_one(f"[data-section=graphs] a[href='{web.run}/graphs/{w.graph_id}']").parent
+    assert re.search(r"\b\d+ features?\b", graph_item.text), graph_item.text  # what each graph kept
 
 
 def test_empty_run_shows_empty_states_with_commands(web):

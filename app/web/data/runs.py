@@ -16,6 +16,7 @@ from app.db.schema import (
     FeatureSet,
     FeatureSetMember,
     Graph,
+    GraphFeature,
     Job,
     Run,
     RunMetric,
@@ -171,12 +172,18 @@ def run_page(session: Session, run_key: str | int) -> RunPage:
     n_collected = session.scalar(select(func.count()).select_from(capped)) or 0
     if n_collected > COUNT_CAP:
         n_collected = run.n_layers * run.n_features if run.n_layers and run.n_features else COUNT_CAP
+    graph_rows = session.execute(
+        select(Graph.id, Graph.slug, Graph.target_token_str, Graph.created)
+        .where(Graph.run_id == rid).order_by(Graph.id.desc()).limit(50)
+    ).all()
+    n_kept = dict(session.execute(  # features each listed graph kept (pruning may keep none: the page says so)
+        select(GraphFeature.graph_id, func.count()).where(GraphFeature.graph_id.in_([g.id for g in graph_rows]))
+        .group_by(GraphFeature.graph_id)).all()) if graph_rows else {}
     graphs = [
-        LinkItem(id=g.id, title=g.slug, detail=(g.target_token_str and f"→ {g.target_token_str!r}"), created=g.created)
-        for g in session.execute(
-            select(Graph.id, Graph.slug, Graph.target_token_str, Graph.created)
-            .where(Graph.run_id == rid).order_by(Graph.id.desc()).limit(50)
-        )
+        LinkItem(id=g.id, title=g.slug, created=g.created,
+                 detail=" · ".join(filter(None, [g.target_token_str and f"→ {g.target_token_str!r}",
+                                                 _kept(n_kept.get(g.id, 0))])))
+        for g in graph_rows
     ]
     members = (select(FeatureSetMember.set_id, func.count().label("n")).group_by(FeatureSetMember.set_id).subquery())
     sets = [
@@ -219,6 +226,10 @@ def experiment_items(session: Session, run_id: int, limit: int = 200) -> list[Li
         for e in session.scalars(select(Experiment).where(Experiment.run_id == run_id)
                                  .order_by(Experiment.id.desc()).limit(limit))
     ]
+
+
+def _kept(n: int) -> str:
+    return f"{n} feature{'s' if n != 1 else ''}" if n else "pruning kept no feature"
 
 
 def _experiment_detail(summary: dict[str, Any] | None) -> str | None:
