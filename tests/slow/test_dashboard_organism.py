@@ -126,7 +126,7 @@ def test_token_search_finds_the_feature_that_promotes_wait_most(live, page):
     engine = make_engine(settings)
     vocab = find_vocab(None, "organism:organism:s0", settings.data_dir)
     with Session(engine) as s:
-        leaders = sorted(((f.logit_lens["top"][0][1], f.layer, f.index)
+        leaders = sorted(((f.logit_lens["top"][0][-1], f.layer, f.index)
                           for f in s.scalars(select(Feature).where(Feature.run_id == demo["run_id"]))
                           if (f.logit_lens or {}).get("top") and vocab.token(f.logit_lens["top"][0][0]).exact == " Wait"),
                          reverse=True)
