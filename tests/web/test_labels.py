@@ -81,3 +81,15 @@ def test_hostile_label_queries_are_answered(web):
     assert web.client.get(f"/api/runs/{rid}/features", params={"q": "x" * 201}).status_code in (400, 422)
     with Session(web.engine) as s:
         assert s.scalar(select(FeatureLabel.id).limit(1)) is not None
+
+
+def test_ablation_page_names_its_features_labels(web):
+    _label(web)
+    page = web.client.get(f"/api/runs/{web.world.run_id}/ablations/{web.world.ablation_id}").json()
+    feats = page["ablation"]["request"]["features"][:12]
+    with Session(web.engine) as s:
+        want = {f"{ly}/{ix}": s.get(Feature, (web.world.run_id, ly, ix)).label for ly, ix in feats
+                if s.get(Feature, (web.world.run_id, ly, ix)) is not None}
+    assert want and page["feature_labels"] == want
+    html = BeautifulSoup(web.client.get(f"{web.run}/ablations/{web.world.ablation_id}").text, "html.parser")
+    assert {a["title"] for a in html.select("a[data-feature-label]")} == set(want.values())
