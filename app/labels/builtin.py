@@ -22,8 +22,8 @@ match wins:
    ("fires on '\\n'"), or on tokens of one language class.
 7. otherwise **uninterpretable / mixed**, naming the commonest focus tokens.
 
-A label ends with where the feature fires, when one place dominates: "after a stated answer" (the context up
-to the focus ends in a number after "=", "So" or "answer is"), "in thinking" / "in the prompt" / "in the answer"
+A label ends with where the feature fires, when one place dominates: "after a stated answer" (in at least half
+the top examples the text just before the focus token ends in a number after "=", "So" or "answer is"), "in thinking" / "in the prompt" / "in the answer"
 (at least 60% of its active tokens), "early" / "late" in thinking (60% in the first or last 30% of the span).
 ``score`` is the share of the evidence the firing rule covers (top examples, 70%, and random examples, 30%,
 when the rule is about examples; the share of reasoning tokens among the lens top 3 for an output rule): a
@@ -63,7 +63,7 @@ CONNECTIVES = frozenset({"so", "therefore", "thus", "hence", "because", "and", "
                          "yes", "no", "if", "or", "as"})
 _PUNCT = " \t\n\r,.;:!?…—-\"'()[]{}"
 _NUMBER = re.compile(r"^[\d.,]+$")
-_ANSWER = re.compile(r"(?:=|\bSo\b|\banswer(?: is)?|\bis)\s*:?\s*\$?-?\d[\d.,]*\$?\s*[.,]?\s*$")
+_ANSWER = re.compile(r"(?:=|\bSo|\banswer(?: is)?|\bis)\s*:?\s*\$?-?\d[\d.,]*\$?\s*[.,]?\s*$")
 
 TOP_SHARE = 0.5  # share of top examples a rule about examples needs
 REGION_SHARE = 0.6  # share of active tokens that makes a region "where it fires"
@@ -80,7 +80,7 @@ class Label:
     label: str
     category: str
     subcategory: str | None
-    score: float
+    score: float | None
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,7 +150,7 @@ def _read(examples: Sequence[ExampleEvidence], vocab: Vocab, words: Sequence[str
             after.append((nt, token_class(nt, nk, words)))
         else:
             after.append(("", "none"))
-        context = "".join(piece(vocab, t)[0] for t in ex.token_ids[max(0, ex.focus - CONTEXT_TOKENS): ex.focus + 1])
+        context = "".join(piece(vocab, t)[0] for t in ex.token_ids[max(0, ex.focus - CONTEXT_TOKENS): ex.focus])
         answer.append(bool(_ANSWER.search(context)))
     return _Seen(focus, after, answer)
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from app.db.schema import Run
 from app.labels import BUILTIN
 from app.labels.builtin import label_feature
-from app.labels.evidence import feature_keys, load_evidence, slices
+from app.labels.evidence import TOP_EXAMPLES, feature_keys, load_evidence, slices
 from app.labels.store import labelled_keys, write_labels
 from app.web.tokens import Vocab
 from training.hesitation import HesitationWordsError, normalize_words, words_from_config
@@ -103,7 +103,7 @@ def label_run(engine: Engine, run_id: int, *, labeler: str = BUILTIN, data_dir: 
         if check:
             check()
         with Session(engine) as session:
-            evidence = load_evidence(session, run_id, batch)
+            evidence = load_evidence(session, run_id, batch, n_top=TOP_EXAMPLES if labeler == BUILTIN else 20)
         if labeler == BUILTIN:
             labels = [(ev.layer, ev.index, label_feature(ev, vocab, words)) for ev in evidence]
         else:
