@@ -221,7 +221,7 @@ class FeatureLabel(Base):
 
     __table_args__ = (
         Index("ix_feature_labels_feature", "run_id", "layer", "index", "source", unique=True),
-        Index("ix_feature_labels_run_source", "run_id", "source", "category"),
+        Index("ix_feature_labels_run_source", "run_id", "source", "layer", "category", "subcategory"),
         Index("ix_feature_labels_fts", text("to_tsvector('simple', label)"), postgresql_using="gin"
               ).ddl_if(dialect="postgresql"),
     )

@@ -36,6 +36,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from app.labels.evidence import ExampleEvidence, FeatureEvidence
@@ -84,14 +85,16 @@ class Label:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@lru_cache(maxsize=1 << 17)
 def piece(vocab: Vocab, token_id: int) -> tuple[str, str]:
-    """(text the token adds, its kind) from the run's vocabulary."""
+    """(text the token adds, its kind) from the run's vocabulary (cached per vocabulary and id)."""
     t = vocab.token(token_id)
     return (t.exact or t.text if t.kind in ("text", "bytes") else t.text if t.kind == "special" else ""), t.kind
 
 
-def token_class(text: str, kind: str, words: Sequence[str] = DEFAULT_HESITATION_WORDS) -> str:
-    """The class of one token's text (see the module docstring)."""
+@lru_cache(maxsize=1 << 16)
+def token_class(text: str, kind: str, words: tuple[str, ...] = DEFAULT_HESITATION_WORDS) -> str:
+    """The class of one token's text (see the module docstring); cached (a vocabulary has few distinct tokens)."""
     if kind == "special":
         return "formatting"
     stripped = text.strip()
@@ -140,11 +143,14 @@ class _Seen:
     answer_before: list[bool]
 
 
-def _read(examples: Sequence[ExampleEvidence], vocab: Vocab, words: Sequence[str]) -> _Seen:
+def _read(examples: Sequence[ExampleEvidence], vocab: Vocab, words: tuple[str, ...], *, full: bool = True) -> _Seen:
+    """The focus tokens of ``examples`` and, when ``full``, the token after each and its context's answer test."""
     focus, after, answer = [], [], []
     for ex in examples:
         text, kind = piece(vocab, ex.token_ids[ex.focus])
         focus.append((text, token_class(text, kind, words)))
+        if not full:
+            continue
         if ex.focus + 1 < len(ex.token_ids):
             nt, nk = piece(vocab, ex.token_ids[ex.focus + 1])
             after.append((nt, token_class(nt, nk, words)))
@@ -206,7 +212,7 @@ def label_feature(ev: FeatureEvidence, vocab: Vocab, words: Sequence[str] = DEFA
         return Label("dead: never fired on the collection corpus", "uninterpretable", "dead", 0.0,
                      {"rule": "dead"})
     seen = _read(top or rnd, vocab, words)
-    seen_rnd = _read(rnd, vocab, words) if rnd and top else None
+    seen_rnd = _read(rnd, vocab, words, full=False) if rnd and top else None
     lens = [piece(vocab, tid) + (value,) for tid, value in ev.logit_top[:10]]
     lens_cls = [token_class(t, k, words) for t, k, _ in lens]
     context = "after a stated answer" if _share(seen.answer_before, bool) >= TOP_SHARE else ""

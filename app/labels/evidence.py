@@ -6,12 +6,18 @@ slice in memory. Nothing else of the run is read (not the hesitation study's rol
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Text, null, select, type_coerce
 from sqlalchemy.orm import Session
+
+try:  # optional: decodes the examples' JSON several times faster
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
 
 from app.db.schema import Example, Feature
 
@@ -25,7 +31,7 @@ class ExampleEvidence:
     kind: str  # "top" | "random"
     rank: int
     token_ids: list[int]
-    acts: list[float]
+    acts: list[float]  # one per token (empty when read without activations)
     focus: int
     max_act: float
 
@@ -64,6 +70,13 @@ def _numbers(raw: Any) -> list[float]:
     return [float(c) for c in counts if isinstance(c, int | float)] if isinstance(counts, list) else []
 
 
+def _json(value: Any) -> Any:
+    """A JSON column read as text (SQLite) decoded here, once; a driver-decoded value (Postgres jsonb) as is."""
+    if isinstance(value, str | bytes):
+        return _orjson.loads(value) if _orjson is not None else json.loads(value)
+    return value
+
+
 def feature_keys(session: Session, run_id: int, layers: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """(layer, index) of every collected feature of the run (of ``layers``), in order."""
     stmt = select(Feature.layer, Feature.index).where(Feature.run_id == run_id)
@@ -85,8 +98,13 @@ def slices(keys: Sequence[tuple[int, int]], size: int = SLICE) -> Iterator[list[
 
 
 def load_evidence(session: Session, run_id: int, keys: Sequence[tuple[int, int]], *,
-                  n_top: int = TOP_EXAMPLES, n_random: int = RANDOM_EXAMPLES) -> list[FeatureEvidence]:
-    """The evidence of ``keys`` (one layer, as :func:`slices` yields them), in the order given."""
+                  n_top: int = TOP_EXAMPLES, n_random: int = RANDOM_EXAMPLES,
+                  with_acts: bool = True) -> list[FeatureEvidence]:
+    """The evidence of ``keys`` (one layer, as :func:`slices` yields them), in the order given.
+
+    Without ``with_acts`` the per-token activations are not read (the built-in rules need only the focus);
+    ``acts`` is then empty.
+    """
     if not keys:
         return []
     layer = keys[0][0]
@@ -104,9 +122,10 @@ def load_evidence(session: Session, run_id: int, keys: Sequence[tuple[int, int]]
             regions = {str(k): float(v) for k, v in (r.region_counts or {}).items() if isinstance(v, int | float)}
             feats[r.index] = FeatureEvidence(layer, r.index, float(r.frequency or 0.0), float(r.max_act or 0.0),
                                              _lens(r.logit_lens), regions, _numbers(r.think_pos_hist))
+    acts_col = type_coerce(Example.acts, Text).label("acts") if with_acts else null().label("acts")
     for e in session.execute(
-        select(Example.index, Example.kind, Example.rank, Example.token_ids, Example.acts, Example.focus,
-               Example.max_act)
+        select(Example.index, Example.kind, Example.rank, type_coerce(Example.token_ids, Text).label("token_ids"),
+               acts_col, Example.focus, Example.max_act)
         .where(Example.run_id == run_id, Example.layer == layer, Example.index >= lo, Example.index <= hi,
                Example.kind.in_(("top", "random")), Example.rank < max(n_top, n_random))
         .order_by(Example.index, Example.kind, Example.rank)
@@ -114,9 +133,10 @@ def load_evidence(session: Session, run_id: int, keys: Sequence[tuple[int, int]]
         f = feats.get(e.index)
         if f is None or e.rank >= (n_top if e.kind == "top" else n_random):
             continue
-        ids = [int(t) for t in e.token_ids or []]
-        acts = [float(a) if isinstance(a, int | float) else 0.0 for a in (e.acts or [])][: len(ids)]
-        acts += [0.0] * (len(ids) - len(acts))
+        ids = _json(e.token_ids) or []  # the collector's lists of ints and floats, used as read
+        acts = (_json(e.acts) or []) if with_acts else []
+        if not isinstance(ids, list) or not isinstance(acts, list):
+            continue
         focus = e.focus if 0 <= e.focus < len(ids) else 0
         if ids:
             f.examples.append(ExampleEvidence(e.kind, e.rank, ids, acts, focus, float(e.max_act or 0.0)))

@@ -226,13 +226,19 @@ def example_text(ex: ExampleEvidence, vocab: Vocab, *, marked: bool = True) -> s
     parts = []
     for i in range(lo, hi):
         text = _visible(piece(vocab, ex.token_ids[i])[0])
-        parts.append(f"<<<{text}>>>" if marked and ex.acts[i] > 0 else text)
+        active = i < len(ex.acts) and isinstance(ex.acts[i], int | float) and ex.acts[i] > 0
+        parts.append(f"<<<{text}>>>" if marked and active else text)
     return "".join(parts)
+
+
+def _focus_act(ex: ExampleEvidence) -> float:
+    value = ex.acts[ex.focus] if ex.focus < len(ex.acts) else None
+    return float(value) if isinstance(value, int | float) else ex.max_act
 
 
 def describe_prompt(ev: FeatureEvidence, vocab: Vocab) -> str:
     lens = ", ".join(repr(piece(vocab, tid)[0]) for tid, _ in ev.logit_top[:LENS_TOKENS]) or "(none stored)"
-    examples = "\n".join(f"{n}. (activation {ex.acts[ex.focus]:.3g}) {example_text(ex, vocab)}"
+    examples = "\n".join(f"{n}. (activation {_focus_act(ex):.3g}) {example_text(ex, vocab)}"
                          for n, ex in enumerate(ev.top[:DESCRIBE_EXAMPLES], 1))
     return DESCRIBE.format(lens=lens, examples=examples)
 

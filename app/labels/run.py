@@ -103,7 +103,8 @@ def label_run(engine: Engine, run_id: int, *, labeler: str = BUILTIN, data_dir: 
         if check:
             check()
         with Session(engine) as session:
-            evidence = load_evidence(session, run_id, batch, n_top=TOP_EXAMPLES if labeler == BUILTIN else 20)
+            evidence = load_evidence(session, run_id, batch, n_top=TOP_EXAMPLES if labeler == BUILTIN else 20,
+                                     with_acts=labeler != BUILTIN)
         if labeler == BUILTIN:
             labels = [(ev.layer, ev.index, label_feature(ev, vocab, words)) for ev in evidence]
         else:

@@ -56,8 +56,8 @@ def upgrade() -> None:
     )
     op.create_index("ix_feature_labels_feature", "feature_labels", ["run_id", "layer", "index", "source"],
                     unique=True)
-    op.create_index("ix_feature_labels_run_source", "feature_labels", ["run_id", "source", "category"],
-                    unique=False)
+    op.create_index("ix_feature_labels_run_source", "feature_labels",
+                    ["run_id", "source", "layer", "category", "subcategory"], unique=False)
     if op.get_bind().dialect.name == "sqlite":
         for statement in SQLITE_FTS:
             op.execute(statement)

@@ -125,3 +125,29 @@ def test_relabel_replaces_and_recollect_clears(collected):
                 assert s.scalar(text("SELECT count(*) FROM feature_labels_fts WHERE feature_labels_fts MATCH 'fires'")) == 0
     finally:
         engine.dispose()
+
+
+def test_label_search_uses_the_full_text_index(db_engine) -> None:
+    """With labels in the store (5,000, few matching), the match is answered by the FTS5 table (SQLite) or the GIN
+    index on to_tsvector('simple', label) (Postgres: the query's expression must be the index's to be used)."""
+    dialect = db_engine.dialect.name
+    with Session(db_engine) as s, s.begin():
+        run = Run(name="fts", base_model="b", target_model="t", config={})
+        s.add(run)
+        s.flush()
+        rid = run.id
+        write_labels(s, rid, "builtin", [(i // 1000, i % 1000, Label(
+            "promotes ' Wait' after a stated answer" if i % 500 == 0 else f"fires on digit {i % 7} in thinking",
+            "domain", "math", 1.0)) for i in range(5000)], set_current=False)
+    with db_engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+        sub = label_match(dialect, rid, "wait answer")
+        assert len(conn.execute(select(sub.c.layer, sub.c.index)).all()) == 10
+        compiled = select(sub.c.layer, sub.c.index).compile(conn)
+        plan = "\n".join(str(r[-1]) for r in conn.exec_driver_sql(
+            f"EXPLAIN {'QUERY PLAN ' if dialect == 'sqlite' else ''}{compiled}",
+            compiled.params if dialect == "postgresql" else tuple(compiled.params[k] for k in compiled.positiontup)))
+    if dialect == "sqlite":
+        assert "feature_labels_fts VIRTUAL TABLE INDEX" in plan, plan
+    else:
+        assert "ix_feature_labels_fts" in plan, plan
