@@ -18,11 +18,13 @@ def test_demo_run_is_labelled(tiny_demo) -> None:
         counts = every_feature_has_a_builtin_label(engine, run_id)
         assert len(counts) >= 2, counts  # the rules tell kinds of features apart
         outputs = study_output_features_promote_hesitation(engine, run_id)
-        print(f"categories {counts}; study output features: {outputs}")
         client = TestClient(create_app(settings, engine=engine), base_url="http://127.0.0.1")
         cats = client.get(f"/api/runs/{run_id}").json()["categories"]
         assert cats["source"] == "builtin" and cats["n_labelled"] == sum(counts.values())
         assert cats["n_alive"] == sum(c["n"] for c in cats["overall"])
+        print(f"categories {counts} ({cats['n_dead']} dead); alive: "
+              f"{[(c['category'], c['n'], c['subcategories']) for c in cats['overall']]}; "
+              f"reasoning share {cats['reasoning_share']}; study output features: {outputs}")
         some = client.get(f"/api/runs/{run_id}/features?q=fires&limit=5").json()["rows"]
         assert some and all("fires" in r["label"] for r in some)
     finally:
