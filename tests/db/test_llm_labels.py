@@ -37,6 +37,7 @@ class Judge:
     statuses: list[int] = field(default_factory=list)  # answered in order before any 200 (e.g. [429, 503])
     fail_after: int | None = None  # after this many 200s, answer 500 for ever (the endpoint "crashes")
     ok: int = 0
+    garbage: bool = False  # answer prose instead of the JSON asked for
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, body: dict) -> tuple[int, dict]:
@@ -48,7 +49,9 @@ class Judge:
                 return 500, {"error": "down"}
             self.ok += 1
         prompt = body["messages"][-1]["content"]
-        if prompt.startswith("Describe"):
+        if self.garbage:
+            text = "I think it is about numbers, maybe? None of them." if prompt.startswith("Describe") else "none"
+        elif prompt.startswith("Describe"):
             if "<<< Wait>>>" in prompt:
                 content = {"description": "hedges with Wait right after stating an answer, before rechecking",
                            "category": "reasoning", "subcategory": "input_simple"}
@@ -196,3 +199,22 @@ def test_label_job_reads_the_endpoint_from_settings(sqlite_db_url: str, tmp_path
     again = run_inline(settings, "label", {"run_id": rid, "labeler": "llm"}, show_progress=False,
                        handler_modules=["worker.labels"])
     assert again["labelled"] == 0 and again["skipped"] == 2 and len(state.requests) == 6
+
+
+def test_answers_that_are_not_the_json_asked_for(sqlite_db_url: str, tmp_path: Path, judge) -> None:
+    state, url = judge
+    state.garbage = True
+    engine = make_engine(sqlite_db_url)
+    llm = _labeler(url)
+    try:
+        rid = judge_world(engine, tmp_path / "tok", n_digit_features=1)
+        assert label_run(engine, rid, labeler="llm", llm=llm)["labelled"] == 2
+        with Session(engine) as s:
+            for r in s.scalars(select(FeatureLabel).where(FeatureLabel.run_id == rid)):
+                assert r.label.startswith("I think it is about numbers")  # the prose is the description
+                assert (r.category, r.subcategory) == ("uninterpretable", None)
+                assert all(q["picked"] == [] and q["recall"] == 0.0 for q in r.details["detection"])
+                assert r.score == 0.5  # five negatives rightly left out of ten
+    finally:
+        llm.close()
+        engine.dispose()
