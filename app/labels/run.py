@@ -14,10 +14,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from app.db.schema import Run
+from app.db.schema import Feature, Run
 from app.labels import BUILTIN
 from app.labels.builtin import label_feature
 from app.labels.evidence import TOP_EXAMPLES, feature_keys, load_evidence, slices
@@ -71,6 +72,8 @@ def label_run(engine: Engine, run_id: int, *, labeler: str = BUILTIN, data_dir: 
     ``per_layer`` samples that many features per layer (seed 42); ``alive_only`` leaves out features that never
     fired (the paper samples among alive ones); ``resume`` skips features this labeler's source already has.
     """
+    if labeler != BUILTIN and llm is None:
+        raise ValueError(f"labeler {labeler!r} needs an LLMLabeler (app/labels/llm.py)")
     t0 = time.perf_counter()
     with Session(engine) as session:
         run = session.get(Run, run_id)
@@ -80,10 +83,6 @@ def label_run(engine: Engine, run_id: int, *, labeler: str = BUILTIN, data_dir: 
         words = run_words(run)
         keys = feature_keys(session, run_id, layers)
         if alive_only or per_layer is not None:
-            from sqlalchemy import select
-
-            from app.db.schema import Feature
-
             alive = {(r.layer, r.index) for r in session.execute(
                 select(Feature.layer, Feature.index).where(Feature.run_id == run_id, Feature.frequency > 0))}
             keys = [k for k in keys if k in alive]

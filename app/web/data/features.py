@@ -11,6 +11,9 @@ is in the feature's logit-lens top 10) and ``fires_on`` (the token is where one 
 A query names a token (``Wait`` matches every variant: `` Wait``, ``Wait,`` …; ``#123`` is an id); the
 run's vocabulary turns it into ids, and the table gives the features, with a strength (the lens value, or
 the activation on that token) that the ``strength`` sort orders by, strongest first.
+
+Label search (``q``) is full text over every labeler's labels of the run (app/labels/store.py ``label_match``:
+FTS5 on SQLite, a GIN tsvector index on Postgres), joined like a token filter.
 """
 
 from __future__ import annotations
