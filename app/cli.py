@@ -85,7 +85,7 @@ def _extra_handler_modules() -> list[str]:
     """Handler modules beyond the pipeline's, when present (they land issue by issue)."""
     import importlib.util
 
-    names = ["worker.collect.job", "worker.hesitation.job", "worker.ablation.job", "worker.importing"]
+    names = ["worker.collect.job", "worker.hesitation.job", "worker.ablation.job", "worker.importing", "worker.labels"]
     return [n for n in names if importlib.util.find_spec(n) is not None]
 
 
@@ -256,6 +256,39 @@ def collect_cmd(
     out = _inline("collect", {"run_id": _run_id(run), "n_prompts": n_prompts, "top_k": top_k,
                               "corpus_path": str(corpus) if corpus else None})
     typer.echo(json.dumps({k: v for k, v in out.items() if k != "summary"}, indent=1))
+
+
+@app.command()
+def label(
+    run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
+    labeler: Annotated[str, typer.Option(help="builtin (rules over the stored evidence; no model) or llm (an "
+                                              "OpenAI-compatible endpoint: --llm-url, --llm-model, key in "
+                                              "ADAPTERLENS_LABEL_LLM_KEY).")] = "builtin",
+    per_layer: Annotated[int | None, typer.Option(min=1, help="Label a sample of this many alive features per layer "
+                                                        "(seed 42; the paper's classification: 250).")] = None,
+    layers: Annotated[str | None, typer.Option(help="Only these layers, comma-separated.")] = None,
+    alive_only: Annotated[bool, typer.Option(help="Leave out features that never fired.")] = False,
+    fresh: Annotated[bool, typer.Option(help="LLM: relabel features this model already labelled.")] = False,
+    llm_url: Annotated[str | None, typer.Option(help="Chat endpoint base URL, e.g. http://localhost:8000/v1 "
+                                                     "(env ADAPTERLENS_LABEL_LLM_URL).")] = None,
+    llm_model: Annotated[str | None, typer.Option(help="Model name (env ADAPTERLENS_LABEL_LLM_MODEL).")] = None,
+) -> None:
+    """Label and categorise features (the paper's categories): built-in rules, or an LLM judge with detection
+    scoring."""
+    if labeler not in ("builtin", "llm"):
+        raise _fail(f"--labeler must be builtin or llm, not {labeler!r}")
+    if llm_url is not None:
+        os.environ["ADAPTERLENS_LABEL_LLM_URL"] = llm_url
+    if llm_model is not None:
+        os.environ["ADAPTERLENS_LABEL_LLM_MODEL"] = llm_model
+    try:
+        layer_list = [int(x) for x in layers.split(",") if x.strip()] if layers else None
+    except ValueError:
+        raise _fail(f"--layers must be integers separated by commas, not {layers!r}") from None
+    payload = {"run_id": _run_id(run), "labeler": labeler, "per_layer": per_layer, "layers": layer_list,
+               "alive_only": alive_only, "resume": not fresh}
+    out = _inline("label", {k: v for k, v in payload.items() if v is not None})
+    typer.echo(json.dumps(out, indent=1, default=str))
 
 
 @app.command()

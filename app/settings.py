@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -62,6 +62,19 @@ class Settings(BaseSettings):
                            "heartbeat (renewed every third); a dead worker's job is claimable again after it.")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads of a worker "
                                       "(unset: torch's default, every core). `up` sets it per worker class.")
+    # --- feature labels: the LLM judge (app/labels/llm.py; README "Feature labels") ----------------------------
+    label_llm_url: str | None = Field(default=None, description="Base URL of an OpenAI-compatible chat endpoint "
+                                      "for `adapterlens label --labeler llm`, e.g. http://localhost:8000/v1 "
+                                      "(POST {url}/chat/completions).")
+    label_llm_model: str | None = Field(default=None, description="Model name sent to that endpoint; it is also "
+                                        "the labels' source.")
+    label_llm_key: SecretStr | None = Field(default=None, description="Bearer key for that endpoint (optional).")
+    label_llm_batch: int = Field(default=8, ge=1, le=512, description="Features labelled per batch (one "
+                                 "transaction; a crash loses at most one batch).")
+    label_llm_rps: float = Field(default=2.0, gt=0, description="Most requests per second sent to the endpoint.")
+    label_llm_retries: int = Field(default=5, ge=0, le=20, description="Retries of a request answered 429 or 5xx "
+                                   "(or not answered), with exponential backoff.")
+    label_llm_timeout_s: float = Field(default=60.0, gt=0, description="Seconds one request may take.")
 
     @field_validator("allowed_hosts", "trusted_origins", mode="before")
     @classmethod

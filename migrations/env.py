@@ -13,7 +13,7 @@ from typing import Any
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from app.db.schema import Base, UTCDateTime
+from app.db.schema import Base, UTCDateTime, include_name
 from app.settings import Settings
 
 config = context.config
@@ -36,6 +36,7 @@ def _configure(**kwargs: Any) -> None:
         render_item=render_item,
         compare_type=True,
         compare_server_default=False,
+        include_name=include_name,
         **kwargs,
     )
 

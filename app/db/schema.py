@@ -191,6 +191,54 @@ class FeatureToken(Base):
     value: Mapped[float] = mapped_column(Float)
 
 
+class FeatureLabel(Base):
+    """A feature's label and category from one labeler (``source``: ``builtin`` or an LLM's model name).
+
+    ``category`` is the paper's level 1 (language, domain, reasoning, uninterpretable); ``subcategory`` its
+    level 2 (reasoning: output, input_simple, input_abstract; domain: math, science, code) or the built-in
+    rules' finer kind. ``score``: the LLM's detection-scoring accuracy, or the built-in rules' consistency
+    (the share of the evidence the label covers). ``details`` holds what the labeler saw or measured.
+    The labeler written last also fills ``features.label`` / ``features.category`` (what the index shows).
+
+    Full-text search of ``label``: Postgres has a GIN index on ``to_tsvector('simple', label)`` (below);
+    SQLite an FTS5 table ``feature_labels_fts`` (external content, kept by triggers) that migration 0007 makes
+    outside these models; :data:`SEARCH_SHADOW_TABLES` names its tables.
+    """
+
+    __tablename__ = "feature_labels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(_run_fk())
+    layer: Mapped[int] = mapped_column(Integer)
+    index: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(200), doc='"builtin" or the labelling model\'s name')
+    label: Mapped[str] = mapped_column(String(500))
+    category: Mapped[str | None] = mapped_column(String(100))
+    subcategory: Mapped[str | None] = mapped_column(String(100))
+    score: Mapped[float | None] = mapped_column(Float)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created: Mapped[datetime] = _created()
+
+    __table_args__ = (
+        Index("ix_feature_labels_feature", "run_id", "layer", "index", "source", unique=True),
+        Index("ix_feature_labels_run_source", "run_id", "source", "layer", "category", "subcategory"),
+        Index("ix_feature_labels_fts", text("to_tsvector('simple', label)"), postgresql_using="gin"
+              ).ddl_if(dialect="postgresql"),
+    )
+
+
+LABEL_FTS_TABLE = "feature_labels_fts"
+SEARCH_SHADOW_TABLES = frozenset({LABEL_FTS_TABLE} | {f"{LABEL_FTS_TABLE}_{s}" for s in
+                                                       ("data", "idx", "content", "docsize", "config")})
+"""Tables of the SQLite label search index (an FTS5 table and its shadow tables), made by migration 0007 and not
+by these models; schema comparisons leave them out (migrations/env.py, tests/db/test_migrations.py)."""
+
+
+def include_name(name: str | None, type_: str, parent_names: Any = None) -> bool:
+    """Alembic's ``include_name`` hook: every object but the label search index's own tables."""
+    return not (type_ == "table" and name in SEARCH_SHADOW_TABLES)
+
+
 class Example(Base):
     """One context window shown for a feature: top-k, a quantile bin's sample, or a random firing.
 

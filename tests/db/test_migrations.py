@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, inspect, pool, text
 from sqlalchemy.engine import Engine
 
 from app.db.migrate import current_revision, downgrade, head_revision, is_up_to_date, upgrade
-from app.db.schema import Base
+from app.db.schema import SEARCH_SHADOW_TABLES, Base, include_name
 
 ALL_TABLES = set(Base.metadata.tables)
 
@@ -23,7 +23,8 @@ def _diff(url: str) -> list:
     try:
         with engine.connect() as conn:
             return compare_metadata(
-                MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+                MigrationContext.configure(conn, opts={"compare_type": True, "include_name": include_name}),
+                Base.metadata
             )
     finally:
         engine.dispose()
@@ -32,7 +33,7 @@ def _diff(url: str) -> list:
 def _tables(url: str) -> set[str]:
     engine = create_engine(url, poolclass=pool.NullPool)
     try:
-        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+        return set(inspect(engine).get_table_names()) - {"alembic_version"} - SEARCH_SHADOW_TABLES
     finally:
         engine.dispose()
 

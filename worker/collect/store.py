@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from app.db.schema import Example, Feature, FeatureToken, Run
 from app.db.text import storable
+from app.labels.store import clear_labels
 from training.chat import REGION_NAMES
 from worker.collect.kept import KeptExamples
 from worker.collect.result import QUANTILE_RANK_STRIDE, CollectionResult
@@ -91,6 +92,7 @@ def _write(conn: Connection, run_id: int, result: CollectionResult, tokenizer: A
     conn.execute(delete(Example).where(Example.run_id == run_id, Example.layer.in_(layers)))
     conn.execute(delete(Feature).where(Feature.run_id == run_id, Feature.layer.in_(layers)))
     conn.execute(delete(FeatureToken).where(FeatureToken.run_id == run_id, FeatureToken.layer.in_(layers)))
+    clear_labels(conn, run_id, layers)  # labels describe the old examples
     decode = _decoder(result, tokenizer, layers)
     n_vocab = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
     n_feat = n_ex = n_tok = 0

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Ablation, AblationToken, Job
+from app.db.schema import Ablation, AblationToken, Feature, Job
 from app.web.data.common import (
     REQUEST_DONE,
     BadInput,
@@ -24,6 +24,7 @@ from app.web.data.common import (
     cancel_request,
     get_run,
     hesitation_words,
+    keys_condition,
     run_prompt_checker,
     run_ref,
     run_vocab,
@@ -92,6 +93,8 @@ class AblationPage(BaseModel):
     done: bool = Field(description="False while the worker may still add tokens (the page keeps polling).")
     history: list[LinkItem]
     prompt_tokens: list[Tok] = Field([], description="The prompt's stored token ids, decoded (empty for free text).")
+    feature_labels: dict[str, str] = Field({}, description="The shown label of the first features listed, by "
+                                           "'layer/index'.")
 
 
 class AblationList(BaseModel):
@@ -286,7 +289,20 @@ def ablation_page(session: Session, run_key: str | int, ablation_id: int) -> Abl
         conditions=conditions, divergence=divergence, kl_total=sum(kls) if kls else None,
         kl_max=max(kls) if kls else None, done=done, history=history,
         prompt_tokens=token_views(vocab, list((a.request or {}).get("prompt_ids") or []), None, words),
+        feature_labels=shown_labels(session, run.id, request_view(a.request).features[:LABELLED_FEATURES]),
     )
+
+
+LABELLED_FEATURES = 12  # features an ablation page lists by name (and label)
+
+
+def shown_labels(session: Session, run_id: int, keys: list[tuple[int, int]]) -> dict[str, str]:
+    """``{"layer/index": label}`` of the features that have one."""
+    if not keys:
+        return {}
+    rows = session.execute(select(Feature.layer, Feature.index, Feature.label).where(
+        Feature.run_id == run_id, keys_condition(Feature.layer, Feature.index, keys), Feature.label.is_not(None)))
+    return {f"{r.layer}/{r.index}": r.label for r in rows}
 
 
 def ablation_list(session: Session, run_key: str | int) -> AblationList:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Example, Feature, FeatureSet, FeatureSetMember, Graph, GraphFeature
+from app.db.schema import Example, Feature, FeatureLabel, FeatureSet, FeatureSetMember, Graph, GraphFeature
 from app.web.data.common import (
     NotFound,
     RunRef,
@@ -102,6 +102,17 @@ class Neighbour(BaseModel):
     exists: bool = False
 
 
+class LabelView(BaseModel):
+    """One labeler's label of the feature (``source``: builtin, or the LLM's model name)."""
+
+    source: str
+    label: str
+    category: str | None
+    subcategory: str | None
+    score: float | None
+    judge: str
+
+
 class FeatureInfo(BaseModel):
     layer: int
     index: int
@@ -126,6 +137,7 @@ class FeaturePage(BaseModel):
     graphs: list[GraphUse]
     sets: list[SetUse]
     neighbours: list[Neighbour]
+    labels: list[LabelView] = Field([], description="Every labeler's label, newest first.")
     vocab_source: str | None = Field(description="The tokenizer.json token text came from (None: ids shown).")
 
 
@@ -238,6 +250,16 @@ def _node_index(node: dict[str, Any]) -> int | None:
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
+def feature_labels(session: Session, run_id: int, layer: int, index: int) -> list[LabelView]:
+    from app.labels.analysis import judge_name
+
+    rows = session.scalars(select(FeatureLabel).where(FeatureLabel.run_id == run_id, FeatureLabel.layer == layer,
+                                                      FeatureLabel.index == index)
+                           .order_by(FeatureLabel.created.desc(), FeatureLabel.id.desc()))
+    return [LabelView(source=r.source, label=r.label, category=r.category, subcategory=r.subcategory, score=r.score,
+                      judge=judge_name(r.source)) for r in rows]
+
+
 def feature_page(session: Session, run_key: str | int, layer: int, index: int) -> FeaturePage:
     run = get_run(session, run_key)
     feat = get_feature(session, run.id, layer, index)
@@ -297,5 +319,5 @@ def feature_page(session: Session, run_key: str | int, layer: int, index: int) -
         examples=examples, bands=bands, histogram=_hist(feat.histogram), region_shares=shares, think_pos_hist=_hist(feat.think_pos_hist),
         region_counts=regions, logit_top=_lens(lens.get("top"), vocab), logit_bottom=_lens(lens.get("bottom"), vocab),
         graphs=graphs_with_feature(session, run.id, layer, index), sets=sets, neighbours=neighbours,
-        vocab_source=vocab.source,
+        labels=feature_labels(session, run.id, layer, index), vocab_source=vocab.source,
     )

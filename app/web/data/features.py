@@ -11,6 +11,9 @@ is in the feature's logit-lens top 10) and ``fires_on`` (the token is where one 
 A query names a token (``Wait`` matches every variant: `` Wait``, ``Wait,`` …; ``#123`` is an id); the
 run's vocabulary turns it into ids, and the table gives the features, with a strength (the lens value, or
 the activation on that token) that the ``strength`` sort orders by, strongest first.
+
+Label search (``q``) is full text over every labeler's labels of the run (app/labels/store.py ``label_match``:
+FTS5 on SQLite, a GIN tsvector index on Postgres), joined like a token filter.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from sqlalchemy import Float, and_, cast, false, func, null, or_, select, text
 from sqlalchemy.orm import Session
 
 from app.db.schema import Feature, FeatureSetMember, FeatureToken
+from app.labels.store import label_match
 from app.web.data.common import BadInput, RunRef, get_run, hesitation_set, run_ref, run_vocab
 from app.web.data.feature import top_token
 
@@ -46,12 +50,14 @@ class FeatureQuery(BaseModel):
     promotes: str | None = Field(None, max_length=100, description="A token in the feature's logit-lens top 10 "
                                  "(e.g. Wait: every variant; #123: one id).")
     fires_on: str | None = Field(None, max_length=100, description="A token where the feature's top examples fire.")
+    q: str | None = Field(None, max_length=200, description="Words of the feature's label (any labeler's), each "
+                          "a word prefix, all required: full-text search (e.g. wait answer).")
     sort: Sort | None = Field(None, description="layer (ascending), frequency / max_act (descending), or strength "
                               "(with a token filter: strongest first; its default).")
     after: str | None = Field(None, max_length=100, description="Keyset cursor: the previous page's next.")
     limit: int = Field(50, ge=1, le=500)
 
-    @field_validator("category", "promotes", "fires_on", "after", "layer", "freq_min", "freq_max", "sort",
+    @field_validator("category", "promotes", "fires_on", "q", "after", "layer", "freq_min", "freq_max", "sort",
                      mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
@@ -186,6 +192,8 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
         cond.append(false())
     search_ids: dict[str, list[int]] = {}
     matches: dict[str, Any] = {}
+    if query.q is not None:
+        matches["label"] = label_match(session.get_bind().dialect.name, run.id, query.q)
     vocab = run_vocab(session, run)
     for relation in TOKEN_FILTERS:
         q = getattr(query, relation)

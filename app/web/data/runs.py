@@ -21,6 +21,7 @@ from app.db.schema import (
     Run,
     RunMetric,
 )
+from app.labels.analysis import CategoryAnalysis, category_analysis
 from app.web.data.common import RunRef, as_float, get_run, run_ref
 from app.web.data.sets import StudyCard, study_card
 
@@ -87,6 +88,8 @@ class RunPage(BaseModel):
     experiments: list[LinkItem]
     jobs: list[LinkItem]
     study: StudyCard | None = Field(None, description="The hesitation study's finding and its top features.")
+    categories: CategoryAnalysis | None = Field(None, description="Feature categories per layer and overall, by one "
+                                                "labeler (the paper's analysis); None before any labelling.")
 
 
 class IndexPage(BaseModel):
@@ -163,7 +166,7 @@ def _curves(session: Session, run_id: int) -> Curves | None:
     return Curves(steps=[s for s, _ in rows], series={k: [p.get(k) for p in flat] for k in keys})
 
 
-def run_page(session: Session, run_key: str | int) -> RunPage:
+def run_page(session: Session, run_key: str | int, labels: str | None = None) -> RunPage:
     run = get_run(session, run_key)
     rid = run.id
     # Counting 229k index entries per page view is slow under load; count up to a cap, and past it take the
@@ -203,7 +206,7 @@ def run_page(session: Session, run_key: str | int) -> RunPage:
         n_features=run.n_features, d_model=run.d_model, checkpoint=run.checkpoint,
         evaluation=_evaluation(run.evaluation), curves=_curves(session, rid), n_collected=n_collected,
         graphs=graphs, feature_sets=sets, ablations=ablations, experiments=experiments, jobs=jobs,
-        study=study_card(session, run),
+        study=study_card(session, run), categories=category_analysis(session, rid, labels),
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
 from app.web.data.runs import IndexPage, RunPage, index_page, run_page
@@ -15,6 +15,8 @@ from app.web.render import ablate_limit, render
 router = APIRouter(tags=["runs"])
 
 SetId = Annotated[int, Path(ge=1, description="Feature set id.")]
+Labels = Annotated[str | None, Query(max_length=200, description="Which labeler's categories to show (builtin or an "
+                                     "LLM's model name; default: the one that labelled last).")]
 
 
 @router.get("/", include_in_schema=False, name="index")
@@ -32,13 +34,13 @@ def api_index(session: SessionDep) -> IndexPage:
 
 
 @router.get("/runs/{run}", include_in_schema=False, name="run_page")
-def run_html(request: Request, run: str, session: SessionDep) -> Response:
-    return render(request, "run.html", run_page(session, run), limit=ablate_limit(request))
+def run_html(request: Request, run: str, session: SessionDep, labels: Labels = None) -> Response:
+    return render(request, "run.html", run_page(session, run, labels), limit=ablate_limit(request))
 
 
 @router.get("/api/runs/{run}", response_model=RunPage, name="api_run", summary="A run's overview")
-def run_api(run: str, session: SessionDep) -> RunPage:
-    return run_page(session, run)
+def run_api(run: str, session: SessionDep, labels: Labels = None) -> RunPage:
+    return run_page(session, run, labels)
 
 
 @router.get("/runs/{run}/sets/{set_id}", include_in_schema=False, name="feature_set_page")

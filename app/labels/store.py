@@ -1,0 +1,179 @@
+"""Labels in the store: writing them, searching them, and the category shares of a run.
+
+``feature_labels`` holds one row per (feature, source); the labeler written last also fills the feature's own
+``label`` / ``category`` slots, which the feature index, its CSV, graph nodes and neighbour lists show.
+
+Search (:func:`label_match`) is full text on both backends, through the index migration 0007 made: SQLite's
+FTS5 table ``feature_labels_fts``, Postgres's GIN index on ``to_tsvector('simple', label)``. A query is cut into
+words (letters, digits, underscore; at most ``MAX_TERMS``), each matched as a word prefix, all required:
+``wait answer`` finds "promotes ' Wait' after a stated answer in thinking". No query syntax reaches the engine,
+so no input can make it fail.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Integer, bindparam, delete, func, literal_column, select, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session
+
+from app.db.schema import LABEL_FTS_TABLE, Feature, FeatureLabel
+from app.db.text import storable
+from app.labels import CATEGORIES
+from app.labels.builtin import Label
+
+MAX_TERMS = 8
+MAX_TERM_CHARS = 40
+_TERM = re.compile(r"\w+")
+
+
+def _conn(target: Session | Connection) -> Connection:
+    return target.connection() if isinstance(target, Session) else target
+
+
+def write_labels(target: Session | Connection, run_id: int, source: str,
+                 labels: Sequence[tuple[int, int, Label]], *, set_current: bool = True) -> int:
+    """Replace ``source``'s labels of these features (one layer or many) and, with ``set_current``, make them the
+    features' shown label and category. Runs inside the caller's transaction; returns the rows written."""
+    if not labels:
+        return 0
+    conn = _conn(target)
+    fl = FeatureLabel.__table__
+    by_layer: dict[int, list[int]] = {}
+    for layer, index, _ in labels:
+        by_layer.setdefault(layer, []).append(index)
+    for layer, indices in by_layer.items():
+        for start in range(0, len(indices), 500):
+            conn.execute(delete(fl).where(fl.c.run_id == run_id, fl.c.source == source, fl.c.layer == layer,
+                                          fl.c.index.in_(indices[start:start + 500])))
+    conn.execute(fl.insert(), [
+        {"run_id": run_id, "layer": layer, "index": index, "source": source, "label": storable(lab.label[:500]),
+         "category": lab.category, "subcategory": lab.subcategory, "score": lab.score,
+         "details": _storable(lab.details) or None}
+        for layer, index, lab in labels
+    ])
+    if set_current:
+        ft = Feature.__table__
+        conn.execute(
+            ft.update().where(ft.c.run_id == bindparam("r"), ft.c.layer == bindparam("l"), ft.c.index == bindparam("i"))
+            .values(label=bindparam("lab"), category=bindparam("cat")),
+            [{"r": run_id, "l": layer, "i": index, "lab": storable(lab.label[:500]), "cat": lab.category}
+             for layer, index, lab in labels])
+    return len(labels)
+
+
+def _storable(value: Any) -> Any:
+    """JSON with every string made storable on both backends (a byte-0 token decodes to NUL)."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {storable(str(k)): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
+
+
+def clear_labels(target: Session | Connection, run_id: int, layers: Iterable[int] | None = None) -> None:
+    """Remove every source's labels of the run's ``layers`` (all): a new collection makes them stale."""
+    fl = FeatureLabel.__table__
+    stmt = delete(fl).where(fl.c.run_id == run_id)
+    if layers is not None:
+        stmt = stmt.where(fl.c.layer.in_(list(layers)))
+    _conn(target).execute(stmt)
+
+
+def labelled_keys(session: Session | Connection, run_id: int, source: str) -> set[tuple[int, int]]:
+    """(layer, index) of the features ``source`` has labelled (what a resumed labelling skips)."""
+    fl = FeatureLabel.__table__
+    rows = _conn(session).execute(select(fl.c.layer, fl.c.index).where(fl.c.run_id == run_id, fl.c.source == source))
+    return {(r.layer, r.index) for r in rows}
+
+
+# -- search ------------------------------------------------------------------------------------------------
+
+def search_terms(query: str) -> list[str]:
+    """The words of a label query (see the module docstring)."""
+    return [t[:MAX_TERM_CHARS] for t in _TERM.findall(query or "")][:MAX_TERMS]
+
+
+def label_match(dialect: str, run_id: int, query: str) -> Any:
+    """A subquery of (layer, index) of the run's features with a label (of any source) matching ``query``."""
+    fl = FeatureLabel.__table__
+    terms = search_terms(query)
+    if not terms:
+        cond: Any = fl.c.id < 0  # no words: nothing matches
+    elif dialect == "sqlite":
+        expr = " ".join('"' + t.replace('"', '') + '"*' for t in terms)
+        ids = text(f"SELECT rowid FROM {LABEL_FTS_TABLE} WHERE {LABEL_FTS_TABLE} MATCH :fts_q"
+                   ).bindparams(fts_q=expr).columns(rowid=Integer)
+        cond = fl.c.id.in_(ids)
+    elif dialect == "postgresql":
+        simple = literal_column("'simple'")
+        tsq = " & ".join(f"{t.lower()}:*" for t in terms)
+        cond = func.to_tsvector(simple, fl.c.label).op("@@")(func.to_tsquery(simple, bindparam("ts_q", tsq)))
+    else:  # another backend: a plain substring match per word
+        cond = func.lower(fl.c.label).contains(terms[0].lower())
+        for t in terms[1:]:
+            cond = cond & func.lower(fl.c.label).contains(t.lower())
+    return (select(fl.c.layer, fl.c.index).where(fl.c.run_id == run_id, cond)
+            .group_by(fl.c.layer, fl.c.index).subquery("label_match"))
+
+
+# -- category shares ---------------------------------------------------------------------------------------
+
+@dataclass
+class SourceCount:
+    source: str
+    newest_id: int
+
+
+MAX_SOURCES = 50
+
+
+def label_sources(session: Session, run_id: int) -> list[SourceCount]:
+    """The labelers that labelled this run, the one that wrote last first.
+
+    The names come from a loose index scan (one seek per labeler on ``ix_feature_labels_run_source``), so a run
+    with 229k labels per labeler costs a few seeks, not a scan; "last" is the highest row id.
+    """
+    sql = text(
+        "WITH RECURSIVE s(src, n) AS ("
+        " SELECT (SELECT min(source) FROM feature_labels WHERE run_id = :run), 1"
+        " UNION ALL"
+        " SELECT (SELECT min(source) FROM feature_labels WHERE run_id = :run AND source > s.src), n + 1"
+        " FROM s WHERE s.src IS NOT NULL AND n < :most)"
+        " SELECT src FROM s WHERE src IS NOT NULL"
+    )
+    names = [n for (n,) in session.execute(sql, {"run": run_id, "most": MAX_SOURCES})]
+    fl = FeatureLabel.__table__
+    out = []
+    for name in names:
+        newest = session.scalar(select(fl.c.id).where(fl.c.run_id == run_id, fl.c.source == name)
+                                .order_by(fl.c.id.desc()).limit(1))
+        out.append(SourceCount(name, newest or 0))
+    return sorted(out, key=lambda s: s.newest_id, reverse=True)
+
+
+def category_counts(session: Session, run_id: int, source: str) -> dict[int, dict[tuple[str, str | None], int]]:
+    """{layer: {(category, subcategory): features}} of one labeler's labels."""
+    fl = FeatureLabel.__table__
+    out: dict[int, dict[tuple[str, str | None], int]] = {}
+    for r in session.execute(
+        select(fl.c.layer, fl.c.category, fl.c.subcategory, func.count().label("n"))
+        .where(fl.c.run_id == run_id, fl.c.source == source).group_by(fl.c.layer, fl.c.category, fl.c.subcategory)
+    ):
+        out.setdefault(r.layer, {})[(r.category or "uninterpretable", r.subcategory)] = r.n
+    return out
+
+
+def is_alive(category: str, subcategory: str | None) -> bool:
+    return not (category == "uninterpretable" and subcategory == "dead")
+
+
+def ordered_categories(found: Iterable[str]) -> list[str]:
+    found = set(found)
+    return [c for c in CATEGORIES if c in found] + sorted(found - set(CATEGORIES))

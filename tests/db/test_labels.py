@@ -1,0 +1,153 @@
+"""Feature labels on features the collect job wrote itself (the tiny trained organism), on SQLite and Postgres:
+the collect job labels every feature with the built-in rules, the labels are searchable through the full-text
+index, a relabel replaces instead of duplicating, and a new collection clears stale labels."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from app.db.migrate import upgrade
+from app.db.schema import Feature, FeatureLabel, Run
+from app.labels import CATEGORIES, SUBCATEGORIES
+from app.labels.builtin import Label
+from app.labels.store import label_match, search_terms, write_labels
+from app.settings import Settings
+from app.web.data.features import FeatureQuery, feature_list
+from worker.loop import run_inline
+
+HANDLERS = ["worker.collect.job", "worker.labels"]
+
+
+@pytest.fixture
+def collected(db_url: str, tiny_run_settings: Settings) -> tuple[Settings, int]:
+    """The tiny trained run copied into ``db_url``'s store and collected there (which labels it)."""
+    from app.db.session import make_engine
+
+    upgrade(db_url)
+    settings = tiny_run_settings.model_copy(update={"database_url": db_url})
+    src = make_engine(tiny_run_settings)
+    with Session(src) as s:
+        run = s.get(Run, 1)
+        values = {c: getattr(run, c) for c in ("name", "base_model", "target_model", "config", "n_layers",
+                                              "n_features", "d_model", "checkpoint")}
+    src.dispose()
+    dst = make_engine(settings)
+    with Session(dst) as s, s.begin():
+        row = Run(**values, status="trained")
+        s.add(row)
+        s.flush()
+        run_id = row.id
+    dst.dispose()
+    run_inline(settings, "collect", {"run_id": run_id, "n_prompts": 24, "max_new_tokens": 24, "top_k": 5,
+                                     "n_random": 2}, show_progress=False, handler_modules=HANDLERS)
+    return settings, run_id
+
+
+def test_collect_labels_every_feature_and_labels_are_searchable(collected):
+    from app.db.session import make_engine
+
+    settings, run_id = collected
+    engine = make_engine(settings)
+    try:
+        with Session(engine) as s:
+            n_features = s.scalar(select(func.count()).select_from(Feature).where(Feature.run_id == run_id))
+            rows = s.scalars(select(FeatureLabel).where(FeatureLabel.run_id == run_id)).all()
+            assert n_features > 0 and len(rows) == n_features
+            assert {r.source for r in rows} == {"builtin"}
+            for r in rows:
+                assert r.label and r.category in CATEGORIES and r.subcategory in SUBCATEGORIES[r.category]
+                assert r.score is not None and 0.0 <= r.score <= 1.0
+                feat = s.get(Feature, (run_id, r.layer, r.index))
+                assert (feat.label, feat.category) == (r.label, r.category)  # the shown label is this one
+                assert (r.subcategory == "dead") == (feat.frequency == 0)
+            assert any(r.category != "uninterpretable" for r in rows)
+
+            # search: a word of one label finds that feature, and every hit holds every word
+            alive = [r for r in rows if r.subcategory != "dead"]
+            target = max(alive, key=lambda r: len(search_terms(r.label)))
+            words = search_terms(target.label)[:2]
+            query = " ".join(words)
+            page = feature_list(s, run_id, FeatureQuery(q=query, limit=500))
+            hits = {(r.layer, r.index) for r in page.rows}
+            assert (target.layer, target.index) in hits
+            for r in page.rows:
+                assert all(w.lower() in r.label.lower() for w in words), (query, r.label)
+            # a prefix matches; a word in no label matches nothing; query syntax is only text
+            assert (target.layer, target.index) in {(r.layer, r.index) for r in feature_list(
+                s, run_id, FeatureQuery(q=words[0][:3], limit=500)).rows} or len(words[0]) < 3
+            assert feature_list(s, run_id, FeatureQuery(q="zzzqqqxxx")).rows == []
+            for hostile in ('"', "wait AND (", "NEAR(a b)", "*", "a:* & !b", "'; drop table x;--", "\u0000"):
+                feature_list(s, run_id, FeatureQuery(q=hostile))
+    finally:
+        engine.dispose()
+
+
+def test_relabel_replaces_and_recollect_clears(collected):
+    from app.db.session import make_engine
+
+    settings, run_id = collected
+    engine = make_engine(settings)
+    try:
+        with Session(engine) as s:
+            before = s.scalar(select(func.count()).select_from(FeatureLabel).where(FeatureLabel.run_id == run_id))
+            f = s.scalars(select(Feature).where(Feature.run_id == run_id).limit(1)).one()
+            key = (f.layer, f.index)
+        out = run_inline(settings, "label", {"run_id": run_id}, show_progress=False, handler_modules=HANDLERS)
+        assert out["labelled"] == before
+        with Session(engine) as s, s.begin():
+            assert s.scalar(select(func.count()).select_from(FeatureLabel)
+                            .where(FeatureLabel.run_id == run_id)) == before
+            write_labels(s, run_id, "judge-x", [(*key, Label("talks about zebras", "domain", "science", 0.9))])
+        with Session(engine) as s:
+            assert s.get(Feature, (run_id, *key)).label == "talks about zebras"
+            sub = label_match(s.bind.dialect.name, run_id, "zebra")
+            assert s.execute(select(sub.c.layer, sub.c.index)).all() == [key]
+        # the FTS index follows updates and deletes (SQLite triggers / Postgres expression index)
+        with Session(engine) as s, s.begin():
+            s.execute(text("UPDATE feature_labels SET label = 'about giraffes' WHERE source = 'judge-x'"))
+        with Session(engine) as s:
+            dialect = s.bind.dialect.name
+            assert s.execute(select(label_match(dialect, run_id, "zebras"))).all() == []
+            assert len(s.execute(select(label_match(dialect, run_id, "giraffe"))).all()) == 1
+        run_inline(settings, "collect", {"run_id": run_id, "n_prompts": 24, "max_new_tokens": 24, "top_k": 5,
+                                         "n_random": 2}, show_progress=False, handler_modules=HANDLERS)
+        with Session(engine) as s:
+            sources = set(s.scalars(select(FeatureLabel.source).where(FeatureLabel.run_id == run_id)))
+            assert sources == {"builtin"}  # the judge's label described the old examples
+            assert s.execute(select(label_match(s.bind.dialect.name, run_id, "giraffe"))).all() == []
+        with Session(engine) as s, s.begin():
+            s.delete(s.get(Run, run_id))  # cascade: labels go with the run, and out of the search index
+        with Session(engine) as s:
+            assert s.scalar(select(func.count()).select_from(FeatureLabel)) == 0
+            if s.bind.dialect.name == "sqlite":
+                assert s.scalar(text("SELECT count(*) FROM feature_labels_fts WHERE feature_labels_fts MATCH 'fires'")) == 0
+    finally:
+        engine.dispose()
+
+
+def test_label_search_uses_the_full_text_index(db_engine) -> None:
+    """With labels in the store (5,000, few matching), the match is answered by the FTS5 table (SQLite) or the GIN
+    index on to_tsvector('simple', label) (Postgres: the query's expression must be the index's to be used)."""
+    dialect = db_engine.dialect.name
+    with Session(db_engine) as s, s.begin():
+        run = Run(name="fts", base_model="b", target_model="t", config={})
+        s.add(run)
+        s.flush()
+        rid = run.id
+        write_labels(s, rid, "builtin", [(i // 1000, i % 1000, Label(
+            "promotes ' Wait' after a stated answer" if i % 500 == 0 else f"fires on digit {i % 7} in thinking",
+            "domain", "math", 1.0)) for i in range(5000)], set_current=False)
+    with db_engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE")
+        sub = label_match(dialect, rid, "wait answer")
+        assert len(conn.execute(select(sub.c.layer, sub.c.index)).all()) == 10
+        compiled = select(sub.c.layer, sub.c.index).compile(conn)
+        plan = "\n".join(str(r[-1]) for r in conn.exec_driver_sql(
+            f"EXPLAIN {'QUERY PLAN ' if dialect == 'sqlite' else ''}{compiled}",
+            compiled.params if dialect == "postgresql" else tuple(compiled.params[k] for k in compiled.positiontup)))
+    if dialect == "sqlite":
+        assert "feature_labels_fts VIRTUAL TABLE INDEX" in plan, plan
+    else:
+        assert "ix_feature_labels_fts" in plan, plan
