@@ -36,8 +36,12 @@ def study_output_features_promote_hesitation(engine: Engine, run_id: int) -> lis
         hset = hesitation_set(s, run_id)
         assert hset is not None, "the demo run has no hesitation feature set"
         words = hesitation_words(s.get(Run, run_id))
-        outputs = s.execute(select(FeatureSetMember.layer, FeatureSetMember.index)
+        members = s.execute(select(FeatureSetMember.layer, FeatureSetMember.index)
                             .where(FeatureSetMember.set_id == hset.id, FeatureSetMember.role == "output")).all()
+        # and the output features among those that recur in the study's graphs (the set may pick none of them)
+        recurring = [(f["layer"], f["index"]) for f in ((hset.summary or {}).get("features") or {}).get("top", [])
+                     if f.get("role") == "output"]
+        outputs = sorted({(r[0], r[1]) for r in members} | set(recurring))
         labels = []
         for layer, index in outputs:
             lab = s.scalars(select(FeatureLabel).where(FeatureLabel.run_id == run_id, FeatureLabel.layer == layer,

@@ -1,6 +1,6 @@
 """Labels on the full organism's finished demo run (slow tier): every feature has a built-in label, and the
-hesitation study's output features (its roles, which the labeler never reads) are labelled as promoting
-hesitation words; the run page reports the reasoning share. The tiny organism's study finds no output feature,
+hesitation study's output features, in its set or recurring in its graphs (its roles, which the labeler
+never reads) are labelled as promoting hesitation words; the run page reports the reasoning share. The tiny organism's study finds no output feature,
 so this check lives here (tests/integration/test_labels_organism.py runs the rest on the tiny one)."""
 
 from __future__ import annotations
