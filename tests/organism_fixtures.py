@@ -44,6 +44,35 @@ def tiny_run_settings(tiny_data_dir: Path) -> Settings:
     return settings
 
 
+def collect_tiny_run(db_url: str, tiny_run_settings: Settings, handler_modules: list[str]) -> tuple[Settings, int]:
+    """The tiny trained run copied into ``db_url``'s store (same models and checkpoint) and collected there
+    by the collect job (small: 24 prompts). Returns the store's settings and the new run's id."""
+    from sqlalchemy.orm import Session
+
+    from app.db.schema import Run
+    from app.db.session import make_engine
+    from worker.loop import run_inline
+
+    upgrade(db_url)
+    settings = tiny_run_settings.model_copy(update={"database_url": db_url})
+    src = make_engine(tiny_run_settings)
+    with Session(src) as s:
+        run = s.get(Run, 1)
+        values = {c: getattr(run, c) for c in ("name", "base_model", "target_model", "config", "n_layers",
+                                              "n_features", "d_model", "checkpoint")}
+    src.dispose()
+    dst = make_engine(settings)
+    with Session(dst) as s, s.begin():
+        row = Run(**values, status="trained")
+        s.add(row)
+        s.flush()
+        run_id = row.id
+    dst.dispose()
+    run_inline(settings, "collect", {"run_id": run_id, "n_prompts": 24, "max_new_tokens": 24, "top_k": 5,
+                                     "n_random": 2}, show_progress=False, handler_modules=handler_modules)
+    return settings, run_id
+
+
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A finished demo run of the tiny organism, as ``adapterlens up`` leaves it: the demo pipeline (organism,

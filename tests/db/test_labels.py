@@ -8,13 +8,13 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from app.db.migrate import upgrade
 from app.db.schema import Feature, FeatureLabel, Run
 from app.labels import CATEGORIES, SUBCATEGORIES
 from app.labels.builtin import Label
 from app.labels.store import label_match, search_terms, write_labels
 from app.settings import Settings
 from app.web.data.features import FeatureQuery, feature_list
+from tests.organism_fixtures import collect_tiny_run
 from worker.loop import run_inline
 
 HANDLERS = ["worker.collect.job", "worker.labels"]
@@ -23,26 +23,7 @@ HANDLERS = ["worker.collect.job", "worker.labels"]
 @pytest.fixture
 def collected(db_url: str, tiny_run_settings: Settings) -> tuple[Settings, int]:
     """The tiny trained run copied into ``db_url``'s store and collected there (which labels it)."""
-    from app.db.session import make_engine
-
-    upgrade(db_url)
-    settings = tiny_run_settings.model_copy(update={"database_url": db_url})
-    src = make_engine(tiny_run_settings)
-    with Session(src) as s:
-        run = s.get(Run, 1)
-        values = {c: getattr(run, c) for c in ("name", "base_model", "target_model", "config", "n_layers",
-                                              "n_features", "d_model", "checkpoint")}
-    src.dispose()
-    dst = make_engine(settings)
-    with Session(dst) as s, s.begin():
-        row = Run(**values, status="trained")
-        s.add(row)
-        s.flush()
-        run_id = row.id
-    dst.dispose()
-    run_inline(settings, "collect", {"run_id": run_id, "n_prompts": 24, "max_new_tokens": 24, "top_k": 5,
-                                     "n_random": 2}, show_progress=False, handler_modules=HANDLERS)
-    return settings, run_id
+    return collect_tiny_run(db_url, tiny_run_settings, HANDLERS)
 
 
 def test_collect_labels_every_feature_and_labels_are_searchable(collected):

@@ -10,38 +10,18 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.migrate import upgrade
 from app.db.schema import Example, Feature, Run
 from app.settings import Settings
 from app.web.data.common import DATA_DIR_KEY
 from app.web.data.features import FeatureQuery, feature_list
 from app.web.tokens import find_vocab
-from worker.loop import run_inline
+from tests.organism_fixtures import collect_tiny_run
 
 
 @pytest.fixture
 def collected(db_url: str, tiny_run_settings: Settings) -> tuple[Settings, int]:
-    """The tiny trained run copied into ``db_url``'s store (same models and checkpoint) and collected there."""
-    from app.db.session import make_engine
-
-    upgrade(db_url)
-    settings = tiny_run_settings.model_copy(update={"database_url": db_url})
-    src = make_engine(tiny_run_settings)
-    with Session(src) as s:
-        run = s.get(Run, 1)
-        values = {c: getattr(run, c) for c in ("name", "base_model", "target_model", "config", "n_layers",
-                                              "n_features", "d_model", "checkpoint")}
-    src.dispose()
-    dst = make_engine(settings)
-    with Session(dst) as s, s.begin():
-        row = Run(**values, status="trained")
-        s.add(row)
-        s.flush()
-        run_id = row.id
-    dst.dispose()
-    run_inline(settings, "collect", {"run_id": run_id, "n_prompts": 24, "max_new_tokens": 24, "top_k": 5,
-                                     "n_random": 2}, show_progress=False, handler_modules=["worker.collect.job"])
-    return settings, run_id
+    """The tiny trained run copied into ``db_url``'s store and collected there (same models and checkpoint)."""
+    return collect_tiny_run(db_url, tiny_run_settings, ["worker.collect.job"])
 
 
 def test_promotes_search_finds_the_feature_whose_lens_puts_the_token_first(collected):
