@@ -369,6 +369,38 @@ class ExperimentRow(Base):
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
+class LensResult(Base):
+    """A diff lens of one text (target, hybrid, adapted on the same ids; ``lens`` job, migration 0005).
+
+    ``request``: what was asked (free text and chat flag, or explicit ids; watched features). ``token_key``:
+    a hash of the token ids the worker ran (``app.db.lens_request.token_key``), so a second request for the
+    same run and ids reuses the result. ``result``: per position KL(target‖hybrid), KL(target‖adapted), top
+    tokens of each model and the active features with activation and direct effect; the per-text feature
+    table. ``summary``: the small numbers a list shows (tokens, mean KLs, seconds).
+    """
+
+    __tablename__ = "lens_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(_run_fk())
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    status: Mapped[str] = mapped_column(String(32), default="todo", server_default="todo")
+    request: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    request_key: Mapped[str] = mapped_column(String(64), doc="Hash of the request (text or ids, chat, watched).")
+    token_key: Mapped[str | None] = mapped_column(String(64), doc="Hash of the token ids the lens ran on.")
+    n_tokens: Mapped[int | None] = mapped_column(Integer)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created: Mapped[datetime] = _created()
+    finished: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_lens_results_run_request", "run_id", "request_key"),
+        Index("ix_lens_results_run_tokens", "run_id", "token_key"),
+    )
+
+
 # --------------------------------------------------------------------------------------- job queue
 
 
