@@ -3,6 +3,8 @@ page and its JSON twin show the result; bad input is a 4xx and stores nothing.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from bs4 import BeautifulSoup
 from sqlalchemy import func, select
@@ -124,3 +126,27 @@ def test_missing_lens_and_positions_are_404_or_422(web, tmp_path, model, tokeniz
     assert web.client.get(f"/runs/{run}/lens/{lens_id}?pos=3").status_code == 422
     assert web.client.get(f"/runs/{run}/lens/{lens_id}?kl=nope").status_code == 422
     assert web.client.get(f"/runs/{run}/lens/{lens_id}/pos/2").status_code == 200
+
+
+def test_test_your_text_on_a_feature_page(web, tmp_path, model, tokenizer):
+    run = web.world.run_id
+    sent = web.client.post(f"/runs/{run}/lens", data={"token_ids": " ".join(map(str, IDS)), "features": "1:3",
+                                                       "back": "feature"}, follow_redirects=False)
+    assert sent.status_code == 303
+    location = sent.headers["location"]
+    assert location.startswith(f"/runs/{run}/features/1/3?lens=") and location.endswith("#test-text")
+    waiting = web.client.get(location.split("#")[0])
+    assert "data-waiting" in waiting.text and 'hx-select="#feature-side"' in waiting.text
+    _work(web, tmp_path, model, tokenizer)
+    page = web.client.get(location.split("#")[0])
+    soup = BeautifulSoup(page.text, "html.parser")
+    acts = diff_lens(model, IDS, watch=[(1, 3)]).watched["1/3"]
+    shown = [float(t["data-act"]) for t in soup.select("[data-text-tokens] .tok")]
+    assert shown == pytest.approx(acts, rel=1e-2, abs=1e-3) and max(acts) > 0
+    fig = json.loads(soup.select_one("#fig-hist").string)
+    marker = fig["data"][-1]
+    assert marker["type"] == "scatter" and marker["x"] == pytest.approx([max(acts)] * 2)
+    api = web.client.get(f"/api/runs/{run}/features/1/3?lens={location.split('lens=')[1].split('#')[0]}").json()
+    assert api["text_test"]["max_act"] == pytest.approx(max(acts)) and api["text_test"]["source"] == "watched"
+    assert web.client.get(f"/runs/{run}/features/1/3?lens=999").status_code == 404
+    assert web.client.get(f"/runs/{run}/features/1/3?lens=abc").status_code == 422

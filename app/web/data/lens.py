@@ -29,7 +29,7 @@ from app.web.data.common import (
     run_vocab,
     stored_request,
 )
-from app.web.data.feature import Tok, token_views
+from app.web.data.feature import TextTest, Tok, token_views
 from app.web.tokens import Vocab
 
 MODELS = ("target", "hybrid", "adapted")
@@ -286,3 +286,27 @@ def lens_position(session: Session, run_key: str | int, lens_id: int, pos: int) 
     if page.selected is None:
         raise NotFound(f"Lens {lens_id} has no result yet.")
     return page.selected
+
+
+def feature_text_test(session: Session, run_key: str | int, layer: int, index: int, lens_id: int) -> TextTest:
+    """Feature (layer, index) on lens ``lens_id``'s text: its watched activation trace when the lens watched it,
+    else what the lens kept per position (its strongest features: weak activations may be missing)."""
+    page = lens_page(session, run_key, lens_id)
+    row = _lens(session, page.run.id, lens_id)
+    out = TextTest(lens_id=lens_id, status=row.status, done=page.done, error=row.error)
+    result = row.result
+    if not result:
+        return out
+    ids = [int(t) for t in result["token_ids"]]
+    acts = (result.get("watched") or {}).get(f"{layer}/{index}")
+    out.source = "watched"
+    if acts is None:
+        out.source = "lens"
+        acts = [next((a for ln, ix, a, _ in feats if ln == layer and ix == index), 0.0)
+                for feats in result["features"]]
+    run = get_run(session, run_key)
+    out.tokens = token_views(run_vocab(session, run), ids, acts, hesitation_words(run))
+    if acts and max(acts) > 0:
+        out.max_act = float(max(acts))
+        out.max_pos = int(max(range(len(acts)), key=lambda i: acts[i]))
+    return out
