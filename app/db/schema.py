@@ -142,6 +142,7 @@ class Feature(Base):
     ``logit_lens``: ``{"top": [[token_id, token_str, value], ...], "bottom": [...]}``.
     ``region_counts``: ``{region: count}``; ``think_pos_hist``: ``{"edges": [...], "counts": [...]}``.
     ``neighbours``: ``[[layer, index, cosine], ...]`` by decoder cosine.
+    ``hesitation_lens``: the largest demeaned logit-lens value among the run's hesitation tokens (worker/collect/lens.py).
     """
 
     __tablename__ = "features"
@@ -159,6 +160,8 @@ class Feature(Base):
     label: Mapped[str | None] = mapped_column(String(500))
     category: Mapped[str | None] = mapped_column(String(100))
     neighbours: Mapped[list[Any] | None] = mapped_column(JSONType)
+    hesitation_lens: Mapped[float | None] = mapped_column(
+        Float, doc="Its largest logit-lens value among the hesitation tokens (how directly it promotes 'Wait').")
 
     # The sort indexes end in (layer, index), the tie-break of the feature index's keyset pagination,
     # so every page is one index range scan (migration 0002).
@@ -167,6 +170,7 @@ class Feature(Base):
         Index("ix_features_run_category", "run_id", "category"),
         Index("ix_features_run_max_act", "run_id", "max_act", "layer", "index"),
         Index("ix_features_run_frequency", "run_id", "frequency", "layer", "index"),
+        Index("ix_features_run_hesitation_lens", "run_id", "hesitation_lens", "layer", "index"),  # migration 0005
     )
 
 

@@ -1,4 +1,5 @@
-"""The diff lens: lens_results (one text through target, hybrid and adapted; cached by run and token ids)
+"""The diff lens: lens_results (one text through target, hybrid and adapted; cached by run and token ids);
+features.hesitation_lens (how directly a feature promotes the hesitation tokens) with its sort index
 
 Revision ID: 0005
 Revises: 0004
@@ -41,9 +42,16 @@ def upgrade() -> None:
     )
     op.create_index("ix_lens_results_run_request", "lens_results", ["run_id", "request_key"], unique=False)
     op.create_index("ix_lens_results_run_tokens", "lens_results", ["run_id", "token_key"], unique=False)
+    with op.batch_alter_table("features") as batch:
+        batch.add_column(sa.Column("hesitation_lens", sa.Float(), nullable=True))
+    op.create_index("ix_features_run_hesitation_lens", "features", ["run_id", "hesitation_lens", "layer", "index"],
+                    unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index("ix_features_run_hesitation_lens", table_name="features")
+    with op.batch_alter_table("features") as batch:
+        batch.drop_column("hesitation_lens")
     op.drop_index("ix_lens_results_run_tokens", table_name="lens_results")
     op.drop_index("ix_lens_results_run_request", table_name="lens_results")
     op.drop_table("lens_results")

@@ -10,7 +10,7 @@ from bs4 import BeautifulSoup
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.schema import LensResult
+from app.db.schema import Feature, LensResult
 from app.settings import Settings
 from tests.helpers import randomize_adapters, tiny_qwen2
 from tests.seed import N_FEATURES, N_LAYERS, TOK, VOCAB
@@ -150,3 +150,32 @@ def test_test_your_text_on_a_feature_page(web, tmp_path, model, tokenizer):
     assert api["text_test"]["max_act"] == pytest.approx(max(acts)) and api["text_test"]["source"] == "watched"
     assert web.client.get(f"/runs/{run}/features/1/3?lens=999").status_code == 404
     assert web.client.get(f"/runs/{run}/features/1/3?lens=abc").status_code == 422
+
+
+def test_features_ranked_by_hesitation_lens(web):
+    run = web.world.run_id
+    with Session(web.engine) as s:
+        want = [(f.layer, f.index) for f in s.scalars(
+            select(Feature).where(Feature.run_id == run, Feature.hesitation_lens.is_not(None))
+            .order_by(Feature.hesitation_lens.desc(), Feature.layer.desc(), Feature.index.desc()))]
+    assert want[0] == (2, 7)  # the seeded " Wait" promoter
+    got, after = [], None
+    while True:  # every page of the keyset, in order, each feature with a hesitation lens once
+        q = f"/api/runs/{run}/features?sort=hesitation&limit=7" + (f"&after={after}" if after else "")
+        page = web.client.get(q).json()
+        got += [(r["layer"], r["index"]) for r in page["rows"]]
+        values = [r["hesitation_lens"] for r in page["rows"]]
+        assert values == sorted(values, reverse=True)
+        after = page["next"]
+        if not after:
+            break
+    assert got == want and (0, 0) not in got  # no hesitation lens, not listed
+    html = BeautifulSoup(web.client.get(f"/runs/{run}/features?sort=hesitation").text, "html.parser")
+    assert html.select_one("[data-sort-hesitation]") is not None
+    assert [c.text for c in html.select("[data-hesitation-lens]")][0] == "4.2"
+    run_page = BeautifulSoup(web.client.get(f"/runs/{run}").text, "html.parser")
+    listed = [tr["data-feature"] for tr in run_page.select("[data-promotes-hesitation] tr")]
+    assert listed == [f"{a}/{b}" for a, b in want[:10]]
+    assert web.client.get(f"/api/runs/{run}").json()["promotes_hesitation"][0]["layer"] == 2
+    csv = web.client.get(f"/api/runs/{run}/features.csv?sort=hesitation").text.splitlines()
+    assert csv[0].endswith("hesitation_lens") and csv[1].startswith("2,7,") and csv[1].endswith("4.2")
