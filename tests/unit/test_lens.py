@@ -62,8 +62,9 @@ def test_kl_and_top_tokens_equal_separate_forwards(model):
     assert lens.predicted == lt.argmax(-1).tolist()
     for name, lp in (("target", lt), ("hybrid", lh), ("adapted", la)):
         probs, top = lp.exp().topk(5, -1)
-        assert [[t for t, _ in pos] for pos in lens.top[name]] == top.tolist(), name
-        assert [p for pos in lens.top[name] for _, p in pos] == pytest.approx(probs.flatten().tolist(), rel=1e-5)
+        assert [[t for t, _ in lens.top_at(name, i)] for i in range(len(ids))] == top.tolist(), name
+        assert [p for i in range(len(ids)) for _, p in lens.top_at(name, i)] == \
+            pytest.approx(probs.flatten().tolist(), rel=1e-5)
     assert lens.top["hybrid"] != lens.top["adapted"]  # the adapters change the predictions
 
 
@@ -73,13 +74,13 @@ def test_features_at_a_position_are_exactly_the_active_ones(model):
     with torch.no_grad(), model.capture() as caps:
         model(input_ids=torch.tensor([ids]))
     for pos in range(len(ids)):
-        listed = {(ln, ix): a for ln, ix, a, _ in lens.features[pos]}
+        listed = {(ln, ix): a for ln, ix, a, _ in lens.features_at(pos)}
         active = {(ln, ix): float(caps[ln][0][0, pos, ix]) for ln in caps
                   for ix in (caps[ln][0][0, pos] > 0).nonzero().flatten().tolist()}
         assert set(listed) == set(active) and 0 < len(active) < 2 * N_FEATURES
         assert listed == pytest.approx(active, rel=1e-6)
         assert lens.n_active[pos] == len(active)
-        effects = [abs(e) for *_, e in lens.features[pos]]
+        effects = [abs(e) for *_, e in lens.features_at(pos)]
         assert effects == sorted(effects, reverse=True)  # ranked by |direct effect|
     assert lens.watched["1/3"] == pytest.approx(caps[1][0][0, :, 3].tolist())
     # the table: every feature active anywhere, with its max activation and where
@@ -92,7 +93,7 @@ def test_features_at_a_position_are_exactly_the_active_ones(model):
             assert row["pos"] == int(f[:, ix].argmax()) and row["n"] == int((f[:, ix] > 0).sum())
     capped = diff_lens(model, ids, max_features=3)
     for pos in range(len(ids)):  # the cap keeps the strongest effects
-        assert [f[:2] for f in capped.features[pos]] == [f[:2] for f in lens.features[pos][:3]]
+        assert [f[:2] for f in capped.features_at(pos)] == [f[:2] for f in lens.features_at(pos)[:3]]
 
 
 def test_direct_effect_is_the_logit_change_of_removing_a_last_layer_feature(model):
@@ -112,7 +113,7 @@ def test_direct_effect_is_the_logit_change_of_removing_a_last_layer_feature(mode
     checked = 0
     for pos in (0, 4, len(ids) - 1):
         tok = lens.predicted[pos]
-        for ln, ix, _, effect in lens.features[pos]:
+        for ln, ix, _, effect in lens.features_at(pos):
             if ln != last:
                 continue
             iv = Intervention(((ln, ix),), mode="zero", positions=(pos,))

@@ -68,8 +68,8 @@ def test_lens_from_the_form_to_the_page(web, tmp_path, model, tokenizer):
     assert [t["id"] for t in api["tokens"]] == IDS and api["tokens"][-1]["hesitation"]
     assert [p["kl_hybrid"] for p in api["positions"]] == pytest.approx(direct.kl_hybrid)
     assert [[f["layer"], f["index"]] for f in api["positions"][4]["features"]] == \
-        [[a, b] for a, b, *_ in direct.features[4]]
-    assert [t["id"] for t in api["positions"][4]["top"]["adapted"]] == [t for t, _ in direct.top["adapted"][4]]
+        [[a, b] for a, b, *_ in direct.features_at(4)]
+    assert [t["id"] for t in api["positions"][4]["top"]["adapted"]] == [t for t, _ in direct.top_at("adapted", 4)]
     assert api["watched"]["1/3"] == pytest.approx(direct.watched["1/3"])
 
     page = web.client.get(f"/runs/{run}/lens/{lens_id}?pos=4&kl=adapted&sort=effect")
@@ -79,9 +79,9 @@ def test_lens_from_the_form_to_the_page(web, tmp_path, model, tokenizer):
     assert len(strip) == len(IDS) and soup.select_one("[data-strip]")["data-kl"] == "adapted"
     assert "sel" in strip[4]["class"] and soup.select_one("#lens-panel")["data-pos"] == "4"
     listed = [r["data-feature"] for r in soup.select("[data-position-features] tr[data-feature]")]
-    assert listed == [f"{a}/{b}" for a, b, *_ in direct.features[4]]
+    assert listed == [f"{a}/{b}" for a, b, *_ in direct.features_at(4)]
     links = [a["href"] for a in soup.select("[data-position-features] a.fid")]
-    assert links[0] == f"/runs/{run}/features/{direct.features[4][0][0]}/{direct.features[4][0][1]}"
+    assert links[0] == f"/runs/{run}/features/{direct.features_at(4)[0][0]}/{direct.features_at(4)[0][1]}"
     effects = [abs(float(r.select("td")[4].text)) for r in soup.select("[data-feature-table] tbody tr")]
     assert effects == sorted(effects, reverse=True) and effects  # sorted by |effect|
     panel = web.client.get(f"/runs/{run}/lens/{lens_id}/pos/2")

@@ -39,33 +39,41 @@ from training.adapter import AdapterModel
 log = logging.getLogger(__name__)
 
 TOP_K = 5  # next tokens kept per model and position
-MAX_FEATURES = 40  # features kept per position (largest |direct effect| first)
+MAX_FEATURES = 32  # features kept per position (largest |direct effect| first)
 MAX_TABLE = 1000  # rows of the per-text feature table (largest max activation first)
 
 
 @dataclass
 class LensResult:
-    """The lens of one text. Lists are per position (``len(token_ids)``); features are ``(layer, index, act,
-    effect)``, ``table`` rows ``{layer, index, max_act, pos, n, effect}`` (``effect``: the largest |direct
-    effect| over the text, signed), ``watched`` maps ``"layer/index"`` to its activation at every position."""
+    """The lens of one text. Lists are per position (``len(token_ids)``), in columns (compact to store and quick
+    to build): ``top[model][pos] = [token ids, probabilities]``, ``features[pos] = [layers, indices, activations,
+    direct effects]``; ``table`` rows ``{layer, index, max_act, pos, n, effect}`` (``effect``: the largest |direct
+    effect| over the text, signed); ``watched`` maps ``"layer/index"`` to its activation at every position."""
 
     token_ids: list[int]
     predicted: list[int]
     kl_hybrid: list[float]
     kl_adapted: list[float]
-    top: dict[str, list[list[tuple[int, float]]]]  # model → position → [(token id, probability)]
-    features: list[list[tuple[int, int, float, float]]]
+    top: dict[str, list[list[list]]]  # model → position → [token ids, probabilities]
+    features: list[list[list]]  # position → [layers, indices, activations, direct effects]
     n_active: list[int]
     table: list[dict[str, Any]]
     watched: dict[str, list[float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
+    def features_at(self, pos: int) -> list[tuple[int, int, float, float]]:
+        """``(layer, index, activation, direct effect)`` of the features kept at ``pos``, largest |effect| first."""
+        return list(zip(*self.features[pos], strict=True))
+
+    def top_at(self, model: str, pos: int) -> list[tuple[int, float]]:
+        """``(token id, probability)`` of ``model``'s top tokens at ``pos``, most probable first."""
+        return list(zip(*self.top[model][pos], strict=True))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "token_ids": self.token_ids, "predicted": self.predicted,
             "kl_hybrid": self.kl_hybrid, "kl_adapted": self.kl_adapted,
-            "top": {m: [[[int(t), float(p)] for t, p in pos] for pos in per] for m, per in self.top.items()},
-            "features": [[[int(a), int(b), float(c), float(d)] for a, b, c, d in pos] for pos in self.features],
+            "top": self.top, "features": self.features,  # plain lists of Python numbers already
             "n_active": self.n_active, "table": self.table, "watched": self.watched,
         }
 
@@ -85,14 +93,14 @@ def norm_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
 
 
-def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p‖q) in nats over the last axis, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+def kl(log_p: torch.Tensor, log_q: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p‖q) in nats over the last axis, from log-probabilities (``p``: ``log_p.exp()`` when already known)."""
+    return ((log_p.exp() if p is None else p) * (log_p - log_q)).sum(-1)
 
 
-def _top(log_p: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
-    vals, idx = log_p.exp().topk(k, dim=-1)
-    return [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(idx, vals, strict=True)]
+def _top(log_p: torch.Tensor, k: int) -> list[list[list]]:
+    vals, idx = log_p.topk(k, dim=-1)  # one conversion each: per-row ones cost more than the forward
+    return [[i, v] for i, v in zip(idx.tolist(), vals.exp().tolist(), strict=True)]
 
 
 @torch.no_grad()
@@ -122,16 +130,13 @@ def forwards(model: AdapterModel, ids: torch.Tensor) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def direct_effects(model: AdapterModel, acts: torch.Tensor, layer: int, resid: torch.Tensor,
-                   token_ids: torch.Tensor) -> torch.Tensor:
-    """Direct effect of every feature of ``layer`` at every position on ``token_ids`` [T]: [T, F] (module docstring).
-
-    ``acts`` [T, F]: the layer's activations; ``resid`` [T, d]: the residual entering the final norm."""
+def readout(model: AdapterModel, resid: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Per position, the direction whose dot product with a residual-stream write is its logit change for
+    ``token_ids`` [T] through the final norm with its scale frozen: ``W_U[y] ⊙ g · s`` [T, d] (``resid`` [T, d]:
+    the residual entering the final norm)."""
     _, gain, eps = final_norm(model)
     W_U = model.hf.get_output_embeddings().weight  # [V, d]
-    W_dec = model.adapters[layer].W_dec  # [d, F]
-    read = W_U[token_ids.to(W_U.device)].float() * gain.float() * norm_scale(resid, eps).unsqueeze(-1)  # [T, d]
-    return acts.float() * (read @ W_dec.float())  # [T, F]
+    return W_U[token_ids.to(W_U.device)].float() * gain.float() * norm_scale(resid, eps).unsqueeze(-1)
 
 
 @torch.no_grad()
@@ -149,31 +154,37 @@ def diff_lens(model: AdapterModel, token_ids: Sequence[int], *, top_k: int = TOP
     layers = sorted(fw["acts"])
     n_feat = model.n_features
     acts = torch.cat([fw["acts"][layer].float() for layer in layers], dim=1)  # [T, L·F]
-    effects = torch.cat([direct_effects(model, fw["acts"][layer], layer, fw["resid"], predicted) for layer in layers],
-                        dim=1)  # [T, L·F]
+    W_dec = torch.cat([model.adapters[layer].W_dec for layer in layers], dim=1)  # [d, L·F]
+    # (fewer big temporaries: each fresh one costs page faults on the CPU)
+    effects = (readout(model, fw["resid"], predicted) @ W_dec.float()).mul_(acts)  # [T, L·F], 0 where inactive
     active = acts > 0
     n_active = active.sum(1)
-    # per position: the active features with the largest |effect| (inactive ones sort last and are dropped)
-    k = active.shape[1] if max_features is None else min(max_features, active.shape[1])
-    score = torch.where(active, effects.abs(), torch.tensor(-1.0, device=acts.device))
+    # |effect|, nudged up by the activation so that an active feature always outranks the inactive ones
+    score = effects.abs().add_(acts, alpha=1e-30)
+    # per position: the active features with the largest |effect| (inactive ones are dropped)
+    k = acts.shape[1] if max_features is None else min(max_features, acts.shape[1])
     order = score.topk(k, dim=1).indices  # [T, k]
-    keep = active.gather(1, order)
-    per_pos: list[list[tuple[int, int, float, float]]] = []
+    del score
     layer_of = torch.tensor(layers, device=acts.device).repeat_interleave(n_feat)
-    cols = [t.cpu().tolist() for t in (layer_of[order], order % n_feat, acts.gather(1, order),
-                                       effects.gather(1, order), keep)]
-    for ls, ixs, as_, es, ks in zip(*cols, strict=True):
-        per_pos.append([(ln, ix, a, e) for ln, ix, a, e, kept in zip(ls, ixs, as_, es, ks, strict=True) if kept])
-    # the per-text table: every feature active somewhere
-    fired = active.any(0).nonzero(as_tuple=True)[0]
-    max_act, where = acts[:, fired].max(0)
-    strongest = effects[:, fired].abs().masked_fill(~active[:, fired], -1.0).argmax(0)
-    effect = effects[:, fired].gather(0, strongest.unsqueeze(0))[0]
-    table_cols = [t.cpu().tolist() for t in (layer_of[fired], fired % n_feat, max_act, where,
-                                             active[:, fired].sum(0), effect)]
+    # active features score above every inactive one, so each row's first min(k, n_active) entries are kept
+    n_kept = n_active.clamp(max=k).tolist()
+    cols = [t.cpu().tolist() for t in (layer_of[order], order % n_feat, acts.gather(1, order), effects.gather(1, order))]
+    per_pos = [[ls[:n], ixs[:n], as_[:n], es[:n]] for n, ls, ixs, as_, es in zip(n_kept, *cols, strict=True)]
+    # the per-text table: every feature active somewhere, largest max activation first (ties: layer, index)
+    count = active.sum(0)
+    max_act = acts.amax(0)
+    where = acts.T.contiguous().argmax(1)  # contiguous rows reduce several times faster than columns
+    most, least = effects.amax(0), effects.amin(0)
+    effect = torch.where(most >= -least, most, least)  # its effect of largest magnitude (0 at inactive places)
+    fired = (count > 0).nonzero(as_tuple=True)[0]
+    fired = fired[torch.argsort(-max_act[fired], stable=True)]
+    if max_table:
+        fired = fired[:max_table]
+    table_cols = [t.cpu().tolist() for t in (layer_of[fired], fired % n_feat, max_act[fired], where[fired],
+                                             count[fired], effect[fired])]
     rows = [{"layer": ln, "index": ix, "max_act": a, "pos": p, "n": n, "effect": e}
             for ln, ix, a, p, n, e in zip(*table_cols, strict=True)]
-    rows.sort(key=lambda r: (-r["max_act"], r["layer"], r["index"]))
+    pt = lt.exp()
     watched = {}
     for layer, index in watch:
         acts = fw["acts"].get(int(layer))
@@ -181,9 +192,9 @@ def diff_lens(model: AdapterModel, token_ids: Sequence[int], *, top_k: int = TOP
             watched[f"{int(layer)}/{int(index)}"] = acts[:, int(index)].float().cpu().tolist()
     result = LensResult(
         token_ids=ids.tolist(), predicted=predicted.cpu().tolist(),
-        kl_hybrid=kl(lt, lh).cpu().tolist(), kl_adapted=kl(lt, la).cpu().tolist(),
+        kl_hybrid=kl(lt, lh, pt).cpu().tolist(), kl_adapted=kl(lt, la, pt).cpu().tolist(),
         top={"target": _top(lt, top_k), "hybrid": _top(lh, top_k), "adapted": _top(la, top_k)},
-        features=per_pos, n_active=n_active.cpu().tolist(), table=rows[:max_table] if max_table else rows,
+        features=per_pos, n_active=n_active.cpu().tolist(), table=rows,
         watched=watched, seconds=dict(fw["seconds"]))
     result.seconds["features"] = time.perf_counter() - t0
     return result

@@ -205,9 +205,9 @@ def _lens(session: Session, run_id: int, lens_id: int) -> LensResult:
     return row
 
 
-def _top(vocab: Vocab, entries: Any) -> list[TopToken]:
+def _top(vocab: Vocab, columns: Any) -> list[TopToken]:
     out = []
-    for tid, p in entries or []:
+    for tid, p in zip(*columns, strict=True):
         t = vocab.token(int(tid))
         out.append(TopToken(id=int(tid), text=t.text, kind=t.kind, p=float(p)))
     return out
@@ -224,15 +224,15 @@ def _labels(session: Session, run_id: int, keys: set[tuple[int, int]]) -> dict[t
 def _position(result: dict[str, Any], pos: int, tok: Tok, vocab: Vocab,
               labels: dict[tuple[int, int], str | None]) -> Position:
     predicted = result["predicted"][pos]
-    target_top = result["top"]["target"][pos]
-    p_pred = next((p for t, p in target_top if t == predicted), None)
+    ids, probs = result["top"]["target"][pos]
+    p_pred = next((p for t, p in zip(ids, probs, strict=True) if t == predicted), None)
     pt = vocab.token(int(predicted))
     return Position(
         pos=pos, token=tok, predicted=TopToken(id=predicted, text=pt.text, kind=pt.kind, p=p_pred or 0.0),
         kl_hybrid=result["kl_hybrid"][pos], kl_adapted=result["kl_adapted"][pos],
         top={m: _top(vocab, result["top"][m][pos]) for m in MODELS}, n_active=result["n_active"][pos],
         features=[FeatureAt(layer=a, index=b, act=c, effect=d, label=labels.get((a, b)))
-                  for a, b, c, d in result["features"][pos]])
+                  for a, b, c, d in zip(*result["features"][pos], strict=True)])
 
 
 def lens_page(session: Session, run_key: str | int, lens_id: int, *, kl: KlChoice = "hybrid",
@@ -270,7 +270,7 @@ def lens_page(session: Session, run_key: str | int, lens_id: int, *, kl: KlChoic
     wanted = {(r.layer, r.index) for r in rows}
     shown = range(len(ids)) if all_positions else [pos]
     for i in shown:
-        wanted |= {(a, b) for a, b, *_ in result["features"][i]}
+        wanted |= set(zip(result["features"][i][0], result["features"][i][1], strict=True))
     labels = _labels(session, run.id, wanted)
     for r in rows:
         r.label = labels.get((r.layer, r.index))
@@ -302,7 +302,7 @@ def feature_text_test(session: Session, run_key: str | int, layer: int, index: i
     out.source = "watched"
     if acts is None:
         out.source = "lens"
-        acts = [next((a for ln, ix, a, _ in feats if ln == layer and ix == index), 0.0)
+        acts = [next((a for ln, ix, a in zip(*feats[:3], strict=True) if ln == layer and ix == index), 0.0)
                 for feats in result["features"]]
     run = get_run(session, run_key)
     out.tokens = token_views(run_vocab(session, run), ids, acts, hesitation_words(run))
