@@ -10,7 +10,7 @@ from bs4 import BeautifulSoup
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Feature, LensResult
+from app.db.schema import Feature, LensResult, Prompt
 from app.settings import Settings
 from tests.helpers import randomize_adapters, tiny_qwen2
 from tests.seed import N_FEATURES, N_LAYERS, TOK, VOCAB
@@ -179,3 +179,40 @@ def test_features_ranked_by_hesitation_lens(web):
     assert web.client.get(f"/api/runs/{run}").json()["promotes_hesitation"][0]["layer"] == 2
     csv = web.client.get(f"/api/runs/{run}/features.csv?sort=hesitation").text.splitlines()
     assert csv[0].endswith("hesitation_lens") and csv[1].startswith("2,7,") and csv[1].endswith("4.2")
+
+
+def test_trace_viewer_outlines_hesitations_and_shades_by_the_lens(web, tmp_path, model, tokenizer):
+    run = web.world.run_id
+    ids = IDS + [TOK[t] for t in (",", " let", " me", " check", ".", "7")] * 20  # a long trace, one hesitation
+    with Session(web.engine) as s, s.begin():
+        trace = Prompt(run_id=run, source="trace", text="3 + 4 …", token_ids=ids, regions=[[0, 5, "prompt"],
+                                                                                           [5, len(ids), "thinking"]])
+        s.add(trace)
+        s.flush()
+        trace_id = trace.id
+    assert f"/runs/{run}/traces/{trace_id}" in web.client.get(f"/runs/{run}/traces").text
+    page = BeautifulSoup(web.client.get(f"/runs/{run}/traces/{trace_id}").text, "html.parser")
+    toks = page.select("[data-trace] .tok")
+    assert len(toks) == len(ids) and len(page.select("[data-minimap] .mm")) == len(ids)
+    assert [int(t["data-pos"]) for t in toks if "outlined" in t["class"]] == [len(IDS) - 1]  # " Wait"
+    assert "r-thinking" in toks[6]["class"] and "style" not in toks[6].attrs  # no lens yet: no shading
+    form = page.select_one("[data-trace-lens]")
+    data = {i["name"]: i["value"] for i in form.select("input[type=hidden]")}
+    sent = web.client.post(form["action"], data=data, follow_redirects=False)
+    assert sent.status_code == 303 and sent.headers["location"] == f"/runs/{run}/traces/{trace_id}"
+    _work(web, tmp_path, model, tokenizer)
+    direct = diff_lens(model, ids)
+    api = web.client.get(f"/api/runs/{run}/traces/{trace_id}?shade=kl-adapted").json()
+    assert api["lens_id"] is not None and api["n_hesitations"] == 1
+    assert [t["value"] for t in api["tokens"]] == pytest.approx(direct.kl_adapted)
+    ln, ix = direct.features_at(0)[0][:2]
+    feat = web.client.get(f"/api/runs/{run}/traces/{trace_id}?feature={ln}/{ix}").json()
+    assert feat["shade"] == "feature" and feat["feature_source"] == "lens"
+    assert feat["tokens"][0]["value"] == pytest.approx(direct.features_at(0)[0][2])
+    shaded = BeautifulSoup(web.client.get(f"/runs/{run}/traces/{trace_id}").text, "html.parser")
+    assert all("--v:" in t["style"] for t in shaded.select("[data-trace] .tok"))
+    assert all("--v:" in t["style"] for t in shaded.select("[data-minimap] .mm"))
+    for bad in ("?feature=x", "?shade=feature", "?shade=sideways"):
+        assert web.client.get(f"/runs/{run}/traces/{trace_id}{bad}").status_code == 422
+    assert web.client.get(f"/runs/{run}/traces/999999").status_code == 404
+    assert web.client.get(f"/runs/{web.world.empty_run_id}/traces/{trace_id}").status_code == 404

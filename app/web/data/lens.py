@@ -46,9 +46,10 @@ class LensForm(BaseModel):
     token_ids: str | None = Field(None, max_length=1_000_000, description="Explicit token ids, space-separated.")
     raw: bool = Field(False, description="Use the text as it is (no chat format).")
     features: str = Field("", max_length=2_000, description="Watched features, e.g. '1:3 2:40'.")
-    back: Literal["lens", "feature"] = Field("lens", description="Where the form's redirect goes.")
+    back: Literal["lens", "feature", "trace"] = Field("lens", description="Where the form's redirect goes.")
+    trace_id: int | None = Field(None, ge=1, le=2**31 - 1, description="With back=trace: the trace page to return to.")
 
-    @field_validator("token_ids", mode="before")
+    @field_validator("token_ids", "trace_id", mode="before")
     @classmethod
     def _blank(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
