@@ -124,3 +124,22 @@ def test_ids_outside_the_vocabulary_fail_the_job_clearly(db_engine, db_settings,
     assert row.status == "failed" and "outside the model's vocabulary" in row.error and row.result is None
     assert queue.get_job(db_engine, job_id).status is JobStatus.FAILED
     assert torch.is_grad_enabled()  # the lens leaves autograd as it found it
+
+
+def test_a_lens_row_follows_its_job(db_engine, run_id):
+    """Cancelled in the queue: the row says so; a retry puts it back to todo with no result."""
+    lens_id, job_id = _submit(db_engine, {"run_id": run_id, "token_ids": [1, 2, 3]})
+    with Session(db_engine) as s, s.begin():
+        assert queue.cancel(s, job_id)
+    assert _row(db_engine, lens_id).status == "cancelled"
+    with Session(db_engine) as s, s.begin():
+        s.get(LensResult, lens_id).result = {"stale": True}
+    with Session(db_engine) as s, s.begin():
+        queue.retry(s, job_id)
+    row = _row(db_engine, lens_id)
+    assert row.status == "todo" and row.result is None
+    # a cancelled request is not reused: asking again queues a new job
+    with Session(db_engine) as s, s.begin():
+        assert queue.cancel(s, job_id)
+    again, again_job = _submit(db_engine, {"run_id": run_id, "token_ids": [1, 2, 3]})
+    assert again != lens_id and again_job != job_id
