@@ -215,10 +215,11 @@ PROMOTERS_SHOWN = 10  # features listed on the run page as promoting hesitation
 
 
 def promoters(session: Session, run_id: int, limit: int = PROMOTERS_SHOWN) -> list[Promoter]:
-    """The features with the largest hesitation lens (an index range scan of ix_features_run_hesitation_lens)."""
+    """The features that fire and have the largest hesitation lens (a range scan of ix_features_run_hesitation_lens;
+    dead features promote nothing in practice, so they are left out here, not in the feature index)."""
     rows = session.execute(
         select(Feature.layer, Feature.index, Feature.hesitation_lens, Feature.label)
-        .where(Feature.run_id == run_id, Feature.hesitation_lens.is_not(None))
+        .where(Feature.run_id == run_id, Feature.hesitation_lens.is_not(None), Feature.frequency > 0)
         .order_by(Feature.hesitation_lens.desc(), Feature.layer.desc(), Feature.index.desc()).limit(limit))
     return [Promoter(layer=r.layer, index=r.index, hesitation_lens=r.hesitation_lens, label=r.label) for r in rows]
 
