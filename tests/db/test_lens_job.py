@@ -143,3 +143,11 @@ def test_a_lens_row_follows_its_job(db_engine, run_id):
         assert queue.cancel(s, job_id)
     again, again_job = _submit(db_engine, {"run_id": run_id, "token_ids": [1, 2, 3]})
     assert again != lens_id and again_job != job_id
+
+
+def test_a_text_longer_than_the_lens_takes_fails_clearly(db_engine, db_settings, run_id, loaded, model, monkeypatch):
+    monkeypatch.setattr("worker.lens.job.MAX_LENS_TOKENS", 8)
+    lens_id, _ = _submit(db_engine, {"run_id": run_id, "prompt": "47 + 38 = ? and then some more words"})
+    _work(db_settings)
+    row = _row(db_engine, lens_id)
+    assert row.status == "failed" and "the lens takes at most 8" in row.error

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from sqlalchemy import select
 
 from app.db import queue
-from app.db.lens_request import LensRequest, token_key
+from app.db.lens_request import MAX_LENS_TOKENS, LensRequest, token_key
 from app.db.requests import AblationRequestError
 from app.db.schema import LensResult, utcnow
 from worker.ablation.job import _check_ids, _model, _run_config, encode, format_free_text
@@ -83,6 +83,8 @@ def _run_lens(ctx: JobContext, lens_id: int, req: LensRequest) -> dict[str, Any]
     context = getattr(model.config, "max_position_embeddings", None)
     if context is not None and len(ids) > context:
         raise AblationRequestError(f"the text has {len(ids)} tokens; the model's context is {context} tokens")
+    if len(ids) > MAX_LENS_TOKENS:  # the stored result grows with the text (~2.5 kB a token)
+        raise AblationRequestError(f"the text has {len(ids)} tokens; the lens takes at most {MAX_LENS_TOKENS}")
     key = token_key(ids)
     ctx.progress(0, 1, f"{len(ids)} tokens")
     cached = _cached(ctx, lens_id, req.run_id, key, req.features)
