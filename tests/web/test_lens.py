@@ -143,7 +143,7 @@ def test_test_your_text_on_a_feature_page(web, tmp_path, model, tokenizer):
     acts = diff_lens(model, IDS, watch=[(1, 3)]).watched["1/3"]
     shown = [float(t["data-act"]) for t in soup.select("[data-text-tokens] .tok")]
     assert shown == pytest.approx(acts, rel=1e-2, abs=1e-3) and max(acts) > 0
-    fig = json.loads(soup.select_one("#fig-hist").string)
+    fig = json.loads(soup.select_one("[data-fig=fig-hist]")["data-fig-json"])
     marker = fig["data"][-1]
     assert marker["type"] == "scatter" and marker["x"] == pytest.approx([max(acts)] * 2)
     api = web.client.get(f"/api/runs/{run}/features/1/3?lens={location.split('lens=')[1].split('#')[0]}").json()
