@@ -85,7 +85,8 @@ def _extra_handler_modules() -> list[str]:
     """Handler modules beyond the pipeline's, when present (they land issue by issue)."""
     import importlib.util
 
-    names = ["worker.collect.job", "worker.hesitation.job", "worker.ablation.job", "worker.importing", "worker.labels"]
+    names = ["worker.collect.job", "worker.hesitation.job", "worker.ablation.job", "worker.lens.job", "worker.importing",
+             "worker.labels"]
     return [n for n in names if importlib.util.find_spec(n) is not None]
 
 
@@ -417,6 +418,59 @@ def experiment(
     finally:
         engine.dispose()
     typer.echo(json.dumps(summary, indent=1, default=str))
+
+
+@app.command()
+def lens(
+    text: Annotated[str | None, typer.Argument(help="The text (put in the run's chat format unless --raw).")] = None,
+    run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
+    token_ids: Annotated[str | None, typer.Option(help="Token ids instead of text, space-separated.")] = None,
+    raw: Annotated[bool, typer.Option(help="Use the text as it is (no chat format).")] = False,
+    feature: Annotated[list[str] | None, typer.Option(help="Watch a feature (layer:index), repeatable.")] = None,
+) -> None:
+    """The diff lens of a text: target, hybrid and adapted on the same ids (the job the Lens page queues)."""
+    import re
+
+    from app.db.lens_request import submit_lens
+    from app.db.requests import AblationRequestError
+    from app.db.schema import LensResult
+    from app.db.session import make_engine, make_sessionmaker
+    from worker.loop import run_worker
+
+    run_id = _run_id(run)
+    settings = _settings()
+    request: dict = {"run_id": run_id, "chat": not raw, "features": []}
+    for f in feature or []:
+        m = re.fullmatch(r"\s*(\d+)\s*[:/]\s*(\d+)\s*", f)
+        if m is None:
+            raise _fail(f"cannot read feature {f!r}: write layer:index, e.g. 3:17")
+        request["features"].append([int(m.group(1)), int(m.group(2))])
+    if token_ids is not None:
+        try:
+            request["token_ids"] = [int(t) for t in token_ids.replace(",", " ").split()]
+        except ValueError:
+            raise _fail("--token-ids takes whole numbers separated by spaces") from None
+    else:
+        request["prompt"] = text
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as s:
+            try:
+                lens_id, _ = submit_lens(s, request)
+            except AblationRequestError as exc:
+                raise _fail(str(exc)) from exc
+            s.commit()
+        run_worker(settings, kinds=["lens"], wait=False, migrate=False,
+                   handler_modules=["worker.pipeline", *_extra_handler_modules()])
+        with make_sessionmaker(engine)() as s:
+            row = s.get(LensResult, lens_id)
+            if row.status != "done":
+                raise _fail(f"lens {lens_id} ended {row.status}: {row.error}")
+            summary = row.summary
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(summary, indent=1, default=str))
+    typer.echo(f"lens {lens_id}: /runs/{run_id}/lens/{lens_id} on the dashboard (adapterlens serve)")
 
 
 @app.command()

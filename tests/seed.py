@@ -208,6 +208,9 @@ def _add_feature(s: Session, rng: random.Random, rid: int, layer: int, index: in
         region_counts={"prompt": rng.randint(0, 50), "thinking": rng.randint(0, 300), "answer": rng.randint(0, 40)},
         think_pos_hist={"edges": [k / 10 for k in range(11)], "counts": [rng.randint(0, 40) for _ in range(10)]},
         neighbours=neighbours,
+        # not drawn from rng (the other seeded values stay as they were); (2, 7) promotes " Wait" the most
+        hesitation_lens=None if (layer, index) == (0, 0) else 4.2 if (layer, index) == (2, 7)
+        else round(((layer * 31 + index * 17) % 23) / 10 - 1, 3),
     ))
     promoted: dict[int, tuple[int, float]] = {}
     for rank, (tid, _, value) in enumerate(top):  # as the collect writer fills feature_tokens

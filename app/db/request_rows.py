@@ -18,12 +18,13 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from app.db.schema import Ablation, AblationToken, Experiment, ExperimentRow, JobStatus, utcnow
+from app.db.schema import Ablation, AblationToken, Experiment, ExperimentRow, JobStatus, LensResult, utcnow
 
-# (request table, its child table, the child's foreign key to the request)
+# (request table, its child table and the child's foreign key to the request, or None: results in a column)
 _TABLES = (
     (Ablation.__table__, AblationToken.__table__, AblationToken.__table__.c.ablation_id),
     (Experiment.__table__, ExperimentRow.__table__, ExperimentRow.__table__.c.experiment_id),
+    (LensResult.__table__, None, None),
 )
 
 ROW_STATUS = {  # job status → request row status
@@ -50,7 +51,10 @@ def follow_jobs(conn: Connection | Session, job_ids: Any, status: JobStatus, err
         mine = table.c.job_id.in_(job_ids)
         values: dict[str, Any] = {"status": row_status}
         if status is JobStatus.TODO:
-            conn.execute(delete(children).where(fk.in_(select(table.c.id).where(mine))))
+            if children is not None:
+                conn.execute(delete(children).where(fk.in_(select(table.c.id).where(mine))))
+            else:
+                values["result"] = None
             values |= {"summary": None, "error": None, "finished": None}
         elif status is JobStatus.FAILED:
             values |= {"finished": now, "error": func.coalesce(table.c.error, (error or "")[:ERROR_SHOWN])}

@@ -142,6 +142,7 @@ class Feature(Base):
     ``logit_lens``: ``{"top": [[token_id, token_str, value], ...], "bottom": [...]}``.
     ``region_counts``: ``{region: count}``; ``think_pos_hist``: ``{"edges": [...], "counts": [...]}``.
     ``neighbours``: ``[[layer, index, cosine], ...]`` by decoder cosine.
+    ``hesitation_lens``: the largest demeaned logit-lens value among the run's hesitation tokens (worker/collect/lens.py).
     """
 
     __tablename__ = "features"
@@ -159,6 +160,8 @@ class Feature(Base):
     label: Mapped[str | None] = mapped_column(String(500))
     category: Mapped[str | None] = mapped_column(String(100))
     neighbours: Mapped[list[Any] | None] = mapped_column(JSONType)
+    hesitation_lens: Mapped[float | None] = mapped_column(
+        Float, doc="Its largest logit-lens value among the hesitation tokens (how directly it promotes 'Wait').")
 
     # The sort indexes end in (layer, index), the tie-break of the feature index's keyset pagination,
     # so every page is one index range scan (migration 0002).
@@ -167,6 +170,7 @@ class Feature(Base):
         Index("ix_features_run_category", "run_id", "category"),
         Index("ix_features_run_max_act", "run_id", "max_act", "layer", "index"),
         Index("ix_features_run_frequency", "run_id", "frequency", "layer", "index"),
+        Index("ix_features_run_hesitation_lens", "run_id", "hesitation_lens", "layer", "index"),  # migration 0005
     )
 
 
@@ -415,6 +419,38 @@ class ExperimentRow(Base):
     correct: Mapped[bool | None] = mapped_column(Boolean)
     answer: Mapped[str | None] = mapped_column(Text)
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+
+class LensResult(Base):
+    """A diff lens of one text (target, hybrid, adapted on the same ids; ``lens`` job, migration 0005).
+
+    ``request``: what was asked (free text and chat flag, or explicit ids; watched features). ``token_key``:
+    a hash of the token ids the worker ran (``app.db.lens_request.token_key``), so a second request for the
+    same run and ids reuses the result. ``result``: per position KL(target‖hybrid), KL(target‖adapted), top
+    tokens of each model and the active features with activation and direct effect; the per-text feature
+    table. ``summary``: the small numbers a list shows (tokens, mean KLs, seconds).
+    """
+
+    __tablename__ = "lens_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(_run_fk())
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    status: Mapped[str] = mapped_column(String(32), default="todo", server_default="todo")
+    request: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    request_key: Mapped[str] = mapped_column(String(64), doc="Hash of the request (text or ids, chat, watched).")
+    token_key: Mapped[str | None] = mapped_column(String(64), doc="Hash of the token ids the lens ran on.")
+    n_tokens: Mapped[int | None] = mapped_column(Integer)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created: Mapped[datetime] = _created()
+    finished: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        Index("ix_lens_results_run_request", "run_id", "request_key"),
+        Index("ix_lens_results_run_tokens", "run_id", "token_key"),
+    )
 
 
 # --------------------------------------------------------------------------------------- job queue

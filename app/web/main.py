@@ -85,7 +85,7 @@ def _docs_routes(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastAPI:
     """The web app for ``settings`` (default: from the environment); ``engine`` overrides its database."""
-    from app.web.routes import ablations, experiments, features, graphs, jobs, pipelines, runs
+    from app.web.routes import ablations, experiments, features, graphs, jobs, lens, pipelines, runs, traces
 
     settings = settings or Settings()
     app = FastAPI(title="AdapterLens", version="0.1.0", docs_url=None, redoc_url=None,
@@ -107,7 +107,7 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastA
         return FileResponse(plotly_js_path(), media_type="text/javascript",
                             headers={"Cache-Control": "public, max-age=31536000, immutable"})
 
-    for module in (runs, features, graphs, ablations, experiments, jobs, pipelines):
+    for module in (runs, features, graphs, ablations, experiments, lens, traces, jobs, pipelines):
         app.include_router(module.router, responses=API_ERRORS)
     return app
 

@@ -138,6 +138,18 @@ def hist_fig(hist: Any, color: str, xtitle: str, *, x_range: list[float] | None 
     return {"data": [trace], "layout": {"xaxis": xaxis, "yaxis": {"title": {"text": "count"}}, "bargap": 0}}
 
 
+def with_marker(fig: dict[str, Any], x: float | None, label: str) -> dict[str, Any]:
+    """``fig`` with a vertical marker line at ``x`` (a scatter trace, so it sits right on log axes too)."""
+    if x is None or not x > 0:
+        return fig
+    top = max([float(c) for c in fig["data"][0].get("y") or [0]] + [1.0])
+    marker = {"type": "scatter", "mode": "lines+markers", "x": [x, x], "y": [0, top], "name": label,
+              "line": {"color": "#1f3a93", "width": 2, "dash": "dot"}, "marker": {"size": 6},
+              "hovertemplate": f"{label}: %{{x:.3g}}<extra></extra>"}
+    layout = {**fig.get("layout", {}), "showlegend": True}
+    return {"data": [{**fig["data"][0], "name": "collected tokens"}, *fig["data"][1:], marker], "layout": layout}
+
+
 def _dumps(obj: Any, **kwargs: Any) -> str:
     return json.dumps(to_jsonable_python(obj), **kwargs)
 
@@ -158,6 +170,7 @@ def build_templates(app: FastAPI, templates_dir: str, htmx_src: str, plotly_src:
         shade=shade,
         hist_traces=hist_traces,
         hist_fig=hist_fig,
+        with_marker=with_marker,
         token_cells=token_cells,
         path=lambda name, **params: app.url_path_for(name, **{k: str(v) for k, v in params.items()}),
         qs=lambda params: ("?" + urlencode(params)) if params else "",

@@ -1,7 +1,7 @@
 """Feature labels (built-in rules or an LLM judge) with their category, and full-text search of them
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-06 12:00:00
 
 The search index lives outside the models (app/db/schema.py ``FeatureLabel``): SQLite an FTS5 table with
@@ -16,7 +16,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0007"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -72,7 +72,7 @@
   function drawFigures() {
     if (!window.Plotly) return;
     document.querySelectorAll("[data-fig]:not([data-drawn])").forEach((div) => {
-      const fig = readJSON(div.dataset.fig);
+      const fig = div.dataset.figJson ? JSON.parse(div.dataset.figJson) : readJSON(div.dataset.fig);
       if (!fig) return;
       div.dataset.drawn = "1";
       window.Plotly.newPlot(div, fig.data, Object.assign({}, baseLayout, fig.layout || {}), config);
@@ -107,4 +107,7 @@
   }
   document.addEventListener("DOMContentLoaded", drawFigures);
   document.addEventListener("htmx:afterSettle", drawFigures);  // figures inside swapped content
+  // an outerHTML swap settles on the element it replaced (detached, so that event never reaches the document);
+  // htmx:load fires on the new content itself
+  document.addEventListener("htmx:load", drawFigures);
 })();

@@ -31,6 +31,9 @@ def test_collect_fills_features_and_sharding_gives_the_same_stats(tiny_run_setti
     with make_sessionmaker(engine)() as s:
         run = s.get(Run, 1)
         assert run.status == "collected" and n_feat == run.n_layers * run.n_features
+        # every feature's hesitation lens: the organism's hesitation words have single-token spellings
+        assert s.scalar(select(func.count()).select_from(Feature)
+                        .where(Feature.run_id == 1, Feature.hesitation_lens.is_not(None))) == n_feat
     assert n_ex > 0
 
     # the same collection in 3 shards, run by a real worker loop: identical per-feature stats, no duplicates

@@ -287,6 +287,18 @@ def test_logit_lens_convention(model, monkeypatch) -> None:
             assert lens[layer].top_values[feat].tolist() == pytest.approx(v[order[:4]].tolist(), rel=1e-5)
 
 
+def test_hesitation_lens_is_the_largest_lens_value_among_the_hesitation_tokens(model, monkeypatch) -> None:
+    monkeypatch.setattr("worker.collect.lens._CHUNK_ELEMENTS", 64 * 5)
+    hes = [5, 17, 40]
+    lens = logit_lens(model, n=4, hesitation_ids=hes + [10**6])  # ids outside the head are ignored
+    W_U, g = model.hf.lm_head.weight, model.hf.model.norm.weight
+    for layer in range(model.n_layers):
+        v = W_U @ (g.unsqueeze(1) * model.adapters[layer].W_dec)  # [V, F]
+        v = v - v.mean(0)
+        assert lens[layer].hesitation.tolist() == pytest.approx(v[hes].max(0).values.tolist(), rel=1e-5, abs=1e-7)
+    assert logit_lens(model, n=4)[0].hesitation is None
+
+
 def test_decoder_neighbours_match_brute_force(model, monkeypatch) -> None:
     monkeypatch.setattr("worker.collect.lens._CHUNK_ELEMENTS", 24 * 5)
     nb = decoder_neighbours(model, n=3)

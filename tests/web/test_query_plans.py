@@ -63,6 +63,7 @@ def assert_no_scan_of_features(found: list[tuple[str, list[str]]]) -> None:
     FeatureQuery(), FeatureQuery(after="1:7"), FeatureQuery(sort="frequency"),
     FeatureQuery(sort="frequency", after="0.01:1:2"), FeatureQuery(sort="max_act", after="5.0:2:3"),
     FeatureQuery(layer=2, sort="frequency"), FeatureQuery(in_set=True), FeatureQuery(in_set=True, after="1:3"),
+    FeatureQuery(sort="hesitation"), FeatureQuery(sort="hesitation", after="0.5:1:2"),
 ], ids=lambda q: str(q.params()))
 def test_feature_index_pages_are_index_scans(engine, query):
     assert_no_scan_of_features(plans(engine, lambda s: feature_list(s, 2, query)))

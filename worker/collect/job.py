@@ -132,9 +132,20 @@ def collect_job(ctx: JobContext) -> dict:
         ctx.check()
 
     from training.generation import model_vocab_size, token_mask
+    from training.hesitation import (
+        HesitationWordsError,
+        hesitation_token_ids,
+        normalize_words,
+        words_from_config,
+    )
 
+    try:
+        words = words_from_config(run.config)
+    except HesitationWordsError:  # an unusable stored list: the default words, as the pages do
+        words = normalize_words(None)
     result = collect(model, corpus, top_k=p.top_k, n_random=p.n_random, n_quantile=p.n_quantile, shard=shard,
-                     seed=p.seed, progress=progress, token_mask=token_mask(tokenizer, model_vocab_size(model)))
+                     seed=p.seed, progress=progress, token_mask=token_mask(tokenizer, model_vocab_size(model)),
+                     hesitation_ids=sorted(hesitation_token_ids(tokenizer, words)))
     if shard is not None:
         folder = _collect_dir(ctx, run.name) / f"shards-{p.n_shards}"
         folder.mkdir(exist_ok=True)

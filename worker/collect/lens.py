@@ -21,6 +21,7 @@ are nobody's neighbour.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ class LayerLens:
     top_values: torch.Tensor
     bottom_ids: torch.Tensor
     bottom_values: torch.Tensor
+    hesitation: torch.Tensor | None = None  # [F]: the largest lens value among the hesitation token ids
 
 
 @dataclass
@@ -65,10 +67,14 @@ def _unembedding(model: AdapterModel) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def logit_lens(model: AdapterModel, *, n: int = 10, layers: list[int] | None = None,
-               token_mask: torch.Tensor | None = None) -> dict[int, LayerLens]:
+               token_mask: torch.Tensor | None = None,
+               hesitation_ids: Sequence[int] | None = None) -> dict[int, LayerLens]:
     """Top and bottom ``n`` tokens of every feature's demeaned logit-lens vector (see module docstring).
 
     ``token_mask`` [vocab] bool: ids that are tokens (padded vocabulary rows are False and never listed).
+    ``hesitation_ids``: the hesitation words' single-token spellings
+    (:func:`training.hesitation.hesitation_token_ids`); each feature's *hesitation lens* is its largest
+    demeaned lens value among them (how strongly it promotes "Wait" or another hesitation token directly).
     """
     W_U, gain = _unembedding(model)
     vocab = W_U.shape[0]
@@ -80,6 +86,8 @@ def logit_lens(model: AdapterModel, *, n: int = 10, layers: list[int] | None = N
             keep = token_mask.to(W_U.device)
     n = min(n, vocab if keep is None else int(keep.sum()))
     chunk = max(1, _CHUNK_ELEMENTS // vocab)
+    hes = sorted({int(i) for i in hesitation_ids or () if 0 <= int(i) < vocab})
+    hes_idx = torch.tensor(hes, dtype=torch.long, device=W_U.device) if hes else None
     out: dict[int, LayerLens] = {}
     for layer in layers if layers is not None else range(model.n_layers):
         W_dec = model.adapters[layer].W_dec  # [d, F]
@@ -95,9 +103,10 @@ def logit_lens(model: AdapterModel, *, n: int = 10, layers: list[int] | None = N
                 logits -= logits[:, keep].mean(dim=1, keepdim=True)
                 top = logits.masked_fill(~keep, float("-inf")).topk(n, dim=1)
                 bottom = logits.masked_fill(~keep, float("inf")).topk(n, dim=1, largest=False)
-            parts.append((top.indices, top.values, bottom.indices, bottom.values))
+            hes_max = logits[:, hes_idx].max(dim=1).values if hes_idx is not None else top.values[:, 0] * float("nan")
+            parts.append((top.indices, top.values, bottom.indices, bottom.values, hes_max))
         cat = [torch.cat(p).cpu() for p in zip(*parts, strict=True)]
-        out[layer] = LayerLens(cat[0], cat[1], cat[2], cat[3])
+        out[layer] = LayerLens(cat[0], cat[1], cat[2], cat[3], cat[4] if hes_idx is not None else None)
     return out
 
 

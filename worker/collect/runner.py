@@ -51,7 +51,8 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
             n_quantile: int = 2, ctx_before: int = 50, ctx_after: int = 20, batch_size: int = 16, max_batch_tokens: int = 16384,
             shard: tuple[int, int] | None = None, seed: int = 0, progress: Progress | None = None,
             layers: Sequence[int] | None = None, lens_tokens: int = 10, n_neighbours: int = 10,
-            weight_views: bool | None = None, token_mask: torch.Tensor | None = None) -> CollectionResult:
+            weight_views: bool | None = None, token_mask: torch.Tensor | None = None,
+            hesitation_ids: Sequence[int] | None = None) -> CollectionResult:
     """Gather every feature's dashboard statistics in one pass; see the module docstring.
 
     ``corpus``: a :class:`Corpus` (token ids with regions) or plain token-id lists (all regions PROMPT).
@@ -61,7 +62,8 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
     than 0). ``progress(done, total, message)`` is called every few seconds with sequences done; it
     may raise (e.g. a job's cancellation check) to stop the pass, leaving the model as it was.
     Activations are those of the model as set: interventions active on it apply. ``token_mask``: the
-    vocabulary ids that are tokens (the logit lens never lists padded ids).
+    vocabulary ids that are tokens (the logit lens never lists padded ids). ``hesitation_ids``: the hesitation
+    tokens whose largest logit-lens value each feature keeps (its hesitation lens).
     """
     corpus = corpus if isinstance(corpus, Corpus) else Corpus.from_sequences(corpus)
     layers = _check_args(model, corpus, top_k=top_k, n_random=n_random, n_quantile=n_quantile, ctx_before=ctx_before,
@@ -94,7 +96,8 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
     t2 = time.perf_counter()
     if weight_views is None:
         weight_views = shard[0] == 0
-    lens = logit_lens(model, n=lens_tokens, layers=list(layers), token_mask=token_mask) if weight_views else None
+    lens = logit_lens(model, n=lens_tokens, layers=list(layers), token_mask=token_mask,
+                      hesitation_ids=hesitation_ids) if weight_views else None
     neighbours = decoder_neighbours(model, n=n_neighbours, layers=list(layers)) if weight_views else None
     t3 = time.perf_counter()
     logger.info("collect: pass %.1f s (%.0f tok/s), token windows %.1f s, lens + neighbours %.1f s",

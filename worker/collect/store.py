@@ -55,7 +55,7 @@ ACT_DECIMALS = 5  # stored precision of per-token activations
 
 _EXAMPLE_COLUMNS = ("run_id", "layer", "index", "kind", "rank", "token_ids", "acts", "focus", "max_act")
 _FEATURE_COLUMNS = ("run_id", "layer", "index", "frequency", "max_act", "mean_act", "histogram", "logit_lens",
-                    "region_counts", "think_pos_hist", "neighbours")
+                    "region_counts", "think_pos_hist", "neighbours", "hesitation_lens")
 _TOKEN_COLUMNS = ("run_id", "relation", "token_id", "layer", "index", "rank", "value")
 PROMOTES_TOP = 10  # logit-lens places a token must hold for the feature to "promote" it (search)
 _JSON_COLUMNS = {"token_ids", "acts", "histogram", "logit_lens", "region_counts", "think_pos_hist", "neighbours"}
@@ -133,6 +133,7 @@ def _feature_rows(run_id: int, result: CollectionResult, layer: int, start: int,
     lens = result.lens.get(layer) if result.lens is not None else None
     if lens is not None:
         lens_parts = [t[sl].tolist() for t in (lens.top_ids, lens.top_values, lens.bottom_ids, lens.bottom_values)]
+        hes = lens.hesitation[sl].tolist() if lens.hesitation is not None else None
     nb = result.neighbours.get(layer) if result.neighbours is not None else None
     if nb is not None:
         nb_parts = [t[sl].tolist() for t in (nb.layer, nb.index, nb.cosine)]
@@ -142,12 +143,14 @@ def _feature_rows(run_id: int, result: CollectionResult, layer: int, start: int,
             "mean_act": mean[n], "histogram": {"edges": hist_edges, "counts": hist[n]},
             "region_counts": dict(zip(REGION_NAMES, regions[n], strict=True)),
             "think_pos_hist": {"edges": think_edges, "counts": think[n]},
-            "logit_lens": None, "neighbours": None,
+            "logit_lens": None, "neighbours": None, "hesitation_lens": None,
         }
         if lens is not None:
             ti, tv, bi, bv = (p[n] for p in lens_parts)
             row["logit_lens"] = {"top": [[i, decode.get(i), v] for i, v in zip(ti, tv, strict=True)],
                                  "bottom": [[i, decode.get(i), v] for i, v in zip(bi, bv, strict=True)]}
+            if hes is not None:
+                row["hesitation_lens"] = hes[n]
         if nb is not None:
             nl, ni, nc = (p[n] for p in nb_parts)
             row["neighbours"] = [[a, b, c] for a, b, c in zip(nl, ni, nc, strict=True) if a >= 0]

@@ -123,6 +123,19 @@ class FeatureInfo(BaseModel):
     category: str | None
 
 
+class TextTest(BaseModel):
+    """"Test your text": this feature's activation on a user's text, token by token (from a diff lens request)."""
+
+    lens_id: int
+    status: str
+    done: bool
+    error: str | None = None
+    tokens: list[Tok] = Field([], description="The text's tokens with this feature's activation.")
+    max_act: float | None = Field(None, description="Its largest activation on the text (the histogram's marker).")
+    max_pos: int | None = None
+    source: str | None = Field(None, description="watched: every token; lens: the lens' strongest features only.")
+
+
 class FeaturePage(BaseModel):
     run: RunRef
     feature: FeatureInfo
@@ -139,6 +152,7 @@ class FeaturePage(BaseModel):
     neighbours: list[Neighbour]
     labels: list[LabelView] = Field([], description="Every labeler's label, newest first.")
     vocab_source: str | None = Field(description="The tokenizer.json token text came from (None: ids shown).")
+    text_test: TextTest | None = Field(None, description="With ?lens=ID: this feature on that lens' text.")
 
 
 def token_views(vocab: Vocab, ids: list[Any], acts: list[Any] | None, words: tuple[str, ...]) -> list[Tok]:

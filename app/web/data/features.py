@@ -30,7 +30,7 @@ from app.labels.store import label_match
 from app.web.data.common import BadInput, RunRef, get_run, hesitation_set, run_ref, run_vocab
 from app.web.data.feature import top_token
 
-Sort = Literal["layer", "frequency", "max_act", "strength"]
+Sort = Literal["layer", "frequency", "max_act", "strength", "hesitation"]
 MAX_QUERY_IDS = 50  # token ids a search may expand to (variants of one word)
 TOKEN_FILTERS = ("promotes", "fires_on")
 
@@ -52,8 +52,10 @@ class FeatureQuery(BaseModel):
     fires_on: str | None = Field(None, max_length=100, description="A token where the feature's top examples fire.")
     q: str | None = Field(None, max_length=200, description="Words of the feature's label (any labeler's), each "
                           "a word prefix, all required: full-text search (e.g. wait answer).")
-    sort: Sort | None = Field(None, description="layer (ascending), frequency / max_act (descending), or strength "
-                              "(with a token filter: strongest first; its default).")
+    sort: Sort | None = Field(None, description="layer (ascending), frequency / max_act (descending), strength "
+                              "(with a token filter: strongest first; its default), or hesitation (the hesitation "
+                              "lens: how directly it promotes the hesitation tokens, descending; features without "
+                              "one are left out).")
     after: str | None = Field(None, max_length=100, description="Keyset cursor: the previous page's next.")
     limit: int = Field(50, ge=1, le=500)
 
@@ -98,6 +100,7 @@ class FeatureRow(BaseModel):
     in_set: bool = False
     top_token: str | None = Field(None, description="Top logit-lens token.")
     strength: float | None = Field(None, description="With a token filter: the lens value or the activation.")
+    hesitation_lens: float | None = Field(None, description="Largest logit-lens value among the hesitation tokens.")
 
 
 class FeatureListPage(BaseModel):
@@ -140,7 +143,8 @@ def _int32(text: str) -> int:
 def _cursor(sort: Sort, row: FeatureRow) -> str:
     if sort == "layer":
         return f"{row.layer}:{row.index}"
-    value = {"frequency": row.frequency, "max_act": row.max_act, "strength": row.strength}[sort]
+    value = {"frequency": row.frequency, "max_act": row.max_act, "strength": row.strength,
+             "hesitation": row.hesitation_lens}[sort]
     return f"{value!r}:{row.layer}:{row.index}"
 
 
@@ -217,7 +221,10 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
             _, layer, index = _cursor_values("layer", query.after)
             cond.append(and_(layer_col >= layer, or_(layer_col > layer, index_col > index)))
     else:
-        col = {"frequency": Feature.frequency, "max_act": Feature.max_act, "strength": strength}[sort]
+        col = {"frequency": Feature.frequency, "max_act": Feature.max_act, "strength": strength,
+               "hesitation": Feature.hesitation_lens}[sort]
+        if sort == "hesitation":  # NULLs sort first on Postgres and last on SQLite: leave them out on both
+            cond.append(Feature.hesitation_lens.is_not(None))
         order = [col.desc(), Feature.layer.desc(), Feature.index.desc()]
         if query.after:
             value, layer, index = _cursor_values(sort, query.after)
@@ -226,7 +233,7 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
                                            and_(Feature.layer == layer, Feature.index < index))))
 
     stmt = select(Feature.layer, Feature.index, Feature.frequency, Feature.max_act, Feature.category, Feature.label,
-                  Feature.logit_lens, member.c.set_id.label("member_of"), member.c.role,
+                  Feature.logit_lens, Feature.hesitation_lens, member.c.set_id.label("member_of"), member.c.role,
                   (strength if strength is not None else null()).label("strength"))
     for sub in matches.values():
         stmt = stmt.join(sub, and_(sub.c.layer == Feature.layer, sub.c.index == Feature.index))
@@ -239,7 +246,7 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
         rows.append(FeatureRow(
             layer=r.layer, index=r.index, frequency=r.frequency, max_act=r.max_act, category=r.category,
             label=r.label, role=r.role, in_set=r.member_of is not None,
-            top_token=top_token(r.logit_lens, vocab), strength=r.strength,
+            top_token=top_token(r.logit_lens, vocab), strength=r.strength, hesitation_lens=r.hesitation_lens,
         ))
     layers = list(range(run.n_layers)) if run.n_layers else [
         x for (x,) in session.execute(select(Feature.layer).where(Feature.run_id == run.id).distinct().order_by(Feature.layer))
@@ -253,7 +260,8 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
 
 
 CSV_PAGE = 500  # features per query while streaming a CSV export
-CSV_COLUMNS = ("layer", "index", "frequency", "max_act", "strength", "category", "label", "role", "top_token")
+CSV_COLUMNS = ("layer", "index", "frequency", "max_act", "strength", "category", "label", "role", "top_token",
+               "hesitation_lens")
 
 
 def features_csv_lines(make_session: Callable[[], Session], run_key: str | int, query: FeatureQuery,
@@ -272,7 +280,8 @@ def features_csv_lines(make_session: Callable[[], Session], run_key: str | int, 
     while True:
         for r in page.rows:
             writer.writerow([r.layer, r.index, r.frequency, r.max_act, "" if r.strength is None else r.strength,
-                             r.category or "", r.label or "", r.role or "", r.top_token or ""])
+                             r.category or "", r.label or "", r.role or "", r.top_token or "",
+                             "" if r.hesitation_lens is None else r.hesitation_lens])
         yield buf.getvalue()
         buf.seek(0)
         buf.truncate()

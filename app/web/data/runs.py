@@ -71,6 +71,15 @@ class LinkItem(BaseModel):
     created: datetime | None = None
 
 
+class Promoter(BaseModel):
+    """A feature that promotes the hesitation tokens through the logit lens (``features.hesitation_lens``)."""
+
+    layer: int
+    index: int
+    hesitation_lens: float
+    label: str | None = None
+
+
 class RunPage(BaseModel):
     run: RunRef
     runs: list[RunRef]
@@ -90,6 +99,8 @@ class RunPage(BaseModel):
     study: StudyCard | None = Field(None, description="The hesitation study's finding and its top features.")
     categories: CategoryAnalysis | None = Field(None, description="Feature categories per layer and overall, by one "
                                                 "labeler (the paper's analysis); None before any labelling.")
+    promotes_hesitation: list[Promoter] = Field([], description="The features whose logit lens most promotes a "
+                                                "hesitation token ('Wait' …), strongest first.")
 
 
 class IndexPage(BaseModel):
@@ -207,7 +218,21 @@ def run_page(session: Session, run_key: str | int, labels: str | None = None) ->
         evaluation=_evaluation(run.evaluation), curves=_curves(session, rid), n_collected=n_collected,
         graphs=graphs, feature_sets=sets, ablations=ablations, experiments=experiments, jobs=jobs,
         study=study_card(session, run), categories=category_analysis(session, rid, labels),
+        promotes_hesitation=promoters(session, rid),
     )
+
+
+PROMOTERS_SHOWN = 10  # features listed on the run page as promoting hesitation
+
+
+def promoters(session: Session, run_id: int, limit: int = PROMOTERS_SHOWN) -> list[Promoter]:
+    """The features that fire and have the largest hesitation lens (a range scan of ix_features_run_hesitation_lens;
+    dead features promote nothing in practice, so they are left out here, not in the feature index)."""
+    rows = session.execute(
+        select(Feature.layer, Feature.index, Feature.hesitation_lens, Feature.label)
+        .where(Feature.run_id == run_id, Feature.hesitation_lens.is_not(None), Feature.frequency > 0)
+        .order_by(Feature.hesitation_lens.desc(), Feature.layer.desc(), Feature.index.desc()).limit(limit))
+    return [Promoter(layer=r.layer, index=r.index, hesitation_lens=r.hesitation_lens, label=r.label) for r in rows]
 
 
 def _job_item(j: Job) -> LinkItem:

@@ -8,8 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
+from app.web.data.common import MAX_ID
 from app.web.data.feature import FeaturePage, feature_page
 from app.web.data.features import CSV_PAGE, FeatureListPage, FeatureQuery, feature_list, features_csv_lines
+from app.web.data.lens import feature_text_test
 from app.web.deps import SessionDep
 from app.web.render import ablate_limit, example_source, graph_prompt_source, render
 
@@ -46,9 +48,21 @@ def features_api(run: str, session: SessionDep, query: Annotated[FeatureQuery, Q
     return feature_list(session, run, query)
 
 
-@router.get("/runs/{run}/features/{layer}/{index}", include_in_schema=False, name="feature_page")
-def feature_html(request: Request, run: str, layer: Layer, index: Index, session: SessionDep) -> Response:
+LensQuery = Annotated[int | None, Query(ge=1, le=MAX_ID, description="A diff lens whose text to test this feature on.")]
+
+
+def _page(session, run: str, layer: int, index: int, lens: int | None) -> FeaturePage:
     page = feature_page(session, run, layer, index)
+    if lens is not None:
+        page.text_test = feature_text_test(session, run, layer, index, lens)
+    return page
+
+
+@router.get("/runs/{run}/features/{layer}/{index}", include_in_schema=False, name="feature_page")
+def feature_html(request: Request, run: str, layer: Layer, index: Index, session: SessionDep,
+                 lens: LensQuery = None) -> Response:
+    """The feature page; ``lens`` (a diff lens id, from its "test your text" form) adds this feature on that text."""
+    page = _page(session, run, layer, index, lens)
     top = page.examples.get("top") or []
     sources = [example_source(top[0])] if top else []
     graph = graph_prompt_source(session, page.run.id)
@@ -58,5 +72,5 @@ def feature_html(request: Request, run: str, layer: Layer, index: Index, session
 
 @router.get("/api/runs/{run}/features/{layer}/{index}", response_model=FeaturePage, name="api_feature",
             summary="One feature: examples, statistics, logit lens, graphs, neighbours")
-def feature_api(run: str, layer: Layer, index: Index, session: SessionDep) -> FeaturePage:
-    return feature_page(session, run, layer, index)
+def feature_api(run: str, layer: Layer, index: Index, session: SessionDep, lens: LensQuery = None) -> FeaturePage:
+    return _page(session, run, layer, index, lens)
