@@ -22,6 +22,9 @@ from worker.collect.stats import HIST_EDGES, N_HIST, BatchInfo, pack_loc, quanti
 N_FEATURES = 12
 MARKERS = Markers(assistant_id=3, think_start_id=4, think_end_id=5)
 CTX = (3, 2)
+# Collection's batched forward and the brute-force reference's per-sequence forward agree to float32 rounding,
+# not bit for bit: the kernels' blocking (and so the sums' order) depends on the batch shape and the thread count.
+ACT_REL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +106,8 @@ def test_counts_frequency_hist_regions_match_brute_force(model, corpus, brute, r
             assert int(s.count[feat]) == len(mine)
             assert float(s.frequency()[feat]) == len(mine) / n_tokens
             if mine:
-                assert float(s.act_max[feat]) == pytest.approx(max(h[0] for h in mine), rel=1e-6)
-                assert float(s.mean_act()[feat]) == pytest.approx(sum(h[0] for h in mine) / len(mine), rel=1e-9)
+                assert float(s.act_max[feat]) == pytest.approx(max(h[0] for h in mine), rel=ACT_REL)
+                assert float(s.mean_act()[feat]) == pytest.approx(sum(h[0] for h in mine) / len(mine), rel=ACT_REL)
             hist = [0] * N_HIST
             reg = [0] * len(Region)
             tpos = [0] * 10
@@ -130,14 +133,14 @@ def test_top_k_matches_brute_force(model, corpus, brute, result) -> None:
             got_top = [e for e in got if e.kind == "top"]
             assert [(e.sequence, e.position) for e in got_top] == [(h[1], h[2]) for h in expected]
             for e, h in zip(got_top, expected, strict=True):
-                assert e.value == pytest.approx(h[0], rel=1e-9)
+                assert e.value == pytest.approx(h[0], rel=ACT_REL)
             for e in got:  # windows: token ids and this feature's activations around the focus
                 toks = corpus[e.sequence].tolist()
                 lo, hi = max(0, e.position - CTX[0]), min(len(toks), e.position + CTX[1] + 1)
                 assert e.token_ids == toks[lo:hi]
                 assert e.focus == e.position - lo and e.token_ids[e.focus] == toks[e.position]
                 ref = brute[layer]["acts"][e.sequence][lo:hi, feat].tolist()
-                assert e.acts == pytest.approx(ref, rel=1e-9, abs=1e-12)
+                assert e.acts == pytest.approx(ref, rel=ACT_REL, abs=1e-7)
                 assert e.acts[e.focus] == pytest.approx(e.value)
             assert int((s.top.loc[feat] >= 0).sum()) == min(4, int(s.count[feat]))
 
@@ -151,7 +154,7 @@ def test_random_examples_are_nonzero_occurrences(model, brute, result) -> None:
             assert len(rand) == min(3, len(occurrences))
             assert len({(e.sequence, e.position) for e in rand}) == len(rand)  # without replacement
             for e in rand:
-                assert e.value > 0 and e.value == pytest.approx(occurrences[(e.sequence, e.position)], rel=1e-9)
+                assert e.value > 0 and e.value == pytest.approx(occurrences[(e.sequence, e.position)], rel=ACT_REL)
         assert int((s.random.loc >= 0).sum()) > 0
 
 
@@ -177,7 +180,7 @@ def test_quantile_examples_sample_every_activation_band(model, brute, result) ->
                 assert len({(e.sequence, e.position) for e in es}) == len(es)
                 for e in es:
                     assert edges[band] <= e.value < edges[band + 1]
-                    assert e.value == pytest.approx(occurrences[(e.sequence, e.position)], rel=1e-9)
+                    assert e.value == pytest.approx(occurrences[(e.sequence, e.position)], rel=ACT_REL)
     assert len(seen_bands) >= 2  # the fixture's activations span several bands
 
 
