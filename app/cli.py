@@ -413,7 +413,7 @@ def pipeline(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (evaluation, study).")] = 96,
     queue_it: Annotated[bool, typer.Option("--queue", help="Queue the steps for a worker instead (your pair).")] = False,
 ) -> None:
-    """The whole study in the foreground: train → evaluate → collect → hesitation study.
+    """The whole study in the foreground: train → collect → evaluate → hesitation study.
 
     Without --base/--target: the embedded organism (built first). With them: your pair, trained on --data.
     """
@@ -423,8 +423,8 @@ def pipeline(
         _inline("organism", {"preset": organism_preset, "seed": seed})
         run_id = _create_run(run, None, None, preset, organism_preset, seed, config, set_ or [], None,
                              hesitation_words=hesitation_words)
-        steps = {"train": {"run_id": run_id}, "evaluate": {"run_id": run_id, "n_prompts": n_prompts},
-                 "collect": {"run_id": run_id}, "hesitation": {"run_id": run_id, "n_graphs": n_graphs}}
+        steps = {"train": {"run_id": run_id}, "collect": {"run_id": run_id},
+                 "evaluate": {"run_id": run_id, "n_prompts": n_prompts}, "hesitation": {"run_id": run_id, "n_graphs": n_graphs}}
     else:
         from app.db.pipelines import step_payloads
 
@@ -556,7 +556,7 @@ def up(
 ) -> None:
     """The embedded default: migrate, start the workers and the dashboard; queue the demo pipeline on an empty store.
 
-    The demo pipeline (organism → train → evaluate → collect → hesitation study) is queued only when
+    The demo pipeline (organism → train → collect → evaluate → hesitation study) is queued only when
     the database has no run; a second ``up`` reuses everything. One worker takes long jobs and one the
     interactive ones, each restarted when it dies (app/supervisor.py); SIGTERM or Ctrl-C stops them all.
     """

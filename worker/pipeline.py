@@ -62,18 +62,21 @@ class OrganismPayload(BaseModel):
 @register("organism", OrganismPayload)
 def organism_job(ctx: JobContext) -> dict:
     """Build (or reuse) the model organism under the data directory."""
-    from training.organism.build import build_organism, get_preset
+    from training.organism.build import build_organism, build_steps, get_preset
 
     p: OrganismPayload = ctx.payload
-    preset = get_preset(p.preset)
-    total = preset.base_steps + preset.target_steps  # the build's training steps, both models
+    total = build_steps(get_preset(p.preset))  # training steps of both models, then the evaluation runs
     steps = {"n": 0}
 
     def on_step(metrics: dict) -> None:
         steps["n"] += 1
         phase = metrics.get("phase", "train")
-        ctx.progress(steps["n"], total, f"{phase} model: step {metrics.get('step')}/{metrics.get('steps')}, "
-                                        f"loss {metrics.get('loss', float('nan')):.3f}")
+        if phase == "evaluate":
+            message = f"evaluating on held-out problems: {metrics.get('what')} done ({metrics.get('step')}/{metrics.get('steps')})"
+        else:
+            message = (f"{phase} model: step {metrics.get('step')}/{metrics.get('steps')}, "
+                       f"loss {metrics.get('loss', float('nan')):.3f}")
+        ctx.progress(steps["n"], total, message)
         ctx.check()
 
     paths = build_organism(p.preset, p.seed, data_dir=ctx.job_settings().resolved_data_dir, force=p.force,
