@@ -101,29 +101,47 @@ def fill(url: str, scale: float, tok_dir: Path, seed: int = 0) -> tuple[int, int
             status="ready", n_layers=n_layers, n_features=n_feat, d_model=3584).returning(Run.id)).scalar_one()
         set_id = conn.execute(insert(FeatureSet).values(run_id=run_id, name="hesitation").returning(FeatureSet.id)).scalar_one()
     ex_pool, feat_pool = _payload_pools(rng, n_feat, n_layers)
+    ex_focus = [json.loads(ids)[CTX_BEFORE] for ids, _, _ in ex_pool]
+    promotes_pool = []  # per feature payload: distinct lens-top token ids with their rank and value
+    for _, lens, *_ in feat_pool:
+        seen: dict[int, tuple[int, float]] = {}
+        for rank, (tid, _, value) in enumerate(json.loads(lens)["top"]):
+            seen.setdefault(tid, (rank, value))
+        promotes_pool.append([(tid, rank, value) for tid, (rank, value) in seen.items()])
     categories = ["reasoning", "language", "domain", "uninterpretable", None]
     pg = engine.dialect.name == "postgresql"
     feat_cols = ("run_id", "layer", "index", "frequency", "max_act", "mean_act", "category", "label", "histogram",
                  "logit_lens", "region_counts", "think_pos_hist", "neighbours")
     ex_cols = ("run_id", "layer", "index", "kind", "rank", "token_ids", "acts", "focus", "max_act")
+    tok_cols = ("run_id", "relation", "token_id", "layer", "index", "rank", "value")
     member_rows = []
     raw = engine.raw_connection()
     try:
         cur = raw.cursor()
         for layer in tqdm(range(n_layers), desc="layers", unit="layer"):
-            feats, exs = [], []
+            feats, exs, toks = [], [], []
             for index in range(n_feat):
                 max_act = rng.uniform(1, 30)
-                hist, lens, regions, think, nbrs = feat_pool[rng.randrange(FEATURE_POOL)]
+                k = rng.randrange(FEATURE_POOL)
+                hist, lens, regions, think, nbrs = feat_pool[k]
                 feats.append((run_id, layer, index, rng.random() ** 4 * 0.1, max_act, max_act / 4,
                               rng.choice(categories), None, hist, lens, regions, think, nbrs))
+                # the token search table, as collect fills it: lens top 10 (promotes), top examples' focus (fires_on)
+                toks += [(run_id, "promotes", tid, layer, index, rank, value)
+                         for tid, rank, value in promotes_pool[k]]
+                fires: dict[int, tuple[int, float]] = {}
                 for kind, n in (("top", N_TOP), ("random", N_RANDOM)):
                     for rank in range(n):
-                        ids, acts, mx = ex_pool[rng.randrange(EXAMPLE_POOL)]
+                        e = rng.randrange(EXAMPLE_POOL)
+                        ids, acts, mx = ex_pool[e]
                         exs.append((run_id, layer, index, kind, rank, ids, acts, CTX_BEFORE, mx))
+                        if kind == "top" and ex_focus[e] not in fires:
+                            fires[ex_focus[e]] = (rank, mx)
+                toks += [(run_id, "fires_on", tid, layer, index, rank, value) for tid, (rank, value) in fires.items()]
                 if rng.random() < 0.024:  # ~2.4% of features form the hesitation set (the paper's share)
                     member_rows.append((set_id, layer, index, rng.choice(["output", "template"]), rng.random()))
-            for table, cols, rows in (("features", feat_cols, feats), ("examples", ex_cols, exs)):
+            for table, cols, rows in (("features", feat_cols, feats), ("examples", ex_cols, exs),
+                                      ("feature_tokens", tok_cols, toks)):
                 names = ", ".join(f'"{c}"' for c in cols)
                 if pg:
                     with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
@@ -190,9 +208,10 @@ def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, conc
         "index: by max act, next page": lambda: f"/runs/{run_id}/features?sort=max_act&after={rng.uniform(1, 30)!r}:0:0",
         "index: hesitation set": lambda: f"/runs/{run_id}/features?in_set=true",
         "run overview": lambda: f"/runs/{run_id}",
-        "index: token search": lambda: f"/runs/{run_id}/features?q=w{rng.randrange(VOCAB)}",
+        "index: promotes token": lambda: f"/runs/{run_id}/features?promotes=w{rng.randrange(VOCAB)}",
+        "index: fires on token": lambda: f"/runs/{run_id}/features?fires_on=w{rng.randrange(VOCAB)}",
     }
-    slow = {"index: token search"}  # scans JSON: fewer requests
+    slow: set[str] = set()  # endpoints given fewer requests
     results = {}
     with ThreadPoolExecutor(concurrency) as pool:
         for name, make in endpoints.items():
