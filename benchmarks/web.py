@@ -3,7 +3,9 @@
 Fills a fresh database with synthetic rows shaped like a real collection (28 layers × 8192 features,
 20 top + 10 random examples of 71 tokens each = 229,376 features and 6.9M examples at ``--scale 1``),
 starts the real server (``python -m app.web``) on it, and requests feature pages and the feature
-index from ``--concurrency`` client threads. Prints p50 / p99 / max per endpoint.
+index from ``--concurrency`` client threads. Prints p50 / p99 / max per endpoint, and the server process's
+CPU time per request (from /proc: on a machine other programs load, latencies mostly measure queueing
+while the CPU per request still measures the server's own work).
 
     python benchmarks/web.py --scale 0.02 --db sqlite           # quick (~4.6k features, ~140k examples)
     python benchmarks/web.py --scale 1 --db both                # the paper's scale (tens of GB of disk time)
@@ -197,7 +199,17 @@ def fetch(url: str) -> float:
     return time.perf_counter() - start
 
 
-def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, concurrency: int, seed: int = 1) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, concurrency: int, seed: int = 1,
+         server_pid: int | None = None) -> dict:
     rng = random.Random(seed)
     endpoints = {
         "feature page (HTML)": lambda: f"/runs/{run_id}/features/{rng.randrange(n_layers)}/{rng.randrange(n_feat)}",
@@ -217,15 +229,17 @@ def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, conc
         for name, make in endpoints.items():
             urls = [base + make() for _ in range(max(concurrency, requests // 10) if name in slow else requests)]
             list(pool.map(fetch, urls[: concurrency * 2]))  # warm-up (connections, caches)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds(server_pid) if server_pid else 0.0
             times = sorted(pool.map(fetch, urls))
             wall = time.perf_counter() - t0
+            cpu = (cpu_seconds(server_pid) - c0) if server_pid else float("nan")
             errors = sum(t == float("inf") for t in times)
             times = [t for t in times if t != float("inf")] or [float("nan")]
             results[name] = {
                 "errors": errors, "n": len(urls),
                 "p50_ms": 1000 * statistics.median(times), "p99_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
                 "max_ms": 1000 * times[-1], "req_per_s": len(times) / wall,
+                "server_cpu_ms": 1000 * cpu / len(urls),  # the server's CPU per request: load from others adds little
             }
     return results
 
@@ -248,7 +262,7 @@ def run_backend(kind: str, args: argparse.Namespace, work: Path) -> dict:
         fill_s = time.perf_counter() - t0
         proc, base = start_server(url, work)
         try:
-            results = load(base, run_id, n_layers, n_feat, args.requests, args.concurrency)
+            results = load(base, run_id, n_layers, n_feat, args.requests, args.concurrency, server_pid=proc.pid)
         finally:
             proc.terminate()
             proc.wait(10)
@@ -280,10 +294,11 @@ def main() -> None:
         out.append(res)
         print(f"\n{kind}: {res['features']:,} features, {res['examples']:,} examples (filled in {res['fill_s']:.0f}s); "
               f"{args.concurrency} client threads, {args.requests} requests per endpoint")
-        print(f"{'endpoint':32} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>7} {'errors':>7}")
+        print(f"{'endpoint':32} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>7} {'errors':>7} "
+              f"{'server CPU ms/req':>18}")
         for name, r in res["results"].items():
             print(f"{name:32} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f} {r['req_per_s']:7.1f} "
-                  f"{r['errors']:>3}/{r['n']}")
+                  f"{r['errors']:>3}/{r['n']} {r['server_cpu_ms']:18.1f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": out}, indent=2))
 
