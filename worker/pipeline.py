@@ -51,6 +51,12 @@ def update_run(ctx: JobContext, run_id: int, **values: Any) -> None:
             setattr(run, k, v)
 
 
+def evaluated_status(current: str | None) -> str:
+    """The run status after an evaluation: ``evaluated``, unless the run is ``collected`` already (the pipelines
+    collect before they evaluate, so that the feature pages come first; the status keeps saying how far it got)."""
+    return current if current == "collected" else "evaluated"
+
+
 # -- organism ----------------------------------------------------------------------------------------------
 
 class OrganismPayload(BaseModel):
@@ -229,7 +235,7 @@ def evaluate_job(ctx: JobContext) -> dict:
     run_dir = settings.runs_dir / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(out, indent=1))
-    update_run(ctx, p.run_id, evaluation=out, status="evaluated")
+    update_run(ctx, p.run_id, evaluation=out, status=evaluated_status(get_run(ctx, p.run_id).status))
     ctx.progress(3, 3, "done")
     return {"table": table, "kl_gap_closed": result.kl_gap_closed,
             "reproduced_hesitation": result.reproduced_hesitation, "false_hesitation": result.false_hesitation,
