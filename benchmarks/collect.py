@@ -15,7 +15,7 @@ each) written to a fresh SQLite file, and to Postgres when ``--pg-url`` names a 
 (the run it creates is deleted again).
 
     python benchmarks/collect.py --threads 1             # CPU, organism shape (~1 min)
-    python benchmarks/collect.py --shape 7b-layer --skip-store   # two 7B-shaped layers, 1,024 tokens (~5 min)
+    python benchmarks/collect.py --shape 7b-layer --skip-store   # two 7B-shaped layers, 1,024 tokens (5-10 min)
     python benchmarks/collect.py --shape wide --device cuda --dtype bf16 --density 0.002 --tokens 262144
     python benchmarks/collect.py --pg-url postgresql+psycopg://postgres@127.0.0.1:5432/bench
 """
@@ -42,8 +42,8 @@ from worker.collect.runner import _batch_tensors, _batches  # noqa: E402
 SHAPES = {  # "tokens": the default corpus size (enough batches for steady state, minutes on one CPU thread)
     "organism": {"layers": 4, "d": 128, "mlp": 512, "features": 512, "vocab": 512, "seq": 60, "tokens": 98304},
     "wide": {"layers": 8, "d": 512, "mlp": 2048, "features": 8192, "vocab": 8192, "seq": 512, "tokens": 32768},
-    # ~1.3 GFLOP a token: ~45 tok/s on one shared CPU thread; 1,024 tokens and the weight views (~2 min) take
-    # ~5 min in all (98,304 tokens took hours)
+    # ~1.3 GFLOP a token: ~50 tok/s on one CPU thread; 1,024 tokens and the weight views (~1.5 min) take 5-10 min
+    # on a shared 2-core machine (98,304 tokens would take hours)
     "7b-layer": {"layers": 2, "d": 3584, "mlp": 18944, "features": 8192, "vocab": 32768, "seq": 1024, "tokens": 1024},
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
