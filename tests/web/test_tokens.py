@@ -134,3 +134,16 @@ def test_token_search_index_gives_what_a_pass_over_the_vocabulary_gives(tmp_path
         assert vocab.ids_matching(query, limit=1) == expected[:1]
     assert vocab.ids_matching("#3") == [3]
     assert len(vocab.ids_matching("wait")) >= 2 and vocab.ids_matching("<think>")  # the cases are not all empty
+
+
+def test_top_token_is_the_first_lens_entry_that_is_a_token(tmp_path):
+    """The index's top token: the first logit-lens entry the vocabulary shows (padded ids skipped), the same as
+    the feature page's first lens row; without a tokenizer the stored text."""
+    from app.web.data.feature import _lens, top_token
+
+    vocab = load_vocab_file(write_tokenizer(tmp_path))
+    padded = max(vocab.all_ids()) + 5  # an id of a padded vocabulary: not a token
+    lens = {"top": [[padded, "pad", 9.0], [3, "x", 2.0], [4, "y", 1.0]], "bottom": []}
+    assert top_token(lens, vocab) == vocab.token(3).text == _lens(lens["top"], vocab)[0].text
+    assert top_token({"top": [[padded, "pad", 1.0]]}, vocab) is None
+    assert top_token(lens) == "pad" and top_token(None) is None and top_token({"top": "bad"}) is None
