@@ -74,7 +74,7 @@ def token_spans(ex: Any, max_act: float | None) -> Markup:
     the focus, outside the shown window, active, newline, token kind, hesitation; the shade, the activation and
     the next token as attributes), ``…`` around the shown window.
 
-    A feature page shows thousands of tokens; a Jinja loop escaping each value spent ~70% of the page's
+    A feature page shows thousands of tokens; a Jinja loop escaping each value spent most of the page's
     render time (issue 17), so the markup is built here in one pass. Every token text goes through
     ``markupsafe.escape`` (the function autoescape applies), once per token; class, shade and activation are
     generated from numbers and fixed names.
