@@ -165,7 +165,7 @@ def _encode(tokenizer: PreTrainedTokenizerFast, problems: Sequence[Problem], wei
     still hesitates); a real correction is never skipped.
 
     The texts are tokenized in batches (one call for the prompts, one for the completions): the same ids as
-    one call per text (:func:`reasoning_token_ids`; a test checks it), in about half the time for the organism's
+    one call per text (:func:`reasoning_token_ids`; a test checks it), in about a third of the time for the organism's
     ~86k texts (the Rust tokenizer's batch call, without transformers' per-text wrapping).
     """
     counts = {f: sum(p.family == f for p in problems) for f in weights}
