@@ -8,17 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_gpu_benchmark_runs_every_section_at_toy_shapes_on_the_cpu(tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: the dtype of the real (CUDA) run
+def test_the_gpu_benchmark_runs_every_section_at_toy_shapes_on_the_cpu(tmp_path, dtype):
     out = tmp_path / "gpu.json"
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--tiny",
-                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--dtype", dtype, "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(out.read_text())
-    assert r["device"] == {"name": "cpu", "dtype": "torch.float32", "tiny": True}
+    name = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[dtype]
+    assert r["device"] == {"name": "cpu", "dtype": name, "tiny": True}
     train, attr, coll, abl = r["train"], r["attribute"], r["collect"], r["ablate"]
     assert train["step_over_plain"] > 1 and train["plan_gb"] > 0 and train["peak_step_gb"] is None
     assert attr["graph_s"] > 0 and 0 < attr["feature_nodes"] <= 40 and attr["active_features"] > 0
