@@ -1,4 +1,4 @@
-"""The GPU figures in one command, with random weights (no download), in under 8 minutes on one H100.
+"""The GPU figures in one command, with random weights (no download), sized for under 8 minutes on one H100.
 
 Four measurements, each with its baseline from the same run:
 
@@ -15,7 +15,7 @@ Four measurements, each with its baseline from the same run:
 4. **ablate**: tokens/s of the ablate job's lockstep generation (ablated + its reference + unablated, a zero
    ablation of 5% of every layer's features) against Hugging Face ``generate`` of the same model and length.
 
-    python benchmarks/gpu.py                          # CUDA, bf16 (~5 min on an H100)
+    python benchmarks/gpu.py                          # CUDA, bf16 (sizes meant for < 8 min on an H100; not run yet)
     python benchmarks/gpu.py --device cpu --tiny      # smoke test of the same code at toy shapes (seconds)
     python benchmarks/gpu.py --only train collect     # a subset
 
