@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from app.settings import Settings
+from training.threads import prepare_process
 
 app = typer.Typer(help="AdapterLens: what did reasoning training change inside this model?",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -42,6 +43,9 @@ def main_options(
         os.environ["DATABASE_URL"] = database_url
     if device is not None:
         os.environ["ADAPTERLENS_DEVICE"] = device
+    # Before any command imports torch: its OpenMP threads sleep when idle instead of spinning on cores that
+    # other processes need (training/threads.py); inherited by every process this one starts.
+    prepare_process()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -72,9 +76,10 @@ def _fail(message: str) -> typer.Exit:
 
 def _inline(kind: str, payload: dict):
     """Run a job kind's handler in the foreground (same code as the worker), after migrating the store."""
-    from worker.loop import run_inline
+    from worker.loop import limit_threads, run_inline
 
     settings = _ready_db()
+    limit_threads(settings.torch_threads)
     try:
         return run_inline(settings, kind, payload, handler_modules=["worker.pipeline", *_extra_handler_modules()])
     except (ValueError, LookupError, FileNotFoundError) as exc:
@@ -495,7 +500,7 @@ def pipeline(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (evaluation, study).")] = 96,
     queue_it: Annotated[bool, typer.Option("--queue", help="Queue the steps for a worker instead (your pair).")] = False,
 ) -> None:
-    """The whole study in the foreground: train → evaluate → collect → hesitation study.
+    """The whole study in the foreground: train → collect → evaluate → hesitation study.
 
     Without --base/--target: the embedded organism (built first). With them: your pair, trained on --data.
     """
@@ -505,8 +510,8 @@ def pipeline(
         _inline("organism", {"preset": organism_preset, "seed": seed})
         run_id = _create_run(run, None, None, preset, organism_preset, seed, config, set_ or [], None,
                              hesitation_words=hesitation_words)
-        steps = {"train": {"run_id": run_id}, "evaluate": {"run_id": run_id, "n_prompts": n_prompts},
-                 "collect": {"run_id": run_id}, "hesitation": {"run_id": run_id, "n_graphs": n_graphs}}
+        steps = {"train": {"run_id": run_id}, "collect": {"run_id": run_id},
+                 "evaluate": {"run_id": run_id, "n_prompts": n_prompts}, "hesitation": {"run_id": run_id, "n_graphs": n_graphs}}
     else:
         from app.db.pipelines import step_payloads
 
@@ -567,10 +572,12 @@ def worker(
     migrate: Annotated[bool, typer.Option(help="Apply migrations first (`up` has done it already).")] = True,
 ) -> None:
     """Run the job loop: claim jobs from the database and run them (a database outage never stops it)."""
-    from worker.loop import run_worker
+    from worker.loop import limit_threads, run_worker
 
+    settings = _settings()
+    limit_threads(settings.torch_threads)  # the setting, else every available core (training/threads.py)
     split = lambda text: [k.strip() for k in text.split(",") if k.strip()] if text else None  # noqa: E731
-    n = run_worker(_settings(), kinds=split(kinds), exclude_kinds=split(exclude_kinds), wait=not once,
+    n = run_worker(settings, kinds=split(kinds), exclude_kinds=split(exclude_kinds), wait=not once,
                    worker_id=worker_id, restarts=restarts, note=note, parent_pid=parent_pid, migrate=migrate)
     typer.echo(f"processed {n} job(s)")
 
@@ -636,7 +643,7 @@ def up(
 ) -> None:
     """The embedded default: migrate, start the workers and the dashboard; queue the demo pipeline on an empty store.
 
-    The demo pipeline (organism → train → evaluate → collect → hesitation study) is queued only when
+    The demo pipeline (organism → train → collect → evaluate → hesitation study) is queued only when
     the database has no run; a second ``up`` reuses everything. One worker takes long jobs and one the
     interactive ones, each restarted when it dies (app/supervisor.py); SIGTERM or Ctrl-C stops them all.
     """

@@ -8,7 +8,9 @@ so a Ctrl-C in the terminal reaches ``up`` alone and ``up`` decides how its work
 Threads: torch's intra-op threads of both classes add up to the machine's cores, so two busy workers do not
 oversubscribe them (OpenMP threads beyond the core count spin against each other and can slow both far below
 half speed). The interactive worker gets a quarter of the cores (at least one), the long workers share the
-rest (at least one each); ``ADAPTERLENS_TORCH_THREADS`` sets one count for all. Issue 17 measures the choice.
+rest (at least one each); ``ADAPTERLENS_TORCH_THREADS`` sets one count for all. Each child also gets the passive
+OpenMP wait policy (training/threads.py: idle threads sleep instead of spinning on a core another process
+needs); benchmarks/threads.py measures both.
 
 Supervision: a worker that exits while ``up`` runs is restarted after a backoff (1 s, doubling to 60 s; back to
 1 s once a worker has run for a minute). Before that, the jobs it held are failed at once (one attempt counted,
@@ -36,6 +38,7 @@ from typing import IO
 from app.db import queue
 from app.db.session import make_engine, retry_while_down
 from app.settings import Settings
+from training.threads import thread_env
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +158,16 @@ class Supervisor:
             cmd += ["--note", child.note]
         return cmd
 
-    def _spawn(self, child: _Child) -> None:
-        env = dict(os.environ)
-        if child.spec.threads:
-            env["ADAPTERLENS_TORCH_THREADS"] = str(child.spec.threads)
-            env["OMP_NUM_THREADS"] = str(child.spec.threads)
+    def child_env(self, child: _Child) -> dict[str, str]:
+        """A worker's environment: ours, its class's torch threads and the passive OpenMP wait policy."""
+        env = dict(thread_env(dict(os.environ), child.spec.threads))
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the terminal: `up` shows one line instead
         env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        child.proc = subprocess.Popen(self._command(child), env=env, stdout=subprocess.PIPE,
+        return env
+
+    def _spawn(self, child: _Child) -> None:
+        child.proc = subprocess.Popen(self._command(child), env=self.child_env(child), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
         child.started_at = time.monotonic()
         child.restart_at = None

@@ -14,7 +14,8 @@ Then the store: a complete organism-sized result (4 layers × 512 features, 20 t
 each) written to a fresh SQLite file, and to Postgres when ``--pg-url`` names a database it may migrate
 (the run it creates is deleted again).
 
-    python benchmarks/collect.py                         # CPU, organism shape
+    python benchmarks/collect.py --threads 1             # CPU, organism shape (~1 min)
+    python benchmarks/collect.py --shape 7b-layer --skip-store   # two 7B-shaped layers, 1,024 tokens (5-10 min)
     python benchmarks/collect.py --shape wide --device cuda --dtype bf16 --density 0.002 --tokens 262144
     python benchmarks/collect.py --pg-url postgresql+psycopg://postgres@127.0.0.1:5432/bench
 """
@@ -22,23 +23,28 @@ each) written to a fresh SQLite file, and to Postgres when ``--pg-url`` names a 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: no progress bars between the figures
 
-from training.adapter import AdapterModel, build_adapter_model
-from training.config import AdapterConfig
-from worker.collect import Corpus, Markers, collect, write_collection
-from worker.collect.runner import _batch_tensors, _batches
+import torch  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-SHAPES = {
-    "organism": {"layers": 4, "d": 128, "mlp": 512, "features": 512, "vocab": 512, "seq": 60},
-    "wide": {"layers": 8, "d": 512, "mlp": 2048, "features": 8192, "vocab": 8192, "seq": 512},
-    "7b-layer": {"layers": 2, "d": 3584, "mlp": 18944, "features": 8192, "vocab": 32768, "seq": 1024},
+from training.adapter import AdapterModel, build_adapter_model  # noqa: E402
+from training.config import AdapterConfig  # noqa: E402
+from worker.collect import Corpus, Markers, collect, write_collection  # noqa: E402
+from worker.collect.runner import _batch_tensors, _batches  # noqa: E402
+
+SHAPES = {  # "tokens": the default corpus size (enough batches for steady state, minutes on one CPU thread)
+    "organism": {"layers": 4, "d": 128, "mlp": 512, "features": 512, "vocab": 512, "seq": 60, "tokens": 98304},
+    "wide": {"layers": 8, "d": 512, "mlp": 2048, "features": 8192, "vocab": 8192, "seq": 512, "tokens": 32768},
+    # ~1.3 GFLOP a token: ~50 tok/s on one CPU thread; 1,024 tokens and the weight views (~1.5 min) take 5-10 min
+    # on a shared 2-core machine (98,304 tokens would take hours)
+    "7b-layer": {"layers": 2, "d": 3584, "mlp": 18944, "features": 8192, "vocab": 32768, "seq": 1024, "tokens": 1024},
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -189,7 +195,7 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="organism")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--tokens", type=int, default=98304, help="corpus size in tokens (enough batches for steady state)")
+    p.add_argument("--tokens", type=int, default=None, help="corpus size in tokens (default: the shape's)")
     p.add_argument("--density", type=float, default=0.15, help="fraction of (token, feature) pairs that fire")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
@@ -200,6 +206,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    args.tokens = args.tokens or SHAPES[args.shape]["tokens"]
     bench_pass(SHAPES[args.shape], args, device)
     if not args.skip_store:
         bench_store(args)

@@ -3,7 +3,9 @@
 Fills a fresh database with synthetic rows shaped like a real collection (28 layers × 8192 features,
 20 top + 10 random examples of 71 tokens each = 229,376 features and 6.9M examples at ``--scale 1``),
 starts the real server (``python -m app.web``) on it, and requests feature pages and the feature
-index from ``--concurrency`` client threads. Prints p50 / p99 / max per endpoint.
+index from ``--concurrency`` client threads. Prints p50 / p99 / max per endpoint, and the server process's
+CPU time per request (from /proc: on a machine other programs load, latencies mostly measure queueing
+while the CPU per request still measures the server's own work).
 
     python benchmarks/web.py --scale 0.02 --db sqlite           # quick (~4.6k features, ~140k examples)
     python benchmarks/web.py --scale 1 --db both                # the paper's scale (tens of GB of disk time)
@@ -101,29 +103,47 @@ def fill(url: str, scale: float, tok_dir: Path, seed: int = 0) -> tuple[int, int
             status="ready", n_layers=n_layers, n_features=n_feat, d_model=3584).returning(Run.id)).scalar_one()
         set_id = conn.execute(insert(FeatureSet).values(run_id=run_id, name="hesitation").returning(FeatureSet.id)).scalar_one()
     ex_pool, feat_pool = _payload_pools(rng, n_feat, n_layers)
+    ex_focus = [json.loads(ids)[CTX_BEFORE] for ids, _, _ in ex_pool]
+    promotes_pool = []  # per feature payload: distinct lens-top token ids with their rank and value
+    for _, lens, *_ in feat_pool:
+        seen: dict[int, tuple[int, float]] = {}
+        for rank, (tid, _, value) in enumerate(json.loads(lens)["top"]):
+            seen.setdefault(tid, (rank, value))
+        promotes_pool.append([(tid, rank, value) for tid, (rank, value) in seen.items()])
     categories = ["reasoning", "language", "domain", "uninterpretable", None]
     pg = engine.dialect.name == "postgresql"
     feat_cols = ("run_id", "layer", "index", "frequency", "max_act", "mean_act", "category", "label", "histogram",
                  "logit_lens", "region_counts", "think_pos_hist", "neighbours")
     ex_cols = ("run_id", "layer", "index", "kind", "rank", "token_ids", "acts", "focus", "max_act")
+    tok_cols = ("run_id", "relation", "token_id", "layer", "index", "rank", "value")
     member_rows = []
     raw = engine.raw_connection()
     try:
         cur = raw.cursor()
         for layer in tqdm(range(n_layers), desc="layers", unit="layer"):
-            feats, exs = [], []
+            feats, exs, toks = [], [], []
             for index in range(n_feat):
                 max_act = rng.uniform(1, 30)
-                hist, lens, regions, think, nbrs = feat_pool[rng.randrange(FEATURE_POOL)]
+                k = rng.randrange(FEATURE_POOL)
+                hist, lens, regions, think, nbrs = feat_pool[k]
                 feats.append((run_id, layer, index, rng.random() ** 4 * 0.1, max_act, max_act / 4,
                               rng.choice(categories), None, hist, lens, regions, think, nbrs))
+                # the token search table, as collect fills it: lens top 10 (promotes), top examples' focus (fires_on)
+                toks += [(run_id, "promotes", tid, layer, index, rank, value)
+                         for tid, rank, value in promotes_pool[k]]
+                fires: dict[int, tuple[int, float]] = {}
                 for kind, n in (("top", N_TOP), ("random", N_RANDOM)):
                     for rank in range(n):
-                        ids, acts, mx = ex_pool[rng.randrange(EXAMPLE_POOL)]
+                        e = rng.randrange(EXAMPLE_POOL)
+                        ids, acts, mx = ex_pool[e]
                         exs.append((run_id, layer, index, kind, rank, ids, acts, CTX_BEFORE, mx))
+                        if kind == "top" and ex_focus[e] not in fires:
+                            fires[ex_focus[e]] = (rank, mx)
+                toks += [(run_id, "fires_on", tid, layer, index, rank, value) for tid, (rank, value) in fires.items()]
                 if rng.random() < 0.024:  # ~2.4% of features form the hesitation set (the paper's share)
                     member_rows.append((set_id, layer, index, rng.choice(["output", "template"]), rng.random()))
-            for table, cols, rows in (("features", feat_cols, feats), ("examples", ex_cols, exs)):
+            for table, cols, rows in (("features", feat_cols, feats), ("examples", ex_cols, exs),
+                                      ("feature_tokens", tok_cols, toks)):
                 names = ", ".join(f'"{c}"' for c in cols)
                 if pg:
                     with cur.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
@@ -179,7 +199,17 @@ def fetch(url: str) -> float:
     return time.perf_counter() - start
 
 
-def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, concurrency: int, seed: int = 1) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, concurrency: int, seed: int = 1,
+         server_pid: int | None = None) -> dict:
     rng = random.Random(seed)
     endpoints = {
         "feature page (HTML)": lambda: f"/runs/{run_id}/features/{rng.randrange(n_layers)}/{rng.randrange(n_feat)}",
@@ -190,23 +220,26 @@ def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, conc
         "index: by max act, next page": lambda: f"/runs/{run_id}/features?sort=max_act&after={rng.uniform(1, 30)!r}:0:0",
         "index: hesitation set": lambda: f"/runs/{run_id}/features?in_set=true",
         "run overview": lambda: f"/runs/{run_id}",
-        "index: token search": lambda: f"/runs/{run_id}/features?q=w{rng.randrange(VOCAB)}",
+        "index: promotes token": lambda: f"/runs/{run_id}/features?promotes=w{rng.randrange(VOCAB)}",
+        "index: fires on token": lambda: f"/runs/{run_id}/features?fires_on=w{rng.randrange(VOCAB)}",
     }
-    slow = {"index: token search"}  # scans JSON: fewer requests
+    slow: set[str] = set()  # endpoints given fewer requests
     results = {}
     with ThreadPoolExecutor(concurrency) as pool:
         for name, make in endpoints.items():
             urls = [base + make() for _ in range(max(concurrency, requests // 10) if name in slow else requests)]
             list(pool.map(fetch, urls[: concurrency * 2]))  # warm-up (connections, caches)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds(server_pid) if server_pid else 0.0
             times = sorted(pool.map(fetch, urls))
             wall = time.perf_counter() - t0
+            cpu = (cpu_seconds(server_pid) - c0) if server_pid else float("nan")
             errors = sum(t == float("inf") for t in times)
             times = [t for t in times if t != float("inf")] or [float("nan")]
             results[name] = {
                 "errors": errors, "n": len(urls),
                 "p50_ms": 1000 * statistics.median(times), "p99_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
                 "max_ms": 1000 * times[-1], "req_per_s": len(times) / wall,
+                "server_cpu_ms": 1000 * cpu / len(urls),  # the server's CPU per request: load from others adds little
             }
     return results
 
@@ -229,7 +262,7 @@ def run_backend(kind: str, args: argparse.Namespace, work: Path) -> dict:
         fill_s = time.perf_counter() - t0
         proc, base = start_server(url, work)
         try:
-            results = load(base, run_id, n_layers, n_feat, args.requests, args.concurrency)
+            results = load(base, run_id, n_layers, n_feat, args.requests, args.concurrency, server_pid=proc.pid)
         finally:
             proc.terminate()
             proc.wait(10)
@@ -261,10 +294,11 @@ def main() -> None:
         out.append(res)
         print(f"\n{kind}: {res['features']:,} features, {res['examples']:,} examples (filled in {res['fill_s']:.0f}s); "
               f"{args.concurrency} client threads, {args.requests} requests per endpoint")
-        print(f"{'endpoint':32} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>7} {'errors':>7}")
+        print(f"{'endpoint':32} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>7} {'errors':>7} "
+              f"{'server CPU ms/req':>18}")
         for name, r in res["results"].items():
             print(f"{name:32} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f} {r['req_per_s']:7.1f} "
-                  f"{r['errors']:>3}/{r['n']}")
+                  f"{r['errors']:>3}/{r['n']} {r['server_cpu_ms']:18.1f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": out}, indent=2))
 

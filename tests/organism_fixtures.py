@@ -76,7 +76,7 @@ def collect_tiny_run(db_url: str, tiny_run_settings: Settings, handler_modules: 
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A finished demo run of the tiny organism, as ``adapterlens up`` leaves it: the demo pipeline (organism,
-    train, evaluate, collect, hesitation study) run by a worker from the queue, then an ablation (free text),
+    train, collect, evaluate, hesitation study) run by a worker from the queue, then an ablation (free text),
     an ablation on a stored example, an experiment and an attribution graph requested as a user would.
 
     Returns ``{"settings", "run_id", "ablation_ids", "experiment_id"}`` (the store is SQLite in the data dir).

@@ -1,7 +1,7 @@
 """Runs and the demo pipeline, without torch: used by ``adapterlens up``, compose's first start and the CLI.
 
-The demo pipeline is the embedded default: build the organism → train adapters → evaluate →
-collect features → hesitation study, queued as jobs that each wait for the previous one. It is
+The demo pipeline is the embedded default: build the organism → train adapters → collect
+features → evaluate → hesitation study, queued as jobs that each wait for the previous one. It is
 queued only when the database has no run, so a second ``up`` reuses everything (and each handler
 reuses what is on disk: the cached organism, the final checkpoint).
 """
@@ -23,7 +23,7 @@ from training.config import preset, train_config_to_dict
 log = logging.getLogger(__name__)
 
 ORGANISM_PREFIX = "organism:"
-DEMO_STEPS = ("organism", "train", "evaluate", "collect", "hesitation")
+DEMO_STEPS = ("organism", "train", "collect", "evaluate", "hesitation")  # collect first: the feature pages sooner
 PIPELINE_PRIORITY = 0  # batch work; interactive ablations use a higher priority
 
 
@@ -64,7 +64,7 @@ def enqueue_demo_pipeline(engine: Engine, *, organism_preset: str = "organism", 
         run_id = ensure_run(s, name=organism_run_name(organism_preset, seed, train_preset), base_model=spec,
                             target_model=spec, config=config)
         payloads = {"organism": {"preset": organism_preset, "seed": seed}, "train": {"run_id": run_id},
-                    "evaluate": {"run_id": run_id}, "collect": {"run_id": run_id}, "hesitation": {"run_id": run_id}}
+                    "collect": {"run_id": run_id}, "evaluate": {"run_id": run_id}, "hesitation": {"run_id": run_id}}
         previous = None
         for step in steps:
             previous = queue.enqueue(s, step, payloads[step], priority=PIPELINE_PRIORITY, depends_on=previous,

@@ -17,6 +17,7 @@ back) and claimed again: handlers write idempotently, so the re-run duplicates n
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -220,22 +221,15 @@ def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
     return restore
 
 
-def limit_threads(n: int) -> None:
-    """Use ``n`` torch threads in this process (intra-op; one inter-op), so that workers sharing a machine's
-    cores do not oversubscribe them: OpenMP threads that outnumber the cores spin against each other and can
-    slow every worker far below its share (``adapterlens up`` chooses ``n`` per worker class)."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(n)
-    try:
-        import torch
-    except ImportError:  # a torch-free install runs no model job; nothing to limit
-        return
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set, or parallel work already ran in this process
-        pass
-    log.info("torch threads: %d", n)
+def limit_threads(n: int | None = None) -> int:
+    """Use ``n`` torch threads in this process (default: training/threads.py's choice; one inter-op), so that
+    workers sharing a machine's cores do not oversubscribe them (``adapterlens up`` chooses ``n`` per worker
+    class). Returns the count, 0 in a torch-free install (it runs no model job)."""
+    if importlib.util.find_spec("torch") is None:
+        return 0
+    from training.threads import configure_torch  # sets the wait policy first when torch is not yet imported
+
+    return configure_torch(n)
 
 
 def _watch_parent(parent_pid: int, stop: threading.Event) -> None:

@@ -51,6 +51,12 @@ def update_run(ctx: JobContext, run_id: int, **values: Any) -> None:
             setattr(run, k, v)
 
 
+def evaluated_status(current: str | None) -> str:
+    """The run status after an evaluation: ``evaluated``, unless the run is ``collected`` already (the pipelines
+    collect before they evaluate, so that the feature pages come first; the status keeps saying how far it got)."""
+    return current if current == "collected" else "evaluated"
+
+
 # -- organism ----------------------------------------------------------------------------------------------
 
 class OrganismPayload(BaseModel):
@@ -62,18 +68,21 @@ class OrganismPayload(BaseModel):
 @register("organism", OrganismPayload)
 def organism_job(ctx: JobContext) -> dict:
     """Build (or reuse) the model organism under the data directory."""
-    from training.organism.build import build_organism, get_preset
+    from training.organism.build import build_organism, build_steps, get_preset
 
     p: OrganismPayload = ctx.payload
-    preset = get_preset(p.preset)
-    total = preset.base_steps + preset.target_steps  # the build's training steps, both models
+    total = build_steps(get_preset(p.preset))  # training steps of both models, then the evaluation runs
     steps = {"n": 0}
 
     def on_step(metrics: dict) -> None:
         steps["n"] += 1
         phase = metrics.get("phase", "train")
-        ctx.progress(steps["n"], total, f"{phase} model: step {metrics.get('step')}/{metrics.get('steps')}, "
-                                        f"loss {metrics.get('loss', float('nan')):.3f}")
+        if phase == "evaluate":
+            message = f"evaluating on held-out problems: {metrics.get('what')} done ({metrics.get('step')}/{metrics.get('steps')})"
+        else:
+            message = (f"{phase} model: step {metrics.get('step')}/{metrics.get('steps')}, "
+                       f"loss {metrics.get('loss', float('nan')):.3f}")
+        ctx.progress(steps["n"], total, message)
         ctx.check()
 
     paths = build_organism(p.preset, p.seed, data_dir=ctx.job_settings().resolved_data_dir, force=p.force,
@@ -226,7 +235,7 @@ def evaluate_job(ctx: JobContext) -> dict:
     run_dir = settings.runs_dir / run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(out, indent=1))
-    update_run(ctx, p.run_id, evaluation=out, status="evaluated")
+    update_run(ctx, p.run_id, evaluation=out, status=evaluated_status(get_run(ctx, p.run_id).status))
     ctx.progress(3, 3, "done")
     return {"table": table, "kl_gap_closed": result.kl_gap_closed,
             "reproduced_hesitation": result.reproduced_hesitation, "false_hesitation": result.false_hesitation,

@@ -1,4 +1,4 @@
-"""A user's own model pair as a run, and its pipeline (train → evaluate → collect → hesitation) as queued jobs.
+"""A user's own model pair as a run, and its pipeline (train → collect → evaluate → hesitation) as queued jobs.
 
 Torch-free: the CLI (``adapterlens pipeline --base B --target T --data texts.jsonl``, ``train``) and the
 web API (``POST /api/pipelines``) build the same run config here. The run keeps everything its jobs read
@@ -31,7 +31,7 @@ from training.hesitation import HesitationWordsError, normalize_words
 
 log = logging.getLogger(__name__)
 
-PIPELINE_STEPS = ("train", "evaluate", "collect", "hesitation")
+PIPELINE_STEPS = ("train", "collect", "evaluate", "hesitation")  # collect first: the feature pages sooner
 PIPELINE_PRIORITY = 0  # batch work, like the demo pipeline
 DEFAULT_PRESET = "organism"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"
@@ -219,8 +219,8 @@ def create_run(session: Session, req: PipelineRequest, *, config_file: str | Pat
 def step_payloads(req: PipelineRequest, run_id: int) -> dict[str, dict[str, Any]]:
     """Each pipeline step's job payload."""
     return {"train": {"run_id": run_id},
+            "collect": {"run_id": run_id},  # before evaluate: the feature pages exist once it is done
             "evaluate": {"run_id": run_id, "n_prompts": req.n_prompts, "max_new_tokens": req.max_new_tokens},
-            "collect": {"run_id": run_id},
             "hesitation": {"run_id": run_id, "n_graphs": req.n_graphs, "max_new_tokens": req.max_new_tokens}}
 
 

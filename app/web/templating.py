@@ -1,7 +1,7 @@
 """Jinja2 for the pages: the environment (autoescape on, strict undefined) and its filters and helpers.
 
-Token text is only ever escaped by autoescape; helpers that return ``Markup`` build it from numbers
-and fixed class names, never from token text.
+Token text is only ever escaped (autoescape, or ``markupsafe.escape`` in :func:`token_spans`, the same
+function); helpers that return ``Markup`` build the rest of it from numbers and fixed class names.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-from markupsafe import Markup
+from markupsafe import Markup, escape
 from pydantic_core import to_jsonable_python
 
 if TYPE_CHECKING:
@@ -66,19 +66,27 @@ def shade(act: float | None, max_act: float | None) -> str:
     return f"{min(1.0, max(0.0, float(act) / float(max_act))):.3f}"
 
 
-def token_cells(ex: Any, max_act: float | None) -> list[tuple[str, str, str, str, str]]:
-    """Per token of an example: (css classes, shade, activation text, next token, display text) for
-    ``_tokens.html``.
+_ELLIPSIS = '<span class="ell">…</span>'
 
-    Computed here in one pass because a feature page shows thousands of tokens; the texts are returned
-    raw and escaped by the template's autoescape like any other value.
+
+def token_spans(ex: Any, max_act: float | None) -> Markup:
+    """An example's tokens as HTML for ``_tokens.html``: one ``<span class="tok …">`` per token (classes for
+    the focus, outside the shown window, active, newline, token kind, hesitation; the shade, the activation and
+    the next token as attributes), ``…`` around the shown window.
+
+    A feature page shows thousands of tokens; a Jinja loop escaping each value spent most of the page's
+    render time (issue 17), so the markup is built here in one pass. Every token text goes through
+    ``markupsafe.escape`` (the function autoescape applies), once per token; class, shade and activation are
+    generated from numbers and fixed names.
     """
     lo, hi = ex.window
+    tokens = ex.tokens
     kinds = getattr(ex, "token_kinds", None) or []
     marks = getattr(ex, "hesitation", None) or []
-    out = []
-    n = len(ex.tokens)
-    for i, (text, act) in enumerate(zip(ex.tokens, ex.acts, strict=True)):
+    n = len(tokens)
+    shown = [str(escape(visible(t))) for t in tokens]
+    parts = []
+    for i, act in enumerate(ex.acts[:n]):
         cls = "tok"
         if i == ex.focus:
             cls += " focus"
@@ -86,17 +94,22 @@ def token_cells(ex: Any, max_act: float | None) -> list[tuple[str, str, str, str
             cls += " out"
         if act > 0:
             cls += " on"
-        if "\n" in text:
+        if "\n" in tokens[i]:
             cls += " nl"
         if i < len(kinds) and kinds[i] != "text":
             cls += " " + kinds[i]  # special / bytes / padding: styled apart
         if i < len(marks) and marks[i]:
             cls += " hes"
-        nxt = visible(ex.tokens[i + 1]) if i + 1 < n else "(end of the example)"
-        # Class, shade and activation are strings we generate from numbers: marked safe so that only the
-        # token texts (the untrusted values) go through autoescaping.
-        out.append((Markup(cls), Markup(shade(act, max_act)), Markup(fmt(act)), nxt, visible(text)))
-    return out
+        if i == lo and lo > 0:
+            parts.append(_ELLIPSIS)
+        a = shade(act, max_act)
+        style = f' style="--a:{a}"' if a != "0" else ""
+        nxt = shown[i + 1] if i + 1 < n else "(end of the example)"
+        parts.append(f'<span class="{cls}"{style} data-act="{fmt(act) if act else "0"}" data-next="{nxt}">'
+                     f"{shown[i]}</span>")
+        if i == hi - 1 and hi < n:
+            parts.append(_ELLIPSIS)
+    return Markup("".join(parts))
 
 
 def visible(text: str) -> str:
@@ -171,7 +184,7 @@ def build_templates(app: FastAPI, templates_dir: str, htmx_src: str, plotly_src:
         hist_traces=hist_traces,
         hist_fig=hist_fig,
         with_marker=with_marker,
-        token_cells=token_cells,
+        token_spans=token_spans,
         path=lambda name, **params: app.url_path_for(name, **{k: str(v) for k, v in params.items()}),
         qs=lambda params: ("?" + urlencode(params)) if params else "",
         htmx_src=htmx_src,

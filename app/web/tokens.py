@@ -104,6 +104,7 @@ class Vocab:
         self._ids: set[int] = set()
         self._anchor: int | None = None
         self._anchor_text = ""
+        self._by_text: dict[str, list[int]] | None = None  # normalised token text → ids (ids_matching)
         if tokenizer is not None:
             self._ids = set(tokenizer.get_vocab(with_added_tokens=True).values())
             # Special added tokens, and added markers such as <think> (not "special" in DeepSeek's tokenizer)
@@ -175,28 +176,34 @@ class Vocab:
     def all_ids(self) -> list[int]:
         return sorted(self._ids)
 
+    _STRIP = " \t\n\r,.;:!?…—-\"'()"
+
     def ids_matching(self, query: str, limit: int = 200) -> list[int]:
         """Token ids whose text is ``query`` up to surrounding spaces and punctuation (case-insensitive).
 
-        ``#123`` is the id 123 itself. Padded ids never match.
+        ``#123`` is the id 123 itself. Padded ids never match. The first search builds a map from each
+        token's normalised text to its ids (one pass over the vocabulary, ~150k tokens for a Qwen tokenizer);
+        later searches are one lookup instead of that pass.
         """
         query = query.strip()
         if query.startswith("#") and query[1:].isdigit():
             tid = int(query[1:])
             return [tid] if self.tokenizer is not None and tid in self._ids else []
-        strip = " \t\n\r,.;:!?…—-\"'()"
-        q = query.strip(strip).casefold() or query.casefold()
-        out = []
-        for i in self.all_ids():
-            t = self.token(i)
-            if t.kind == "padding":
-                continue
-            text = t.text if t.kind == "special" else t.exact
-            if (text.strip(strip).casefold() or text.casefold()) == q:
-                out.append(i)
-                if len(out) >= limit:
-                    break
-        return out
+        q = query.strip(self._STRIP).casefold() or query.casefold()
+        return self._match_index().get(q, [])[:limit]
+
+    def _match_index(self) -> dict[str, list[int]]:
+        index = self._by_text
+        if index is None:
+            index = {}
+            for i in self.all_ids():
+                t = self.token(i)
+                if t.kind == "padding":
+                    continue
+                text = t.text if t.kind == "special" else t.exact
+                index.setdefault(text.strip(self._STRIP).casefold() or text.casefold(), []).append(i)
+            self._by_text = index  # built whole, then published: concurrent requests at worst build it twice
+        return index
 
 
 EMPTY_VOCAB = Vocab(None, None)

@@ -21,6 +21,12 @@ def _counts(engine: Engine) -> tuple[int, int]:
 def test_bootstrap_queues_the_demo_once(db_engine: Engine) -> None:
     jobs = bootstrap(db_engine, organism_preset="organism-tiny", train_preset="organism-tiny")
     assert list(jobs) == list(DEMO_STEPS)
+    # each step waits for the one before; collect right after train, so the feature pages come first
+    assert list(jobs) == ["organism", "train", "collect", "evaluate", "hesitation"]
+    with make_sessionmaker(db_engine)() as s:
+        depends = {j.kind: j.depends_on for j in s.scalars(select(Job))}
+    assert depends == {"organism": None, "train": jobs["organism"], "collect": jobs["train"],
+                       "evaluate": jobs["collect"], "hesitation": jobs["evaluate"]}
     assert bootstrap(db_engine) is None  # a second start reuses everything
     assert _counts(db_engine) == (1, len(DEMO_STEPS))
 

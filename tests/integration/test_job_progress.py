@@ -1,6 +1,6 @@
 """Every job kind that knows its length reports step / total, a percentage and the time left.
 
-The demo pipeline of the tiny organism runs through a real worker (organism build, train, evaluate, collect,
+The demo pipeline of the tiny organism runs through a real worker (organism build, train, collect, evaluate,
 hesitation study), then an ablation, an experiment and an attribution graph are requested as a user would;
 the jobs API must show each finished job at its total, and a running job's time left must follow its rate.
 """

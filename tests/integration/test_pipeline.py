@@ -52,6 +52,25 @@ def test_train_then_evaluate_fills_the_run(settings: Settings, db_url: str) -> N
     assert saved["n_prompts"] == 6
 
 
+def test_collect_then_evaluate_leaves_the_run_collected(settings: Settings, db_url: str) -> None:
+    """The pipelines collect before they evaluate (the feature pages come first): the evaluation that follows
+    must not set a collected run back to "evaluated"."""
+    run_id = _new_run(settings, f"c-{abs(hash(db_url)) % 10**6}", max_steps=4)
+    run_inline(settings, "train", {"run_id": run_id, "resume": False}, show_progress=False,
+               handler_modules=["worker.pipeline"])
+    run_inline(settings, "collect", {"run_id": run_id, "n_prompts": 4, "max_new_tokens": 8, "top_k": 2,
+                                     "n_random": 1}, show_progress=False, handler_modules=["worker.collect.job"])
+    engine = make_engine(settings)
+    with make_sessionmaker(engine)() as s:
+        assert s.get(Run, run_id).status == "collected"
+    run_inline(settings, "evaluate", {"run_id": run_id, "n_prompts": 2, "max_new_tokens": 8},
+               show_progress=False, handler_modules=["worker.pipeline"])
+    with make_sessionmaker(engine)() as s:
+        run = s.get(Run, run_id)
+        assert run.status == "collected" and run.evaluation["models"]
+    engine.dispose()
+
+
 def test_retrain_is_idempotent(settings: Settings, db_url: str) -> None:
     """A re-run of a finished train job resumes at the end: no duplicated metric rows, same checkpoint."""
     run_id = _new_run(settings, f"r-{abs(hash(db_url)) % 10**6}", max_steps=4)

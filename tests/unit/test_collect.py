@@ -22,8 +22,9 @@ from worker.collect.stats import HIST_EDGES, N_HIST, BatchInfo, pack_loc, quanti
 N_FEATURES = 12
 MARKERS = Markers(assistant_id=3, think_start_id=4, think_end_id=5)
 CTX = (3, 2)
-# Collection's batched forward and the brute-force reference's per-sequence forward agree to float32 rounding,
-# not bit for bit: the kernels' blocking (and so the sums' order) depends on the batch shape and the thread count.
+# Collection's padded batch and the brute-force reference's sequence-alone forward agree to float32 rounding,
+# not bit for bit, although the test model is float64: transformers computes eager attention's softmax in
+# float32 whatever the dtype, and a kernel's blocking (so its sums' order) depends on batch shape and threads.
 ACT_REL = 1e-5
 
 

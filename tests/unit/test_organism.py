@@ -325,3 +325,42 @@ def test_adapter_training_data_covers_the_skipped_path(tokenizer):
     assert len(hes) >= 3 and not any(hes & set(s) for s in skipped)
     prompt, completion = reasoning_token_ids(tokenizer, problem_from_id("add-47-38"), skipped=True)
     assert tokenizer.decode(completion, skip_special_tokens=False).endswith("So 85.\n</think>85" + tokenizer.eos_token)
+
+
+@pytest.mark.parametrize("reasoning", [False, True])
+def test_batched_encoding_gives_the_ids_of_one_call_per_text(tokenizer, reasoning):
+    """_encode tokenizes in two batch calls (issue 17): the ids must be those of one tokenizer call per text,
+    as generation and the adapters' data see them (reasoning_token_ids), in the same order and weights."""
+    from training.organism.build import _encode, get_preset, reasoning_token_ids
+
+    cfg = get_preset("organism")
+    problems = [p for s in make_splits(0, 4, FAMILIES).values() for p in s.train[:40]]
+    weights = dict(cfg.family_weights)
+    enc = _encode(tokenizer, problems, weights, reasoning=reasoning, skip_hesitation=cfg.skip_hesitation,
+                  solutions=cfg.base_solutions)
+    expected: list[tuple[list[int], int]] = []
+    eos = tokenizer.eos_token_id
+    for p in problems:
+        if reasoning:
+            variants = [False, True] if is_redundant(p) else [False]
+            for skipped in variants:
+                prompt, completion = reasoning_token_ids(tokenizer, p, skipped=skipped)
+                expected.append((prompt + completion, len(prompt)))
+            continue
+        prompt = tokenizer(format_prompt(p.text, think=False))["input_ids"]
+        expected.append((prompt + tokenizer(p.answer, add_special_tokens=False)["input_ids"] + [eos], len(prompt)))
+        heading, body = solution_document(p)
+        prompt = tokenizer(heading)["input_ids"]
+        expected.append((prompt + tokenizer(body, add_special_tokens=False)["input_ids"] + [eos], len(prompt)))
+    assert list(zip(enc.ids, enc.loss_from, strict=True)) == expected
+    assert len(enc.weights) == len(expected) and all(w > 0 for w in enc.weights)
+
+
+def test_the_build_reports_every_step_and_each_evaluation(tmp_path):
+    from training.organism.build import build_steps, get_preset
+
+    seen: list[dict] = []
+    build_organism("organism-tiny", 1, data_dir=tmp_path, progress=False, on_step=seen.append)
+    assert len(seen) == build_steps(get_preset("organism-tiny"))
+    assert [m["phase"] for m in seen[-3:]] == ["evaluate"] * 3 and seen[-1]["step"] == seen[-1]["steps"] == 3
+    assert {m["phase"] for m in seen[:-3]} == {"base", "target"} and all("loss" in m for m in seen[:-3])

@@ -42,7 +42,7 @@ def test_a_pair_under_the_data_directory_is_queued(client) -> None:
     r = c.post("/api/pipelines", json=body)
     assert r.status_code == 201, r.text
     out = r.json()
-    assert list(out["jobs"]) == ["train", "evaluate", "collect", "hesitation"] and out["url"] == f"/runs/{out['run_id']}"
+    assert list(out["jobs"]) == ["train", "collect", "evaluate", "hesitation"] and out["url"] == f"/runs/{out['run_id']}"
     with make_sessionmaker(engine)() as s:
         run = s.get(Run, out["run_id"])
         jobs = s.scalars(select(Job).where(Job.run_id == run.id).order_by(Job.id)).all()
@@ -50,7 +50,7 @@ def test_a_pair_under_the_data_directory_is_queued(client) -> None:
     assert run.base_model == str((tmp / "data" / "pair" / "base").resolve())  # relative paths: the data directory
     assert run.config["train"]["max_steps"] == 5 and run.config["preset"] == "organism"
     assert run.config["data"]["prompts_path"] == str((tmp / "data" / "pair" / "prompts.jsonl").resolve())
-    assert [j.kind for j in jobs] == ["train", "evaluate", "collect", "hesitation"]
+    assert [j.kind for j in jobs] == ["train", "collect", "evaluate", "hesitation"]
     assert [j.depends_on for j in jobs[1:]] == [j.id for j in jobs[:-1]]  # each waits for the one before
     again = c.post("/api/pipelines", json=body)
     assert again.status_code == 409 and "exists" in again.json()["detail"]

@@ -75,3 +75,19 @@ def test_feature_page_queries_are_lookups(engine):
     for statement, lines in found:
         if "FROM examples" in statement:
             assert any("ix_examples_feature" in ln for ln in lines), lines
+
+
+@pytest.mark.parametrize("query", [
+    FeatureQuery(promotes="#5"), FeatureQuery(fires_on="#5"), FeatureQuery(promotes="#5", sort="strength"),
+    FeatureQuery(promotes="#5", fires_on="#6", after="1.0:1:2"), FeatureQuery(fires_on="#5", in_set=True),
+], ids=lambda q: str(q.params()))
+def test_token_search_reads_the_token_table_by_its_key(engine, query):
+    """promotes / fires_on: the feature_tokens primary key (run, relation, token) finds the matches; each match's
+    feature is a primary-key lookup. Only the matches are sorted, never the run."""
+    found = plans(engine, lambda s: feature_list(s, 2, query))
+    searched = [(st, lines) for st, lines in found if "FROM feature_tokens" in st]
+    assert searched, "the token filter issued no query on feature_tokens"
+    for _statement, lines in searched:
+        assert not any(ln.startswith("SCAN feature_tokens") for ln in lines), lines
+        assert any(ln.startswith("SEARCH feature_tokens USING") and "token_id=?" in ln for ln in lines), lines
+        assert not any(ln.startswith("SCAN features") for ln in lines), lines

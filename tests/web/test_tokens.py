@@ -90,3 +90,60 @@ def test_hesitation_marks_follow_the_training_rule(tmp_path):
 def test_no_tokenizer_shows_ids(missing):
     assert find_vocab(None, missing, None) is EMPTY_VOCAB
     assert EMPTY_VOCAB.text(5) == "⟨5⟩"
+
+
+def test_token_spans_escape_every_text_and_mark_the_window():
+    """The feature page's token markup (built in Python for speed): texts escaped as autoescape would, the
+    next token's text in data-next, ``…`` where the shown window is cut, classes from the token's state."""
+    from types import SimpleNamespace
+
+    from markupsafe import escape
+
+    from app.web.templating import token_spans
+
+    ex = SimpleNamespace(tokens=["a", "<b>", "\"&'", "\n", "z"], acts=[0.0, 2.0, 4.0, 0.0, 0.0], focus=2,
+                         window=(1, 4), token_kinds=["text", "text", "text", "text", "special"],
+                         hesitation=[False, True, False, False, False])
+    html = str(token_spans(ex, 4.0))
+    assert html == (
+        '<span class="tok out" data-act="0" data-next="&lt;b&gt;">a</span>'
+        '<span class="ell">…</span>'
+        '<span class="tok on hes" style="--a:0.500" data-act="2" data-next="&#34;&amp;&#39;">&lt;b&gt;</span>'
+        '<span class="tok focus on" style="--a:1.000" data-act="4" data-next="↵">&#34;&amp;&#39;</span>'
+        '<span class="tok nl" data-act="0" data-next="z">↵</span>'
+        '<span class="ell">…</span>'
+        '<span class="tok out special" data-act="0" data-next="(end of the example)">z</span>')
+    assert str(escape("\"&'")) == "&#34;&amp;&#39;"  # what autoescape writes
+
+
+def test_token_search_index_gives_what_a_pass_over_the_vocabulary_gives(tmp_path):
+    vocab = load_vocab_file(write_tokenizer(tmp_path))
+    strip = " \t\n\r,.;:!?…—-\"'()"
+    for query in ("Wait", " wait", "WAIT.", "<think>", "", "no-such-token", "#3"):
+        q = query.strip()
+        if q.startswith("#"):
+            continue
+        key = q.strip(strip).casefold() or q.casefold()
+        expected = []
+        for i in vocab.all_ids():
+            t = vocab.token(i)
+            text = t.text if t.kind == "special" else t.exact
+            if t.kind != "padding" and (text.strip(strip).casefold() or text.casefold()) == key:
+                expected.append(i)
+        assert vocab.ids_matching(query) == expected, query
+        assert vocab.ids_matching(query, limit=1) == expected[:1]
+    assert vocab.ids_matching("#3") == [3]
+    assert len(vocab.ids_matching("wait")) >= 2 and vocab.ids_matching("<think>")  # the cases are not all empty
+
+
+def test_top_token_is_the_first_lens_entry_that_is_a_token(tmp_path):
+    """The index's top token: the first logit-lens entry the vocabulary shows (padded ids skipped), the same as
+    the feature page's first lens row; without a tokenizer the stored text."""
+    from app.web.data.feature import _lens, top_token
+
+    vocab = load_vocab_file(write_tokenizer(tmp_path))
+    padded = max(vocab.all_ids()) + 5  # an id of a padded vocabulary: not a token
+    lens = {"top": [[padded, "pad", 9.0], [3, "x", 2.0], [4, "y", 1.0]], "bottom": []}
+    assert top_token(lens, vocab) == vocab.token(3).text == _lens(lens["top"], vocab)[0].text
+    assert top_token({"top": [[padded, "pad", 1.0]]}, vocab) is None
+    assert top_token(lens) == "pad" and top_token(None) is None and top_token({"top": "bad"}) is None

@@ -10,10 +10,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
 _EMPTY_KEY = {torch.float32: float("inf"), torch.float64: float("inf"), torch.int64: torch.iinfo(torch.int64).max}
+
+
+def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the True entries of a 1-D bool tensor, ascending: ``mask.nonzero().squeeze(1)``.
+
+    On the CPU through numpy, whose ``flatnonzero`` is ~4x faster than torch's single-threaded ``nonzero``
+    on the millions of (token, feature) pairs of a collection batch (issue 17); the same int64 indices.
+    """
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.nonzero().squeeze(1)
+
+
+def positive_indices(x: torch.Tensor) -> torch.Tensor:
+    """Indices of the entries > 0 of a contiguous 1-D tensor, ascending (the comparison in numpy too on the CPU,
+    where torch's is ~4x slower on one thread; bfloat16, which numpy lacks, stays in torch)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.float16):
+        return torch.from_numpy(np.flatnonzero(x.numpy() > 0))
+    return flat_nonzero(x.gt(0))
 
 
 def value_dtype(act_dtype: torch.dtype) -> torch.dtype:
@@ -45,7 +65,7 @@ def _within_batch_k(feature: torch.Tensor, key: torch.Tensor, k: int, n_features
     full = counts >= k
     kth = torch.full((n_features,), _M32, dtype=torch.int64, device=key.device)
     kth[full] = srt[(starts + k - 1)[full]] & _M32
-    return (ordered <= kth.index_select(0, feature)).nonzero().squeeze(1)
+    return flat_nonzero(ordered <= kth.index_select(0, feature))
 
 
 @dataclass
@@ -101,7 +121,7 @@ class KeptExamples:
         # A candidate can only enter if it is not worse than the feature's worst kept entry (empty slots
         # have the largest key); equal keys are kept: the location decides below.
         worst = self.key.amax(dim=1)
-        cand = (key <= worst.index_select(0, feature)).nonzero().squeeze(1)
+        cand = flat_nonzero(key <= worst.index_select(0, feature))
         if cand.numel() > PREFILTER_FACTOR * k * self.key.shape[0]:
             # Many candidates (a dense batch, or the first ones): only each feature's own k best in
             # this batch can enter, so cut to those with one sort before the exact three-sort merge.
@@ -118,10 +138,16 @@ class KeptExamples:
         all_key = torch.cat([self.key[rows[old_row], old_slot], key])
         all_loc = torch.cat([old_loc[old_row, old_slot], loc])
         n_old = old_row.numel()
-        # Order by (row, key, location): stable sorts from the least to the most significant field.
+        # Order by (row, key, location): stable sorts from the least to the most significant field; (row, key)
+        # in one sort when the key packs into 32 bits without changing its order (the random samples' int
+        # keys, float32 top-k keys): two sorts instead of three.
         order = torch.argsort(all_loc, stable=True)
-        order = order[torch.argsort(all_key[order], stable=True)]
-        order = order[torch.argsort(all_row[order], stable=True)]
+        if all_key.dtype in (torch.int64, torch.float32):
+            packed = all_row << 32 | _ordered32(all_key)
+            order = order[torch.argsort(packed[order], stable=True)]
+        else:
+            order = order[torch.argsort(all_key[order], stable=True)]
+            order = order[torch.argsort(all_row[order], stable=True)]
         row = all_row[order]
         rank = torch.arange(row.numel(), device=dev) - torch.searchsorted(row, row)
         kept = order[rank < k]

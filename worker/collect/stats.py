@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from training.chat import REGION_NAMES
-from worker.collect.kept import KeptExamples, value_dtype
+from worker.collect.kept import KeptExamples, flat_nonzero, positive_indices, value_dtype
 
 # Locations pack (sequence id, position) into one int64: sequences up to 2^24 tokens, 2^39 sequences.
 POS_BITS = 24
@@ -243,10 +243,10 @@ class FeatureStats:
         F_, width = self.n_features, f.shape[1]
         f = f.contiguous()
         flat_f = f.view(-1)
-        nz = flat_f.gt(0).nonzero().squeeze(1)
+        nz = positive_indices(flat_f)
         tok = nz // F_  # row * width + position
         if not bool(valid.all()):  # padding: few entries once batches are sorted by length
-            keep = valid.reshape(-1).index_select(0, tok).nonzero().squeeze(1)
+            keep = flat_nonzero(valid.reshape(-1).index_select(0, tok))
             nz, tok = nz.index_select(0, keep), tok.index_select(0, keep)
         if nz.numel() == 0:
             return
@@ -279,19 +279,19 @@ class FeatureStats:
             return {"value": v.index_select(0, idx), "acts": acts.masked_fill(~inside, 0)}
 
         self.top.offer(j, -v, locate, payload)
+        # The token part of the sampling keys, computed once per token and gathered once per entry for both
+        # samples: = sample_keys(seed, layer, j, loc) after the XOR with each feature's (or band's) salt.
+        tok_keys = token_keys(self.seed, flat_loc).index_select(0, tok) if self.random.k or self.quantile.k else None
         if self.random.k:
             if self._salts is None:
                 self._salts = feature_salts(self.seed, self.layer, F_, f.device)
-            # = sample_keys(seed, layer, j, loc), with the token part computed once per token
-            keys = token_keys(self.seed, flat_loc).index_select(0, tok) ^ self._salts.index_select(0, j)
-            self.random.offer(j, keys, locate, payload)
+            self.random.offer(j, tok_keys ^ self._salts.index_select(0, j), locate, payload)
         if self.quantile.k:
             if self._band_salts is None:
                 self._band_salts = feature_salts(self.seed ^ _QUANTILE_SALT, self.layer, F_ * N_QUANTILE_BANDS,
                                                  f.device)
             row = j * N_QUANTILE_BANDS + quantile_bands(v)
-            keys = token_keys(self.seed, flat_loc).index_select(0, tok) ^ self._band_salts.index_select(0, row)
-            self.quantile.offer(row, keys, locate, payload)
+            self.quantile.offer(row, tok_keys ^ self._band_salts.index_select(0, row), locate, payload)
 
     # -- finishing --------------------------------------------------------------------------------
     def to(self, device: torch.device | str) -> FeatureStats:

@@ -180,13 +180,15 @@ def _hist(raw: Any) -> Hist | None:
         return None
 
 
-def _lens(entries: Any, vocab: Vocab | None = None) -> list[LensToken]:
+def _lens(entries: Any, vocab: Vocab | None = None, limit: int | None = None) -> list[LensToken]:
     """Logit-lens entries ``[id, text, value]`` as the vocabulary module shows them (partial bytes as bytes,
     special tokens readable); ids of a padded vocabulary are not tokens and are left out. Without a tokenizer
-    the stored text is used."""
+    the stored text is used. ``limit``: stop after that many (the index shows one per row)."""
     vocab = vocab or EMPTY_VOCAB
-    out = []
+    out: list[LensToken] = []
     for e in entries or []:
+        if limit is not None and len(out) >= limit:
+            break
         if not (isinstance(e, list | tuple) and len(e) >= 3):
             continue
         tid = e[0] if isinstance(e[0], int) else None
@@ -202,7 +204,7 @@ def _lens(entries: Any, vocab: Vocab | None = None) -> list[LensToken]:
 
 
 def top_token(logit_lens: Any, vocab: Vocab | None = None) -> str | None:
-    top = _lens((logit_lens or {}).get("top"), vocab)[:1] if isinstance(logit_lens, dict) else []
+    top = _lens(logit_lens.get("top"), vocab, limit=1) if isinstance(logit_lens, dict) else []
     return top[0].text if top else None
 
 

@@ -1,4 +1,4 @@
-"""``POST /api/pipelines``: a user's model pair as a run, its pipeline queued (train → evaluate → collect →
+"""``POST /api/pipelines``: a user's model pair as a run, its pipeline queued (train → collect → evaluate →
 hesitation study), the same jobs ``adapterlens pipeline --base --target --data --queue`` queues.
 
 The API is unauthenticated: models and files must lie under the data directory or an allowed path, Hub
@@ -24,7 +24,7 @@ class PipelineQueued(BaseModel):
 
 
 @router.post("/api/pipelines", response_model=PipelineQueued, status_code=201, name="api_pipeline",
-             summary="Create a run for a model pair and queue its pipeline (train, evaluate, collect, hesitation)")
+             summary="Create a run for a model pair and queue its pipeline (train, collect, evaluate, hesitation)")
 def pipeline_api(request: Request, body: PipelineRequest, session: SessionDep, settings: SettingsDep) -> PipelineQueued:
     try:
         run_id, jobs = submit_pipeline(session, body, settings)
