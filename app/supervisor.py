@@ -5,12 +5,13 @@ waits for (:data:`app.db.queue.INTERACTIVE_KINDS`), ``long`` everything else, so
 waits for a training run. Each worker is a child process (``adapterlens worker``) in its own process group,
 so a Ctrl-C in the terminal reaches ``up`` alone and ``up`` decides how its workers stop.
 
-Threads: torch's intra-op threads of both classes add up to the machine's cores, so two busy workers do not
-oversubscribe them (OpenMP threads beyond the core count spin against each other and can slow both far below
-half speed). The interactive worker gets a quarter of the cores (at least one), the long workers share the
-rest (at least one each); ``ADAPTERLENS_TORCH_THREADS`` sets one count for all. Each child also gets the passive
-OpenMP wait policy (training/threads.py: idle threads sleep instead of spinning on a core another process
-needs); benchmarks/threads.py measures both.
+Threads: every child gets the passive OpenMP wait policy (training/threads.py: idle threads sleep instead of
+spinning on a core another process needs; benchmarks/threads.py measures it). With it, an idle worker costs
+nothing, so the long workers share all the cores (the organism build, training and collection are what a
+new user waits for, and they then compute with the thread count of ``adapterlens pipeline``, which the README's
+figures were measured with: results depend on it at float rounding), and the interactive worker, idle most of
+the time, gets a quarter of them (at least one): while it generates beside a long job the cores are briefly
+oversubscribed, which the passive wait keeps cheap. ``ADAPTERLENS_TORCH_THREADS`` sets one count for all.
 
 Supervision: a worker that exits while ``up`` runs is restarted after a backoff (1 s, doubling to 60 s; back to
 1 s once a worker has run for a minute). Before that, the jobs it held are failed at once (one attempt counted,
@@ -63,10 +64,10 @@ class WorkerSpec:
 
 def worker_classes(n_interactive: int = 1, n_long: int = 1, cores: int | None = None,
                    threads: int | None = None) -> list[WorkerSpec]:
-    """The workers ``up`` runs, with thread counts that add up to the cores (see the module docstring)."""
+    """The workers ``up`` runs and their thread counts (see the module docstring)."""
     cores = cores or os.cpu_count() or 1
     interactive_threads = threads or max(1, cores // 4)
-    long_threads = threads or max(1, (cores - interactive_threads * n_interactive) // max(n_long, 1))
+    long_threads = threads or max(1, cores // max(n_long, 1))
     specs = [WorkerSpec(f"interactive-{i + 1}" if n_interactive > 1 else "interactive",
                         kinds=tuple(queue.INTERACTIVE_KINDS), threads=interactive_threads)
              for i in range(n_interactive)]

@@ -74,13 +74,15 @@ def test_up_gives_each_worker_the_passive_wait_and_its_class_thread_count(tmp_pa
     """The environment Supervisor passes to its children (what /proc/PID/environ of a worker shows)."""
     settings = Settings(data_dir=tmp_path)
     specs = worker_classes(1, 1, cores=8)
-    assert [s.threads for s in specs] == [2, 6]
+    assert [s.threads for s in specs] == [2, 8]  # the long worker computes as `adapterlens pipeline` does
+    assert [s.threads for s in worker_classes(1, 1, cores=2)] == [1, 2]
+    assert [s.threads for s in worker_classes(1, 2, cores=8)] == [2, 4, 4]
     sup = Supervisor([*specs, WorkerSpec("plain")], settings)
     try:
         envs = {c.spec.name: sup.child_env(c) for c in sup.children}
     finally:
         sup._engine.dispose()
-    for name, threads in (("interactive", "2"), ("long", "6")):
+    for name, threads in (("interactive", "2"), ("long", "8")):
         assert envs[name]["OMP_WAIT_POLICY"] == "PASSIVE" and envs[name]["KMP_BLOCKTIME"] == "0"
         assert envs[name]["OMP_NUM_THREADS"] == envs[name]["ADAPTERLENS_TORCH_THREADS"] == threads
     assert envs["plain"]["OMP_WAIT_POLICY"] == "PASSIVE"
