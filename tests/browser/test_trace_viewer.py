@@ -91,11 +91,12 @@ def test_minimap_jump_and_next_firing_on_a_long_trace(live, page):
     with Session(engine) as s:
         result = s.scalars(select(LensResult.result).where(LensResult.status == "done")).one()
     counts = Counter((ln, ix) for cols in result["features"] for ln, ix in zip(cols[0], cols[1], strict=True))
-    (layer, index), fired = counts.most_common(1)[0]
-    assert fired >= 2
+    sparse = [key for key, c in counts.most_common() if 3 <= c <= n // 2]  # fires here and there, not everywhere
+    assert sparse, counts.most_common(5)
+    layer, index = sparse[0]
     page.goto(f"{server.url}/runs/{run_id}/traces/{trace_id}?feature={layer}/{index}")
     firing = page.evaluate("[...document.querySelectorAll('[data-trace] .tok.fires')].map(e => Number(e.dataset.pos))")
-    assert len(firing) >= 2 and page.locator("[data-minimap] .mm.fires").count() == len(firing)
+    assert 3 <= len(firing) <= n // 2 and page.locator("[data-minimap] .mm.fires").count() == len(firing)
     assert page.locator("[data-n-firing]").inner_text() == str(len(firing))
     page.click("[data-next-firing]")
     assert page.evaluate(FOCUSED) == firing[0]
