@@ -3,6 +3,8 @@ firing marks for a shaded feature, and feature-page examples linking to their pl
 
 from __future__ import annotations
 
+import json
+
 from bs4 import BeautifulSoup
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -113,7 +115,7 @@ def _jobs(web) -> int:
 
 def test_firing_marks_follow_the_shaded_feature(web):
     run = web.world.run_id
-    ids = _ids("The", " sum", " is", " Wait", "7", ".", " so", " check")
+    ids = _ids("The", " sum", " is", " Wait", ",", " so", " check", "7")
     acts = [0.0, 0.5, 0.0, 0.0, 2.0, 0.0, 0.0, 1.0]
     trace_id = _trace(web, ids)
     with Session(web.engine) as s, s.begin():
@@ -123,12 +125,14 @@ def test_firing_marks_follow_the_shaded_feature(web):
                                                     "watched": {"1/3": acts}}))
     page = _soup(web, f"/runs/{run}/traces/{trace_id}?feature=1/3")
     assert [int(t["data-pos"]) for t in page.select("[data-trace] .tok.fires")] == [1, 4, 7]
-    assert len(page.select("[data-minimap] .mm.fires")) == 3
+    minimap = json.loads(page.select_one("[data-minimap-data]").string)
+    assert minimap["fires"] == [1, 4, 7] and minimap["hes"] == [3] and minimap["v"][4] == 1.0
     nav = page.select_one("[data-firing-nav]")
     assert nav.select_one("[data-n-firing]").text == "3" and nav.select_one("[data-next-firing]") is not None
     assert web.client.get(f"/api/runs/{run}/traces/{trace_id}?feature=1/3").json()["n_firing"] == 3
     plain = _soup(web, f"/runs/{run}/traces/{trace_id}")  # KL shading: no firing marks, no buttons
     assert not plain.select(".tok.fires") and plain.select_one("[data-firing-nav]") is None
+    assert json.loads(plain.select_one("[data-minimap-data]").string)["fires"] == []
 
 
 def test_feature_examples_link_to_their_place_in_the_trace(web):

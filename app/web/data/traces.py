@@ -113,26 +113,34 @@ def trace_page(session: Session, run_key: str | int, trace_id: int, *, shade: Sh
     regions = _regions(row.regions, len(ids))
     tokens = [TraceToken(pos=i, id=t.id, text=t.text, kind=t.kind, hesitation=t.hesitation, region=regions[i])
               for i, t in enumerate(toks)]
-    lens = session.scalars(select(LensResult).where(LensResult.run_id == run.id,
-                                                    LensResult.token_key == token_key(ids),
-                                                    LensResult.status == "done")
-                           .order_by(LensResult.id.desc()).limit(1)).first() if ids else None
+    lens_id = session.scalar(select(LensResult.id).where(LensResult.run_id == run.id,
+                                                         LensResult.token_key == token_key(ids),
+                                                         LensResult.status == "done")
+                             .order_by(LensResult.id.desc()).limit(1)) if ids else None
     page = TracePage(run=run_ref(run), trace=TraceInfo(id=row.id, source=row.source, n_tokens=len(ids),
                                                        answer=row.answer),
                      tokens=tokens, n_hesitations=sum(t.hesitation for t in tokens),
-                     lens_id=lens.id if lens else None, shade=shade, feature=fl)
+                     lens_id=lens_id, shade=shade, feature=fl)
     for pos, gid in why_graphs(session, run.id, ids, [t.pos for t in tokens if t.hesitation]).items():
         tokens[pos].graph_id = gid
-    result = lens.result if lens is not None else None
-    if not result or shade == "none":
+    if lens_id is None or shade == "none":
         return page
+
+    def part(*path: str) -> Any:  # one part of the stored result, extracted by the database (a long trace's
+        # result holds every position's strongest features: tens of MB of JSON the page does not need)
+        return session.scalar(select(LensResult.result[path if len(path) > 1 else path[0]])
+                              .where(LensResult.id == lens_id))
+
     if shade == "feature":
-        watched = (result.get("watched") or {}).get(f"{fl[0]}/{fl[1]}")
+        watched = part("watched", f"{fl[0]}/{fl[1]}")
         page.feature_source = "watched" if watched is not None else "lens"
         values = watched if watched is not None else [
-            next((a for ln, ix, a in zip(*cols[:3], strict=True) if (ln, ix) == fl), 0.0) for cols in result["features"]]
+            next((a for ln, ix, a in zip(*cols[:3], strict=True) if (ln, ix) == fl), 0.0)
+            for cols in part("features") or []]
     else:
-        values = result["kl_hybrid" if shade == "kl-hybrid" else "kl_adapted"]
+        values = part("kl_hybrid" if shade == "kl-hybrid" else "kl_adapted")
+    if not isinstance(values, list) or not values:
+        return page
     for t, v in zip(tokens, values, strict=False):
         t.value = float(v)
     page.shade_max = max([float(v) for v in values] + [1e-9])
