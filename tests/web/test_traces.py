@@ -83,9 +83,26 @@ def test_why_here_opens_the_stored_graph_or_queues_one(web):
         gid = g.id
     page = _soup(web, f"/runs/{run}/traces/{trace_id}")
     assert page.select_one(f'a.why[data-why="{hmm_pos}"]')["href"] == f"/runs/{run}/graphs/{gid}"
+    assert queued.select_one('meta[http-equiv="refresh"]') is not None  # the queued page reloads until then
+    got = web.client.get(f"/runs/{run}/traces/{trace_id}/why/{hmm_pos}", follow_redirects=False)
+    assert got.status_code == 303 and got.headers["location"] == f"/runs/{run}/graphs/{gid}"
+
+    # an imported graph without prompt ids in params: matched through its stored prompt's ids
+    so_pos = wait_pos + 1
+    with Session(web.engine) as s, s.begin():
+        prompt = Prompt(run_id=run, source="graph", text="…", token_ids=ids[:so_pos])
+        s.add(prompt)
+        s.flush()
+        imported = Graph(run_id=run, slug="imported", prompt="…", prompt_id=prompt.id, target_token_id=TOK[" so"],
+                         position=so_pos - 1, params={}, nodes=[], links=[])
+        s.add(imported)
+        s.flush()
+        imported_id = imported.id
+    got = web.client.get(f"/runs/{run}/traces/{trace_id}/why/{so_pos}", follow_redirects=False)
+    assert got.status_code == 303 and got.headers["location"] == f"/runs/{run}/graphs/{imported_id}"
 
     # the JSON twin queues too
-    made = web.client.post(f"/api/runs/{run}/traces/{trace_id}/why/{wait_pos + 1}")
+    made = web.client.post(f"/api/runs/{run}/traces/{trace_id}/why/{wait_pos + 2}")
     assert made.status_code == 202 and made.json()["status_url"].endswith(f"/graph-jobs/{made.json()['job_id']}")
 
 

@@ -159,14 +159,21 @@ def why_graphs(session: Session, run_id: int, ids: list[int], positions: list[in
     if not want:
         return {}
     out: dict[int, int] = {}
-    rows = session.execute(select(Graph.id, Graph.position, Graph.target_token_id, Graph.params)
+    rows = session.execute(select(Graph.id, Graph.position, Graph.target_token_id, Graph.params, Graph.prompt_id)
                            .where(Graph.run_id == run_id, Graph.position.in_([p - 1 for p in want]),
                                   Graph.target_token_id.in_(set(want.values())))
-                           .order_by(Graph.id))
-    for gid, gpos, target, params in rows:
+                           .order_by(Graph.id)).all()
+    # a graph without its prompt ids in params (an import) is matched by its stored prompt's ids
+    by_prompt = {pid for *_, params, pid in rows if pid is not None
+                 and not isinstance((params or {}).get("prompt_token_ids"), list)}
+    prompts = {pid: [int(t) for t in tids or []] for pid, tids in session.execute(
+        select(Prompt.id, Prompt.token_ids).where(Prompt.run_id == run_id, Prompt.id.in_(by_prompt)))} if by_prompt else {}
+    for gid, gpos, target, params, pid in rows:
         pos = int(gpos) + 1
         prompt_ids = (params or {}).get("prompt_token_ids")
-        if want.get(pos) == target and isinstance(prompt_ids, list) and prompt_ids == ids[:pos]:
+        if not isinstance(prompt_ids, list):
+            prompt_ids = prompts.get(pid)
+        if want.get(pos) == target and prompt_ids == ids[:pos]:
             out[pos] = int(gid)
     return out
 
