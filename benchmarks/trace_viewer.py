@@ -43,18 +43,20 @@ from app.db.session import make_engine  # noqa: E402
 
 VOCAB = 2000
 HESITATION = VOCAB  # the id of "Wait"
+NEWLINE = VOCAB + 1  # "\n\n": a reasoning trace's paragraphs
 FEATURE = (1, 3)
 
 
 def write_tokenizer(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = {f"w{i}": i for i in range(VOCAB)} | {"Wait": HESITATION}
+    vocab = {f"w{i}": i for i in range(VOCAB)} | {"Wait": HESITATION, "\n\n": NEWLINE}
     data = {"model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}, "added_tokens": []}
     (directory / "tokenizer.json").write_text(json.dumps(data))
 
 
 def synthetic_trace(rng: random.Random, n: int, per_token: int) -> tuple[list[int], dict]:
-    ids = [HESITATION if rng.random() < 0.01 else rng.randrange(VOCAB) for _ in range(n)]
+    ids = [HESITATION if r < 0.01 else NEWLINE if r < 0.02 else rng.randrange(VOCAB)
+           for r in (rng.random() for _ in range(n))]
     watched = [round(rng.uniform(0.5, 4), 3) if rng.random() < 0.05 else 0.0 for _ in range(n)]
     features = []
     for _ in range(n):

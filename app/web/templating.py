@@ -112,6 +112,9 @@ def token_spans(ex: Any, max_act: float | None) -> Markup:
     return Markup("".join(parts))
 
 
+CHUNK_MIN, CHUNK_MAX = 200, 1000  # tokens per block of a trace's strip (see trace_spans)
+
+
 def trace_spans(page: Any, why_prefix: str, graph_prefix: str) -> Markup:
     """A trace's strip (``trace.html``) as HTML built in one pass, as :func:`token_spans` does for examples: one
     ``<span id="tN" class="tok …">`` per token (hesitation outlined, kind, chat region, firing), the shade and its
@@ -119,8 +122,15 @@ def trace_spans(page: Any, why_prefix: str, graph_prefix: str) -> Markup:
     Token texts and region names go through ``markupsafe.escape``; the rest is numbers and fixed names."""
     m = page.shade_max
     firing = page.shade == "feature"
-    parts = []
+    parts = ['<div class="trace-chunk">']
+    in_chunk = 0
     for t in page.tokens:
+        # blocks of tokens the browser lays out only near the viewport (content-visibility): a block ends after
+        # a newline token once it holds CHUNK_MIN tokens, or at CHUNK_MAX (a long trace renders in a fraction)
+        if in_chunk >= CHUNK_MAX or (in_chunk >= CHUNK_MIN and "\n" in page.tokens[t.pos - 1].text):
+            parts.append('</div><div class="trace-chunk">')
+            in_chunk = 0
+        in_chunk += 1
         cls = "tok"
         if t.hesitation:
             cls += " hes outlined"
@@ -141,6 +151,7 @@ def trace_spans(page: Any, why_prefix: str, graph_prefix: str) -> Markup:
             else:
                 parts.append(f'<a class="why" data-why="{t.pos}" href="{why_prefix}{t.pos}" '
                              'title="why here? queue an attribution graph of this token">?</a>')
+    parts.append("</div>")
     return Markup("".join(parts))
 
 

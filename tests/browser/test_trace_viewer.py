@@ -23,7 +23,7 @@ WORKER_CODE = (
     "from app.settings import Settings\nfrom worker.loop import run_worker\n"
     "run_worker(Settings(), kinds=['lens'], handler_modules=['worker.lens.job'], idle_wait_s=0.2)\n"
 )
-TEXT = "86 + 87 = 173. Wait, let me check the carry again: 6 + 7 = 13, so 1 carry. " * 14  # about 490 tokens (the tiny model's context is 512)
+TEXT = "86 + 87 = 173. Wait, let me check the carry again: 6 + 7 = 13, so 1 carry.\n\n" * 13  # about 480 tokens (the tiny model's context is 512)
 
 
 @pytest.fixture
@@ -73,6 +73,7 @@ def test_minimap_jump_and_next_firing_on_a_long_trace(live, page):
     page.set_viewport_size({"width": 640, "height": 480})  # the strip is several screens long
     page.goto(f"{server.url}/runs/{run_id}/traces/{trace_id}")
     assert page.locator("[data-trace] .tok").count() == n
+    assert page.locator("[data-trace] .trace-chunk").count() >= 2  # blocks laid out near the viewport only
     assert page.evaluate("JSON.parse(document.querySelector('[data-minimap-data]').textContent).n") == n
     assert page.locator("[data-minimap-canvas]").bounding_box()["height"] <= 480  # the whole trace, no scrolling
     assert page.evaluate(FOCUSED) is None and page.evaluate("window.scrollY") == 0
