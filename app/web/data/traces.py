@@ -109,10 +109,13 @@ def trace_page(session: Session, run_key: str | int, trace_id: int, *, shade: Sh
         shade = "feature"
     elif shade == "feature":
         raise BadInput("shade=feature needs feature=layer/index", 422)
-    toks = token_views(run_vocab(session, run), ids, None, hesitation_words(run))
+    vocab = run_vocab(session, run)
+    marks = vocab.hesitation_marks(ids, hesitation_words(run))
     regions = _regions(row.regions, len(ids))
-    tokens = [TraceToken(pos=i, id=t.id, text=t.text, kind=t.kind, hesitation=t.hesitation, region=regions[i])
-              for i, t in enumerate(toks)]
+    tokens = []
+    for i, tid in enumerate(ids):  # as token_views, without an intermediate model per token (long traces)
+        t = vocab.token(tid)
+        tokens.append(TraceToken(pos=i, id=tid, text=t.text, kind=t.kind, hesitation=marks[i], region=regions[i]))
     lens_id = session.scalar(select(LensResult.id).where(LensResult.run_id == run.id,
                                                          LensResult.token_key == token_key(ids),
                                                          LensResult.status == "done")
