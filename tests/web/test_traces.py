@@ -167,3 +167,20 @@ def test_feature_examples_link_to_their_place_in_the_trace(web):
     assert f"/runs/{run}/traces/{trace_id}?feature=2/5" in hrefs
     target = _soup(web, f"/runs/{run}/traces/{trace_id}?feature=2/5")
     assert "hes" in target.select_one("#t6")["class"]
+
+
+def test_trace_strip_escapes_stored_text(web):
+    run = web.world.run_id
+    ids = _ids("<script>", '"', "alert(1)", '"', "</script>", " Wait", ",")
+    with Session(web.engine) as s, s.begin():
+        row = Prompt(run_id=run, source="trace", text="…", token_ids=ids,
+                     regions=[[0, 3, '"><script>alert(2)</script>'], [3, 7, "thinking"]])
+        s.add(row)
+        s.flush()
+        trace_id = row.id
+    html = web.client.get(f"/runs/{run}/traces/{trace_id}").text
+    assert "<script>alert" not in html and "alert(2)</script>" not in html
+    page = BeautifulSoup(html, "html.parser")
+    toks = page.select("[data-trace] .tok")
+    assert [t.text for t in toks[:3]] == ["<script>", '"', "alert(1)"] and "r-thinking" in toks[4]["class"]
+    assert [int(a["data-why"]) for a in page.select("[data-trace] a.why")] == [5]
