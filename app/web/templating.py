@@ -112,6 +112,59 @@ def token_spans(ex: Any, max_act: float | None) -> Markup:
     return Markup("".join(parts))
 
 
+CHUNK_MIN, CHUNK_MAX = 200, 1000  # tokens per block of a trace's strip (see trace_spans)
+
+
+def trace_spans(page: Any, why_prefix: str, graph_prefix: str) -> Markup:
+    """A trace's strip (``trace.html``) as HTML built in one pass, as :func:`token_spans` does for examples: one
+    ``<span id="tN" class="tok …">`` per token (hesitation outlined, kind, chat region, firing), the shade and its
+    value as attributes, and a "why here?" link after each hesitation token (its graph, else the queue page).
+    Token texts and region names go through ``markupsafe.escape``; the rest is numbers and fixed names."""
+    m = page.shade_max
+    firing = page.shade == "feature"
+    parts = ['<div class="trace-chunk">']
+    in_chunk = 0
+    for t in page.tokens:
+        # blocks of tokens the browser lays out only near the viewport (content-visibility): a block ends after
+        # a newline token once it holds CHUNK_MIN tokens, or at CHUNK_MAX (a long trace renders in a fraction)
+        if in_chunk >= CHUNK_MAX or (in_chunk >= CHUNK_MIN and "\n" in page.tokens[t.pos - 1].text):
+            parts.append('</div><div class="trace-chunk">')
+            in_chunk = 0
+        in_chunk += 1
+        cls = "tok"
+        if t.hesitation:
+            cls += " hes outlined"
+        if t.kind != "text":
+            cls += " " + t.kind
+        if t.region:
+            cls += " r-" + str(escape(t.region))
+        if firing and t.value is not None and t.value > 0:
+            cls += " fires"
+        attrs = ""
+        if t.value is not None and m:
+            attrs = f' style="--v:{shade(t.value, m)}" data-tip="{page.shade} {fmt(t.value)}"'
+        parts.append(f'<span id="t{t.pos}" class="{cls}"{attrs} data-pos="{t.pos}">{escape(visible(t.text))}</span>')
+        if t.hesitation and t.pos > 0:
+            if t.graph_id:
+                parts.append(f'<a class="why has-graph" data-why="{t.pos}" href="{graph_prefix}{t.graph_id}" '
+                             'title="why here? its attribution graph">?</a>')
+            else:
+                parts.append(f'<a class="why" data-why="{t.pos}" href="{why_prefix}{t.pos}" '
+                             'title="why here? queue an attribution graph of this token">?</a>')
+    parts.append("</div>")
+    return Markup("".join(parts))
+
+
+def trace_minimap(page: Any) -> dict[str, Any]:
+    """What ``static/js/trace.js`` draws the minimap from: each token's shade (0–1, or null), the hesitation
+    tokens and, shaded by a feature, the tokens where it fires."""
+    m = page.shade_max
+    return {"n": len(page.tokens), "shade": page.shade,
+            "v": [float(shade(t.value, m)) if t.value is not None and m else None for t in page.tokens],
+            "hes": [t.pos for t in page.tokens if t.hesitation],
+            "fires": [t.pos for t in page.tokens if page.shade == "feature" and t.value is not None and t.value > 0]}
+
+
 def visible(text: str) -> str:
     """Token text with layout characters made visible (a newline token must not vanish)."""
     return text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍") if text else "∅"
@@ -185,6 +238,8 @@ def build_templates(app: FastAPI, templates_dir: str, htmx_src: str, plotly_src:
         hist_fig=hist_fig,
         with_marker=with_marker,
         token_spans=token_spans,
+        trace_spans=trace_spans,
+        trace_minimap=trace_minimap,
         path=lambda name, **params: app.url_path_for(name, **{k: str(v) for k, v in params.items()}),
         qs=lambda params: ("?" + urlencode(params)) if params else "",
         htmx_src=htmx_src,

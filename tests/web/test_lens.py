@@ -196,7 +196,8 @@ def test_trace_viewer_outlines_hesitations_and_shades_by_the_lens(web, tmp_path,
     assert f"/runs/{run}/traces/{trace_id}" in web.client.get(f"/runs/{run}/traces").text
     page = BeautifulSoup(web.client.get(f"/runs/{run}/traces/{trace_id}").text, "html.parser")
     toks = page.select("[data-trace] .tok")
-    assert len(toks) == len(ids) and len(page.select("[data-minimap] .mm")) == len(ids)
+    minimap = json.loads(page.select_one("[data-minimap-data]").string)
+    assert len(toks) == len(ids) and minimap["n"] == len(ids) and minimap["hes"] == [len(IDS) - 1]
     assert [int(t["data-pos"]) for t in toks if "outlined" in t["class"]] == [len(IDS) - 1]  # " Wait"
     assert "r-thinking" in toks[6]["class"] and "style" not in toks[6].attrs  # no lens yet: no shading
     form = page.select_one("[data-trace-lens]")
@@ -214,7 +215,8 @@ def test_trace_viewer_outlines_hesitations_and_shades_by_the_lens(web, tmp_path,
     assert feat["tokens"][0]["value"] == pytest.approx(direct.features_at(0)[0][2])
     shaded = BeautifulSoup(web.client.get(f"/runs/{run}/traces/{trace_id}").text, "html.parser")
     assert all("--v:" in t["style"] for t in shaded.select("[data-trace] .tok"))
-    assert all("--v:" in t["style"] for t in shaded.select("[data-minimap] .mm"))
+    shades = json.loads(shaded.select_one("[data-minimap-data]").string)["v"]
+    assert len(shades) == len(ids) and all(v is not None for v in shades) and max(shades) == 1.0
     for bad in ("?feature=x", "?shade=feature", "?shade=sideways"):
         assert web.client.get(f"/runs/{run}/traces/{trace_id}{bad}").status_code == 422
     assert web.client.get(f"/runs/{run}/traces/999999").status_code == 404

@@ -12,7 +12,16 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Example, Feature, FeatureLabel, FeatureSet, FeatureSetMember, Graph, GraphFeature
+from app.db.schema import (
+    Example,
+    Feature,
+    FeatureLabel,
+    FeatureSet,
+    FeatureSetMember,
+    Graph,
+    GraphFeature,
+    Prompt,
+)
 from app.web.data.common import (
     NotFound,
     RunRef,
@@ -53,6 +62,10 @@ class ExampleView(BaseModel):
     token_kinds: list[str] = Field([], description="Each token's kind: text | special | bytes | padding.")
     hesitation: list[bool] = Field([], description="Each token: part of a hesitation word (the run's rule).")
     prompt_id: int | None = None
+    trace_id: int | None = Field(None, description="The source prompt, when it is stored in this run (the trace "
+                                 "viewer opens it).")
+    trace_pos: int | None = Field(None, description="The focus token's position in that prompt (the trace viewer's "
+                                  "#t anchor), when the prompt holds these ids.")
 
 
 class Band(BaseModel):
@@ -276,6 +289,36 @@ def feature_labels(session: Session, run_id: int, layer: int, index: int) -> lis
                       judge=judge_name(r.source)) for r in rows]
 
 
+def _find(haystack: list[int], needle: list[int]) -> int | None:
+    """The first index where ``needle`` occurs in ``haystack`` as a contiguous run, else None."""
+    if not needle or len(needle) > len(haystack):
+        return None
+    first, n = needle[0], len(needle)
+    for i in range(len(haystack) - n + 1):
+        if haystack[i] == first and haystack[i:i + n] == needle:
+            return i
+    return None
+
+
+def _place_in_traces(session: Session, run_id: int, examples: list[ExampleView]) -> None:
+    """Examples whose source prompt is stored (``examples.prompt_id``, same run) get their focus token's position
+    in it: where the example's window of ids occurs in the prompt's ids."""
+    wanted = {e.prompt_id for e in examples if e.prompt_id is not None}
+    if not wanted:
+        return
+    prompts = {pid: [int(t) for t in ids or []] for pid, ids in session.execute(
+        select(Prompt.id, Prompt.token_ids).where(Prompt.run_id == run_id, Prompt.id.in_(wanted)))}
+    for e in examples:
+        if e.prompt_id is None:
+            continue
+        ids = prompts.get(e.prompt_id)
+        if ids is None:
+            continue
+        e.trace_id = e.prompt_id
+        start = _find(ids, e.token_ids)
+        e.trace_pos = None if start is None else start + e.focus
+
+
 def feature_page(session: Session, run_key: str | int, layer: int, index: int) -> FeaturePage:
     run = get_run(session, run_key)
     feat = get_feature(session, run.id, layer, index)
@@ -297,6 +340,7 @@ def feature_page(session: Session, run_key: str | int, layer: int, index: int) -
             id=ex.id, kind=ex.kind, rank=ex.rank, max_act=ex.max_act, focus=focus, window=window,
             tokens=[t.text for t in toks], token_ids=ids, acts=acts, token_kinds=[t.kind for t in toks],
             hesitation=vocab.hesitation_marks(ids, words), prompt_id=ex.prompt_id))
+    _place_in_traces(session, run.id, [e for exs in examples.values() for e in exs])
     bands = _bands(examples.pop("quantile", []), _hist(feat.histogram))
     examples = {k: examples[k] for k in sorted(examples, key=lambda k: (KIND_ORDER + (k,)).index(k))}
 
