@@ -36,7 +36,7 @@ from training.hesitation import hesitation_marks
 
 CONDITION_ORDER = ("unablated", "ablated", "hybrid", "target")
 DONE_STATES = REQUEST_DONE  # ablation / job states after which nothing changes
-_FEATURE_RE = re.compile(r"^\s*(\d+)\s*[:/_,.]\s*(\d+)\s*$")
+_FEATURE_RE = re.compile(r"^\s*[Ll]?(\d+)\s*[:/_,.]\s*(\d+)\s*$")
 
 
 class TokenCell(BaseModel):
@@ -142,8 +142,9 @@ class AblateForm(BaseModel):
         return "text"
 
 
-def parse_features(text: str) -> list[tuple[int, int]]:
-    """``"3:17, 5:2"`` (or ``3/17``, one per line) → ``[(3, 17), (5, 2)]``, in order, without repeats."""
+def parse_features(text: str, *, required: bool = True) -> list[tuple[int, int]]:
+    """``"3:17, 5:2"`` (or ``3/17``, ``L3/17``, one per line) → ``[(3, 17), (5, 2)]``, in order, without
+    repeats; ``required``: none given is a 422."""
     out: list[tuple[int, int]] = []
     for part in re.split(r"[\s;,]+", text.strip()):
         if not part:
@@ -154,7 +155,7 @@ def parse_features(text: str) -> list[tuple[int, int]]:
         pair = (int(m.group(1)), int(m.group(2)))
         if pair not in out:
             out.append(pair)
-    if not out:
+    if required and not out:
         raise BadInput("No features given: write at least one as layer:index, e.g. 3:17", 422)
     return out
 

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.schema import Feature, Job, LensResult
+from app.web.data.ablations import parse_features
 from app.web.data.common import (
     REQUEST_DONE,
     BadInput,
@@ -36,7 +37,6 @@ MODELS = ("target", "hybrid", "adapted")
 KlChoice = Literal["hybrid", "adapted"]
 TableSort = Literal["act", "effect", "n"]
 TABLE_SORTS: dict[str, str] = {"act": "max activation", "effect": "|direct effect|", "n": "tokens active"}
-_FEATURE_RE = re.compile(r"^\s*[Ll]?(\d+)\s*[:/_,.]\s*(\d+)\s*$")
 
 
 class LensForm(BaseModel):
@@ -55,21 +55,9 @@ class LensForm(BaseModel):
         return None if isinstance(v, str) and not v.strip() else v
 
 
-def parse_watched(text: str) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for part in re.split(r"[\s;,]+", text.strip()):
-        if not part:
-            continue
-        m = _FEATURE_RE.match(part)
-        if m is None:
-            raise BadInput(f"Cannot read feature {part!r}: write features as layer:index, e.g. 3:17", 422)
-        out.append((int(m.group(1)), int(m.group(2))))
-    return out
-
-
 def request_from_form(run_id: int, form: LensForm) -> dict[str, Any]:
     req: dict[str, Any] = {"run_id": run_id, "chat": not form.raw,
-                           "features": [list(f) for f in parse_watched(form.features)]}
+                           "features": [list(f) for f in parse_features(form.features, required=False)]}
     if form.token_ids is not None:
         try:
             req["token_ids"] = [int(t) for t in re.split(r"[\s,]+", form.token_ids.strip()) if t]

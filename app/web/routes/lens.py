@@ -8,6 +8,7 @@ from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel
 
+from app.web.data.ablations import parse_features
 from app.web.data.common import MAX_ID, BadInput, get_run
 from app.web.data.lens import (
     TABLE_SORTS,
@@ -21,7 +22,6 @@ from app.web.data.lens import (
     lens_list,
     lens_page,
     lens_position,
-    parse_watched,
 )
 from app.web.deps import SessionDep, SettingsDep
 from app.web.errors import QUEUE_FULL, WRITE_ERRORS
@@ -69,7 +69,7 @@ def lens_submit_html(request: Request, run: str, form: Annotated[LensForm, Form(
         response.headers.update(exc.headers or {})
         return response
     run_id = str(get_run(session, run).id)
-    watched = parse_watched(form.features)
+    watched = parse_features(form.features, required=False)
     if form.back == "trace" and form.trace_id is not None:
         url = request.app.url_path_for("trace_page", run=run_id, trace_id=str(form.trace_id))
         return RedirectResponse(url, status_code=303)
