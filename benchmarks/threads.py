@@ -12,7 +12,9 @@ Configurations:
   (OMP_WAIT_POLICY and KMP_BLOCKTIME removed from the environment);
 - ``adapterlens``: training/threads.py's settings (passive wait, every available core unless
   ``ADAPTERLENS_TORCH_THREADS`` says otherwise), what the worker and ``adapterlens up``'s children get;
-- ``adapterlens-1``: the same with one thread.
+- ``adapterlens-1``: the same with one thread;
+- ``adapterlens-spin``: AdapterLens' thread count without the passive wait (OpenMP's default: spin a while,
+  then sleep), to separate the wait policy's effect from the thread count's.
 
 The step: training.step.fused_step of the organism training preset's shape (Qwen2 4 layers, d 128, MLP 512,
 512 features per layer, vocab 384, 32 sequences of 64 tokens) with backward, clip and AdamW.
@@ -43,7 +45,8 @@ def _configs(threads: int | None) -> dict[str, dict[str, str]]:
     bare = {k: v for k, v in os.environ.items() if k not in WAIT_ENV and k not in COUNT_VARS and k != THREADS_ENV}
     return {"torch-default": dict(bare, _BENCH_CONFIGURE="0"),
             "adapterlens": dict(thread_env(dict(bare), threads), _BENCH_CONFIGURE="1"),
-            "adapterlens-1": dict(thread_env(dict(bare), 1), _BENCH_CONFIGURE="1")}
+            "adapterlens-1": dict(thread_env(dict(bare), 1), _BENCH_CONFIGURE="1"),
+            "adapterlens-spin": dict(thread_env(dict(bare, OMP_WAIT_POLICY="unset"), threads), _BENCH_CONFIGURE="1")}
 
 
 def _step_fn(seq: int, batch: int):
@@ -92,6 +95,10 @@ def _rate(step, seconds: float) -> float:
 
 
 def child(seconds: float, rounds: int, seq: int, batch: int) -> None:
+    if os.environ.get("OMP_WAIT_POLICY") == "unset":  # adapterlens-spin: OpenMP loads (import torch) without
+        del os.environ["OMP_WAIT_POLICY"]  # a wait policy; configure_torch then sets only the thread count
+        os.environ.pop("KMP_BLOCKTIME", None)
+        import torch  # noqa: F401
     if os.environ.get("_BENCH_CONFIGURE") == "1":
         from training.threads import configure_torch
 
@@ -120,7 +127,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="seconds per measurement")
     ap.add_argument("--rounds", type=int, default=2, help="alone/beside pairs per configuration")
     ap.add_argument("--threads", type=int, default=None, help="adapterlens' thread count (default: its choice)")
-    ap.add_argument("--configs", nargs="+", default=None, help="subset of: torch-default adapterlens adapterlens-1")
+    ap.add_argument("--configs", nargs="+", default=None, help="subset of: torch-default adapterlens adapterlens-1 adapterlens-spin")
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
