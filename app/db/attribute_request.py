@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 from sqlalchemy.orm import Session
 
 from app.db import queue
@@ -37,8 +37,9 @@ class AttributePayload(BaseModel):
     token_ids: list[int] | None = Field(None, min_length=1, description="Token ids exactly as the model sees them.")
     prompt_id: int | None = Field(None, description="A row of `prompts` of this run (its token ids).")
     chat: bool = Field(False, description="Wrap `prompt` in the chat format (user turn, assistant, <think>).")
-    target_token: int | str | None = Field(None, description="Vocab id or single-token text; always a logit node.")
-    contrast_token: int | str | None = Field(
+    target_token: StrictInt | StrictStr | None = Field(None, description="Vocab id or single-token text; always a "
+                                                       "logit node (strict: a JSON true is not id 1).")
+    contrast_token: StrictInt | StrictStr | None = Field(
         None, description="The other side of a logit difference (target − contrast): a vocab id, single-token "
         "text, or 'auto' (the most probable token that is not a hesitation token); also a logit node.")
     mode: Literal["relp", "frozen-mlp"] = "relp"

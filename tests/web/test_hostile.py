@@ -220,3 +220,18 @@ def test_docs_are_served_from_local_files(web):
         assert asset in resp.text and "<script>" not in resp.text
         assert web.client.get(asset).status_code == 200
     assert 'href="/docs"' in web.client.get(f"/runs/{web.world.run_id}").text
+
+
+def test_a_json_boolean_is_not_a_token_id(web):
+    """``true`` as a graph's target or contrast token is refused (pydantic's lax mode read it as id 1; the API
+    fuzzer found it), and nothing is queued."""
+    def n_jobs() -> int:
+        with Session(web.engine) as s:
+            return s.scalar(select(func.count()).select_from(Job))
+
+    before = n_jobs()
+    for body in ({"prompt": "3 + 4", "target_token": True}, {"prompt": "3 + 4", "target_token": 5,
+                                                             "contrast_token": False}):
+        resp = web.client.post(f"/api{web.run}/graphs", json=body)
+        assert resp.status_code == 422, resp.text
+    assert n_jobs() == before

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, StrictInt, StrictStr
 
 from app.db import queue
 from app.db.attribute_request import AttributeRequestError, submit_attribute
@@ -126,8 +126,8 @@ class NewGraph(BaseModel):
 
     prompt: str
     chat: bool = True
-    target_token: str | int | None = None
-    contrast_token: str | int | None = None
+    target_token: StrictStr | StrictInt | None = None  # strict: a JSON true is not token id 1
+    contrast_token: StrictStr | StrictInt | None = None
     mode: str = "relp"
     max_feature_nodes: int = 10_000
     node_threshold: float = 0.8
