@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -375,6 +376,34 @@ def hesitation(
     typer.echo(json.dumps(out, indent=1, default=str))
 
 
+def _run_request_now(kind: str, submit: Callable, request: dict, row_class: type) -> tuple[int, dict]:
+    """Queue a dashboard-style request (``submit`` stores its row and job), drain it with the worker loop in
+    this process, and return the row's id and summary: the same path as a click, run in the foreground."""
+    from app.db.requests import AblationRequestError
+    from app.db.session import make_engine, make_sessionmaker
+    from worker.loop import run_worker
+
+    settings = _settings()
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as s:
+            try:
+                row_id, job_id = submit(s, request)
+            except AblationRequestError as exc:
+                raise _fail(str(exc)) from exc
+            s.commit()
+        typer.echo(f"{kind} {row_id} queued as job {job_id}; running it now")
+        run_worker(settings, kinds=[kind], wait=False, migrate=False,
+                   handler_modules=["worker.pipeline", *_extra_handler_modules()])
+        with make_sessionmaker(engine)() as s:
+            row = s.get(row_class, row_id)
+            if row.status != "done":
+                raise _fail(f"{kind} {row_id} ended {row.status}: {row.error}")
+            return row_id, row.summary
+    finally:
+        engine.dispose()
+
+
 @app.command()
 def experiment(
     run: Annotated[str | None, typer.Option(help="Run name or id (default: the latest).")] = None,
@@ -391,37 +420,18 @@ def experiment(
     name: Annotated[str | None, typer.Option(help="Experiment name shown on its page.")] = None,
 ) -> None:
     """An ablation experiment over a prompt set, queued and run now: the same job a dashboard user starts."""
-    from app.db.requests import AblationRequestError, submit_experiment
+    from app.db.requests import submit_experiment
     from app.db.schema import Experiment
-    from app.db.session import make_engine, make_sessionmaker
-    from worker.loop import run_worker
 
     run_id = _run_id(run)
-    settings = _settings()
     if organism_heldout is None and jsonl is None:
         organism_heldout = 200
     label = design if mode == "zero" else f"{design}, {mode} {value}"
     request = {"run_id": run_id, "name": name or f"{label}: {feature_set}", "design": design,
                "feature_set": feature_set, "organism_heldout": organism_heldout, "jsonl": jsonl,
                "mode": mode, "value": value, "positions": positions, "generation": {"max_new_tokens": max_new_tokens}}
-    engine = make_engine(settings)
-    try:
-        with make_sessionmaker(engine)() as s:
-            try:
-                experiment_id, job_id = submit_experiment(s, {k: v for k, v in request.items() if v is not None})
-            except AblationRequestError as exc:
-                raise _fail(str(exc)) from exc
-            s.commit()
-        typer.echo(f"experiment {experiment_id} queued as job {job_id}; running it now")
-        run_worker(settings, kinds=["experiment"], wait=False, migrate=False,
-                   handler_modules=["worker.pipeline", *_extra_handler_modules()])
-        with make_sessionmaker(engine)() as s:
-            row = s.get(Experiment, experiment_id)
-            if row.status != "done":
-                raise _fail(f"experiment {experiment_id} ended {row.status}: {row.error}")
-            summary = row.summary
-    finally:
-        engine.dispose()
+    experiment_id, summary = _run_request_now("experiment", submit_experiment,
+                                                  {k: v for k, v in request.items() if v is not None}, Experiment)
     typer.echo(json.dumps(summary, indent=1, default=str))
 
 
@@ -434,22 +444,17 @@ def lens(
     feature: Annotated[list[str] | None, typer.Option(help="Watch a feature (layer:index), repeatable.")] = None,
 ) -> None:
     """The diff lens of a text: target, hybrid and adapted on the same ids (the job the Lens page queues)."""
-    import re
-
     from app.db.lens_request import submit_lens
-    from app.db.requests import AblationRequestError
     from app.db.schema import LensResult
-    from app.db.session import make_engine, make_sessionmaker
-    from worker.loop import run_worker
+    from app.web.data.ablations import parse_features
+    from app.web.data.common import BadInput
 
     run_id = _run_id(run)
-    settings = _settings()
-    request: dict = {"run_id": run_id, "chat": not raw, "features": []}
-    for f in feature or []:
-        m = re.fullmatch(r"\s*(\d+)\s*[:/]\s*(\d+)\s*", f)
-        if m is None:
-            raise _fail(f"cannot read feature {f!r}: write layer:index, e.g. 3:17")
-        request["features"].append([int(m.group(1)), int(m.group(2))])
+    try:
+        features = parse_features(" ".join(feature or []), required=False)
+    except BadInput as exc:
+        raise _fail(str(exc)) from exc
+    request: dict = {"run_id": run_id, "chat": not raw, "features": [list(f) for f in features]}
     if token_ids is not None:
         try:
             request["token_ids"] = [int(t) for t in token_ids.replace(",", " ").split()]
@@ -457,23 +462,7 @@ def lens(
             raise _fail("--token-ids takes whole numbers separated by spaces") from None
     else:
         request["prompt"] = text
-    engine = make_engine(settings)
-    try:
-        with make_sessionmaker(engine)() as s:
-            try:
-                lens_id, _ = submit_lens(s, request)
-            except AblationRequestError as exc:
-                raise _fail(str(exc)) from exc
-            s.commit()
-        run_worker(settings, kinds=["lens"], wait=False, migrate=False,
-                   handler_modules=["worker.pipeline", *_extra_handler_modules()])
-        with make_sessionmaker(engine)() as s:
-            row = s.get(LensResult, lens_id)
-            if row.status != "done":
-                raise _fail(f"lens {lens_id} ended {row.status}: {row.error}")
-            summary = row.summary
-    finally:
-        engine.dispose()
+    lens_id, summary = _run_request_now("lens", submit_lens, request, LensResult)
     typer.echo(json.dumps(summary, indent=1, default=str))
     typer.echo(f"lens {lens_id}: /runs/{run_id}/lens/{lens_id} on the dashboard (adapterlens serve)")
 
