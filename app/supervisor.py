@@ -5,13 +5,13 @@ waits for (:data:`app.db.queue.INTERACTIVE_KINDS`), ``long`` everything else, so
 waits for a training run. Each worker is a child process (``adapterlens worker``) in its own process group,
 so a Ctrl-C in the terminal reaches ``up`` alone and ``up`` decides how its workers stop.
 
-Threads: every child gets the passive OpenMP wait policy (training/threads.py: idle threads sleep instead of
-spinning on a core another process needs; benchmarks/threads.py measures it). With it, an idle worker costs
+Threads: every child gets AdapterLens' OpenMP wait (training/threads.py: idle threads spin briefly, then sleep
+instead of holding a core another process needs; benchmarks/threads.py measures it). With it, an idle worker costs
 nothing, so the long workers share all the cores (the organism build, training and collection are what a
 new user waits for, and they then compute with the thread count of ``adapterlens pipeline``, which the README's
 figures were measured with: results depend on it at float rounding), and the interactive worker, idle most of
 the time, gets a quarter of them (at least one): while it generates beside a long job the cores are briefly
-oversubscribed, which the passive wait keeps cheap. ``ADAPTERLENS_TORCH_THREADS`` sets one count for all.
+oversubscribed, which the short spin keeps cheap. ``ADAPTERLENS_TORCH_THREADS`` sets one count for all.
 
 Supervision: a worker that exits while ``up`` runs is restarted after a backoff (1 s, doubling to 60 s; back to
 1 s once a worker has run for a minute). Before that, the jobs it held are failed at once (one attempt counted,
@@ -160,7 +160,7 @@ class Supervisor:
         return cmd
 
     def child_env(self, child: _Child) -> dict[str, str]:
-        """A worker's environment: ours, its class's torch threads and the passive OpenMP wait policy."""
+        """A worker's environment: ours, its class's torch threads and AdapterLens' OpenMP wait."""
         env = dict(thread_env(dict(os.environ), child.spec.threads))
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.setdefault("TQDM_DISABLE", "1")  # progress bars would flood the terminal: `up` shows one line instead

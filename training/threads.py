@@ -2,14 +2,19 @@
 
 On a machine whose cores other processes use too (another worker, the web server, a second study, anything),
 torch's defaults are at their worst: one intra-op thread per core, and OpenMP threads that *spin* between
-parallel regions. A spinning thread holds a core that the competing process needs, and a parallel region
-ends only when its slowest thread, the one the kernel has just descheduled, gets a core back; on 2 cores
-the organism's training step rate fell 10-45x beside one busy process (issue 17). Two settings fix most of it:
+parallel regions (GNU OpenMP: 300,000 spins before sleeping). A spinning thread holds a core that the
+competing process needs, and a parallel region ends only when its slowest thread, the one the kernel has just
+descheduled, gets a core back; on 2 cores the organism's training step rate fell 10-45x beside one busy
+process (issue 17). Two settings fix most of it:
 
-- the wait policy: ``OMP_WAIT_POLICY=PASSIVE`` (GNU OpenMP, what torch's CPU wheels use) and
-  ``KMP_BLOCKTIME=0`` (Intel OpenMP) make idle threads sleep at once instead of spinning. OpenMP reads them
-  when the library loads, i.e. at ``import torch``: :func:`prepare_process` must run before that, and a
-  process spawning workers passes :func:`thread_env` to them (``adapterlens up``, app/supervisor.py);
+- the wait: ``GOMP_SPINCOUNT=1000`` (GNU OpenMP, what torch's CPU wheels use) lets an idle thread spin only
+  briefly before it sleeps, and ``KMP_BLOCKTIME=0`` (Intel OpenMP) makes it sleep at once. Sleeping at once
+  in GNU OpenMP too (``OMP_WAIT_POLICY=PASSIVE``, what this module set before) keeps the rate beside a busy
+  process about as well, but costs an idle machine 25-35% of its step rate (every parallel region then wakes
+  its threads through the kernel): ``benchmarks/threads.py --configs torch-default adapterlens
+  adapterlens-passive`` measures the three. OpenMP reads these when the library loads, i.e. at ``import
+  torch``: :func:`prepare_process` must run before that, and a process spawning workers passes
+  :func:`thread_env` to them (``adapterlens up``, app/supervisor.py);
 - the thread count: :func:`choose_threads` takes the setting (``ADAPTERLENS_TORCH_THREADS``) when given, else
   the cores this process may run on (its CPU affinity, which containers narrow, not the host's count).
 
@@ -28,8 +33,10 @@ from collections.abc import Mapping, MutableMapping
 log = logging.getLogger(__name__)
 
 THREADS_ENV = "ADAPTERLENS_TORCH_THREADS"
-# OpenMP's idle threads sleep instead of spinning (GNU: OMP_WAIT_POLICY; Intel: KMP_BLOCKTIME, in ms).
-WAIT_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+# OpenMP's idle threads spin briefly, then sleep (GNU: spins before sleeping; Intel: KMP_BLOCKTIME, in ms).
+WAIT_ENV: dict[str, str] = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
+# Settings of a person's that choose the wait themselves: with one of them given, WAIT_ENV is not added.
+EXPLICIT_WAIT = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 # The thread pools besides torch's own that a count applies to.
 COUNT_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
@@ -60,12 +67,13 @@ def choose_threads(setting: int | None = None, env: Mapping[str, str] | None = N
 
 
 def thread_env(env: MutableMapping[str, str] | None = None, threads: int | None = None) -> MutableMapping[str, str]:
-    """``env`` (default: a copy of this process's environment) with the passive wait policy, and with
-    ``threads`` as every pool's count when given. A wait setting already in ``env`` is kept (a person's
-    explicit ``OMP_WAIT_POLICY=ACTIVE`` wins); a given count replaces the inherited one."""
+    """``env`` (default: a copy of this process's environment) with the short-spin wait (:data:`WAIT_ENV`),
+    and with ``threads`` as every pool's count when given. Where ``env`` chooses a wait itself (any of
+    :data:`EXPLICIT_WAIT`, e.g. ``OMP_WAIT_POLICY=PASSIVE``) nothing is added, since GNU OpenMP lets
+    ``GOMP_SPINCOUNT`` override the policy; a given count replaces the inherited one."""
     env = dict(os.environ) if env is None else env
-    for key, value in WAIT_ENV.items():
-        env.setdefault(key, value)
+    if not any(key in env for key in EXPLICIT_WAIT):
+        env.update(WAIT_ENV)
     if threads:
         env[THREADS_ENV] = str(threads)
         for var in COUNT_VARS:
@@ -74,13 +82,19 @@ def thread_env(env: MutableMapping[str, str] | None = None, threads: int | None 
 
 
 def prepare_process(threads: int | None = None) -> bool:
-    """Put the wait policy (and ``threads``, when given) into this process's environment, for the OpenMP
+    """Put the wait setting (and ``threads``, when given) into this process's environment, for the OpenMP
     runtime that ``import torch`` loads. Returns False (and changes nothing) once torch is imported: then
     the runtime has read its settings already; :func:`configure_torch` still sets the count."""
     if "torch" in sys.modules:
         return False
     thread_env(os.environ, threads)
     return True
+
+
+def wait_setting(env: Mapping[str, str] | None = None) -> str:
+    """The OpenMP wait settings in ``env`` (default: this process's), as ``KEY=value`` pairs, for logs."""
+    env = os.environ if env is None else env
+    return " ".join(f"{k}={env[k]}" for k in EXPLICIT_WAIT if k in env) or "OpenMP's default"
 
 
 def configure_torch(setting: int | None = None) -> int:
@@ -97,5 +111,5 @@ def configure_torch(setting: int | None = None) -> int:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set, or inter-op work already ran in this process
         pass
-    log.info("torch threads: %d (OMP_WAIT_POLICY=%s)", n, os.environ.get("OMP_WAIT_POLICY", "unset"))
+    log.info("torch threads: %d (OpenMP wait: %s)", n, wait_setting())
     return n
