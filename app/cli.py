@@ -601,6 +601,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    workers: Annotated[int, typer.Option(min=1, envvar="ADAPTERLENS_WEB_WORKERS",
+                                         help="Server processes: each serves about one core's worth of pages.")] = 1,
 ) -> None:
     """Run the dashboard (no worker): pages and the JSON API."""
     from app.db.migrate import upgrade
@@ -608,7 +610,7 @@ def serve(
 
     settings = _settings()
     upgrade(settings.db_url)
-    run_server(settings, host=host, port=port, access_log=access_log)
+    run_server(None if workers > 1 else settings, host=host, port=port, access_log=access_log, workers=workers)
 
 
 class _Shutdown(BaseException):  # noqa: N818 (a control-flow signal like KeyboardInterrupt)

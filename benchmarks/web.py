@@ -8,7 +8,8 @@ CPU time per request (from /proc: on a machine other programs load, latencies mo
 while the CPU per request still measures the server's own work).
 
     python benchmarks/web.py --scale 0.02 --db sqlite           # quick (~4.6k features, ~140k examples)
-    python benchmarks/web.py --scale 1 --db both                # the paper's scale (tens of GB of disk time)
+    python benchmarks/web.py --scale 1 --db both                # the paper's scale (~8 GB per backend)
+    python benchmarks/web.py --scale 1 --db sqlite --server-workers 1 2 --concurrency 8   # 1 vs 2 processes
 
 Postgres: ``--pg-url`` names a server whose user may create databases (default: the local one); a
 throwaway database is created and dropped. Client and server share this machine's cores, so numbers
@@ -168,10 +169,11 @@ def fill(url: str, scale: float, tok_dir: Path, seed: int = 0) -> tuple[int, int
     return run_id, n_layers, n_feat
 
 
-def start_server(url: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(url: str, data_dir: Path, workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "DATABASE_URL": url, "ADAPTERLENS_DATA_DIR": str(data_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "app.web", "--port", str(port)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "app.web", "--port", str(port), "--workers", str(workers)],
+                            cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(150):
@@ -199,13 +201,24 @@ def fetch(url: str) -> float:
     return time.perf_counter() - start
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (Linux /proc; 0 elsewhere)."""
+def _stat(pid: int | str) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds so far of process ``pid`` and its children (``--server-workers`` > 1: uvicorn's
+    supervisor and its server processes; Linux /proc; 0 elsewhere)."""
+    total = 0.0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        fields = _stat(entry)
+        if fields is not None and (int(entry) == pid or int(fields[1]) == pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, concurrency: int, seed: int = 1,
@@ -260,14 +273,17 @@ def run_backend(kind: str, args: argparse.Namespace, work: Path) -> dict:
         t0 = time.perf_counter()
         run_id, n_layers, n_feat = fill(url, args.scale, tok_dir)
         fill_s = time.perf_counter() - t0
-        proc, base = start_server(url, work)
-        try:
-            results = load(base, run_id, n_layers, n_feat, args.requests, args.concurrency, server_pid=proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        by_workers = {}
+        for workers in args.server_workers:  # the same filled store for each server size
+            proc, base = start_server(url, work, workers)
+            try:
+                by_workers[workers] = load(base, run_id, n_layers, n_feat, args.requests, args.concurrency,
+                                           server_pid=proc.pid)
+            finally:
+                proc.terminate()
+                proc.wait(10)
         return {"backend": kind, "features": n_layers * n_feat, "examples": n_layers * n_feat * (N_TOP + N_RANDOM),
-                "fill_s": fill_s, "results": results}
+                "fill_s": fill_s, "results": by_workers}
     finally:
         if admin is not None:
             with admin.connect() as conn:
@@ -282,6 +298,9 @@ def main() -> None:
     parser.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--requests", type=int, default=200, help="requests per endpoint")
     parser.add_argument("--concurrency", type=int, default=8, help="client threads")
+    parser.add_argument("--server-workers", type=int, nargs="+", default=[1],
+                        help="server processes (`adapterlens serve --workers`), one load run per value on the same "
+                             "store; one process serves about one core's worth of pages")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if not 0 < args.scale <= 1:
@@ -292,13 +311,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="adapterlens-bench-") as tmp:
             res = run_backend(kind, args, Path(tmp))
         out.append(res)
-        print(f"\n{kind}: {res['features']:,} features, {res['examples']:,} examples (filled in {res['fill_s']:.0f}s); "
-              f"{args.concurrency} client threads, {args.requests} requests per endpoint")
-        print(f"{'endpoint':32} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>7} {'errors':>7} "
-              f"{'server CPU ms/req':>18}")
-        for name, r in res["results"].items():
-            print(f"{name:32} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f} {r['req_per_s']:7.1f} "
-                  f"{r['errors']:>3}/{r['n']} {r['server_cpu_ms']:18.1f}")
+        for workers, results in res["results"].items():
+            print(f"\n{kind}: {res['features']:,} features, {res['examples']:,} examples (filled in "
+                  f"{res['fill_s']:.0f}s); {args.concurrency} client threads, {workers} server process(es), "
+                  f"{args.requests} requests per endpoint")
+            print(f"{'endpoint':32} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>7} {'errors':>7} "
+                  f"{'server CPU ms/req':>18}")
+            for name, r in results.items():
+                print(f"{name:32} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f} {r['req_per_s']:7.1f} "
+                      f"{r['errors']:>3}/{r['n']} {r['server_cpu_ms']:18.1f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": out}, indent=2))
 

@@ -104,10 +104,13 @@ def _spans(pieces: Sequence[str]) -> list[tuple[int, int]]:
 def occurrences_in_pieces(pieces: Sequence[str], words: Sequence[str] = DEFAULT_HESITATION_WORDS
                           ) -> list[tuple[int, int, str]]:
     """Occurrences in the concatenated pieces as ``(first token, last token + 1, word)``."""
+    found = find_occurrences("".join(pieces), words)
+    if not found:  # most texts (a feature page's examples): no token offsets needed
+        return []
     spans = _spans(pieces)
     out = []
     tok = 0
-    for start, end, word in find_occurrences("".join(pieces), words):
+    for start, end, word in found:
         while tok < len(spans) and spans[tok][1] <= start:
             tok += 1
         last = tok

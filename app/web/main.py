@@ -113,10 +113,21 @@ def create_app(settings: Settings | None = None, *, engine: Any = None) -> FastA
 
 
 def serve(settings: Settings | None = None, host: str = "127.0.0.1", port: int = 8000, *,
-          access_log: bool = True) -> None:
-    """Run the dashboard with uvicorn until interrupted (what ``adapterlens serve`` calls)."""
+          access_log: bool = True, workers: int = 1) -> None:
+    """Run the dashboard with uvicorn until interrupted (what ``adapterlens serve`` calls).
+
+    ``workers`` > 1: that many server processes share the port (uvicorn's supervisor). A page is Python work under
+    one GIL, so one process serves one core's worth of pages (benchmarks/web.py ``--server-workers``); each
+    process builds its app from the environment (:class:`Settings`), so ``settings`` must be what the
+    environment says (the CLI exports its global options there)."""
     import uvicorn
 
-    app = create_app(settings)
-    log.info("Serving AdapterLens on http://%s:%s", host, port)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
+    log.info("Serving AdapterLens on http://%s:%s%s", host, port, f" with {workers} processes" if workers > 1 else "")
+    if workers > 1:
+        if settings is not None and settings != Settings():
+            raise ValueError("serve(workers > 1) builds each process's app from the environment: put the settings "
+                             "there (ADAPTERLENS_*, DATABASE_URL) instead of passing them")
+        uvicorn.run("app.web.main:create_app", factory=True, workers=workers, host=host, port=port,
+                    log_level="info", access_log=access_log)
+        return
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=access_log)

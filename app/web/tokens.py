@@ -169,6 +169,15 @@ class Vocab:
             out.append(t.exact if t.kind in ("text", "bytes", "special") else "")
         return out
 
+    def example_views(self, ids: Sequence[int], words: Sequence[str] = DEFAULT_HESITATION_WORDS
+                      ) -> tuple[list[str], list[str], list[bool]]:
+        """Display texts, kinds and hesitation marks of ``ids`` in one pass (a feature page asks this for ~50
+        examples of ~70 tokens; separate passes through :meth:`token` were ~15% of its time)."""
+        cache, token = self._cache, self.token
+        toks = [cache.get(i) or token(i) for i in ids]
+        pieces = [t.exact if t.kind != "padding" else "" for t in toks]
+        return [t.text for t in toks], [t.kind for t in toks], hesitation_marks(pieces, words)
+
     def hesitation_marks(self, ids: Sequence[int], words: Sequence[str] = DEFAULT_HESITATION_WORDS) -> list[bool]:
         """Per token: part of a hesitation word (``training.hesitation``'s rule on the decoded pieces)."""
         return hesitation_marks(self.pieces(ids), words)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from app.db.schema import (
@@ -251,6 +251,29 @@ def _bands(quantile: list[ExampleView], hist: Hist | None) -> list[Band]:
     return out
 
 
+# The page's per-feature queries, built once with bound parameters: building the SQL expressions anew for each
+# request was ~10% of a feature page's time (and a statement built once hits SQLAlchemy's compiled cache).
+_RUN, _LAYER, _INDEX = bindparam("run"), bindparam("layer"), bindparam("index")
+_EXAMPLES = (select(Example.id, Example.kind, Example.rank, Example.token_ids, Example.acts, Example.focus,
+                    Example.max_act, Example.prompt_id)
+             .where(Example.run_id == _RUN, Example.layer == _LAYER, Example.index == _INDEX)
+             .order_by(Example.kind, Example.rank))
+_GRAPHS = (select(Graph.id, Graph.slug, Graph.target_token_str, GraphFeature.positions, GraphFeature.influence)
+           .join(GraphFeature, GraphFeature.graph_id == Graph.id)
+           .where(GraphFeature.run_id == _RUN, GraphFeature.layer == _LAYER, GraphFeature.index == _INDEX)
+           .order_by(Graph.id.desc()).limit(MAX_GRAPHS_LISTED))
+_LABELS = (select(FeatureLabel)
+           .where(FeatureLabel.run_id == _RUN, FeatureLabel.layer == _LAYER, FeatureLabel.index == _INDEX)
+           .order_by(FeatureLabel.created.desc(), FeatureLabel.id.desc()))
+_SETS = (select(FeatureSet.id, FeatureSet.name, FeatureSetMember.role, FeatureSetMember.score)
+         .join(FeatureSetMember, FeatureSetMember.set_id == FeatureSet.id)
+         .where(FeatureSet.run_id == _RUN, FeatureSetMember.layer == _LAYER, FeatureSetMember.index == _INDEX))
+
+
+def _key(run_id: int, layer: int, index: int) -> dict[str, int]:
+    return {"run": run_id, "layer": layer, "index": index}
+
+
 def get_feature(session: Session, run_id: int, layer: int, index: int) -> Feature:
     feat = session.get(Feature, (run_id, layer, index))
     if feat is None:
@@ -261,12 +284,7 @@ def get_feature(session: Session, run_id: int, layer: int, index: int) -> Featur
 
 def graphs_with_feature(session: Session, run_id: int, layer: int, index: int) -> list[GraphUse]:
     """The stored graphs holding this feature (the ``graph_features`` index), newest first."""
-    rows = session.execute(
-        select(Graph.id, Graph.slug, Graph.target_token_str, GraphFeature.positions, GraphFeature.influence)
-        .join(GraphFeature, GraphFeature.graph_id == Graph.id)
-        .where(GraphFeature.run_id == run_id, GraphFeature.layer == layer, GraphFeature.index == index)
-        .order_by(Graph.id.desc()).limit(MAX_GRAPHS_LISTED)
-    ).all()
+    rows = session.execute(_GRAPHS, _key(run_id, layer, index)).all()
     return [GraphUse(id=g.id, slug=g.slug, target=g.target_token_str, positions=list(g.positions or []),
                      influence=g.influence, roles=[]) for g in rows]
 
@@ -282,9 +300,7 @@ def _node_index(node: dict[str, Any]) -> int | None:
 def feature_labels(session: Session, run_id: int, layer: int, index: int) -> list[LabelView]:
     from app.labels.analysis import judge_name
 
-    rows = session.scalars(select(FeatureLabel).where(FeatureLabel.run_id == run_id, FeatureLabel.layer == layer,
-                                                      FeatureLabel.index == index)
-                           .order_by(FeatureLabel.created.desc(), FeatureLabel.id.desc()))
+    rows = session.scalars(_LABELS, _key(run_id, layer, index))
     return [LabelView(source=r.source, label=r.label, category=r.category, subcategory=r.subcategory, score=r.score,
                       judge=judge_name(r.source)) for r in rows]
 
@@ -325,33 +341,24 @@ def feature_page(session: Session, run_key: str | int, layer: int, index: int) -
     vocab = run_vocab(session, run)
     examples: dict[str, list[ExampleView]] = {}
     words = hesitation_words(run)
-    for ex in session.scalars(
-        select(Example).where(Example.run_id == run.id, Example.layer == layer, Example.index == index)
-        .order_by(Example.kind, Example.rank)
-    ):
+    # columns, not ORM objects: a page's ~50 rows skip the identity map (~10% of its time)
+    for ex in session.execute(_EXAMPLES, _key(run.id, layer, index)):
         ids = [int(t) for t in ex.token_ids or []]
         raw_acts = list(ex.acts or [])
         acts = [float(a) if isinstance(a, int | float) else 0.0 for a in raw_acts[: len(ids)]]
         acts += [0.0] * (len(ids) - len(acts))
         focus = ex.focus if 0 <= ex.focus < len(ids) else 0
         window = (max(0, focus - WINDOW_BEFORE), min(len(ids), focus + WINDOW_AFTER + 1))
-        toks = [vocab.token(i) for i in ids]
+        texts, kinds, marks = vocab.example_views(ids, words)
         examples.setdefault(ex.kind, []).append(ExampleView(
             id=ex.id, kind=ex.kind, rank=ex.rank, max_act=ex.max_act, focus=focus, window=window,
-            tokens=[t.text for t in toks], token_ids=ids, acts=acts, token_kinds=[t.kind for t in toks],
-            hesitation=vocab.hesitation_marks(ids, words), prompt_id=ex.prompt_id))
+            tokens=texts, token_ids=ids, acts=acts, token_kinds=kinds, hesitation=marks, prompt_id=ex.prompt_id))
     _place_in_traces(session, run.id, [e for exs in examples.values() for e in exs])
     bands = _bands(examples.pop("quantile", []), _hist(feat.histogram))
     examples = {k: examples[k] for k in sorted(examples, key=lambda k: (KIND_ORDER + (k,)).index(k))}
 
-    sets = [
-        SetUse(id=s.id, name=s.name, role=s.role, score=s.score)
-        for s in session.execute(
-            select(FeatureSet.id, FeatureSet.name, FeatureSetMember.role, FeatureSetMember.score)
-            .join(FeatureSetMember, FeatureSetMember.set_id == FeatureSet.id)
-            .where(FeatureSet.run_id == run.id, FeatureSetMember.layer == layer, FeatureSetMember.index == index)
-        )
-    ]
+    sets = [SetUse(id=s.id, name=s.name, role=s.role, score=s.score)
+            for s in session.execute(_SETS, _key(run.id, layer, index))]
     neighbours = []
     raw_nb = [n for n in (feat.neighbours or []) if isinstance(n, list | tuple) and len(n) >= 2][:20]
     if raw_nb:
