@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, delete, func, literal_column, select, text
+from sqlalchemy import Integer, bindparam, delete, exists, func, literal_column, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -100,17 +100,31 @@ def search_terms(query: str) -> list[str]:
     return [t[:MAX_TERM_CHARS] for t in _TERM.findall(query or "")][:MAX_TERMS]
 
 
+def _fts_expr(terms: Sequence[str]) -> str:
+    """FTS5's query for ``terms``: each a quoted word prefix, all required (no operator reaches FTS5)."""
+    return " ".join('"' + t.replace('"', '') + '"*' for t in terms)
+
+
+def _fts_ids(expr: str) -> Any:
+    return text(f"SELECT rowid FROM {LABEL_FTS_TABLE} WHERE {LABEL_FTS_TABLE} MATCH :fts_q"
+                ).bindparams(fts_q=expr).columns(rowid=Integer)
+
+
 def label_match(dialect: str, run_id: int, query: str) -> Any:
-    """A subquery of (layer, index) of the run's features with a label (of any source) matching ``query``."""
+    """A subquery of (layer, index) of the run's features with a label (of any source) matching ``query``.
+
+    On SQLite the matching label ids come first (FTS5), then their rows by primary key (``CROSS JOIN`` keeps
+    that order: SQLite otherwise scanned the run's labels and probed the id list, 17 ms even for no match)."""
     fl = FeatureLabel.__table__
     terms = search_terms(query)
     if not terms:
         cond: Any = fl.c.id < 0  # no words: nothing matches
     elif dialect == "sqlite":
-        expr = " ".join('"' + t.replace('"', '') + '"*' for t in terms)
-        ids = text(f"SELECT rowid FROM {LABEL_FTS_TABLE} WHERE {LABEL_FTS_TABLE} MATCH :fts_q"
-                   ).bindparams(fts_q=expr).columns(rowid=Integer)
-        cond = fl.c.id.in_(ids)
+        return text(f'SELECT fl.layer AS layer, fl."index" AS "index" FROM (SELECT rowid AS id FROM {LABEL_FTS_TABLE} '
+                    f"WHERE {LABEL_FTS_TABLE} MATCH :fts_q) AS m CROSS JOIN feature_labels AS fl ON fl.id = m.id "
+                    'WHERE fl.run_id = :fts_run GROUP BY fl.layer, fl."index"'
+                    ).bindparams(fts_q=_fts_expr(terms), fts_run=run_id
+                                 ).columns(layer=Integer, index=Integer).subquery("label_match")
     elif dialect == "postgresql":
         simple = literal_column("'simple'")
         tsq = " & ".join(f"{t.lower()}:*" for t in terms)
@@ -121,6 +135,39 @@ def label_match(dialect: str, run_id: int, query: str) -> Any:
             cond = cond & func.lower(fl.c.label).contains(t.lower())
     return (select(fl.c.layer, fl.c.index).where(fl.c.run_id == run_id, cond)
             .group_by(fl.c.layer, fl.c.index).subquery("label_match"))
+
+
+COMMON_MATCHES = 5000  # label hits above which a search walks the feature index instead (see label_filter)
+
+
+@dataclass
+class LabelFilter:
+    """How a feature listing applies a label search: ``join`` the matching keys (few matches: the listing is
+    driven from them), or ``condition`` on each listed feature (many matches: the listing walks its own index
+    in its sort order and stops at a page, instead of gathering and sorting every match)."""
+
+    join: Any = None
+    condition: Any = None
+
+
+def label_filter(session: Session, run_id: int, query: str, feature: Any) -> LabelFilter:
+    """The label search ``query`` for a listing of ``feature`` rows (a table or ORM class with run_id, layer,
+    index). On SQLite a word in most labels ("fires" in 172k of 229k) made the match set the cost: grouping it
+    took ~170 ms before the page's 50 rows could be picked. There, when FTS5 finds more than
+    :data:`COMMON_MATCHES` labels (counted with a LIMIT, a few ms), the listing tests each feature with EXISTS
+    over the matched ids instead (benchmarks/labels.py)."""
+    dialect = session.get_bind().dialect.name
+    terms = search_terms(query)
+    if dialect != "sqlite" or not terms:
+        return LabelFilter(join=label_match(dialect, run_id, query))
+    expr = _fts_expr(terms)
+    n = session.execute(text(f"SELECT count(*) FROM (SELECT rowid FROM {LABEL_FTS_TABLE} WHERE {LABEL_FTS_TABLE} "
+                             "MATCH :fts_q LIMIT :cap)"), {"fts_q": expr, "cap": COMMON_MATCHES + 1}).scalar_one()
+    if n <= COMMON_MATCHES:
+        return LabelFilter(join=label_match(dialect, run_id, query))
+    fl = FeatureLabel.__table__
+    return LabelFilter(condition=exists().where(fl.c.run_id == feature.run_id, fl.c.layer == feature.layer,
+                                                fl.c.index == feature.index, fl.c.id.in_(_fts_ids(expr))))
 
 
 # -- category shares ---------------------------------------------------------------------------------------

@@ -132,3 +132,45 @@ def test_label_search_uses_the_full_text_index(db_engine) -> None:
         assert "feature_labels_fts VIRTUAL TABLE INDEX" in plan, plan
     else:
         assert "ix_feature_labels_fts" in plan, plan
+
+
+def test_a_common_word_lists_the_same_features_as_a_rare_one_would(db_engine, monkeypatch) -> None:
+    """label_filter answers a word found in many labels with EXISTS over the feature index instead of joining the
+    grouped matches (app/labels/store.py): both ways list the same features, in every sort and across pages."""
+    from app.labels import store
+
+    with Session(db_engine) as s, s.begin():
+        run = Run(name="common", base_model="b", target_model="t", config={}, n_layers=3, n_features=400)
+        s.add(run)
+        s.flush()
+        rid = run.id
+        s.add_all([Feature(run_id=rid, layer=i // 400, index=i % 400, frequency=(i * 37 % 101) / 1000,
+                           max_act=(i * 53 % 97) / 10, mean_act=0.1) for i in range(1200)])
+        s.flush()
+        write_labels(s, rid, "builtin", [(i // 400, i % 400, Label(
+            f"fires on digit {i % 7}" + (" after a stated answer" if i % 3 else ""), "domain", "math", 1.0))
+            for i in range(1200)])
+        write_labels(s, rid, "llm", [(i // 400, i % 400, Label("fires on digits", "domain", "math", 1.0))
+                                     for i in range(0, 1200, 5)], set_current=False)  # a second labeler
+    pages = {}
+    for cap in (store.COMMON_MATCHES, 0):  # every search "rare" (join), then every search "common" (EXISTS)
+        monkeypatch.setattr(store, "COMMON_MATCHES", cap)
+        with Session(db_engine) as s:
+            if cap == 0 and db_engine.dialect.name == "sqlite":
+                assert store.label_filter(s, rid, "digit", Feature).condition is not None
+            got = []
+            for q, sort in (("digit answer", "layer"), ("fires", "frequency"), ("digits", "max_act"), ("zebra", "layer")):
+                after, rows = None, []
+                for _ in range(40):
+                    page = feature_list(s, rid, FeatureQuery(q=q, sort=sort, after=after, limit=50))
+                    rows += [(r.layer, r.index) for r in page.rows]
+                    if page.next is None:
+                        break
+                    after = page.next
+                got.append(rows)
+        pages[cap] = got
+    assert pages[0] == pages[store.COMMON_MATCHES]
+    answer, fires, digits, zebra = pages[0]
+    assert len(answer) == 800 and len(fires) == 1200 and zebra == []
+    assert len(digits) == 240  # only the second labeler wrote "digits" (every 5th feature)
+    assert len(set(fires)) == 1200  # two labelers' matches of one feature: listed once

@@ -12,7 +12,7 @@ A query names a token (``Wait`` matches every variant: `` Wait``, ``Wait,`` …;
 run's vocabulary turns it into ids, and the table gives the features, with a strength (the lens value, or
 the activation on that token) that the ``strength`` sort orders by, strongest first.
 
-Label search (``q``) is full text over every labeler's labels of the run (app/labels/store.py ``label_match``:
+Label search (``q``) is full text over every labeler's labels of the run (app/labels/store.py ``label_filter``:
 FTS5 on SQLite, a GIN tsvector index on Postgres), joined like a token filter.
 """
 
@@ -26,7 +26,7 @@ from sqlalchemy import Float, and_, cast, false, func, null, or_, select, text
 from sqlalchemy.orm import Session
 
 from app.db.schema import Feature, FeatureSetMember, FeatureToken
-from app.labels.store import label_match
+from app.labels.store import label_filter
 from app.web.data.common import BadInput, RunRef, get_run, hesitation_set, run_ref, run_vocab
 from app.web.data.feature import top_token
 
@@ -197,7 +197,11 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
     search_ids: dict[str, list[int]] = {}
     matches: dict[str, Any] = {}
     if query.q is not None:
-        matches["label"] = label_match(session.get_bind().dialect.name, run.id, query.q)
+        found = label_filter(session, run.id, query.q, Feature)
+        if found.join is not None:
+            matches["label"] = found.join
+        else:
+            cond.append(found.condition)
     vocab = run_vocab(session, run)
     for relation in TOKEN_FILTERS:
         q = getattr(query, relation)
