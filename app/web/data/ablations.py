@@ -219,8 +219,11 @@ def request_view(stored: dict[str, Any] | None) -> RequestView:
     sel = stored.get("selection") if isinstance(stored.get("selection"), dict) else req
     prompt = req.get("prompt")
     if prompt is None:
-        prompt = stored.get("prompt_text") or (f"stored prompt {req.get('prompt_id')}" if req.get("prompt_id") else
-                                               f"stored example {req.get('example_id')}")
+        ids = req.get("token_ids")
+        prompt = (stored.get("prompt_text")
+                  or (f"stored prompt {req['prompt_id']}" if req.get("prompt_id") is not None else None)
+                  or (f"stored example {req['example_id']}" if req.get("example_id") is not None else None)
+                  or (f"{len(ids)} token ids" if isinstance(ids, list) else "the stored prompt"))
     feats = [(int(f[0]), int(f[1])) for f in sel.get("features") or [] if isinstance(f, list | tuple) and len(f) == 2]
     gen = req.get("generation") if isinstance(req.get("generation"), dict) else {}
     return RequestView(
