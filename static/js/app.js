@@ -59,6 +59,16 @@
     location.href = form.dataset.runSwitch + encodeURIComponent(form.elements.run.value);
   });
 
+  // The feature index's default sort follows the token filters (strength with promotes / fires on, else layer):
+  // htmx swaps only the results, so the select's "(default)" label is kept true here as the filters change.
+  document.addEventListener("input", (ev) => {
+    const form = ev.target.closest && ev.target.closest("form[data-filters]");
+    const option = form && form.querySelector("option[data-default-sort]");
+    if (!option) return;
+    const tokens = ["promotes", "fires_on"].some((n) => form.elements[n] && form.elements[n].value.trim());
+    option.textContent = (tokens ? "strength ↓" : "layer, index") + " (default)";
+  });
+
   const baseLayout = {
     margin: { l: 48, r: 12, t: 10, b: 40 }, paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
     font: { size: 11 }, bargap: 0.05, legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" },

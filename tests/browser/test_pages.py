@@ -32,6 +32,10 @@ def test_index_feature_graph_navigation(server, world, page):
     page.fill("input[name=promotes]", "Wait")
     page.wait_for_url("**promotes=Wait**")
     page.wait_for_selector("#feature-results >> text=promotes “Wait”")
+    # the results are sorted by token strength now, and the form's default-sort label says so (only the results swap)
+    assert page.inner_text("select[name=sort] option[data-default-sort]") == "strength ↓ (default)"
+    page.fill("input[name=promotes]", "")
+    assert page.inner_text("select[name=sort] option[data-default-sort]") == "layer, index (default)"
     page.goto(page.url.split("?")[0])
     shot(page, "features")
 
