@@ -1,5 +1,6 @@
 """The run page's study card reads only the strongest members of each role (issue 17: not the whole set's
-logit lenses), and shows exactly what the full member list would: the first five per role, strongest first."""
+logit lenses), and shows exactly what the full member list would: the first five per role, strongest first
+(chosen by a window function in the database, on SQLite and Postgres)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from app.web.data.sets import ROLE_ORDER, TOP_PER_ROLE, members, study_card
 from tests.seed import N_FEATURES, N_LAYERS, seed_world
 
 
-def test_the_card_shows_the_strongest_members_per_role_of_a_large_set(sqlite_db_url, tmp_path):
-    engine = make_engine(sqlite_db_url)
+def test_the_card_shows_the_strongest_members_per_role_of_a_large_set(db_url, tmp_path):
+    engine = make_engine(db_url)
     try:
         world = seed_world(engine, tmp_path / "tok")
         rng = random.Random(3)
