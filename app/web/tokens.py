@@ -161,13 +161,14 @@ class Vocab:
         """Display text per id."""
         return [self.text(i) for i in ids]
 
+    @staticmethod
+    def _pieces_of(toks: Iterable[TokenText]) -> list[str]:
+        """What each token adds to the decoded text (special tokens as written; a padding id adds nothing)."""
+        return [t.exact if t.kind != "padding" else "" for t in toks]
+
     def pieces(self, ids: Iterable[int]) -> list[str]:
-        """What each token adds to the decoded text (special tokens as written): hesitation matching runs on these."""
-        out = []
-        for i in ids:
-            t = self.token(i)
-            out.append(t.exact if t.kind in ("text", "bytes", "special") else "")
-        return out
+        """What each token adds to the decoded text: hesitation matching runs on these."""
+        return self._pieces_of(self.token(i) for i in ids)
 
     def example_views(self, ids: Sequence[int], words: Sequence[str] = DEFAULT_HESITATION_WORDS
                       ) -> tuple[list[str], list[str], list[bool]]:
@@ -175,8 +176,7 @@ class Vocab:
         examples of ~70 tokens; separate passes through :meth:`token` were ~15% of its time)."""
         cache, token = self._cache, self.token
         toks = [cache.get(i) or token(i) for i in ids]
-        pieces = [t.exact if t.kind != "padding" else "" for t in toks]
-        return [t.text for t in toks], [t.kind for t in toks], hesitation_marks(pieces, words)
+        return [t.text for t in toks], [t.kind for t in toks], hesitation_marks(self._pieces_of(toks), words)
 
     def hesitation_marks(self, ids: Sequence[int], words: Sequence[str] = DEFAULT_HESITATION_WORDS) -> list[bool]:
         """Per token: part of a hesitation word (``training.hesitation``'s rule on the decoded pieces)."""
