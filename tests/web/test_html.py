@@ -172,6 +172,7 @@ def test_run_page_leads_with_the_study_and_the_set_has_a_page(web):
     study = soup.select_one("[data-section=study]")
     assert study is not None and "5 features" in study.select_one("[data-finding]").text
     assert study.select_one("[data-removal]").text.strip() == "100.0%"
+    assert ") remove" in " ".join(study.select_one("[data-finding]").text.split())  # "(0.4% of 2,048) remove"
     assert study.select_one("[data-accuracy]").text.strip() == "95.0% → 90.0%"
     assert "5 random active features: 0.0% removed" in study.text
     assert [r.text.strip() for r in study.select("[data-top-features] h4")] == ["output features", "template features"]
