@@ -204,8 +204,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=None, help="corpus size in tokens (default: the shape's)")
     p.add_argument("--density", type=float, nargs="+", default=None,
                    help="fraction of (token, feature) pairs that fire: one value, or one per layer (default: the shape's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.add_argument("--batch-size", type=int, default=64, help="rows per batch (collect's default)")
+    p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per batch (collect's default)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--pg-url", default=None, help="also time the store on this Postgres database (migrated here)")
