@@ -418,8 +418,16 @@ def test_hist_bins_equal_bucketize_at_and_between_edges() -> None:
     for dtype in (torch.float32, torch.float64):
         edges = HIST_EDGES.to(dtype)
         v = torch.cat([edges, torch.nextafter(edges, torch.zeros_like(edges)), torch.logspace(-5, 4, 20001, dtype=dtype),
-                       torch.tensor([1e-30, 3e38], dtype=dtype)])
+                       torch.tensor([1e-30, 3e38, float("inf"), torch.finfo(dtype).smallest_normal / 4], dtype=dtype)])
         assert torch.equal(hist_bins(v), torch.bucketize(v, edges, right=True))
+
+
+def test_quantile_bands_are_every_fifth_histogram_edge_from_1e_2() -> None:
+    """A value's band follows from its histogram bin; check it against the band edges directly."""
+    finite = torch.tensor(quantile_band_edges()[1:-1]).float()
+    v = torch.cat([finite, torch.nextafter(finite, torch.zeros_like(finite)), torch.logspace(-5, 4, 20001),
+                   torch.tensor([1e-30, 3e38, float("inf")])])
+    assert torch.equal(quantile_bands(v), torch.bucketize(v, finite, right=True))
 
 
 def test_prefilter_keeps_the_exact_answer(model, corpus, result, monkeypatch) -> None:

@@ -69,12 +69,20 @@ QUANTILE_LOG10_LOW = -2.0  # log10 of the lowest band edge
 QUANTILE_BANDS_PER_DECADE = 2
 N_QUANTILE_BANDS = 10
 _QUANTILE_SALT = 0x51ED2705  # keeps the band samples' keys independent of the plain random sample's
+_BINS_PER_BAND = HIST_BINS_PER_DECADE // QUANTILE_BANDS_PER_DECADE  # band edges are histogram edges:
+_BAND_OFFSET = int((QUANTILE_LOG10_LOW - HIST_DECADES[0]) * HIST_BINS_PER_DECADE)  # the first band edge's index
+assert _BINS_PER_BAND * QUANTILE_BANDS_PER_DECADE == HIST_BINS_PER_DECADE
 
 
 def quantile_bands(v: torch.Tensor) -> torch.Tensor:
     """Activation band (0 .. N_QUANTILE_BANDS - 1) of each positive value."""
-    b = ((torch.log10(v.double()) - QUANTILE_LOG10_LOW) * QUANTILE_BANDS_PER_DECADE).floor() + 1
-    return b.clamp_(0, N_QUANTILE_BANDS - 1).long()
+    return band_of_bin(hist_bins(v))
+
+
+def band_of_bin(bins: torch.Tensor) -> torch.Tensor:
+    """The quantile band of each histogram bin: band edges are every 5th histogram edge from 1e-2, so a value's
+    band follows from its bin (one log-spaced binning for both, computed once per activation)."""
+    return ((bins - 1 - _BAND_OFFSET).div(_BINS_PER_BAND, rounding_mode="floor") + 1).clamp_(0, N_QUANTILE_BANDS - 1)
 
 
 def quantile_band_edges() -> list[float]:
@@ -145,17 +153,42 @@ def hist_edges_for_display() -> list[float]:
 def hist_bins(v: torch.Tensor) -> torch.Tensor:
     """Histogram bin of each positive value: the number of edges <= v (``bucketize(right=True)``).
 
-    From log10 (cheap), then corrected by one step against the exact edges (in v's dtype), which
-    covers log10's rounding at an edge.
+    float32 (every collection's values but float64 models'): two lookups by the top 16 bits of the float (8 of
+    exponent, 7 of mantissa: a cell 0.8% wide, against bins 26% wide, so at most one edge falls inside a cell):
+    the edges below the cell, plus one if v reaches the edge inside it. ~3x cheaper than the log10 route below,
+    which other dtypes take: log10, then corrected by one step against the exact edges (in v's dtype).
     """
+    if v.dtype == torch.float32 and v.is_contiguous():
+        below, inside = _hist_cells(v.device)
+        cell = (v.view(torch.int32) >> 16).long()
+        return below.index_select(0, cell) + (v >= inside.index_select(0, cell)).long()
     edges = HIST_EDGES.to(device=v.device, dtype=v.dtype)
     inf = torch.full((1,), float("inf"), device=v.device, dtype=v.dtype)
-    padded = torch.cat([-inf, edges, inf])  # padded[b] = edges[b - 1]
+    padded = torch.cat([-inf, edges, inf * float("nan")])  # padded[b] = edges[b - 1]; nothing reaches the top (NaN)
     guess = ((torch.log10(v) - HIST_DECADES[0]) * HIST_BINS_PER_DECADE).floor_().clamp_(-1, edges.numel() - 1)
     b = guess.long() + 1
     b += (v >= padded.index_select(0, b + 1)).long()
     b -= (v < padded.index_select(0, b)).long()
     return b
+
+
+_HIST_CELLS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _hist_cells(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cell of positive float32 bit patterns (bits >> 16, up to +inf): the number of edges <= the cell's
+    smallest value, and the edge inside the cell (NaN where none: no value compares >= NaN)."""
+    if device not in _HIST_CELLS:
+        edges = HIST_EDGES.float()
+        n = (0x7F800000 >> 16) + 1
+        first = torch.arange(n, dtype=torch.int32) << 16
+        below = torch.bucketize(first.view(torch.float32), edges, right=True)
+        nxt = below.clamp(max=edges.numel() - 1)
+        edge_bits = edges.view(torch.int32).long()[nxt]
+        inside = torch.where((below < edges.numel()) & (edge_bits < (first.long() + (1 << 16))), edges[nxt],
+                             torch.tensor(float("nan")))
+        _HIST_CELLS[device] = (below.to(device), inside.to(device))
+    return _HIST_CELLS[device]
 
 
 @dataclass
@@ -254,7 +287,8 @@ class FeatureStats:
         v = flat_f.index_select(0, nz).to(self.act_max.dtype)
         self.act_sum.index_add_(0, j, v.double())
         self.act_max.scatter_reduce_(0, j, v, reduce="amax")
-        hist = torch.bincount(j * N_HIST + hist_bins(v), minlength=F_ * N_HIST).view(F_, N_HIST)
+        bins = hist_bins(v)
+        hist = torch.bincount(j * N_HIST + bins, minlength=F_ * N_HIST).view(F_, N_HIST)
         self.hist += hist
         self.count += hist.sum(1)
         # Region and thinking-position bin in one code per token: one gather and one bincount.
@@ -270,13 +304,14 @@ class FeatureStats:
             return flat_loc.index_select(0, tok.index_select(0, idx))
 
         def payload(idx: torch.Tensor) -> dict[str, torch.Tensor]:
-            t, feat = tok.index_select(0, idx), j.index_select(0, idx)
+            t = tok.index_select(0, idx)
             rows, pos = t // width, t % width
-            win = pos.unsqueeze(1) + offsets  # [n, W]
-            inside = (win >= 0) & (win < batch.lengths[rows].unsqueeze(1))
-            src = ((rows * width).unsqueeze(1) + win.clamp(0, width - 1)) * F_ + feat.unsqueeze(1)
-            acts = flat_f.index_select(0, src.reshape(-1)).view(src.shape)
-            return {"value": v.index_select(0, idx), "acts": acts.masked_fill(~inside, 0)}
+            # the window's flat indices step by F from the entry's own; a step outside the sequence reads some
+            # other in-range entry, masked below (fewer passes over [n, W] than indexing by row and position)
+            src = (nz.index_select(0, idx).unsqueeze(1) + offsets * F_).clamp_(0, flat_f.numel() - 1)
+            acts = flat_f.index_select(0, src.view(-1)).view(src.shape)
+            outside = (offsets < -pos.unsqueeze(1)) | (offsets >= (batch.lengths[rows] - pos).unsqueeze(1))
+            return {"value": v.index_select(0, idx), "acts": acts.masked_fill_(outside, 0)}
 
         self.top.offer(j, -v, locate, payload)
         # The token part of the sampling keys, computed once per token and gathered once per entry for both
@@ -290,7 +325,7 @@ class FeatureStats:
             if self._band_salts is None:
                 self._band_salts = feature_salts(self.seed ^ _QUANTILE_SALT, self.layer, F_ * N_QUANTILE_BANDS,
                                                  f.device)
-            row = j * N_QUANTILE_BANDS + quantile_bands(v)
+            row = j * N_QUANTILE_BANDS + band_of_bin(bins)
             self.quantile.offer(row, tok_keys ^ self._band_salts.index_select(0, row), locate, payload)
 
     # -- finishing --------------------------------------------------------------------------------
