@@ -59,7 +59,7 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
     ``shard=(i, n)``: only sequences i, i+n, i+2n, …; merge the n results with ``merge_results``.
     ``batch_size`` rows and at most ``max_batch_tokens`` padded tokens per forward (a longer sequence
     runs alone; the statistics' update has a cost per batch as well as per entry, so short sequences want many
-    rows: 64 rows collected the organism's shape ~15% faster than 16 in `benchmarks/collect.py`).
+    rows: 64 rows collected the organism's shape 2–14% faster than 16 in `benchmarks/collect.py`).
     ``weight_views``: compute logit lens and neighbours (default: unless a shard other than 0).
     ``progress(done, total, message)`` is called every few seconds with sequences done; it may raise (e.g. a
     job's cancellation check) to stop the pass, leaving the model as it was. Activations are those of the
