@@ -109,8 +109,12 @@ def main() -> None:
           f"device {args.device}, compute dtype {args.dtype or 'float32'}")
     print(f"forward+backward (grad to input embeddings): {fb * 1000:.1f} ms wall, {fb_cpu * 1000:.1f} ms CPU")
     for mode in args.modes:
-        times, cpus, graph = [], [], None
+        times, cpus, fbs, fb_cpus, graph = [], [], [], [], None
         for _ in range(args.repeats):
+            # the baseline again beside every graph: a shared machine's speed drifts by 10-20% within minutes
+            w, c = forward_backward_seconds(model, ids, 2)
+            fbs.append(w)
+            fb_cpus.append(c)
             t0, c0 = time.perf_counter(), time.process_time()
             graph = attribute(model, ids, mode=mode, max_feature_nodes=args.max_feature_nodes,
                               batch_size=args.batch_size, round_size=args.round_size, progress=False,
@@ -119,14 +123,13 @@ def main() -> None:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
-        sec, cpu = min(times), min(cpus)
+        sec, cpu, base, base_cpu = min(times), min(cpus), min(fbs), min(fb_cpus)
         n_active = int(graph.active_features.shape[0])
-        print(f"{mode:>10}: {sec:.2f} s/graph wall ({sec / fb:.1f}x forward+backward), {cpu:.2f} s CPU "
-              f"({cpu / fb_cpu:.1f}x); {n_active} active features, "
+        print(f"{mode:>10}: {sec:.2f} s/graph wall ({sec / base:.1f}x forward+backward of {base * 1000:.0f} ms beside it), "
+              f"{cpu:.2f} s CPU ({cpu / base_cpu:.1f}x); {n_active} active features, "
               f"{graph.n_feature_nodes} feature nodes + {graph.n_logits} logits, "
               f"{graph.settings['backward_chunks']} backward chunks of <= {args.batch_size} targets, "
               f"{graph.settings['rounds']} influence round(s)")
-
 
 if __name__ == "__main__":
     main()
