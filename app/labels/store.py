@@ -105,9 +105,12 @@ def _fts_expr(terms: Sequence[str]) -> str:
     return " ".join('"' + t.replace('"', '') + '"*' for t in terms)
 
 
+# The ids (rowids) of the labels that FTS5 matches with the bound query :fts_q; every SQLite label search uses it.
+_FTS_MATCH = f"SELECT rowid FROM {LABEL_FTS_TABLE} WHERE {LABEL_FTS_TABLE} MATCH :fts_q"
+
+
 def _fts_ids(expr: str) -> Any:
-    return text(f"SELECT rowid FROM {LABEL_FTS_TABLE} WHERE {LABEL_FTS_TABLE} MATCH :fts_q"
-                ).bindparams(fts_q=expr).columns(rowid=Integer)
+    return text(_FTS_MATCH).bindparams(fts_q=expr).columns(rowid=Integer)
 
 
 def label_match(dialect: str, run_id: int, query: str) -> Any:
@@ -120,8 +123,8 @@ def label_match(dialect: str, run_id: int, query: str) -> Any:
     if not terms:
         cond: Any = fl.c.id < 0  # no words: nothing matches
     elif dialect == "sqlite":
-        return text(f'SELECT fl.layer AS layer, fl."index" AS "index" FROM (SELECT rowid AS id FROM {LABEL_FTS_TABLE} '
-                    f"WHERE {LABEL_FTS_TABLE} MATCH :fts_q) AS m CROSS JOIN feature_labels AS fl ON fl.id = m.id "
+        return text(f'SELECT fl.layer AS layer, fl."index" AS "index" FROM ({_FTS_MATCH}) AS m '
+                    'CROSS JOIN feature_labels AS fl ON fl.id = m.rowid '
                     'WHERE fl.run_id = :fts_run GROUP BY fl.layer, fl."index"'
                     ).bindparams(fts_q=_fts_expr(terms), fts_run=run_id
                                  ).columns(layer=Integer, index=Integer).subquery("label_match")
@@ -161,8 +164,8 @@ def label_filter(session: Session, run_id: int, query: str, feature: Any) -> Lab
     if dialect != "sqlite" or not terms:
         return LabelFilter(join=label_match(dialect, run_id, query))
     expr = _fts_expr(terms)
-    n = session.execute(text(f"SELECT count(*) FROM (SELECT rowid FROM {LABEL_FTS_TABLE} WHERE {LABEL_FTS_TABLE} "
-                             "MATCH :fts_q LIMIT :cap)"), {"fts_q": expr, "cap": COMMON_MATCHES + 1}).scalar_one()
+    n = session.execute(text(f"SELECT count(*) FROM ({_FTS_MATCH} LIMIT :cap)"),
+                        {"fts_q": expr, "cap": COMMON_MATCHES + 1}).scalar_one()
     if n <= COMMON_MATCHES:
         return LabelFilter(join=label_match(dialect, run_id, query))
     fl = FeatureLabel.__table__
