@@ -45,7 +45,6 @@ class DecoderBlocks:
     blocks: list[torch.Tensor]
     cols: list[torch.Tensor]
     n_active: int
-    error_row: bool
 
     def width(self, layer: int) -> int:
         return int(self.cols[layer].shape[1])
@@ -79,7 +78,7 @@ def decoder_blocks(lin: Linearization) -> DecoderBlocks:
         block[0, -1] += lin.bos_out[layer]
         blocks.append(block)
         cols.append(col)
-    return DecoderBlocks(blocks, cols, n, errors)
+    return DecoderBlocks(blocks, cols, n)
 
 
 @dataclass
