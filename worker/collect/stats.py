@@ -69,8 +69,9 @@ QUANTILE_LOG10_LOW = -2.0  # log10 of the lowest band edge
 QUANTILE_BANDS_PER_DECADE = 2
 N_QUANTILE_BANDS = 10
 _QUANTILE_SALT = 0x51ED2705  # keeps the band samples' keys independent of the plain random sample's
-_BINS_PER_BAND = HIST_BINS_PER_DECADE // QUANTILE_BANDS_PER_DECADE  # band edges are histogram edges:
-_BAND_OFFSET = int((QUANTILE_LOG10_LOW - HIST_DECADES[0]) * HIST_BINS_PER_DECADE)  # the first band edge's index
+# Band edges are histogram edges (see band_of_bin): every _BINS_PER_BAND-th, from edge number _BAND_OFFSET.
+_BINS_PER_BAND = HIST_BINS_PER_DECADE // QUANTILE_BANDS_PER_DECADE
+_BAND_OFFSET = int((QUANTILE_LOG10_LOW - HIST_DECADES[0]) * HIST_BINS_PER_DECADE)
 assert _BINS_PER_BAND * QUANTILE_BANDS_PER_DECADE == HIST_BINS_PER_DECADE
 
 
