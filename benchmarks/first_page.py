@@ -13,6 +13,7 @@ process halves the build's rate), so this is one run, ~6–15 minutes::
 
     python benchmarks/first_page.py                   # a temporary data directory, removed afterwards
     python benchmarks/first_page.py --data-dir /tmp/fp --keep
+    python benchmarks/first_page.py --organism-preset organism-tiny --preset organism-tiny   # a smoke run
 """
 
 from __future__ import annotations
@@ -89,12 +90,24 @@ def _job_durations(db: Path) -> list[tuple[str, float | None]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def _queue_done(db: Path) -> bool:
+    """Every job has ended (a study that chose no set leaves the run page without its card)."""
+    try:
+        with sqlite3.connect(db) as con:
+            rows = con.execute("SELECT count(*), sum(finished IS NULL) FROM jobs").fetchone()
+    except sqlite3.Error:  # not created yet, or being migrated
+        return False
+    return bool(rows[0]) and not rows[1]
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, help="An empty directory (default: a temporary one).")
     ap.add_argument("--keep", action="store_true", help="Keep the data directory afterwards.")
     ap.add_argument("--poll", type=float, default=2.0, help="Seconds between the dashboard polls.")
     ap.add_argument("--timeout", type=float, default=3600.0, help="Give up after this many seconds.")
+    ap.add_argument("--organism-preset", default="organism", help="`up --organism-preset` (organism-tiny: seconds).")
+    ap.add_argument("--preset", default="organism", help="`up --preset`, the demo's training preset.")
     args = ap.parse_args(argv)
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="adapterlens-first-page-"))
@@ -103,17 +116,22 @@ def main(argv: list[str] | None = None) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "ADAPTERLENS_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
+    # the embedded default: the data directory's SQLite store, whatever database this shell names
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ADAPTERLENS_DATABASE_URL")}
+    env |= {"ADAPTERLENS_DATA_DIR": str(data_dir), "HF_HUB_OFFLINE": "1"}
     log = (data_dir.parent / f"{data_dir.name}-up.log").open("w")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port), "--no-progress"],
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port), "--no-progress",
+                             "--organism-preset", args.organism_preset, "--preset", args.preset],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     first = study = None
     page = None
+    db = data_dir / "adapterlens.db"
     try:
         while time.perf_counter() - t0 < args.timeout and (first is None or study is None):
             if proc.poll() is not None:
                 sys.exit(f"adapterlens up exited with {proc.returncode}: see {log.name}")
+            done = _queue_done(db)  # before the polls: a page that came with the last job is still seen
             now = time.perf_counter() - t0
             if first is None and (page := _first_feature_page(base)) is not None:
                 first = now
@@ -121,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
             if study is None and _study_done(base):
                 study = time.perf_counter() - t0
                 print(f"hesitation study on the run page after {study:.0f} s", flush=True)
+            if done:
+                break
             time.sleep(args.poll)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -129,8 +149,9 @@ def main(argv: list[str] | None = None) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+    jobs = _job_durations(db)
     print("jobs (own durations, from the database):")
-    for kind, seconds in _job_durations(data_dir / "adapterlens.db"):
+    for kind, seconds in jobs:
         print(f"  {kind:<11} {'unfinished' if seconds is None else f'{seconds:7.1f} s'}")
     for what, got, target in (("first feature page", first, TARGET_FIRST_PAGE_S),
                               ("whole demo study", study, TARGET_STUDY_S)):
@@ -139,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{what}: {shown}; target {target / 60:.0f} min{verdict}")
     if not args.keep and args.data_dir is None:
         shutil.rmtree(data_dir, ignore_errors=True)
+        Path(log.name).unlink(missing_ok=True)
+    return {"first_page_s": first, "study_s": study, "page": page, "jobs": jobs}
 
 
 if __name__ == "__main__":
