@@ -9,11 +9,11 @@ on a fresh data directory and polls the dashboard as a browser would, every ``--
 
 Printed: both times from the command's start against issue 17's targets (5 and 10 minutes), and each job's
 own duration from the database. Nothing else should run on the machine meanwhile (two cores: a second busy
-process halves the build's rate), so this is one run, ~6–15 minutes::
+process halves the build's rate), so this is one run, ~14 minutes on a 2-core machine::
 
-    python benchmarks/first_page.py                   # a temporary data directory, removed afterwards
-    python benchmarks/first_page.py --data-dir /tmp/fp --keep
-    python benchmarks/first_page.py --organism-preset organism-tiny --preset organism-tiny   # a smoke run
+    python -m benchmarks.first_page                   # a temporary data directory, removed afterwards
+    python -m benchmarks.first_page --data-dir /tmp/fp --keep
+    python -m benchmarks.first_page --organism-preset organism-tiny --preset organism-tiny   # a smoke run
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -34,14 +33,10 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
+from tests.pg_cluster import free_port
+
 TARGET_FIRST_PAGE_S = 300.0
 TARGET_STUDY_S = 600.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -114,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     if data_dir.exists() and any(data_dir.iterdir()):
         sys.exit(f"{data_dir} is not empty: the benchmark times a first start")
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     # the embedded default: the data directory's SQLite store, whatever database this shell names
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "ADAPTERLENS_DATABASE_URL")}
