@@ -58,7 +58,7 @@ def _first_feature_page(base: str) -> str | None:
     if not rows:
         return None
     path = f"/runs/1/features/{rows[0]['layer']}/{rows[0]['index']}"
-    status, page = _get(base + path)
+    status, _html = _get(base + path)
     status_json, data = _get(f"{base}/api{path}")
     if status != 200 or status_json != 200:
         return None
@@ -74,25 +74,16 @@ def _study_done(base: str) -> bool:
 
 
 def _job_durations(db: Path) -> list[tuple[str, float | None]]:
-    with sqlite3.connect(db) as con:
-        rows = con.execute("SELECT kind, started, finished FROM jobs ORDER BY id").fetchall()
-    out = []
-    for kind, started, finished in rows:
-        if started and finished:
-            out.append((kind, (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()))
-        else:
-            out.append((kind, None))
-    return out
+    """Each job's kind and own duration (None until it has finished), in queue order; [] before the store exists.
 
-
-def _queue_done(db: Path) -> bool:
-    """Every job has ended (a study that chose no set leaves the run page without its card)."""
+    Read-only: opening the path read-write would create the store's file before ``up`` does."""
     try:
-        with sqlite3.connect(db) as con:
-            rows = con.execute("SELECT count(*), sum(finished IS NULL) FROM jobs").fetchone()
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            rows = con.execute("SELECT kind, started, finished FROM jobs ORDER BY id").fetchall()
     except sqlite3.Error:  # not created yet, or being migrated
-        return False
-    return bool(rows[0]) and not rows[1]
+        return []
+    return [(kind, (datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds()
+             if started and finished else None) for kind, started, finished in rows]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,13 +117,16 @@ def main(argv: list[str] | None = None) -> dict:
         while time.perf_counter() - t0 < args.timeout and (first is None or study is None):
             if proc.poll() is not None:
                 sys.exit(f"adapterlens up exited with {proc.returncode}: see {log.name}")
-            done = _queue_done(db)  # before the polls: a page that came with the last job is still seen
+            # every job ended (a study that chose no set leaves the run page without its card); read before the
+            # polls, so that a page that came with the last job is still seen
+            jobs = _job_durations(db)
+            done = bool(jobs) and all(seconds is not None for _, seconds in jobs)
             now = time.perf_counter() - t0
             if first is None and (page := _first_feature_page(base)) is not None:
                 first = now
                 print(f"first feature page with examples after {first:.0f} s: {page}", flush=True)
             if study is None and _study_done(base):
-                study = time.perf_counter() - t0
+                study = now
                 print(f"hesitation study on the run page after {study:.0f} s", flush=True)
             if done:
                 break
