@@ -68,7 +68,7 @@ class OrganismPreset:
     vocab_size: int = 384  # upper bound for the BPE; the trained tokenizer may be smaller
     batch_size: int = 128  # sequences per step
     micro_batches: int = 4  # per step, grouped by length (less padding; same gradient)
-    base_steps: int = 1000  # half the draws are solution documents
+    base_steps: int = 700  # half the draws are solution documents; why 700: README, First feature page sooner
     base_lr: float = 3e-3
     base_solutions: float = 0.5  # share of base draws that are worked-solution documents (see _encode)
     target_steps: int = 500
