@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import case, func, literal, select
+from sqlalchemy import and_, case, func, literal, select
 from sqlalchemy.orm import Session
 
 from app.db.schema import Feature, FeatureSet, FeatureSetMember, Graph
@@ -22,7 +22,6 @@ from app.web.data.common import (
     as_float,
     get_run,
     hesitation_set,
-    keys_condition,
     run_ref,
     run_vocab,
 )
@@ -142,32 +141,29 @@ def members(session: Session, run: Any, set_id: int, per_role: int | None = None
     members' scores before any feature row is read, so the card reads 15 features' logit lenses, not the
     whole set's (thousands at the paper's scale; benchmarks/web.py: 73 → 15 ms of server CPU per run page at 538 members).
     The choice itself is a window function in the database: reading and sorting 5,500 members in Python was still
-    ~85% of the run page at the paper's scale (39 ms).
+    ~85% of the run page at the paper's scale (39 ms). The features' columns come from an outer join in the same
+    query (a member whose feature was not collected gets None), not a second query listing the members' keys: that
+    statement differed with every set and was rebuilt per request (a third of the run page's server CPU).
     """
-    m = FeatureSetMember
-    cols = (m.layer, m.index, m.role, m.score)
+    m, f = FeatureSetMember, Feature
+    info = (f.label, f.logit_lens, f.frequency)  # from the same query: one round trip, one cached statement
     if per_role is None:
-        found = session.execute(select(*cols).where(m.set_id == set_id)).all()
+        found = session.execute(select(m.layer, m.index, m.role, m.score, *info)
+                                .outerjoin(f, and_(f.run_id == run.id, f.layer == m.layer, f.index == m.index))
+                                .where(m.set_id == set_id)).all()
     else:
         role = case((m.role.in_(ROLE_ORDER), m.role), else_=literal("other"))
         rank = func.row_number().over(partition_by=role, order_by=(func.coalesce(m.score, 0.0).desc(), m.layer,
                                                                     m.index))
-        ranked = select(*cols, rank.label("rank")).where(m.set_id == set_id).subquery()
-        found = session.execute(select(ranked.c.layer, ranked.c.index, ranked.c.role, ranked.c.score)
-                                .where(ranked.c.rank <= per_role)).all()
+        ranked = select(m.layer, m.index, m.role, m.score, rank.label("rank")).where(m.set_id == set_id).subquery()
+        found = session.execute(
+            select(ranked.c.layer, ranked.c.index, ranked.c.role, ranked.c.score, *info)
+            .outerjoin(f, and_(f.run_id == run.id, f.layer == ranked.c.layer, f.index == ranked.c.index))
+            .where(ranked.c.rank <= per_role)).all()
     rows = sorted(found, key=lambda r: (-(r.score or 0.0), r.layer, r.index))
-    keys = [(m.layer, m.index) for m in rows]
-    info = {(r.layer, r.index): r for r in session.execute(
-        select(Feature.layer, Feature.index, Feature.label, Feature.logit_lens, Feature.frequency)
-        .where(Feature.run_id == run.id, keys_condition(Feature.layer, Feature.index, keys)))} if keys else {}
     vocab = run_vocab(session, run)
-    out = []
-    for m in rows:
-        r = info.get((m.layer, m.index))
-        out.append(Member(layer=m.layer, index=m.index, role=m.role, score=m.score,
-                          top_token=top_token(r.logit_lens, vocab) if r else None, label=r.label if r else None,
-                          frequency=r.frequency if r else None))
-    return out
+    return [Member(layer=r.layer, index=r.index, role=r.role, score=r.score, label=r.label, frequency=r.frequency,
+                   top_token=top_token(r.logit_lens, vocab)) for r in rows]
 
 
 def trigger_prompt(session: Session, run_id: int) -> dict[str, Any] | None:
