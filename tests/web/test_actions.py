@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Ablation, Job, JobStatus, Run
+from app.db.schema import Ablation, Graph, Job, JobStatus, Run
 
 
 def counts(web) -> tuple[int, int]:
@@ -140,6 +140,25 @@ def test_prefilled_forms_post_stored_token_ids_not_text(web):
         a = s.get(Ablation, int(resp.headers["location"].rsplit("/", 1)[1]))
     req = a.request["request"]
     assert req["prompt_id"] and req["prompt_tokens"] == 15 and req["target_token_id"] == int(fields["target_token_id"])
+
+
+def test_feature_page_offers_the_newest_graph_with_a_stored_prompt(web):
+    """The ablate form's second source is the prompt of the newest graph whose prompt is stored, up to the position
+    that graph explains; a newer graph without a stored prompt (imported, or its prompt deleted) is skipped."""
+    from bs4 import BeautifulSoup
+
+    layer, index = web.world.script_feature
+    with Session(web.engine) as s, s.begin():
+        g = s.get(Graph, web.world.graph_id)
+        prompt_id, position = g.prompt_id, g.position
+        s.add(Graph(run_id=g.run_id, slug="imported-no-prompt", prompt_id=None, prompt="x", target_token_id=1,
+                    target_token_str="x", position=0, params={}, nodes=[], links=[], scores={}))
+    soup = BeautifulSoup(web.client.get(f"{web.run}/features/{layer}/{index}").text, "html.parser")
+    form = soup.select_one("[data-ablate] form")
+    label = form.select_one("input[name=source][value=prompt_id]").parent.get_text(" ", strip=True)
+    assert label == "the prompt of graph demo-wait-0", label
+    assert form.select_one("input[name=prompt_id]")["value"] == str(prompt_id)
+    assert form.select_one("input[name=prompt_tokens]")["value"] == str(position + 1)
 
 
 def _events(text: str) -> list[tuple[str, dict]]:
