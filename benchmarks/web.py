@@ -5,7 +5,7 @@ Fills a fresh database with synthetic rows shaped like a real collection (28 lay
 starts the real server (``python -m app.web``) on it, and requests feature pages and the feature
 index from ``--concurrency`` client threads. Prints p50 / p99 / max per endpoint, and the server process's
 CPU time per request (from /proc: on a machine other programs load, latencies mostly measure queueing
-while the CPU per request still measures the server's own work).
+while the CPU per request still measures the server's own work), and that of a local Postgres's processes.
 
     python benchmarks/web.py --scale 0.02 --db sqlite           # quick (~4.6k features, ~140k examples)
     python benchmarks/web.py --scale 1 --db both                # the paper's scale (~8 GB per backend)
@@ -221,6 +221,24 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def postgres_cpu_seconds() -> float:
+    """User + system CPU seconds so far of this machine's Postgres processes (Linux /proc; 0 elsewhere or for a
+    server on another machine): each live process's own, plus its reaped children's, so a backend that exits
+    (the pool closes connections beyond its size) moves its time into the postmaster's count, not out of the sum."""
+    total = 0.0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if "(postgres)" in raw:
+            fields = raw.rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
+    return total
+
+
 def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, concurrency: int, seed: int = 1,
          server_pid: int | None = None) -> dict:
     rng = random.Random(seed)
@@ -243,9 +261,11 @@ def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, conc
             urls = [base + make() for _ in range(max(concurrency, requests // 10) if name in slow else requests)]
             list(pool.map(fetch, urls[: concurrency * 2]))  # warm-up (connections, caches)
             t0, c0 = time.perf_counter(), cpu_seconds(server_pid) if server_pid else 0.0
+            d0 = postgres_cpu_seconds()
             times = sorted(pool.map(fetch, urls))
             wall = time.perf_counter() - t0
             cpu = (cpu_seconds(server_pid) - c0) if server_pid else float("nan")
+            db_cpu = postgres_cpu_seconds() - d0
             errors = sum(t == float("inf") for t in times)
             times = [t for t in times if t != float("inf")] or [float("nan")]
             results[name] = {
@@ -253,6 +273,7 @@ def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, conc
                 "p50_ms": 1000 * statistics.median(times), "p99_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
                 "max_ms": 1000 * times[-1], "req_per_s": len(times) / wall,
                 "server_cpu_ms": 1000 * cpu / len(urls),  # the server's CPU per request: load from others adds little
+                "db_cpu_ms": 1000 * db_cpu / len(urls),  # local Postgres processes' CPU per request (0 on SQLite)
             }
     return results
 
@@ -316,10 +337,10 @@ def main() -> None:
                   f"{res['fill_s']:.0f}s); {args.concurrency} client threads, {workers} server process(es), "
                   f"{args.requests} requests per endpoint")
             print(f"{'endpoint':32} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'req/s':>7} {'errors':>7} "
-                  f"{'server CPU ms/req':>18}")
+                  f"{'server CPU ms/req':>18} {'Postgres CPU ms/req':>20}")
             for name, r in results.items():
                 print(f"{name:32} {r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['max_ms']:8.1f} {r['req_per_s']:7.1f} "
-                      f"{r['errors']:>3}/{r['n']} {r['server_cpu_ms']:18.1f}")
+                      f"{r['errors']:>3}/{r['n']} {r['server_cpu_ms']:18.1f} {r['db_cpu_ms']:20.2f}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": out}, indent=2))
 

@@ -67,6 +67,10 @@ def make_engine(target: str | Settings | None = None, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _set_sqlite_pragmas)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    # Kept connections: a server process runs up to ~8 requests at once under load; with SQLAlchemy's default 5,
+    # the rest opened and closed a connection each (benchmarks/web.py, 8 clients: 24 new Postgres sessions per
+    # 800 feature pages, 5 with 10). Connections open lazily, so an idle worker holds one or two.
+    kwargs.setdefault("pool_size", 10)
     return create_engine(url, **kwargs)
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from app.db.schema import LABEL_FTS_TABLE, Feature, FeatureLabel
+from app.db.skipscan import distinct_in_run
 from app.db.text import storable
 from app.labels import CATEGORIES
 from app.labels.builtin import Label
@@ -190,15 +191,7 @@ def label_sources(session: Session, run_id: int) -> list[SourceCount]:
     The names come from a loose index scan (one seek per labeler on ``ix_feature_labels_run_source``), so a run
     with 229k labels per labeler costs a few seeks, not a scan; "last" is the highest row id.
     """
-    sql = text(
-        "WITH RECURSIVE s(src, n) AS ("
-        " SELECT (SELECT min(source) FROM feature_labels WHERE run_id = :run), 1"
-        " UNION ALL"
-        " SELECT (SELECT min(source) FROM feature_labels WHERE run_id = :run AND source > s.src), n + 1"
-        " FROM s WHERE s.src IS NOT NULL AND n < :most)"
-        " SELECT src FROM s WHERE src IS NOT NULL"
-    )
-    names = [n for (n,) in session.execute(sql, {"run": run_id, "most": MAX_SOURCES})]
+    names = distinct_in_run(session, "feature_labels", "source", run_id, MAX_SOURCES)
     fl = FeatureLabel.__table__
     out = []
     for name in names:

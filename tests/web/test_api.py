@@ -210,3 +210,20 @@ def test_feature_page_bands_shares_and_token_kinds(web):
     assert marked > 0
     html = web.client.get(f"{web.run}/features/{layer}/{index}").text
     assert 'data-band="7"' in html and "of activations" in html and "data-next=" in html
+
+
+def test_a_large_runs_collected_count_is_its_collected_layers(web):
+    """Past 10,000 features the overview counts the layers present (each written whole) times their width, by a
+    loose index scan, instead of counting index entries; a layer not yet collected is not counted."""
+    from sqlalchemy.orm import Session
+
+    from app.db.schema import Feature, Run
+
+    with Session(web.engine) as s, s.begin():
+        run = Run(name="large", base_model="b", target_model="t", n_layers=4, n_features=5000, config={})
+        s.add(run)
+        s.flush()
+        for layer in (0, 2):  # two of four layers stored, a few rows each (only their presence counts)
+            s.add_all(Feature(run_id=run.id, layer=layer, index=i, frequency=0.0) for i in range(3))
+        rid = run.id
+    assert get(web, f"/api/runs/{rid}")["n_collected"] == 2 * 5000

@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from sqlalchemy import Float, and_, cast, false, func, null, or_, select, text
+from sqlalchemy import Float, and_, cast, false, func, null, or_, select
 from sqlalchemy.orm import Session
 
 from app.db.schema import Feature, FeatureSetMember, FeatureToken
+from app.db.skipscan import distinct_in_run
 from app.labels.store import label_filter
 from app.web.data.common import BadInput, RunRef, get_run, hesitation_set, run_ref, run_vocab
 from app.web.data.feature import top_token
@@ -168,15 +169,7 @@ def distinct_categories(session: Session, run_id: int) -> list[str]:
     ``SELECT DISTINCT`` reads every feature's index entry (seconds under load at 229k features on
     Postgres, which has no skip scan); this recursive query reads one entry per distinct value.
     """
-    sql = text(
-        "WITH RECURSIVE c(cat, n) AS ("
-        " SELECT (SELECT min(category) FROM features WHERE run_id = :run), 1"
-        " UNION ALL"
-        " SELECT (SELECT min(category) FROM features WHERE run_id = :run AND category > c.cat), n + 1"
-        " FROM c WHERE c.cat IS NOT NULL AND n < :most)"
-        " SELECT cat FROM c WHERE cat IS NOT NULL"
-    )
-    return [c for (c,) in session.execute(sql, {"run": run_id, "most": MAX_CATEGORIES})]
+    return distinct_in_run(session, "features", "category", run_id, MAX_CATEGORIES)
 
 
 def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> FeatureListPage:
