@@ -143,7 +143,7 @@ def members(session: Session, run: Any, set_id: int, per_role: int | None = None
     The choice itself is a window function in the database: reading and sorting 5,500 members in Python was still
     ~85% of the run page at the paper's scale (39 ms). The features' columns come from an outer join in the same
     query (a member whose feature was not collected gets None), not a second query listing the members' keys: that
-    statement differed with every set and was rebuilt per request (a third of the run page's server CPU).
+    statement differed with every set and was rebuilt per request (``study_card`` 2.2–2.4 → 1.4 ms of CPU on Postgres).
     """
     m, f = FeatureSetMember, Feature
     info = (f.label, f.logit_lens, f.frequency)  # from the same query: one round trip, one cached statement
