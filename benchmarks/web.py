@@ -201,42 +201,27 @@ def fetch(url: str) -> float:
     return time.perf_counter() - start
 
 
-def _stat(pid: int | str) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds so far of process ``pid`` and its children (``--server-workers`` > 1: uvicorn's
-    supervisor and its server processes; Linux /proc; 0 elsewhere)."""
-    total = 0.0
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        fields = _stat(entry)
-        if fields is not None and (int(entry) == pid or int(fields[1]) == pid):
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def postgres_cpu_seconds() -> float:
-    """User + system CPU seconds so far of this machine's Postgres processes (Linux /proc; 0 elsewhere or for a
-    server on another machine): each live process's own, plus its reaped children's, so a backend that exits
-    (the pool closes connections beyond its size) moves its time into the postmaster's count, not out of the sum."""
-    total = 0.0
+def cpu_seconds(server_pid: int | None) -> tuple[float, float]:
+    """User + system CPU seconds so far, from one pass over Linux /proc (0 elsewhere): of the server (process
+    ``server_pid`` and its children: with ``--server-workers`` > 1 uvicorn's supervisor and its server processes),
+    and of this machine's Postgres processes (0 for SQLite or a server on another machine), each live one's own
+    plus its reaped children's, so a backend that exits (the pool closes connections beyond its size) moves its
+    time into the postmaster's count, not out of the sum."""
+    tick = os.sysconf("SC_CLK_TCK")
+    server = postgres = 0.0
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
             continue
         try:
-            raw = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
+            head, tail = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)
+        except (OSError, ValueError):
             continue
-        if "(postgres)" in raw:
-            fields = raw.rsplit(")", 1)[1].split()
-            total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")  # utime stime cutime cstime
-    return total
+        fields = tail.split()  # fields[1]: parent pid; [11:13] utime stime; [13:15] cutime cstime
+        if server_pid is not None and server_pid in (int(entry), int(fields[1])):
+            server += (int(fields[11]) + int(fields[12])) / tick
+        if head.endswith("(postgres"):
+            postgres += sum(int(f) for f in fields[11:15]) / tick
+    return server, postgres
 
 
 def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, concurrency: int, seed: int = 1,
@@ -260,12 +245,13 @@ def load(base: str, run_id: int, n_layers: int, n_feat: int, requests: int, conc
         for name, make in endpoints.items():
             urls = [base + make() for _ in range(max(concurrency, requests // 10) if name in slow else requests)]
             list(pool.map(fetch, urls[: concurrency * 2]))  # warm-up (connections, caches)
-            t0, c0 = time.perf_counter(), cpu_seconds(server_pid) if server_pid else 0.0
-            d0 = postgres_cpu_seconds()
+            c0, d0 = cpu_seconds(server_pid)  # read outside the timed window
+            t0 = time.perf_counter()
             times = sorted(pool.map(fetch, urls))
             wall = time.perf_counter() - t0
-            cpu = (cpu_seconds(server_pid) - c0) if server_pid else float("nan")
-            db_cpu = postgres_cpu_seconds() - d0
+            c1, d1 = cpu_seconds(server_pid)
+            cpu = c1 - c0 if server_pid else float("nan")
+            db_cpu = d1 - d0
             errors = sum(t == float("inf") for t in times)
             times = [t for t in times if t != float("inf")] or [float("nan")]
             results[name] = {
