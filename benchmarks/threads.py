@@ -133,11 +133,13 @@ def _build_step_fn():
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(build._model_config(cfg, tok))
     state = {"seed": 0}
+    bf16 = build.resolve_precision(cfg.precision) == "bf16"  # as the build runs on this machine
 
     def step() -> None:
         state["seed"] += 1
         build._train(model, enc, steps=1, lr=1e-4, preset=dataclasses.replace(cfg, warmup_steps=0),
-                     seed=state["seed"], pad_id=tok.pad_token_id, desc="bench", progress=False, on_step=None)
+                     seed=state["seed"], pad_id=tok.pad_token_id, desc="bench", progress=False, on_step=None,
+                     bf16=bf16)
 
     return step
 

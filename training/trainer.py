@@ -18,6 +18,7 @@ single-process run on the whole batch. Only rank 0 writes metrics, checkpoints a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from training.checkpoint import load_adapters, save_adapters
 from training.config import TrainConfig, train_config_from_dict, train_config_to_dict
 from training.data import TokenDataset, as_dataset, batches_per_epoch, iterate_batches
 from training.distributed import DataParallel
+from training.precision import fp32_attention, resolve_precision
 from training.step import StepResult, fused_step
 
 log = logging.getLogger(__name__)
@@ -258,12 +260,18 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
         return save_checkpoint(run_dir, model, state, base_name=base_name, target_name=target_name)
 
     model.eval()  # frozen weights; no dropout anywhere in the step
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    precision = resolve_precision(cfg.precision, device)  # "auto": bf16 where the device has it natively
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    slow_bf16_attention = precision == "bf16" and device.type == "cpu"  # training/precision.py says why
+    attention = contextlib.ExitStack()
+    for hf in (model.hf, model.target_hf):
+        if hf is not None:
+            attention.enter_context(fp32_attention(hf, enabled=slow_bf16_attention))
     batches = iterate_batches(dataset, cfg.batch_size, seed=cfg.seed, max_len=cfg.max_seq_len,
                               start_epoch=epoch, start_index=index)
     metrics: dict = {}
     log.info("training %d layers × %d features for %d steps (%d sequences, batch %d, %s)",
-             L, F, n_total, len(dataset), cfg.batch_size, cfg.precision)
+             L, F, n_total, len(dataset), cfg.batch_size, precision)
     bar = tqdm(total=n_total, initial=step, desc="train", unit="step", disable=not (progress and main),
                dynamic_ncols=True)
     try:
@@ -315,6 +323,7 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
         raise
     finally:
         bar.close()
+        attention.close()
     final_dir = None
     if main:
         final_dir = find_checkpoint(run_dir) or checkpoint()  # n_total reached before this call: nothing to do
