@@ -263,10 +263,7 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
     precision = resolve_precision(cfg.precision, device)  # "auto": bf16 where the device has it natively
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     slow_bf16_attention = precision == "bf16" and device.type == "cpu"  # training/precision.py says why
-    attention = contextlib.ExitStack()
-    for hf in (model.hf, model.target_hf):
-        if hf is not None:
-            attention.enter_context(fp32_attention(hf, enabled=slow_bf16_attention))
+    attention = contextlib.ExitStack()  # entered inside the try below, closed in its finally
     batches = iterate_batches(dataset, cfg.batch_size, seed=cfg.seed, max_len=cfg.max_seq_len,
                               start_epoch=epoch, start_index=index)
     metrics: dict = {}
@@ -275,6 +272,9 @@ def train(cfg: TrainConfig, model: AdapterModel, data: TokenDataset | Sequence[S
     bar = tqdm(total=n_total, initial=step, desc="train", unit="step", disable=not (progress and main),
                dynamic_ncols=True)
     try:
+        for hf in (model.hf, model.target_hf):
+            if hf is not None:
+                attention.enter_context(fp32_attention(hf, enabled=slow_bf16_attention))
         while step < n_total:
             t0 = time.perf_counter()
             batch = next(batches)

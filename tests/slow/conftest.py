@@ -26,7 +26,8 @@ ORGANISM_DIR_ENV = "ADAPTERLENS_ORGANISM_TEST_DIR"
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """``{"settings", "run_id", "evaluation", "study"}`` of the finished demo run (see the module docstring)."""
+    """``{"settings", "run_id", "evaluation", "study", "precision"}`` of the finished demo run (see the module docstring)."""
+    from training.organism.build import organism_paths
     from worker.bootstrap import bootstrap
     from worker.loop import run_worker
 
@@ -42,8 +43,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
             assert run is not None, "the demo pipeline made no run"
             study = s.scalars(select(FeatureSet).where(FeatureSet.run_id == run.id,
                                                        FeatureSet.name.ilike("%hesitation%"))).first()
+            manifest = organism_paths(data_dir, "organism", 0).read_manifest()
             return {"settings": settings, "run_id": run.id, "evaluation": run.evaluation,
-                    "study": study.summary if study is not None else None}
+                    "study": study.summary if study is not None else None,
+                    "precision": manifest.get("precision", "fp32")}  # the organism build's (README: bf16 on the CPU)
     finally:
         engine.dispose()
 

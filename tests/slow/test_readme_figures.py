@@ -38,6 +38,9 @@ def test_readme_prints_the_figure(figure: dict) -> None:
 
 @pytest.mark.parametrize("figure", FIGURES["figures"], ids=lambda f: f["path"])
 def test_demo_run_reproduces_the_figure(demo: dict, figure: dict) -> None:
+    if demo["precision"] != FIGURES["precision"]:  # another organism: its figures are in README, Spread
+        pytest.skip(f"the README's figures come from an organism built in {FIGURES['precision']}; this machine "
+                    f"built it in {demo['precision']} (no native bf16 here, or a data directory from before)")
     value = _lookup(demo, figure["path"])
     assert value == pytest.approx(figure["value"], abs=figure["tolerance"]), (
         f"{figure['path']}: the demo run gives {value}, the README {figure['text']!r} "

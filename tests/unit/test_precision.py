@@ -25,6 +25,35 @@ def test_resolve_precision():
         resolve_precision("fp16")
 
 
+@pytest.mark.parametrize(("machine", "avx512_bf16", "amx", "expected"), [
+    ("x86_64", True, False, True), ("x86_64", False, True, True),
+    ("x86_64", False, False, False),  # AVX-512 without BF16 (Skylake to Ice Lake): oneDNN says yes, it emulates
+])
+def test_native_bf16_on_x86_needs_avx512_bf16_or_amx(monkeypatch, machine, avx512_bf16, amx, expected):
+    monkeypatch.setattr("training.precision.platform.machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert native_bf16("cpu") is expected
+    assert resolve_precision("auto") == ("bf16" if expected else "fp32")
+
+
+def test_fp32_attention_keeps_the_padding_mask():
+    """transformers builds no mask for an attention name it does not know: without the mask's registration,
+    a left-padded row would attend to its padding (plain causal attention)."""
+    model = tiny_qwen2(0, layers=2)
+    model.set_attn_implementation("sdpa")
+    ids = random_ids(3, batch=2, seq=9)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with fp32_attention(model):
+            ours = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(ours[0, 4:], plain[0, 4:], atol=1e-5)
+    assert torch.allclose(ours[1], plain[1], atol=1e-5)
+
+
 def _attention_input_dtypes(model, ids) -> set[torch.dtype]:
     """The dtypes reaching each layer's o_proj: the attention's own output, before the bf16 product."""
     seen: set[torch.dtype] = set()
