@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 PrecisionSetting = Literal["auto", "bf16", "fp32"]
 SDPA_FP32 = "sdpa-fp32"
@@ -59,20 +58,25 @@ def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
 
 
+# No mask function is registered with it, so transformers builds no mask under this name and SDPA runs plain
+# causal attention: exact for right-padded batches (the organism build's and the trainer's; a test checks it),
+# wrong for left padding and sliding windows, which fp32_attention therefore leaves alone (sliding windows) and
+# which training never feeds it. Registering transformers' ``sdpa_mask`` would make it general, but moves the
+# organism's figures (a masked SDPA is another kernel, another float order): the slow tier saw the study's set
+# go from 19 features to 9. To do with a re-measure of the README's figures.
 AttentionInterface.register(SDPA_FP32, _sdpa_fp32)
-# the mask too: transformers builds none for an attention name it does not know, which would drop padding and
-# sliding windows (plain causal attention) under this implementation
-AttentionMaskInterface.register(SDPA_FP32, sdpa_mask)
 
 
 @contextlib.contextmanager
 def fp32_attention(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Within the block, a transformers ``model`` that uses SDPA computes its attention in fp32 (under a bf16
-    autocast too); its own setting comes back after. Other implementations (eager, flash) are left alone:
-    flash attention on a GPU is what bf16 is for."""
+    autocast too); its own setting comes back after. Only for right-padded batches (see above). Other
+    implementations (eager, flash) and models with sliding windows are left alone: flash attention on a GPU is
+    what bf16 is for."""
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
-    if not enabled or current != "sdpa" or not hasattr(model, "set_attn_implementation"):
+    windowed = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    if not enabled or current != "sdpa" or windowed or not hasattr(model, "set_attn_implementation"):
         yield
         return
     model.set_attn_implementation(SDPA_FP32)

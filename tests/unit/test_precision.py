@@ -38,20 +38,23 @@ def test_native_bf16_on_x86_needs_avx512_bf16_or_amx(monkeypatch, machine, avx51
     assert resolve_precision("auto") == ("bf16" if expected else "fp32")
 
 
-def test_fp32_attention_keeps_the_padding_mask():
-    """transformers builds no mask for an attention name it does not know: without the mask's registration,
-    a left-padded row would attend to its padding (plain causal attention)."""
+def test_fp32_attention_is_exact_on_right_padded_batches_and_skips_sliding_windows():
+    """It builds no mask (see training/precision.py): right padding, as training pads, must give the same logits
+    at the real positions; a model with sliding windows keeps its own attention."""
     model = tiny_qwen2(0, layers=2)
     model.set_attn_implementation("sdpa")
     ids = random_ids(3, batch=2, seq=9)
     mask = torch.ones_like(ids)
-    mask[0, :4] = 0  # left padding
+    mask[0, 5:] = 0  # right padding
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask).logits
         with fp32_attention(model):
             ours = model(input_ids=ids, attention_mask=mask).logits
-    assert torch.allclose(ours[0, 4:], plain[0, 4:], atol=1e-5)
+    assert torch.allclose(ours[0, :5], plain[0, :5], atol=1e-5)
     assert torch.allclose(ours[1], plain[1], atol=1e-5)
+    model.config.sliding_window, model.config.use_sliding_window = 4, True
+    with fp32_attention(model):
+        assert model.config._attn_implementation == "sdpa"
 
 
 def _attention_input_dtypes(model, ids) -> set[torch.dtype]:
