@@ -23,7 +23,6 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-PrecisionSetting = Literal["auto", "bf16", "fp32"]
 SDPA_FP32 = "sdpa-fp32"
 
 
