@@ -12,7 +12,7 @@ trained organism's per-layer L0 (107.6, 31.8, 21.7, 17.5 of 512: README, *The or
 paper's 8 of 8192 (0.001) for ``7b-layer``; ``--density 0.15`` is the uniform figure earlier runs used.
 
 Then the store: a complete organism-sized result (4 layers × 512 features, 20 top + 10 random examples
-each) written to a fresh SQLite file, and to Postgres when ``--pg-url`` names a database it may migrate
+each, and the corpus sequences they come from, as the collect job writes them) written to a fresh SQLite file, and to Postgres when ``--pg-url`` names a database it may migrate
 (the run it creates is deleted again).
 
     python benchmarks/collect.py --threads 1             # CPU, organism shape (~1 min)
@@ -187,7 +187,7 @@ def bench_store(args: argparse.Namespace) -> None:
         times = []
         for _ in range(2):  # the second write replaces the first (delete + insert in one transaction)
             t = time.perf_counter()
-            write_collection(engine, run_id, result)
+            write_collection(engine, run_id, result, corpus=corpus)  # with its source sequences, as the job
             times.append(time.perf_counter() - t)
         print(f"  {name:8s}: first write {times[0]:.2f} s, rewrite {times[1]:.2f} s")
         with Session(engine) as session, session.begin():

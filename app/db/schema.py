@@ -263,6 +263,7 @@ class Example(Base):
     acts: Mapped[list[Any]] = mapped_column(JSONType)
     focus: Mapped[int] = mapped_column(Integer)
     prompt_id: Mapped[int | None] = mapped_column(ForeignKey("prompts.id", ondelete="SET NULL"))
+    prompt_pos: Mapped[int | None] = mapped_column(Integer, doc="the focus token's position in prompt_id's ids")
     max_act: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (Index("ix_examples_feature", "run_id", "layer", "index", "kind", "rank", unique=True),)

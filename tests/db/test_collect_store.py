@@ -18,9 +18,7 @@ QUANTILE_EDGES = quantile_band_edges()
 
 
 @pytest.fixture(scope="module")
-def result() -> CollectionResult:
-    torch.set_num_threads(1)
-    model = tiny_adapter_model(0, n_features=8)
+def corpus() -> Corpus:
     g = torch.Generator().manual_seed(0)
     seqs = [
         [1]
@@ -30,7 +28,13 @@ def result() -> CollectionResult:
         + [5, 9]
         for n in (3, 9, 14, 0, 6)
     ]
-    corpus = Corpus.from_sequences(seqs, markers=Markers(3, 4, 5))
+    return Corpus.from_sequences(seqs, markers=Markers(3, 4, 5))
+
+
+@pytest.fixture(scope="module")
+def result(corpus: Corpus) -> CollectionResult:
+    torch.set_num_threads(1)
+    model = tiny_adapter_model(0, n_features=8)
     return collect(
         model, corpus, top_k=3, n_random=2, ctx_before=4, ctx_after=2, n_neighbours=3, lens_tokens=2
     )
@@ -152,3 +156,53 @@ def test_plain_json_fallback_stores_the_same(db_engine: Engine, result: Collecti
             return [(e.layer, e.index, e.kind, e.rank, e.token_ids, e.acts, e.focus, e.max_act) for e in session.scalars(q)]
 
         assert rows(run_a) == rows(run_b) and len(rows(run_a)) > 0
+
+
+class _TextTok(_Tok):
+    def batch_decode(self, ids: list[list[int]]) -> list[str]:
+        return [" ".join(f"t{i}" for i in seq) for seq in ids]
+
+
+def test_examples_point_at_their_stored_sequences(db_engine: Engine, result: CollectionResult,
+                                                  corpus: Corpus) -> None:
+    """With the corpus, each example's sequence is a prompts row of the run (its ids, text and chat regions) and
+    the example's window occurs in it at its stored position; a re-collection reuses the rows (no duplicates, same ids)."""
+    from app.db.schema import Prompt
+    from worker.collect.stats import POS_BITS
+
+    run_id = _run(db_engine)
+    counts = write_collection(db_engine, run_id, result, _TextTok(), corpus=corpus)
+    with Session(db_engine) as session:
+        prompts = {p.id: p for p in session.scalars(select(Prompt).where(Prompt.run_id == run_id))}
+        examples = session.scalars(select(Example).where(Example.run_id == run_id)).all()
+        assert counts["sources"] == len(prompts) > 1 and {p.source for p in prompts.values()} == {"collection"}
+        by_ids = {tuple(p.token_ids): p for p in prompts.values()}
+        assert len(by_ids) == len(prompts)
+        for layer in result.layers:  # every kept example: its window sits in its stored sequence at its location
+            s = result.stats[layer]
+            for kept in (s.top, s.random):
+                for feat, slot in (kept.loc >= 0).nonzero().tolist():
+                    loc = int(kept.loc[feat, slot])
+                    seq, pos = loc >> POS_BITS, loc & ((1 << POS_BITS) - 1)
+                    row = by_ids[tuple(corpus[seq].tolist())]
+                    assert row.text == " ".join(f"t{i}" for i in corpus[seq].tolist())
+                    spans = row.regions
+                    assert spans[0][0] == 0 and spans[-1][1] == len(row.token_ids)
+                    assert [REGION_NAMES.index(name) for a, b, name in spans for _ in range(a, b)] == \
+                        corpus.regions_of(seq).tolist()
+                    assert pos < len(row.token_ids)
+        for ex in examples:  # the window sits in its sequence with the focus at prompt_pos
+            ids, start = prompts[ex.prompt_id].token_ids, ex.prompt_pos - ex.focus
+            assert start >= 0 and ids[start:start + len(ex.token_ids)] == ex.token_ids, (ex.layer, ex.index, ex.kind)
+    again = write_collection(db_engine, run_id, result, _TextTok(), corpus=corpus)
+    assert again == counts
+    with Session(db_engine) as session:
+        assert set(session.scalars(select(Prompt.id).where(Prompt.run_id == run_id))) == set(prompts)
+        assert {e.prompt_id for e in session.scalars(select(Example).where(Example.run_id == run_id))} == set(prompts)
+
+
+def test_a_corpus_that_is_not_the_collections_is_refused(db_engine: Engine, result: CollectionResult) -> None:
+    run_id = _run(db_engine)
+    with pytest.raises(ValueError, match="not the corpus it was collected on"):
+        write_collection(db_engine, run_id, result, corpus=Corpus.from_sequences([[1, 2, 3]]))
+    assert _counts(db_engine, run_id) == (0, 0)

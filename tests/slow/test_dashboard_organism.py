@@ -8,6 +8,7 @@ jobs) runs beside the server, as under ``adapterlens up``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -24,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.browser]
 WORKER_CODE = (
     "import logging; logging.basicConfig(level=logging.INFO)\n"
     "from app.settings import Settings\nfrom worker.loop import run_worker\n"
-    "run_worker(Settings(), kinds=['ablate', 'experiment', 'attribute'], idle_wait_s=0.2)\n"
+    "run_worker(Settings(), kinds=['ablate', 'experiment', 'attribute', 'lens'], idle_wait_s=0.2)\n"
 )
 DONE_MS = 300_000  # an organism ablation or a graph takes seconds; generous under a loaded CI machine
 
@@ -85,6 +86,31 @@ def test_feature_page_prefilled_ablation_uses_the_examples_own_tokens(live, page
     live_el = page.locator("#ablation-live")
     assert live_el.locator(".diverge-note").count() + live_el.locator("[data-identical]").count() == 1
     shot(page, "organism-feature-ablation")
+
+
+def test_feature_example_opens_in_its_trace_at_the_token_it_fires_on(live, page):
+    """Collect stores the sequences examples come from: a top example's "in its trace" opens the trace viewer at its
+    token; the trace's lens (one click, watching the feature) shows the feature firing on that very token."""
+    server, demo, worker_log = live
+    top = demo["study"]["features"]["top"][0]
+    layer, index = top["layer"], top["index"]
+    page.goto(f"{server.url}/runs/{demo['run_id']}/features/{layer}/{index}")
+    link = page.locator("[data-kind=top] a[data-example-trace]").first
+    href = link.get_attribute("href")
+    assert f"?feature={layer}/{index}#t" in href, href
+    pos = int(href.rsplit("#t", 1)[1])
+    link.click()
+    page.wait_for_url("**/traces/**")
+    assert page.locator(f"#t{pos}").count() == 1
+    page.click("[data-trace-lens] button[type=submit]")  # the diff lens of this trace, watching the feature
+    deadline = time.monotonic() + DONE_MS / 1000
+    while page.locator("[data-firing-nav]").count() == 0:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the trace's lens did not finish; worker log:\n{worker_log.read_text()[-3000:]}")
+        time.sleep(1)
+        page.reload()
+    assert "fires" in page.locator(f"#t{pos}").get_attribute("class")
+    shot(page, "organism-example-in-trace")
 
 
 def test_graph_page_ablation_reports_the_target_token(live, page):

@@ -217,6 +217,19 @@ def test_trace_viewer_outlines_hesitations_and_shades_by_the_lens(web, tmp_path,
     assert all("--v:" in t["style"] for t in shaded.select("[data-trace] .tok"))
     shades = json.loads(shaded.select_one("[data-minimap-data]").string)["v"]
     assert len(shades) == len(ids) and all(v is not None for v in shades) and max(shades) == 1.0
+    # shading by a feature from the lens' strongest per token: one click watches it at every token, and the
+    # redirect comes back to the trace shaded by it (the feature page's "in its trace" link lands here so)
+    watch = BeautifulSoup(web.client.get(f"/runs/{run}/traces/{trace_id}?feature={ln}/{ix}").text, "html.parser")
+    form = watch.select_one("[data-section=shade] [data-trace-lens]")
+    data = {i["name"]: i["value"] for i in form.select("input[type=hidden]")}
+    assert data["features"] == f"{ln}/{ix}" and f"Watch {ln}/{ix}" in form.text
+    sent = web.client.post(form["action"], data=data, follow_redirects=False)
+    assert sent.status_code == 303 and sent.headers["location"] == f"/runs/{run}/traces/{trace_id}?feature={ln}/{ix}"
+    _work(web, tmp_path, model, tokenizer)
+    feat = web.client.get(f"/api/runs/{run}/traces/{trace_id}?feature={ln}/{ix}").json()
+    assert feat["feature_source"] == "watched"
+    assert [t["value"] for t in feat["tokens"]] == pytest.approx(diff_lens(model, ids, watch=[(ln, ix)])
+                                                                  .watched[f"{ln}/{ix}"], abs=1e-6)
     for bad in ("?feature=x", "?shade=feature", "?shade=sideways"):
         assert web.client.get(f"/runs/{run}/traces/{trace_id}{bad}").status_code == 422
     assert web.client.get(f"/runs/{run}/traces/999999").status_code == 404

@@ -161,12 +161,17 @@ def test_feature_examples_link_to_their_place_in_the_trace(web):
                       acts=[0, 0, 0, 3.0, 0, 0, 0], focus=3, prompt_id=trace_id, max_act=3.0))
         s.add(Example(run_id=run, layer=2, index=5, kind="top", rank=51, token_ids=_ids("1", "2", "3"),
                       acts=[0, 1.0, 0], focus=1, prompt_id=trace_id, max_act=1.0))  # not a window of it
+        s.add(Example(run_id=run, layer=2, index=5, kind="top", rank=52, token_ids=ids[9:12], acts=[0, 2.0, 0],
+                      focus=1, prompt_id=trace_id, prompt_pos=1, max_act=2.0))  # a stored place is used as it is
     page = _soup(web, f"/runs/{run}/features/2/5")
     hrefs = [a["href"] for a in page.select("a[data-example-trace]")]
     assert f"/runs/{run}/traces/{trace_id}?feature=2/5#t6" in hrefs  # " Wait", where the example's focus is
     assert f"/runs/{run}/traces/{trace_id}?feature=2/5" in hrefs
+    assert f"/runs/{run}/traces/{trace_id}?feature=2/5#t1" in hrefs  # the stored place: no read of the trace
     target = _soup(web, f"/runs/{run}/traces/{trace_id}?feature=2/5")
     assert "hes" in target.select_one("#t6")["class"]
+    form = target.select_one("[data-trace-lens]")  # no lens yet: the one it runs watches the feature
+    assert form.select_one("input[name=features]")["value"] == "2/5" and "watching 2/5" in form.text
 
 
 def test_trace_strip_escapes_stored_text(web):

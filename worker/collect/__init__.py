@@ -6,7 +6,8 @@ Typical use (a ``collect`` job, or its shards)::
     result = collect(model, corpus, shard=(i, n))               # FeatureStats per layer + lens + neighbours
     result.save(f"shard-{i}.pt")                                # … then, in the merge job:
     merged = merge_results(*(CollectionResult.load(p) for p in paths))
-    write_collection(engine, run_id, merged, tokenizer)         # replaces the run's features and examples
+    write_collection(engine, run_id, merged, tokenizer, corpus=corpus)  # replaces the run's features and examples;
+                                                                # with the corpus, examples link to their sequences
 
 Modules: ``stats`` (device accumulators and ``merge``), ``corpus`` (sources), ``lens`` (logit lens and
 decoder neighbours), ``runner`` (the pass), ``result`` (the result object), ``store`` (DB writes).

@@ -154,7 +154,7 @@ def collect_job(ctx: JobContext) -> dict:
         if not all(f.is_file() for f in files):
             return {"shard": p.shard, "sequences": result.n_sequences, "merged": False}
         result = merge_results(*(CollectionResult.load(f) for f in files))
-    counts = _write(ctx, p.run_id, result, tokenizer)
+    counts = _write(ctx, p.run_id, result, tokenizer, corpus)
     labels = _label(ctx, p.run_id) if p.label else None
     update_run(ctx, p.run_id, status="collected")
     return {"sequences": result.n_sequences, "tokens": corpus.n_tokens, **counts, "merged": True,
@@ -169,6 +169,8 @@ def _label(ctx: JobContext, run_id: int) -> dict:
                      progress=lambda done, total, msg=None: ctx.progress(done, total, msg), check=ctx.check)
 
 
-def _write(ctx: JobContext, run_id: int, result: CollectionResult, tokenizer) -> dict[str, int]:
+def _write(ctx: JobContext, run_id: int, result: CollectionResult, tokenizer, corpus: Corpus) -> dict[str, int]:
+    """Features and examples, and the corpus sequences the examples come from (the feature page links each
+    example to its sequence in the trace viewer)."""
     ctx.progress(0, None, "writing features and examples")
-    return write_collection(ctx.engine, run_id, result, tokenizer)
+    return write_collection(ctx.engine, run_id, result, tokenizer, corpus=corpus)

@@ -17,6 +17,9 @@ JSON layouts (the feature page reads these):
   relative position in their thinking span.
 - ``neighbours``: ``[[layer, index, cosine], …]`` by decoder cosine, highest first.
 - examples: ``token_ids`` and ``acts`` cover the window inside the sequence (up to 50 before, 20 after),
+  ``prompt_id`` names the whole sequence, stored as a ``prompts`` row of source ``collection`` when the writer
+  is given the corpus, and ``prompt_pos`` is the focus token's position in it (the feature page's "in its
+  trace" link opens the trace viewer there),
   ``focus`` indexes the selected token, ``max_act`` is the window's largest activation, acts are
   rounded to 5 decimals; ``rank`` orders top examples by activation, random ones by sampling key; quantile
   examples (a random sample per half-decade activation band) have ``rank = band * 100 + place``.
@@ -31,16 +34,17 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from sqlalchemy import Connection, Engine, Table, delete, select
+from sqlalchemy import Connection, Engine, Table, delete, insert, select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Example, Feature, FeatureToken, Run
+from app.db.schema import Example, Feature, FeatureToken, Prompt, Run
 from app.db.text import storable
 from app.labels.store import clear_labels
 from training.chat import REGION_NAMES
+from worker.collect.corpus import Corpus
 from worker.collect.kept import KeptExamples
 from worker.collect.result import QUANTILE_RANK_STRIDE, CollectionResult
-from worker.collect.stats import N_QUANTILE_BANDS, FeatureStats
+from worker.collect.stats import N_QUANTILE_BANDS, POS_BITS, FeatureStats
 
 try:  # optional: only makes large writes faster
     import orjson as _orjson
@@ -53,7 +57,9 @@ FEATURE_SLICE = 1024  # features whose rows are built and sent together
 INSERT_BATCH = 5000  # rows per executemany on backends without COPY
 ACT_DECIMALS = 5  # stored precision of per-token activations
 
-_EXAMPLE_COLUMNS = ("run_id", "layer", "index", "kind", "rank", "token_ids", "acts", "focus", "max_act")
+_EXAMPLE_COLUMNS = ("run_id", "layer", "index", "kind", "rank", "token_ids", "acts", "focus", "max_act", "prompt_id",
+                    "prompt_pos")
+SOURCE = "collection"  # prompts.source of the corpus sequences that examples come from
 _FEATURE_COLUMNS = ("run_id", "layer", "index", "frequency", "max_act", "mean_act", "histogram", "logit_lens",
                     "region_counts", "think_pos_hist", "neighbours", "hesitation_lens")
 _TOKEN_COLUMNS = ("run_id", "relation", "token_id", "layer", "index", "rank", "value")
@@ -62,12 +68,15 @@ _JSON_COLUMNS = {"token_ids", "acts", "histogram", "logit_lens", "region_counts"
 
 
 def write_collection(target: Session | Engine | Connection, run_id: int, result: CollectionResult,
-                     tokenizer: Any = None, *, layers: Sequence[int] | None = None) -> dict[str, int]:
+                     tokenizer: Any = None, *, layers: Sequence[int] | None = None,
+                     corpus: Corpus | None = None) -> dict[str, int]:
     """Replace the run's features and examples of ``layers`` (default: all in the result).
 
     ``target``: an Engine (a transaction is opened and committed here), or a Session / Connection
     (the rows are written inside its current transaction; the caller commits). ``tokenizer`` decodes
-    logit-lens tokens for display (token strings are null without one). Returns row counts.
+    logit-lens tokens for display (token strings are null without one) and the source sequences' text.
+    ``corpus``: the corpus the result was collected on; every sequence a written example comes from is then
+    stored as a ``prompts`` row (:func:`store_sources`) and the example points at it. Returns row counts.
     """
     layers = result.layers if layers is None else sorted(set(layers))
     missing = [x for x in layers if x not in result.stats]
@@ -77,18 +86,20 @@ def write_collection(target: Session | Engine | Connection, run_id: int, result:
         logger.warning("writing a partial collection (shards %s) for run %s", result.shards, run_id)
     if isinstance(target, Engine):
         with target.begin() as conn:
-            return _write(conn, run_id, result, tokenizer, layers)
+            return _write(conn, run_id, result, tokenizer, layers, corpus)
     if isinstance(target, Session):
-        return _write(target.connection(), run_id, result, tokenizer, layers)
+        return _write(target.connection(), run_id, result, tokenizer, layers, corpus)
     if isinstance(target, Connection):
-        return _write(target, run_id, result, tokenizer, layers)
+        return _write(target, run_id, result, tokenizer, layers, corpus)
     raise TypeError(f"write_collection needs a Session, Engine or Connection, not {type(target).__name__}")
 
 
-def _write(conn: Connection, run_id: int, result: CollectionResult, tokenizer: Any, layers: list[int]) -> dict[str, int]:
+def _write(conn: Connection, run_id: int, result: CollectionResult, tokenizer: Any, layers: list[int],
+           corpus: Corpus | None) -> dict[str, int]:
     if conn.execute(select(Run.id).where(Run.id == run_id)).first() is None:
         raise ValueError(f"run {run_id} does not exist")
     t0 = time.perf_counter()
+    sources = store_sources(conn, run_id, result, corpus, tokenizer, layers) if corpus is not None else {}
     conn.execute(delete(Example).where(Example.run_id == run_id, Example.layer.in_(layers)))
     conn.execute(delete(Feature).where(Feature.run_id == run_id, Feature.layer.in_(layers)))
     conn.execute(delete(FeatureToken).where(FeatureToken.run_id == run_id, FeatureToken.layer.in_(layers)))
@@ -101,13 +112,69 @@ def _write(conn: Connection, run_id: int, result: CollectionResult, tokenizer: A
         for start in range(0, s.n_features, FEATURE_SLICE):
             stop = min(start + FEATURE_SLICE, s.n_features)
             n_feat += _bulk(conn, Feature.__table__, _FEATURE_COLUMNS, _feature_rows(run_id, result, layer, start, stop, decode))
-            n_ex += _bulk(conn, Example.__table__, _EXAMPLE_COLUMNS, _example_rows(run_id, s, start, stop))
+            n_ex += _bulk(conn, Example.__table__, _EXAMPLE_COLUMNS, _example_rows(run_id, s, start, stop, sources))
             lens = result.lens.get(layer) if result.lens is not None else None
             n_tok += _bulk(conn, FeatureToken.__table__, _TOKEN_COLUMNS,
                            _token_rows(run_id, s, lens, start, stop, n_vocab))
-    logger.info("stored run %s: %d features, %d examples, %d token rows in %.1f s", run_id, n_feat, n_ex, n_tok,
-                time.perf_counter() - t0)
-    return {"features": n_feat, "examples": n_ex, "feature_tokens": n_tok}
+    logger.info("stored run %s: %d features, %d examples, %d token rows, %d source sequences in %.1f s", run_id, n_feat,
+                n_ex, n_tok, len(sources), time.perf_counter() - t0)
+    return {"features": n_feat, "examples": n_ex, "feature_tokens": n_tok, "sources": len(sources)}
+
+
+def store_sources(conn: Connection, run_id: int, result: CollectionResult, corpus: Corpus, tokenizer: Any,
+                  layers: Sequence[int]) -> dict[int, int]:
+    """Every corpus sequence that a kept example of ``layers`` comes from, as a ``prompts`` row of the run
+    (source ``collection``, with its text and chat regions); returns {sequence id: prompt id}.
+
+    A sequence already stored by an earlier collection of the run (the same ids) keeps its row, so a re-collection
+    leaves trace links, lens results and graphs that point at it intact. Only sequences that examples come
+    from are stored (at most all of the corpus: its token ids once more, as JSON).
+    """
+    seqs: set[int] = set()
+    for layer in layers:
+        s = result.stats[layer]
+        for kept in (s.top, s.random, s.quantile):
+            loc = kept.loc[kept.loc >= 0]
+            seqs.update((loc >> POS_BITS).unique().tolist())
+    bad = [x for x in seqs if x >= len(corpus)]
+    if bad:
+        raise ValueError(f"the collection names sequence {max(bad)}, beyond the corpus of {len(corpus)}: "
+                         "not the corpus it was collected on")
+    known: dict[tuple[int, ...], int] = {}
+    for pid, ids in conn.execute(select(Prompt.id, Prompt.token_ids)
+                                 .where(Prompt.run_id == run_id, Prompt.source == SOURCE).order_by(Prompt.id)):
+        known.setdefault(tuple(int(t) for t in ids or ()), int(pid))
+    out: dict[int, int] = {}
+    new: list[int] = []
+    for seq in sorted(seqs):
+        pid = known.get(tuple(corpus[seq].tolist()))
+        if pid is None:
+            new.append(seq)
+        else:
+            out[seq] = pid
+    if new:
+        ids = [corpus[seq].tolist() for seq in new]
+        texts = tokenizer.batch_decode(ids) if tokenizer is not None and hasattr(tokenizer, "batch_decode") \
+            else [""] * len(ids)
+        rows = [{"run_id": run_id, "source": SOURCE, "text": storable(text), "token_ids": seq_ids,
+                 "regions": region_spans(corpus.regions_of(seq))}
+                for seq, seq_ids, text in zip(new, ids, texts, strict=True)]
+        table = Prompt.__table__
+        pids = conn.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows).scalars().all()
+        out.update(zip(new, (int(p) for p in pids), strict=True))
+    return out
+
+
+def region_spans(regions: torch.Tensor) -> list[list[Any]]:
+    """Runs of equal region codes as ``[[start, end, name], ...]`` (end exclusive), the trace viewer's layout."""
+    codes = regions.tolist()
+    spans: list[list[Any]] = []
+    for i, code in enumerate(codes):
+        if spans and spans[-1][2] == REGION_NAMES[code] and spans[-1][1] == i:
+            spans[-1][1] = i + 1
+        else:
+            spans.append([i, i + 1, REGION_NAMES[code]])
+    return spans
 
 
 def _decoder(result: CollectionResult, tokenizer: Any, layers: list[int]) -> dict[int, str | None]:
@@ -197,16 +264,17 @@ def _token_rows(run_id: int, s: FeatureStats, lens: Any, start: int, stop: int,
                "rank": r, "value": value}
 
 
-def _example_rows(run_id: int, s: FeatureStats, start: int, stop: int) -> Iterator[dict[str, Any]]:
+def _example_rows(run_id: int, s: FeatureStats, start: int, stop: int,
+                  sources: dict[int, int]) -> Iterator[dict[str, Any]]:
     for kind, kept in (("top", s.top), ("random", s.random)):
-        yield from _kept_rows(run_id, s.layer, kind, kept, start, stop, s.ctx_before)
+        yield from _kept_rows(run_id, s.layer, kind, kept, start, stop, s.ctx_before, sources)
     # Quantile buffers have one row per (feature, band): rows start*B:stop*B, rank = band * stride + slot.
     yield from _kept_rows(run_id, s.layer, "quantile", s.quantile, start * N_QUANTILE_BANDS, stop * N_QUANTILE_BANDS,
-                          s.ctx_before, bands=N_QUANTILE_BANDS)
+                          s.ctx_before, sources, bands=N_QUANTILE_BANDS)
 
 
 def _kept_rows(run_id: int, layer: int, kind: str, kept: KeptExamples, start: int, stop: int,
-               ctx_before: int, bands: int = 1) -> Iterator[dict[str, Any]]:
+               ctx_before: int, sources: dict[int, int], bands: int = 1) -> Iterator[dict[str, Any]]:
     if "tokens" not in kept.data:
         raise ValueError("the collection has no token windows; it must come from collect() or a merge of its results")
     loc = kept.loc[start:stop]
@@ -222,12 +290,17 @@ def _kept_rows(run_id: int, layer: int, kind: str, kept: KeptExamples, start: in
     last = torch.where(inside, torch.arange(width), -1).amax(dim=1) + 1
     max_act = acts.masked_fill(~inside, 0).amax(dim=1)
     acts = acts.round(decimals=ACT_DECIMALS)
+    locs = loc[occupied]
+    seqs, positions = (locs >> POS_BITS).tolist(), (locs & ((1 << POS_BITS) - 1)).tolist()
     row = feat + start
     feature, rank = row // bands, rank + (row % bands) * (QUANTILE_RANK_STRIDE if bands > 1 else 0)
-    for f, r, tok, act, a, b, m in zip(feature.tolist(), rank.tolist(), tokens.numpy(), acts.numpy(),
-                                       first.tolist(), last.tolist(), max_act.tolist(), strict=True):
+    for f, r, tok, act, a, b, m, seq, pos in zip(feature.tolist(), rank.tolist(), tokens.numpy(), acts.numpy(),
+                                                 first.tolist(), last.tolist(), max_act.tolist(), seqs, positions,
+                                                 strict=True):
+        source = sources.get(seq)
         yield {"run_id": run_id, "layer": layer, "index": f, "kind": kind, "rank": r, "token_ids": tok[a:b],
-               "acts": act[a:b], "focus": ctx_before - a, "max_act": m}
+               "acts": act[a:b], "focus": ctx_before - a, "max_act": m, "prompt_id": source,
+               "prompt_pos": pos if source is not None else None}
 
 
 def _bulk(conn: Connection, table: Table, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> int:

@@ -62,6 +62,7 @@ class ExampleView(BaseModel):
     token_kinds: list[str] = Field([], description="Each token's kind: text | special | bytes | padding.")
     hesitation: list[bool] = Field([], description="Each token: part of a hesitation word (the run's rule).")
     prompt_id: int | None = None
+    prompt_pos: int | None = Field(None, exclude=True)  # stored by collect: the focus token's place in prompt_id
     trace_id: int | None = Field(None, description="The source prompt, when it is stored in this run (the trace "
                                  "viewer opens it).")
     trace_pos: int | None = Field(None, description="The focus token's position in that prompt (the trace viewer's "
@@ -255,7 +256,7 @@ def _bands(quantile: list[ExampleView], hist: Hist | None) -> list[Band]:
 # request was ~10% of a feature page's time (and a statement built once hits SQLAlchemy's compiled cache).
 _RUN, _LAYER, _INDEX = bindparam("run"), bindparam("layer"), bindparam("index")
 _EXAMPLES = (select(Example.id, Example.kind, Example.rank, Example.token_ids, Example.acts, Example.focus,
-                    Example.max_act, Example.prompt_id)
+                    Example.max_act, Example.prompt_id, Example.prompt_pos)
              .where(Example.run_id == _RUN, Example.layer == _LAYER, Example.index == _INDEX)
              .order_by(Example.kind, Example.rank))
 _GRAPHS = (select(Graph.id, Graph.slug, Graph.target_token_str, GraphFeature.positions, GraphFeature.influence)
@@ -318,14 +319,18 @@ def _find(haystack: list[int], needle: list[int]) -> int | None:
 
 def _place_in_traces(session: Session, run_id: int, examples: list[ExampleView]) -> None:
     """Examples whose source prompt is stored (``examples.prompt_id``, same run) get their focus token's position
-    in it: where the example's window of ids occurs in the prompt's ids."""
-    wanted = {e.prompt_id for e in examples if e.prompt_id is not None}
+    in it: the stored one (``prompt_pos``, what collect writes: no read of the trace), else where the example's
+    window of ids occurs in the prompt's ids (examples written otherwise)."""
+    for e in examples:
+        if e.prompt_id is not None and e.prompt_pos is not None:  # the key is a foreign key: the prompt exists
+            e.trace_id, e.trace_pos = e.prompt_id, e.prompt_pos
+    wanted = {e.prompt_id for e in examples if e.prompt_id is not None and e.trace_id is None}
     if not wanted:
         return
     prompts = {pid: [int(t) for t in ids or []] for pid, ids in session.execute(
         select(Prompt.id, Prompt.token_ids).where(Prompt.run_id == run_id, Prompt.id.in_(wanted)))}
     for e in examples:
-        if e.prompt_id is None:
+        if e.prompt_id is None or e.trace_id is not None:
             continue
         ids = prompts.get(e.prompt_id)
         if ids is None:
@@ -352,7 +357,8 @@ def feature_page(session: Session, run_key: str | int, layer: int, index: int) -
         texts, kinds, marks = vocab.example_views(ids, words)
         examples.setdefault(ex.kind, []).append(ExampleView(
             id=ex.id, kind=ex.kind, rank=ex.rank, max_act=ex.max_act, focus=focus, window=window,
-            tokens=texts, token_ids=ids, acts=acts, token_kinds=kinds, hesitation=marks, prompt_id=ex.prompt_id))
+            tokens=texts, token_ids=ids, acts=acts, token_kinds=kinds, hesitation=marks, prompt_id=ex.prompt_id,
+            prompt_pos=ex.prompt_pos))
     _place_in_traces(session, run.id, [e for exs in examples.values() for e in exs])
     bands = _bands(examples.pop("quantile", []), _hist(feat.histogram))
     examples = {k: examples[k] for k in sorted(examples, key=lambda k: (KIND_ORDER + (k,)).index(k))}

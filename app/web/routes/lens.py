@@ -70,9 +70,9 @@ def lens_submit_html(request: Request, run: str, form: Annotated[LensForm, Form(
         return response
     run_id = str(get_run(session, run).id)
     watched = parse_features(form.features, required=False)
-    if form.back == "trace" and form.trace_id is not None:
+    if form.back == "trace" and form.trace_id is not None:  # back to the trace, shaded by the watched feature
         url = request.app.url_path_for("trace_page", run=run_id, trace_id=str(form.trace_id))
-        return RedirectResponse(url, status_code=303)
+        return RedirectResponse(f"{url}?feature={watched[0][0]}/{watched[0][1]}" if watched else url, status_code=303)
     if form.back == "feature" and watched:
         layer, index = watched[0]
         url = request.app.url_path_for("feature_page", run=run_id, layer=str(layer), index=str(index))
