@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from training.chat import THINK_END, format_prompt
+from training.config import Precision
 from training.generation import generate
 from training.hesitation import DEFAULT_HESITATION_WORDS, HesitationCounter
 from training.organism.tasks import (
@@ -83,7 +84,7 @@ class OrganismPreset:
     eval_max_new_tokens: int = 96  # traces are at most ~62 tokens
     # the training forward's matrix products: "auto" = bfloat16 where the CPU has it natively, else fp32
     # (training/precision.py; the manifest says which ran)
-    precision: str = "auto"
+    precision: Precision = "auto"
 
 
 PRESETS: dict[str, OrganismPreset] = {
