@@ -28,12 +28,13 @@ CTX = (3, 2)
 ACT_REL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def model():
-    """A tiny float64 adapter model (exact enough that padding cannot change any comparison)."""
+@pytest.fixture(scope="module", params=[N_FEATURES, 16], ids=["F12", "F16"])
+def model(request):
+    """A tiny float64 adapter model (exact enough that padding cannot change any comparison); 16 features: the
+    statistics' power-of-two path (token and feature of an entry by shift and mask)."""
     torch.set_num_threads(1)
     base, target = tiny_pair(0, dtype=torch.float64)
-    m = build_adapter_model(base, target, AdapterConfig(n_features=N_FEATURES))
+    m = build_adapter_model(base, target, AdapterConfig(n_features=request.param))
     randomize_adapters(m, seed=1)
     with torch.no_grad():
         for ad in m.adapters:  # sparser: about a third of the (token, feature) pairs fire
@@ -100,9 +101,9 @@ def test_counts_frequency_hist_regions_match_brute_force(model, corpus, brute, r
     for layer in range(model.n_layers):
         s = result.stats[layer]
         hits = brute[layer]["hits"]
-        assert 0.1 < len(hits) / (n_tokens * N_FEATURES) < 0.7  # sparse but not empty
+        assert 0.1 < len(hits) / (n_tokens * model.n_features) < 0.7  # sparse but not empty
         assert int(s.n_tokens) == n_tokens
-        for feat in range(N_FEATURES):
+        for feat in range(model.n_features):
             mine = [h for h in hits if h[3] == feat]
             assert int(s.count[feat]) == len(mine)
             assert float(s.frequency()[feat]) == len(mine) / n_tokens
@@ -128,7 +129,7 @@ def test_counts_frequency_hist_regions_match_brute_force(model, corpus, brute, r
 def test_top_k_matches_brute_force(model, corpus, brute, result) -> None:
     for layer in range(model.n_layers):
         s = result.stats[layer]
-        for feat in range(N_FEATURES):
+        for feat in range(model.n_features):
             expected = sorted((h for h in brute[layer]["hits"] if h[3] == feat), key=lambda h: (-h[0], h[1], h[2]))[:4]
             got = list(result.examples(layer, feat))
             got_top = [e for e in got if e.kind == "top"]
@@ -149,7 +150,7 @@ def test_top_k_matches_brute_force(model, corpus, brute, result) -> None:
 def test_random_examples_are_nonzero_occurrences(model, brute, result) -> None:
     for layer in range(model.n_layers):
         s = result.stats[layer]
-        for feat in range(N_FEATURES):
+        for feat in range(model.n_features):
             occurrences = {(h[1], h[2]): h[0] for h in brute[layer]["hits"] if h[3] == feat}
             rand = [e for e in result.examples(layer, feat) if e.kind == "random"]
             assert len(rand) == min(3, len(occurrences))
@@ -165,7 +166,7 @@ def test_quantile_examples_sample_every_activation_band(model, brute, result) ->
     k = result.stats[0].quantile.k
     seen_bands = set()
     for layer in range(model.n_layers):
-        for feat in range(N_FEATURES):
+        for feat in range(model.n_features):
             occurrences = {(h[1], h[2]): h[0] for h in brute[layer]["hits"] if h[3] == feat}
             per_band: dict[int, int] = {}
             for v in occurrences.values():
@@ -279,7 +280,7 @@ def test_logit_lens_convention(model, monkeypatch) -> None:
     lens = logit_lens(model, n=4)
     W_U, g = model.hf.lm_head.weight, model.hf.model.norm.weight
     for layer in range(model.n_layers):
-        for feat in range(N_FEATURES):
+        for feat in range(model.n_features):
             if (layer, feat) == (1, 7):  # zero decoder: every token ties, any order is right
                 assert lens[layer].top_values[feat].abs().max() == 0
                 continue
@@ -306,9 +307,9 @@ def test_hesitation_lens_is_the_largest_lens_value_among_the_hesitation_tokens(m
 def test_decoder_neighbours_match_brute_force(model, monkeypatch) -> None:
     monkeypatch.setattr("worker.collect.lens._CHUNK_ELEMENTS", 24 * 5)
     nb = decoder_neighbours(model, n=3)
-    cols = [(layer, i, model.adapters[layer].W_dec[:, i]) for layer in range(model.n_layers) for i in range(N_FEATURES)]
+    cols = [(layer, i, model.adapters[layer].W_dec[:, i]) for layer in range(model.n_layers) for i in range(model.n_features)]
     for layer in range(model.n_layers):
-        for feat in range(N_FEATURES):
+        for feat in range(model.n_features):
             me = model.adapters[layer].W_dec[:, feat]
             if layer == 1 and feat == 7:
                 assert nb[layer].layer[feat].tolist() == [-1, -1, -1]

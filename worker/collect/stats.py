@@ -75,6 +75,16 @@ _BAND_OFFSET = int((QUANTILE_LOG10_LOW - HIST_DECADES[0]) * HIST_BINS_PER_DECADE
 assert _BINS_PER_BAND * QUANTILE_BANDS_PER_DECADE == HIST_BINS_PER_DECADE
 
 
+_BAND_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _band_table(device: torch.device) -> torch.Tensor:
+    """:func:`band_of_bin` of every histogram bin, for one gather per activation instead of a few passes."""
+    if device not in _BAND_TABLES:
+        _BAND_TABLES[device] = band_of_bin(torch.arange(N_HIST)).to(device)
+    return _BAND_TABLES[device]
+
+
 def quantile_bands(v: torch.Tensor) -> torch.Tensor:
     """Activation band (0 .. N_QUANTILE_BANDS - 1) of each positive value."""
     return band_of_bin(hist_bins(v))
@@ -278,23 +288,27 @@ class FeatureStats:
         f = f.contiguous()
         flat_f = f.view(-1)
         nz = positive_indices(flat_f)
-        tok = nz // F_  # row * width + position
+        # token (row * width + position) and feature of each entry; for a power-of-two F (512, 8192) by shift and
+        # mask, several times cheaper than int64 division
+        shift = F_.bit_length() - 1 if F_ & (F_ - 1) == 0 else None
+        tok = nz >> shift if shift is not None else nz // F_
         if not bool(valid.all()):  # padding: few entries once batches are sorted by length
             keep = flat_nonzero(valid.reshape(-1).index_select(0, tok))
             nz, tok = nz.index_select(0, keep), tok.index_select(0, keep)
         if nz.numel() == 0:
             return
-        j = nz - tok * F_
+        j = nz & (F_ - 1) if shift is not None else nz - tok * F_
         v = flat_f.index_select(0, nz).to(self.act_max.dtype)
         self.act_sum.index_add_(0, j, v.double())
         self.act_max.scatter_reduce_(0, j, v, reduce="amax")
         bins = hist_bins(v)
-        hist = torch.bincount(j * N_HIST + bins, minlength=F_ * N_HIST).view(F_, N_HIST)
+        hist = torch.bincount(bins.add(j, alpha=N_HIST), minlength=F_ * N_HIST).view(F_, N_HIST)
         self.hist += hist
         self.count += hist.sum(1)
         # Region and thinking-position bin in one code per token: one gather and one bincount.
         code = (batch.region * (N_THINK_BINS + 1) + batch.think_bin + 1).reshape(-1).index_select(0, tok)
-        joint = torch.bincount(j * _N_CODES + code, minlength=F_ * _N_CODES).view(F_, N_REGIONS, N_THINK_BINS + 1)
+        joint = torch.bincount(code.add_(j, alpha=_N_CODES), minlength=F_ * _N_CODES).view(F_, N_REGIONS,
+                                                                                            N_THINK_BINS + 1)
         self.regions += joint.sum(2)
         self.think_hist += joint[:, :, 1:].sum(1)
 
@@ -326,7 +340,7 @@ class FeatureStats:
             if self._band_salts is None:
                 self._band_salts = feature_salts(self.seed ^ _QUANTILE_SALT, self.layer, F_ * N_QUANTILE_BANDS,
                                                  f.device)
-            row = j * N_QUANTILE_BANDS + band_of_bin(bins)
+            row = _band_table(f.device).index_select(0, bins).add_(j, alpha=N_QUANTILE_BANDS)  # = band_of_bin
             self.quantile.offer(row, tok_keys ^ self._band_salts.index_select(0, row), locate, payload)
 
     # -- finishing --------------------------------------------------------------------------------
