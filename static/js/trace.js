@@ -100,4 +100,9 @@
   };
   window.addEventListener("hashchange", fromHash);
   fromHash();
+  // A lens run from this page comes back here by a redirect with no fragment, which keeps the request's: the
+  // token in focus (an example's "in its trace" link, a minimap jump) is in focus again when the page returns.
+  document.querySelectorAll("[data-trace-lens]").forEach((form) => form.addEventListener("submit", () => {
+    if (/^#t\d+$/.test(location.hash)) form.action = form.action.split("#")[0] + location.hash;
+  }));
 })();

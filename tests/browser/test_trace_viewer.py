@@ -89,7 +89,8 @@ def test_minimap_jump_and_next_firing_on_a_long_trace(live, page):
 
     # the diff lens, run from the page (a real worker), then shade by a feature it found
     page.click("[data-trace-lens] button[type=submit]")
-    page.wait_for_url(f"**/runs/{run_id}/traces/{trace_id}")
+    page.wait_for_url(f"**/runs/{run_id}/traces/{trace_id}#t3")  # back on the token in focus before
+    assert page.evaluate(FOCUSED) == 3
     deadline = time.monotonic() + 180
     while page.locator("[data-shade]").count() == 0:
         with Session(engine) as s:

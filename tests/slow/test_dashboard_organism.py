@@ -103,6 +103,7 @@ def test_feature_example_opens_in_its_trace_at_the_token_it_fires_on(live, page)
     page.wait_for_url("**/traces/**")
     assert page.locator(f"#t{pos}").count() == 1
     page.click("[data-trace-lens] button[type=submit]")  # the diff lens of this trace, watching the feature
+    page.wait_for_url(f"**/traces/**?feature={layer}/{index}#t{pos}")  # back on the same token
     deadline = time.monotonic() + DONE_MS / 1000
     while page.locator("[data-firing-nav]").count() == 0:
         if time.monotonic() > deadline:
