@@ -201,8 +201,28 @@ def test_examples_point_at_their_stored_sequences(db_engine: Engine, result: Col
         assert {e.prompt_id for e in session.scalars(select(Example).where(Example.run_id == run_id))} == set(prompts)
 
 
-def test_a_corpus_that_is_not_the_collections_is_refused(db_engine: Engine, result: CollectionResult) -> None:
+def test_a_corpus_that_is_not_the_collections_is_refused(db_engine: Engine, result: CollectionResult,
+                                                         corpus: Corpus) -> None:
+    from app.db.schema import Prompt
+
     run_id = _run(db_engine)
-    with pytest.raises(ValueError, match="not the corpus it was collected on"):
-        write_collection(db_engine, run_id, result, corpus=Corpus.from_sequences([[1, 2, 3]]))
+    shifted = Corpus(corpus.tokens + 1, corpus.offsets, corpus.regions)  # same shape, other ids
+    for wrong in (Corpus.from_sequences([[1, 2, 3]]), shifted):
+        with pytest.raises(ValueError, match="not the corpus it was collected on"):
+            write_collection(db_engine, run_id, result, corpus=wrong)
     assert _counts(db_engine, run_id) == (0, 0)
+    with Session(db_engine) as session:
+        assert session.scalar(select(func.count()).select_from(Prompt).where(Prompt.run_id == run_id)) == 0
+
+
+def test_sources_over_the_limit_are_not_stored(db_engine: Engine, result: CollectionResult, corpus: Corpus,
+                                               monkeypatch, caplog) -> None:
+    from worker.collect import store
+
+    monkeypatch.setattr(store, "SOURCE_TOKEN_LIMIT", 5)
+    run_id = _run(db_engine)
+    counts = write_collection(db_engine, run_id, result, corpus=corpus)
+    assert counts["sources"] == 0 and counts["examples"] > 0 and "without links" in caplog.text
+    with Session(db_engine) as session:
+        assert session.scalar(select(func.count()).select_from(Example)
+                              .where(Example.run_id == run_id, Example.prompt_id.is_not(None))) == 0

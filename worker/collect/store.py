@@ -60,6 +60,7 @@ ACT_DECIMALS = 5  # stored precision of per-token activations
 _EXAMPLE_COLUMNS = ("run_id", "layer", "index", "kind", "rank", "token_ids", "acts", "focus", "max_act", "prompt_id",
                     "prompt_pos")
 SOURCE = "collection"  # prompts.source of the corpus sequences that examples come from
+SOURCE_TOKEN_LIMIT = 20_000_000  # at most this many tokens of them are stored (~100 MB of JSON)
 _FEATURE_COLUMNS = ("run_id", "layer", "index", "frequency", "max_act", "mean_act", "histogram", "logit_lens",
                     "region_counts", "think_pos_hist", "neighbours", "hesitation_lens")
 _TOKEN_COLUMNS = ("run_id", "relation", "token_id", "layer", "index", "rank", "value")
@@ -128,7 +129,9 @@ def store_sources(conn: Connection, run_id: int, result: CollectionResult, corpu
 
     A sequence already stored by an earlier collection of the run (the same ids) keeps its row, so a re-collection
     leaves trace links, lens results and graphs that point at it intact. Only sequences that examples come
-    from are stored (at most all of the corpus: its token ids once more, as JSON).
+    from are stored (at most all of the corpus: its token ids once more, as JSON); beyond ``SOURCE_TOKEN_LIMIT``
+    tokens none are (the examples keep no link) and the log says so. A corpus whose ids differ from the
+    examples' windows is refused (ValueError) before anything is written.
     """
     seqs: set[int] = set()
     for layer in layers:
@@ -136,10 +139,12 @@ def store_sources(conn: Connection, run_id: int, result: CollectionResult, corpu
         for kept in (s.top, s.random, s.quantile):
             loc = kept.loc[kept.loc >= 0]
             seqs.update((loc >> POS_BITS).unique().tolist())
-    bad = [x for x in seqs if x >= len(corpus)]
-    if bad:
-        raise ValueError(f"the collection names sequence {max(bad)}, beyond the corpus of {len(corpus)}: "
-                         "not the corpus it was collected on")
+    _check_corpus(result.stats[layers[0]], corpus)
+    n_tokens = int(corpus.lengths[sorted(seqs)].sum()) if seqs else 0
+    if n_tokens > SOURCE_TOKEN_LIMIT:
+        logger.warning("run %s: the examples come from %d sequences of %d tokens in all, over the %d stored as traces; "
+                       "the examples are written without links to them", run_id, len(seqs), n_tokens, SOURCE_TOKEN_LIMIT)
+        return {}
     known: dict[tuple[int, ...], int] = {}
     for pid, ids in conn.execute(select(Prompt.id, Prompt.token_ids)
                                  .where(Prompt.run_id == run_id, Prompt.source == SOURCE).order_by(Prompt.id)):
@@ -165,16 +170,28 @@ def store_sources(conn: Connection, run_id: int, result: CollectionResult, corpu
     return out
 
 
+def _check_corpus(stats: FeatureStats, corpus: Corpus) -> None:
+    """The top examples' windows (cut from the corpus they were collected on) must be the given corpus' ids."""
+    loc = stats.top.loc[stats.top.loc >= 0]
+    if loc.numel() == 0 or "tokens" not in stats.top.data:  # no windows: the rows' writer says so
+        return
+    seq, pos = loc >> POS_BITS, loc & ((1 << POS_BITS) - 1)
+    if int(seq.max()) >= len(corpus) or not torch.equal(
+            corpus.windows(seq, pos, stats.ctx_before, stats.ctx_after).to(torch.int32),
+            stats.top.data["tokens"][stats.top.loc >= 0].to(torch.int32)):
+        raise ValueError("the examples' token windows are not in this corpus: not the corpus it was collected on")
+
+
 def region_spans(regions: torch.Tensor) -> list[list[Any]]:
     """Runs of equal region codes as ``[[start, end, name], ...]`` (end exclusive), the trace viewer's layout."""
-    codes = regions.tolist()
-    spans: list[list[Any]] = []
-    for i, code in enumerate(codes):
-        if spans and spans[-1][2] == REGION_NAMES[code] and spans[-1][1] == i:
-            spans[-1][1] = i + 1
-        else:
-            spans.append([i, i + 1, REGION_NAMES[code]])
-    return spans
+    n = regions.numel()
+    if n == 0:
+        return []
+    change = torch.ones(n, dtype=torch.bool)
+    change[1:] = regions[1:] != regions[:-1]
+    starts = change.nonzero().squeeze(1).tolist()
+    codes = regions[starts].tolist()
+    return [[a, b, REGION_NAMES[c]] for a, b, c in zip(starts, starts[1:] + [n], codes, strict=True)]
 
 
 def _decoder(result: CollectionResult, tokenizer: Any, layers: list[int]) -> dict[int, str | None]:
