@@ -269,6 +269,9 @@ class Example(Base):
     __table_args__ = (Index("ix_examples_feature", "run_id", "layer", "index", "kind", "rank", unique=True),)
 
 
+COLLECTION_SOURCE = "collection"  # Prompt.source of the corpus sequences collect stores (examples point at them)
+
+
 class Prompt(Base):
     """A prompt or full trace with its token ids and chat regions (``[[start, end, region], ...]``)."""
 

@@ -226,3 +226,20 @@ def test_sources_over_the_limit_are_not_stored(db_engine: Engine, result: Collec
     with Session(db_engine) as session:
         assert session.scalar(select(func.count()).select_from(Example)
                               .where(Example.run_id == run_id, Example.prompt_id.is_not(None))) == 0
+
+
+def test_identical_sequences_are_stored_once(db_engine: Engine) -> None:
+    from app.db.schema import Prompt
+
+    torch.set_num_threads(1)
+    seq = [1, 7, 8, 3, 4, 9, 10, 11, 5, 12]
+    corpus = Corpus.from_sequences([seq, [1, 13, 3, 4, 14, 5], seq], markers=Markers(3, 4, 5))
+    result = collect(tiny_adapter_model(0, n_features=8), corpus, top_k=3, n_random=2, ctx_before=4, ctx_after=2)
+    run_id = _run(db_engine)
+    counts = write_collection(db_engine, run_id, result, corpus=corpus)
+    with Session(db_engine) as session:
+        rows = session.scalars(select(Prompt).where(Prompt.run_id == run_id)).all()
+        assert sorted(tuple(p.token_ids) for p in rows) == sorted({tuple(seq), (1, 13, 3, 4, 14, 5)})
+        assert counts["sources"] == 3  # three sequences, two of them one row
+        linked = set(session.scalars(select(Example.prompt_id).where(Example.run_id == run_id)))
+        assert linked == {p.id for p in rows}

@@ -172,6 +172,8 @@ def test_feature_examples_link_to_their_place_in_the_trace(web):
     assert "hes" in target.select_one("#t6")["class"]
     form = target.select_one("[data-trace-lens]")  # no lens yet: the one it runs watches the feature
     assert form.select_one("input[name=features]")["value"] == "2/5" and "watching 2/5" in form.text
+    unknown = _soup(web, f"/runs/{run}/traces/{trace_id}?feature=2/99999")  # not a feature of the run: the lens
+    assert unknown.select_one("[data-trace-lens] input[name=features]") is None  # runs without watching it
 
 
 def test_trace_strip_escapes_stored_text(web):
@@ -189,3 +191,20 @@ def test_trace_strip_escapes_stored_text(web):
     toks = page.select("[data-trace] .tok")
     assert [t.text for t in toks[:3]] == ["<script>", '"', "alert(1)"] and "r-thinking" in toks[4]["class"]
     assert [int(a["data-why"]) for a in page.select("[data-trace] a.why")] == [5]
+
+
+def test_trace_list_puts_collected_sequences_after_the_rest(web):
+    """collect stores hundreds of sequences as traces: the list shows the study's and requested ones first."""
+    run = web.world.run_id
+    with Session(web.engine) as s, s.begin():
+        mine = Prompt(run_id=run, source="trace", text="mine", token_ids=_ids("The", " sum"))
+        s.add(mine)
+        s.flush()
+        mine_id = mine.id
+        s.add_all([Prompt(run_id=run, source="collection", text=f"c{i}", token_ids=_ids("7")) for i in range(3)])
+    listed = web.client.get(f"/api/runs/{run}/traces").json()["traces"]
+    sources = [t["source"] for t in listed]
+    first = sources.index("collection")  # newer than every other trace, listed after them all
+    assert first > 0 and all(src == "collection" for src in sources[first:])
+    other = [t["id"] for t in listed[:first]]
+    assert mine_id in other and other == sorted(other, reverse=True)

@@ -37,7 +37,8 @@ import torch
 from sqlalchemy import Connection, Engine, Table, delete, insert, select
 from sqlalchemy.orm import Session
 
-from app.db.schema import Example, Feature, FeatureToken, Prompt, Run
+from app.db.lens_request import token_key
+from app.db.schema import COLLECTION_SOURCE, Example, Feature, FeatureToken, Prompt, Run
 from app.db.text import storable
 from app.labels.store import clear_labels
 from training.chat import REGION_NAMES
@@ -59,7 +60,6 @@ ACT_DECIMALS = 5  # stored precision of per-token activations
 
 _EXAMPLE_COLUMNS = ("run_id", "layer", "index", "kind", "rank", "token_ids", "acts", "focus", "max_act", "prompt_id",
                     "prompt_pos")
-SOURCE = "collection"  # prompts.source of the corpus sequences that examples come from
 SOURCE_TOKEN_LIMIT = 20_000_000  # at most this many tokens of them are stored (~100 MB of JSON)
 _FEATURE_COLUMNS = ("run_id", "layer", "index", "frequency", "max_act", "mean_act", "histogram", "logit_lens",
                     "region_counts", "think_pos_hist", "neighbours", "hesitation_lens")
@@ -129,9 +129,9 @@ def store_sources(conn: Connection, run_id: int, result: CollectionResult, corpu
 
     A sequence already stored by an earlier collection of the run (the same ids) keeps its row, so a re-collection
     leaves trace links, lens results and graphs that point at it intact. Only sequences that examples come
-    from are stored (at most all of the corpus: its token ids once more, as JSON); beyond ``SOURCE_TOKEN_LIMIT``
-    tokens none are (the examples keep no link) and the log says so. A corpus whose ids differ from the
-    examples' windows is refused (ValueError) before anything is written.
+    from are stored, each distinct one once (at most all of the corpus: its token ids once more, as JSON); beyond
+    ``SOURCE_TOKEN_LIMIT`` tokens none are (the examples keep no link) and the log says so. A corpus whose ids
+    differ from the examples' windows is refused (ValueError) before anything is written.
     """
     seqs: set[int] = set()
     for layer in layers:
@@ -139,34 +139,45 @@ def store_sources(conn: Connection, run_id: int, result: CollectionResult, corpu
         for kept in (s.top, s.random, s.quantile):
             loc = kept.loc[kept.loc >= 0]
             seqs.update((loc >> POS_BITS).unique().tolist())
-    _check_corpus(result.stats[layers[0]], corpus)
-    n_tokens = int(corpus.lengths[sorted(seqs)].sum()) if seqs else 0
+    if not seqs:
+        return {}
+    if max(seqs) >= len(corpus):
+        raise ValueError(f"the collection names sequence {max(seqs)}, beyond the corpus of {len(corpus)}: "
+                         "not the corpus it was collected on")
+    for layer in layers:
+        _check_corpus(result.stats[layer], corpus)
+    n_tokens = int(corpus.lengths[sorted(seqs)].sum())
     if n_tokens > SOURCE_TOKEN_LIMIT:
         logger.warning("run %s: the examples come from %d sequences of %d tokens in all, over the %d stored as traces; "
                        "the examples are written without links to them", run_id, len(seqs), n_tokens, SOURCE_TOKEN_LIMIT)
         return {}
-    known: dict[tuple[int, ...], int] = {}
-    for pid, ids in conn.execute(select(Prompt.id, Prompt.token_ids)
-                                 .where(Prompt.run_id == run_id, Prompt.source == SOURCE).order_by(Prompt.id)):
-        known.setdefault(tuple(int(t) for t in ids or ()), int(pid))
+    # rows of earlier collections by the hash of their ids, read a few hundred at a time (only the hashes stay)
+    known: dict[str, int] = {}
+    rows_seen = conn.execute(  # options on the statement: on the connection they would stay for the insert below
+        select(Prompt.id, Prompt.token_ids).where(Prompt.run_id == run_id, Prompt.source == COLLECTION_SOURCE)
+        .order_by(Prompt.id).execution_options(stream_results=True, yield_per=500))
+    for pid, ids in rows_seen:
+        known.setdefault(token_key(ids or []), int(pid))
     out: dict[int, int] = {}
-    new: list[int] = []
+    new: dict[str, list[int]] = {}  # hash → the new sequences with those ids (stored once)
     for seq in sorted(seqs):
-        pid = known.get(tuple(corpus[seq].tolist()))
-        if pid is None:
-            new.append(seq)
+        key = token_key(corpus[seq].tolist())
+        if key in known:
+            out[seq] = known[key]
         else:
-            out[seq] = pid
+            new.setdefault(key, []).append(seq)
     if new:
-        ids = [corpus[seq].tolist() for seq in new]
+        firsts = [group[0] for group in new.values()]
+        ids = [corpus[seq].tolist() for seq in firsts]
         texts = tokenizer.batch_decode(ids) if tokenizer is not None and hasattr(tokenizer, "batch_decode") \
             else [""] * len(ids)
-        rows = [{"run_id": run_id, "source": SOURCE, "text": storable(text), "token_ids": seq_ids,
+        rows = [{"run_id": run_id, "source": COLLECTION_SOURCE, "text": storable(text), "token_ids": seq_ids,
                  "regions": region_spans(corpus.regions_of(seq))}
-                for seq, seq_ids, text in zip(new, ids, texts, strict=True)]
+                for seq, seq_ids, text in zip(firsts, ids, texts, strict=True)]
         table = Prompt.__table__
         pids = conn.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows).scalars().all()
-        out.update(zip(new, (int(p) for p in pids), strict=True))
+        for group, pid in zip(new.values(), pids, strict=True):
+            out.update(dict.fromkeys(group, int(pid)))
     return out
 
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.db.attribute_request import AttributeRequestError, submit_attribute
 from app.db.lens_request import token_key
-from app.db.schema import Graph, Job, LensResult, Prompt
+from app.db.schema import COLLECTION_SOURCE, Graph, Job, LensResult, Prompt
 from app.web.data.common import BadInput, NotFound, RunRef, get_run, hesitation_words, run_ref, run_vocab
 from app.web.data.feature import token_views
 
@@ -55,6 +55,7 @@ class TracePage(BaseModel):
     shade_max: float | None = Field(None, description="The shading value at full colour.")
     feature_source: str | None = Field(None, description="watched (every token) or lens (its strongest features).")
     n_firing: int | None = Field(None, description="With a feature: the tokens where it is active (> 0).")
+    feature_in_run: bool = Field(False, description="The feature is one of the run's (a lens may watch it).")
 
 
 class TraceItem(BaseModel):
@@ -83,7 +84,9 @@ def trace_list(session: Session, run_key: str | int) -> TraceList:
     rows = session.execute(select(Prompt.id, Prompt.source, Prompt.text, func.json_array_length(Prompt.token_ids)
                                   if session.bind.dialect.name == "sqlite"
                                   else func.jsonb_array_length(Prompt.token_ids))
-                           .where(Prompt.run_id == run.id).order_by(Prompt.id.desc()).limit(MAX_LISTED))
+                           .where(Prompt.run_id == run.id)
+                           # the study's and requested traces before the (many) sequences collect stored
+                           .order_by(Prompt.source == COLLECTION_SOURCE, Prompt.id.desc()).limit(MAX_LISTED))
     return TraceList(run=run_ref(run), traces=[TraceItem(id=i, source=src, n_tokens=n or 0, text=(t or "")[:160])
                                                for i, src, t, n in rows])
 
@@ -123,7 +126,9 @@ def trace_page(session: Session, run_key: str | int, trace_id: int, *, shade: Sh
     page = TracePage(run=run_ref(run), trace=TraceInfo(id=row.id, source=row.source, n_tokens=len(ids),
                                                        answer=row.answer),
                      tokens=tokens, n_hesitations=sum(t.hesitation for t in tokens),
-                     lens_id=lens_id, shade=shade, feature=fl)
+                     lens_id=lens_id, shade=shade, feature=fl,
+                     feature_in_run=fl is not None and (run.n_layers is None or fl[0] < run.n_layers)
+                     and (run.n_features is None or fl[1] < run.n_features))
     for pos, gid in why_graphs(session, run.id, ids, [t.pos for t in tokens if t.hesitation]).items():
         tokens[pos].graph_id = gid
     if lens_id is None or shade == "none":
