@@ -243,3 +243,24 @@ def test_identical_sequences_are_stored_once(db_engine: Engine) -> None:
         assert counts["sources"] == 3  # three sequences, two of them one row
         linked = set(session.scalars(select(Example.prompt_id).where(Example.run_id == run_id)))
         assert linked == {p.id for p in rows}
+
+
+def test_merged_shards_link_like_one_pass(db_engine: Engine, corpus: Corpus, result: CollectionResult) -> None:
+    """Shards index the whole corpus: a merged result links every example to the same sequence and position as
+    the one-pass result does."""
+    from worker.collect import merge_results
+
+    model = tiny_adapter_model(0, n_features=8)
+    kw = {"top_k": 3, "n_random": 2, "ctx_before": 4, "ctx_after": 2, "n_neighbours": 3, "lens_tokens": 2}
+    merged = merge_results(*(collect(model, corpus, shard=(i, 2), **kw) for i in range(2)))
+    links = {}
+    for name, res in (("one", result), ("merged", merged)):
+        run_id = _run(db_engine, name)
+        write_collection(db_engine, run_id, res, corpus=corpus)
+        with Session(db_engine) as session:
+            from app.db.schema import Prompt
+
+            links[name] = sorted((e.layer, e.index, e.kind, e.rank, tuple(session.get(Prompt, e.prompt_id).token_ids),
+                                  e.prompt_pos)
+                                 for e in session.scalars(select(Example).where(Example.run_id == run_id)))
+    assert links["merged"] == links["one"] and links["one"]
