@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from app.db.schema import Example, Feature, Run
+from app.db.schema import Example, Feature, Prompt, Run
 from tests.helpers import tiny_adapter_model
 from training.chat import REGION_NAMES
 from worker.collect import CollectionResult, Corpus, Markers, collect, write_collection
@@ -167,7 +167,6 @@ def test_examples_point_at_their_stored_sequences(db_engine: Engine, result: Col
                                                   corpus: Corpus) -> None:
     """With the corpus, each example's sequence is a prompts row of the run (its ids, text and chat regions) and
     the example's window occurs in it at its stored position; a re-collection reuses the rows (no duplicates, same ids)."""
-    from app.db.schema import Prompt
     from worker.collect.stats import POS_BITS
 
     run_id = _run(db_engine)
@@ -203,8 +202,6 @@ def test_examples_point_at_their_stored_sequences(db_engine: Engine, result: Col
 
 def test_a_corpus_that_is_not_the_collections_is_refused(db_engine: Engine, result: CollectionResult,
                                                          corpus: Corpus) -> None:
-    from app.db.schema import Prompt
-
     run_id = _run(db_engine)
     shifted = Corpus(corpus.tokens + 1, corpus.offsets, corpus.regions)  # same shape, other ids
     for wrong in (Corpus.from_sequences([[1, 2, 3]]), shifted):
@@ -229,8 +226,6 @@ def test_sources_over_the_limit_are_not_stored(db_engine: Engine, result: Collec
 
 
 def test_identical_sequences_are_stored_once(db_engine: Engine) -> None:
-    from app.db.schema import Prompt
-
     torch.set_num_threads(1)
     seq = [1, 7, 8, 3, 4, 9, 10, 11, 5, 12]
     corpus = Corpus.from_sequences([seq, [1, 13, 3, 4, 14, 5], seq], markers=Markers(3, 4, 5))
@@ -258,9 +253,7 @@ def test_merged_shards_link_like_one_pass(db_engine: Engine, corpus: Corpus, res
         run_id = _run(db_engine, name)
         write_collection(db_engine, run_id, res, corpus=corpus)
         with Session(db_engine) as session:
-            from app.db.schema import Prompt
-
-            links[name] = sorted((e.layer, e.index, e.kind, e.rank, tuple(session.get(Prompt, e.prompt_id).token_ids),
+                    links[name] = sorted((e.layer, e.index, e.kind, e.rank, tuple(session.get(Prompt, e.prompt_id).token_ids),
                                   e.prompt_pos)
                                  for e in session.scalars(select(Example).where(Example.run_id == run_id)))
     assert links["merged"] == links["one"] and links["one"]
