@@ -97,7 +97,7 @@ def validate_lens(session: Session, data: LensRequest | dict) -> LensRequest:
     req: LensRequest = _parse(LensRequest, data)
     run = _run(session, req.run_id)
     for layer, index in req.features:
-        if (run.n_layers is not None and layer >= run.n_layers) or (run.n_features is not None and index >= run.n_features):
+        if not run.has_feature(layer, index):
             raise AblationRequestError(f"unknown feature ({layer}, {index}): run {run.id} has {run.n_layers} layers "
                                        f"× {run.n_features} features")
     return req

@@ -324,8 +324,7 @@ def resolve_selection(session: Session, run: Run, spec: InterventionSpec) -> Res
         if n_layers is not None and not 0 <= layer < n_layers:
             raise AblationRequestError(f"unknown layer {layer}: run {run.id} has layers 0..{n_layers - 1}")
     for layer, index in sorted(pairs):
-        if (n_layers is not None and not 0 <= layer < n_layers) or \
-                (n_features is not None and not 0 <= index < n_features) or layer < 0 or index < 0:
+        if not run.has_feature(layer, index):
             raise AblationRequestError(
                 f"unknown feature ({layer}, {index}): run {run.id} has {n_layers} layers × {n_features} features")
     return ResolvedSelection(features=sorted(pairs), all_layers=sorted(set(spec.layers)), complement=spec.complement,

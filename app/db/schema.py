@@ -121,6 +121,11 @@ class Run(Base):
     d_model: Mapped[int | None] = mapped_column(Integer)
     checkpoint: Mapped[str | None] = mapped_column(String(1000), doc="Path of the adapter checkpoint.")
 
+    def has_feature(self, layer: int, index: int) -> bool:
+        """Whether (layer, index) names one of the run's features (a size not yet known admits any)."""
+        return (0 <= layer and 0 <= index and (self.n_layers is None or layer < self.n_layers)
+                and (self.n_features is None or index < self.n_features))
+
 
 class RunMetric(Base):
     """One logged training step (loss terms, L0, learning rate …); re-logging a step replaces it."""

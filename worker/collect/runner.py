@@ -39,6 +39,7 @@ from worker.collect.stats import (
     hist_edges_for_display,
     pack_loc,
     quantile_band_edges,
+    unpack_loc,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,7 @@ def collect(model: AdapterModel, corpus: Corpus | Sequence[Sequence[int]], *, to
 
     cpu = {layer: s.to("cpu").sort_examples() for layer, s in stats.items()}
     for s in cpu.values():
-        s.fill_tokens(lambda loc, s=s: corpus.windows(loc >> POS_BITS, loc & ((1 << POS_BITS) - 1),
-                                                      s.ctx_before, s.ctx_after))
+        s.fill_tokens(lambda loc, s=s: corpus.windows(*unpack_loc(loc), s.ctx_before, s.ctx_after))
     t2 = time.perf_counter()
     if weight_views is None:
         weight_views = shard[0] == 0

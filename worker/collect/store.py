@@ -45,7 +45,7 @@ from training.chat import REGION_NAMES
 from worker.collect.corpus import Corpus
 from worker.collect.kept import KeptExamples
 from worker.collect.result import QUANTILE_RANK_STRIDE, CollectionResult
-from worker.collect.stats import N_QUANTILE_BANDS, POS_BITS, FeatureStats
+from worker.collect.stats import N_QUANTILE_BANDS, FeatureStats, unpack_loc
 
 try:  # optional: only makes large writes faster
     import orjson as _orjson
@@ -138,7 +138,7 @@ def store_sources(conn: Connection, run_id: int, result: CollectionResult, corpu
         s = result.stats[layer]
         for kept in (s.top, s.random, s.quantile):
             loc = kept.loc[kept.loc >= 0]
-            seqs.update((loc >> POS_BITS).unique().tolist())
+            seqs.update(unpack_loc(loc)[0].unique().tolist())
     if not seqs:
         return {}
     if max(seqs) >= len(corpus):
@@ -159,16 +159,17 @@ def store_sources(conn: Connection, run_id: int, result: CollectionResult, corpu
     for pid, ids in rows_seen:
         known.setdefault(token_key(ids or []), int(pid))
     out: dict[int, int] = {}
-    new: dict[str, list[int]] = {}  # hash → the new sequences with those ids (stored once)
+    new: dict[str, tuple[list[int], list[int]]] = {}  # hash → (the new sequences with those ids, the ids)
     for seq in sorted(seqs):
-        key = token_key(corpus[seq].tolist())
+        seq_ids = corpus[seq].tolist()
+        key = token_key(seq_ids)
         if key in known:
             out[seq] = known[key]
         else:
-            new.setdefault(key, []).append(seq)
+            new.setdefault(key, ([], seq_ids))[0].append(seq)
     if new:
-        firsts = [group[0] for group in new.values()]
-        ids = [corpus[seq].tolist() for seq in firsts]
+        firsts = [group[0] for group, _ in new.values()]
+        ids = [seq_ids for _, seq_ids in new.values()]
         texts = tokenizer.batch_decode(ids) if tokenizer is not None and hasattr(tokenizer, "batch_decode") \
             else [""] * len(ids)
         rows = [{"run_id": run_id, "source": COLLECTION_SOURCE, "text": storable(text), "token_ids": seq_ids,
@@ -176,7 +177,7 @@ def store_sources(conn: Connection, run_id: int, result: CollectionResult, corpu
                 for seq, seq_ids, text in zip(firsts, ids, texts, strict=True)]
         table = Prompt.__table__
         pids = conn.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows).scalars().all()
-        for group, pid in zip(new.values(), pids, strict=True):
+        for (group, _), pid in zip(new.values(), pids, strict=True):
             out.update(dict.fromkeys(group, int(pid)))
     return out
 
@@ -186,10 +187,9 @@ def _check_corpus(stats: FeatureStats, corpus: Corpus) -> None:
     loc = stats.top.loc[stats.top.loc >= 0]
     if loc.numel() == 0 or "tokens" not in stats.top.data:  # no windows: the rows' writer says so
         return
-    seq, pos = loc >> POS_BITS, loc & ((1 << POS_BITS) - 1)
-    if int(seq.max()) >= len(corpus) or not torch.equal(
-            corpus.windows(seq, pos, stats.ctx_before, stats.ctx_after).to(torch.int32),
-            stats.top.data["tokens"][stats.top.loc >= 0].to(torch.int32)):
+    # the caller has checked that every sequence id is in the corpus
+    if not torch.equal(corpus.windows(*unpack_loc(loc), stats.ctx_before, stats.ctx_after).to(torch.int32),
+                       stats.top.data["tokens"][stats.top.loc >= 0].to(torch.int32)):
         raise ValueError("the examples' token windows are not in this corpus: not the corpus it was collected on")
 
 
@@ -318,8 +318,7 @@ def _kept_rows(run_id: int, layer: int, kind: str, kept: KeptExamples, start: in
     last = torch.where(inside, torch.arange(width), -1).amax(dim=1) + 1
     max_act = acts.masked_fill(~inside, 0).amax(dim=1)
     acts = acts.round(decimals=ACT_DECIMALS)
-    locs = loc[occupied]
-    seqs, positions = (locs >> POS_BITS).tolist(), (locs & ((1 << POS_BITS) - 1)).tolist()
+    seqs, positions = (t.tolist() for t in unpack_loc(loc[occupied]))
     row = feat + start
     feature, rank = row // bands, rank + (row % bands) * (QUANTILE_RANK_STRIDE if bands > 1 else 0)
     for f, r, tok, act, a, b, m, seq, pos in zip(feature.tolist(), rank.tolist(), tokens.numpy(), acts.numpy(),

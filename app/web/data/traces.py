@@ -127,8 +127,7 @@ def trace_page(session: Session, run_key: str | int, trace_id: int, *, shade: Sh
                                                        answer=row.answer),
                      tokens=tokens, n_hesitations=sum(t.hesitation for t in tokens),
                      lens_id=lens_id, shade=shade, feature=fl,
-                     feature_in_run=fl is not None and (run.n_layers is None or fl[0] < run.n_layers)
-                     and (run.n_features is None or fl[1] < run.n_features))
+                     feature_in_run=fl is not None and run.has_feature(*fl))
     for pos, gid in why_graphs(session, run.id, ids, [t.pos for t in tokens if t.hesitation]).items():
         tokens[pos].graph_id = gid
     if lens_id is None or shade == "none":
