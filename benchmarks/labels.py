@@ -1,5 +1,5 @@
-"""Feature labels at the paper's scale on SQLite: the built-in labeler's rate, label search latency, the run page's
-category analysis.
+"""Feature labels at the paper's scale: the built-in labeler's rate, label search latency and the run page's category
+analysis, on SQLite and (``--pg-url``) on Postgres.
 
 1. Labeler: ``--label-features`` synthetic features in one layer, each with 20 top + 10 random examples of 71
    tokens (as the collector stores them; the tokens drawn from the seeded test vocabulary, so classes vary),
@@ -10,8 +10,12 @@ category analysis.
    layer (``feature_list(q=...)``, one page of 50) and through the bare match subquery; p50 / p99 / max.
 3. The run page's category analysis over those 229,376 labels (``category_analysis``).
 
+Parts 2 and 3 run on SQLite and, with ``--pg-url``, again on that Postgres database (migrated here; the runs
+this creates there are deleted again): the two backends search differently (FTS5; a GIN tsvector index).
+
     python benchmarks/labels.py                              # the defaults below (about a minute on 2 cores)
     python benchmarks/labels.py --label-features 2048 --search-features 50000
+    python benchmarks/labels.py --skip-labeler --pg-url postgresql+psycopg://postgres@127.0.0.1:5432/bench
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ def _run(engine, name: str, n_features: int, tok_dir: Path) -> int:
 
 
 def _bulk(conn, sql: str, rows, batch: int = 5000) -> None:
+    """executemany in batches; ``sql`` has qmark placeholders (SQLite's), rewritten for a format-style driver."""
+    if conn.dialect.paramstyle in ("format", "pyformat"):
+        sql = sql.replace("?", "%s")
     buf = []
     for r in rows:
         buf.append(r)
@@ -119,12 +126,66 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+def search_part(engine, backend: str, args: argparse.Namespace, tok: Path, data_dir: str, rng: random.Random) -> None:
+    """Parts 2 and 3 on one backend: fill a run with a label per feature, search it, analyse its categories."""
+    sid = _run(engine, f"search-{time.time_ns()}", args.search_features, tok)
+    try:
+        fill = fill_labels(engine, sid, args.search_features, rng)
+        dialect = engine.dialect.name
+        if dialect == "postgresql":
+            with engine.begin() as conn:  # fresh statistics, as autovacuum would give a store this size
+                conn.exec_driver_sql("ANALYZE features")
+                conn.exec_driver_sql("ANALYZE feature_labels")
+        print(f"[{backend}] search store: {args.search_features:,} features and labels written and indexed in "
+              f"{fill:.1f} s")
+        with Session(engine) as s:
+            s.info["adapterlens_data_dir"] = data_dir
+            page_ms, match_ms, hits, by_query = [], [], [], {}
+            for k in range(args.queries):
+                q = QUERIES[k % len(QUERIES)]
+                t = time.perf_counter()
+                page = feature_list(s, sid, FeatureQuery(q=q, limit=50))
+                page_ms.append(1000 * (time.perf_counter() - t))
+                by_query.setdefault(q, []).append(page_ms[-1])
+                sub = label_match(dialect, sid, q)
+                t = time.perf_counter()
+                n = s.scalar(select(func.count()).select_from(sub))
+                match_ms.append(1000 * (time.perf_counter() - t))
+                hits.append(n)
+                assert n == 0 or page.rows
+            for name, ms in (("feature index page with ?q= (50 rows)", page_ms),
+                             ("match subquery, counting every hit", match_ms)):
+                print(f"[{backend}] label search, {name}: p50 {statistics.median(ms):.1f} ms, p99 {pct(ms, 0.99):.1f} ms, "
+                      f"max {max(ms):.1f} ms over {len(ms)} queries (hits per query: median "
+                      f"{int(statistics.median(hits)):,}, max {max(hits):,})")
+            slowest = sorted(by_query.items(), key=lambda kv: -statistics.median(kv[1]))[:3]
+            print(f"[{backend}]   slowest queries (median ms of the page): "
+                  + ", ".join(f"{q!r} {statistics.median(ms):.1f}" for q, ms in slowest))
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                cats = category_analysis(s, sid)
+                times.append(1000 * (time.perf_counter() - t))
+            t = time.perf_counter()
+            label_sources(s, sid)
+            src_ms = 1000 * (time.perf_counter() - t)
+            print(f"[{backend}] run page category analysis over {cats.n_labelled:,} labels: median "
+                  f"{statistics.median(times):.0f} ms of 5 (of which finding the labelers: {src_ms:.0f} ms)")
+            if dialect == "sqlite":
+                size = s.scalar(text("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"))
+                print(f"[{backend}] database file: {size / 2**20:.0f} MiB")
+    finally:
+        with Session(engine) as s, s.begin():
+            s.delete(s.get(Run, sid))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--label-features", type=int, default=4096)
     ap.add_argument("--search-features", type=int, default=PAPER_FEATURES)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--skip-labeler", action="store_true", help="only the search and category parts")
+    ap.add_argument("--pg-url", default=None, help="also run the search and category parts on this Postgres database")
     args = ap.parse_args()
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,42 +205,13 @@ def main() -> None:
               f"tokens each; filled in {fill_s:.1f} s) labelled in {out['seconds']:.2f} s = {rate:,.0f} labels/s; "
               f"at this rate the paper's {PAPER_FEATURES:,} features take {PAPER_FEATURES / rate:,.0f} s "
               f"(extrapolated)")
-
-        sid = _run(engine, "search", args.search_features, tok)
-        fill = fill_labels(engine, sid, args.search_features, rng)
-        print(f"search store: {args.search_features:,} features and labels written and FTS-indexed in {fill:.1f} s")
-        with Session(engine) as s:
-            s.info["adapterlens_data_dir"] = tmp
-            page_ms, match_ms, hits = [], [], []
-            for k in range(args.queries):
-                q = QUERIES[k % len(QUERIES)]
-                t = time.perf_counter()
-                page = feature_list(s, sid, FeatureQuery(q=q, limit=50))
-                page_ms.append(1000 * (time.perf_counter() - t))
-                sub = label_match("sqlite", sid, q)
-                t = time.perf_counter()
-                n = s.scalar(select(func.count()).select_from(sub))
-                match_ms.append(1000 * (time.perf_counter() - t))
-                hits.append(n)
-                assert n == 0 or page.rows
-            for name, ms in (("feature index page with ?q= (50 rows)", page_ms),
-                             ("match subquery, counting every hit", match_ms)):
-                print(f"label search, {name}: p50 {statistics.median(ms):.1f} ms, p99 {pct(ms, 0.99):.1f} ms, "
-                      f"max {max(ms):.1f} ms over {len(ms)} queries (hits per query: median "
-                      f"{int(statistics.median(hits)):,}, max {max(hits):,})")
-            times = []
-            for _ in range(5):
-                t = time.perf_counter()
-                cats = category_analysis(s, sid)
-                times.append(1000 * (time.perf_counter() - t))
-            t = time.perf_counter()
-            label_sources(s, sid)
-            src_ms = 1000 * (time.perf_counter() - t)
-            print(f"run page category analysis over {cats.n_labelled:,} labels: median {statistics.median(times):.0f} ms "
-                  f"of 5 (of which finding the labelers: {src_ms:.0f} ms)")
-            size = s.scalar(text("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()"))
-            print(f"database file: {size / 2**20:.0f} MiB")
+        search_part(engine, "sqlite", args, tok, tmp, rng)
         engine.dispose()
+        if args.pg_url:
+            upgrade(args.pg_url)
+            pg = make_engine(args.pg_url)
+            search_part(pg, "postgres", args, tok, tmp, random.Random(0))
+            pg.dispose()
 
 
 if __name__ == "__main__":

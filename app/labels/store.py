@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, delete, exists, func, literal_column, select, text
+from sqlalchemy import Integer, bindparam, delete, func, literal_column, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -114,6 +114,23 @@ def _fts_ids(expr: str) -> Any:
     return text(_FTS_MATCH).bindparams(fts_q=expr).columns(rowid=Integer)
 
 
+def _label_condition(dialect: str, terms: Sequence[str]) -> Any:
+    """The condition on a ``feature_labels`` row that its label matches every one of ``terms``."""
+    fl = FeatureLabel.__table__
+    if not terms:
+        return fl.c.id < 0  # no words: nothing matches
+    if dialect == "sqlite":
+        return fl.c.id.in_(_fts_ids(_fts_expr(terms)))
+    if dialect == "postgresql":
+        simple = literal_column("'simple'")
+        tsq = " & ".join(f"{t.lower()}:*" for t in terms)
+        return func.to_tsvector(simple, fl.c.label).op("@@")(func.to_tsquery(simple, bindparam("ts_q", tsq)))
+    cond = func.lower(fl.c.label).contains(terms[0].lower())  # another backend: a plain substring match per word
+    for t in terms[1:]:
+        cond = cond & func.lower(fl.c.label).contains(t.lower())
+    return cond
+
+
 def label_match(dialect: str, run_id: int, query: str) -> Any:
     """A subquery of (layer, index) of the run's features with a label (of any source) matching ``query``.
 
@@ -121,57 +138,60 @@ def label_match(dialect: str, run_id: int, query: str) -> Any:
     that order: SQLite otherwise scanned the run's labels and probed the id list, 17 ms even for no match)."""
     fl = FeatureLabel.__table__
     terms = search_terms(query)
-    if not terms:
-        cond: Any = fl.c.id < 0  # no words: nothing matches
-    elif dialect == "sqlite":
+    if terms and dialect == "sqlite":
         return text(f'SELECT fl.layer AS layer, fl."index" AS "index" FROM ({_FTS_MATCH}) AS m '
                     'CROSS JOIN feature_labels AS fl ON fl.id = m.rowid '
                     'WHERE fl.run_id = :fts_run GROUP BY fl.layer, fl."index"'
                     ).bindparams(fts_q=_fts_expr(terms), fts_run=run_id
                                  ).columns(layer=Integer, index=Integer).subquery("label_match")
-    elif dialect == "postgresql":
-        simple = literal_column("'simple'")
-        tsq = " & ".join(f"{t.lower()}:*" for t in terms)
-        cond = func.to_tsvector(simple, fl.c.label).op("@@")(func.to_tsquery(simple, bindparam("ts_q", tsq)))
-    else:  # another backend: a plain substring match per word
-        cond = func.lower(fl.c.label).contains(terms[0].lower())
-        for t in terms[1:]:
-            cond = cond & func.lower(fl.c.label).contains(t.lower())
-    return (select(fl.c.layer, fl.c.index).where(fl.c.run_id == run_id, cond)
+    return (select(fl.c.layer, fl.c.index).where(fl.c.run_id == run_id, _label_condition(dialect, terms))
             .group_by(fl.c.layer, fl.c.index).subquery("label_match"))
 
 
-COMMON_MATCHES = 5000  # label hits above which a search walks the feature index instead (see label_filter)
+WALK_ROWS = 2000  # rows of a listing that a label search tests one by one before it joins the matches instead
+COMMON_MATCHES = 5000  # SQLite: with at most this many matching labels (counted by FTS5), join them at once
 
 
 @dataclass
 class LabelFilter:
-    """How a feature listing applies a label search: ``join`` the matching keys (few matches: the listing is
-    driven from them), or ``condition`` on each listed feature (many matches: the listing walks its own index
-    in its sort order and stops at a page, instead of gathering and sorting every match)."""
+    """A label search in a feature listing, two equivalent ways (app/web/data/features.py picks per page):
 
-    join: Any = None
-    condition: Any = None
+    - ``condition``: EXISTS a matching label, tested on each listed feature while the listing walks its own
+      index in its sort order, stopping at a page. Cheap for a word in many labels ("fires": 172k of 229k at
+      the paper's scale), where gathering, grouping and sorting every match took 170 ms (SQLite) to 820 ms
+      (Postgres, "stated answer"); but a walk past many non-matching rows is slow, so the listing walks at most
+      :data:`WALK_ROWS` rows;
+    - ``join``: the grouped matches (:func:`label_match`) drive the listing: cheap for a rare word, and what
+      a listing falls back to when the walk found too few matches (benchmarks/labels.py measures both ways).
+
+    ``condition`` is None where the join is known to be the cheaper: on SQLite, FTS5 counts the matches up to
+    :data:`COMMON_MATCHES` in a few ms, and a rare word then skips the walk. Postgres's GIN index has no such
+    cheap count (a bitmap of every match: 30 ms for "fires"), so there every search walks first.
+    """
+
+    join: Any
+    condition: Any | None
 
 
 def label_filter(session: Session, run_id: int, query: str, feature: Any) -> LabelFilter:
     """The label search ``query`` for a listing of ``feature`` rows (a table or ORM class with run_id, layer,
-    index). On SQLite a word in most labels ("fires" in 172k of 229k) made the match set the cost: grouping it
-    took ~170 ms before the page's 50 rows could be picked. There, when FTS5 finds more than
-    :data:`COMMON_MATCHES` labels (counted with a LIMIT, a few ms), the listing tests each feature with EXISTS
-    over the matched ids instead (benchmarks/labels.py)."""
+    index)."""
     dialect = session.get_bind().dialect.name
-    terms = search_terms(query)
-    if dialect != "sqlite" or not terms:
-        return LabelFilter(join=label_match(dialect, run_id, query))
-    expr = _fts_expr(terms)
-    n = session.execute(text(f"SELECT count(*) FROM ({_FTS_MATCH} LIMIT :cap)"),
-                        {"fts_q": expr, "cap": COMMON_MATCHES + 1}).scalar_one()
-    if n <= COMMON_MATCHES:
-        return LabelFilter(join=label_match(dialect, run_id, query))
     fl = FeatureLabel.__table__
-    return LabelFilter(condition=exists().where(fl.c.run_id == feature.run_id, fl.c.layer == feature.layer,
-                                                fl.c.index == feature.index, fl.c.id.in_(_fts_ids(expr))))
+    terms = search_terms(query)
+    join = label_match(dialect, run_id, query)
+    if not terms:
+        return LabelFilter(join=join, condition=None)
+    if dialect == "sqlite":
+        n = session.execute(text(f"SELECT count(*) FROM ({_FTS_MATCH} LIMIT :cap)"),
+                            {"fts_q": _fts_expr(terms), "cap": COMMON_MATCHES + 1}).scalar_one()
+        if n <= COMMON_MATCHES:
+            return LabelFilter(join=join, condition=None)
+    # OFFSET 0 keeps the EXISTS a test per listed row: Postgres otherwise turns it into a join driven by every
+    # match (its estimate for a prefix query is a fixed few thousand rows), 700 ms for "stated answer"
+    probe = select(fl.c.id).where(fl.c.run_id == feature.run_id, fl.c.layer == feature.layer,
+                                  fl.c.index == feature.index, _label_condition(dialect, terms))
+    return LabelFilter(join=join, condition=probe.offset(0).exists())
 
 
 # -- category shares ---------------------------------------------------------------------------------------

@@ -134,10 +134,14 @@ def test_label_search_uses_the_full_text_index(db_engine) -> None:
         assert "ix_feature_labels_fts" in plan, plan
 
 
-def test_a_common_word_lists_the_same_features_as_a_rare_one_would(db_engine, monkeypatch) -> None:
-    """label_filter answers a word found in many labels with EXISTS over the feature index instead of joining the
-    grouped matches (app/labels/store.py): both ways list the same features, in every sort and across pages."""
+def test_a_label_search_lists_the_same_features_walking_or_joining(db_engine, monkeypatch) -> None:
+    """A label search walks the listing testing each row (at most WALK_ROWS rows), else joins the grouped matches
+    (app/web/data/features.py ``_label_search_rows``): every way lists the same features, in every sort and across
+    pages, including a word whose labels all sit at the far end of the order (the walk finds too few: the join)."""
     from app.labels import store
+    from app.web.data import features
+
+    monkeypatch.setattr(store, "COMMON_MATCHES", 0)  # SQLite: no search skips the walk for being rare
 
     with Session(db_engine) as s, s.begin():
         run = Run(name="common", base_model="b", target_model="t", config={}, n_layers=3, n_features=400)
@@ -152,14 +156,17 @@ def test_a_common_word_lists_the_same_features_as_a_rare_one_would(db_engine, mo
             for i in range(1200)])
         write_labels(s, rid, "llm", [(i // 400, i % 400, Label("fires on digits", "domain", "math", 1.0))
                                      for i in range(0, 1200, 5)], set_current=False)  # a second labeler
+        write_labels(s, rid, "dead", [(i // 400, i % 400, Label("dead", "uninterpretable", "dead", 1.0))
+                                      for i in range(1200) if (i * 53 % 97) < 12], set_current=False)  # lowest max_act
     pages = {}
-    for cap in (store.COMMON_MATCHES, 0):  # every search "rare" (join), then every search "common" (EXISTS)
-        monkeypatch.setattr(store, "COMMON_MATCHES", cap)
+    searches = (("digit answer", "layer"), ("fires", "frequency"), ("digits", "max_act"), ("zebra", "layer"),
+                ("dead", "max_act"), ("dead", "layer"))
+    for walk in (1, 50, 60, 10**9):  # nearly always the join; walks that fill some pages (60) and none (50: a page
+        # needs one row more, to know that a next page exists); always the walk
+        monkeypatch.setattr(features, "WALK_ROWS", walk)
         with Session(db_engine) as s:
-            if cap == 0 and db_engine.dialect.name == "sqlite":
-                assert store.label_filter(s, rid, "digit", Feature).condition is not None
             got = []
-            for q, sort in (("digit answer", "layer"), ("fires", "frequency"), ("digits", "max_act"), ("zebra", "layer")):
+            for q, sort in searches:
                 after, rows = None, []
                 for _ in range(40):
                     page = feature_list(s, rid, FeatureQuery(q=q, sort=sort, after=after, limit=50))
@@ -168,9 +175,11 @@ def test_a_common_word_lists_the_same_features_as_a_rare_one_would(db_engine, mo
                         break
                     after = page.next
                 got.append(rows)
-        pages[cap] = got
-    assert pages[0] == pages[store.COMMON_MATCHES]
-    answer, fires, digits, zebra = pages[0]
+        pages[walk] = got
+    assert pages[1] == pages[50] == pages[60] == pages[10**9]
+    answer, fires, digits, zebra, dead, dead_by_layer = pages[1]
     assert len(answer) == 800 and len(fires) == 1200 and zebra == []
     assert len(digits) == 240  # only the second labeler wrote "digits" (every 5th feature)
+    assert len(dead) == len(dead_by_layer) == sum((i * 53 % 97) < 12 for i in range(1200))
+    assert sorted(dead) == sorted(dead_by_layer)
     assert len(set(fires)) == 1200  # two labelers' matches of one feature: listed once

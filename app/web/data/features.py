@@ -13,7 +13,8 @@ run's vocabulary turns it into ids, and the table gives the features, with a str
 the activation on that token) that the ``strength`` sort orders by, strongest first.
 
 Label search (``q``) is full text over every labeler's labels of the run (app/labels/store.py ``label_filter``:
-FTS5 on SQLite, a GIN tsvector index on Postgres), joined like a token filter.
+FTS5 on SQLite, a GIN tsvector index on Postgres): a word in many labels is tested row by row while the listing
+walks its own order (at most ``WALK_ROWS`` rows), else the matches are joined like a token filter.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from app.db.schema import Feature, FeatureSetMember, FeatureToken
 from app.db.skipscan import distinct_in_run
-from app.labels.store import label_filter
+from app.labels.store import WALK_ROWS, label_filter
 from app.web.data.common import BadInput, RunRef, get_run, hesitation_set, run_ref, run_vocab
 from app.web.data.feature import top_token
 
@@ -189,12 +190,6 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
         cond.append(false())
     search_ids: dict[str, list[int]] = {}
     matches: dict[str, Any] = {}
-    if query.q is not None:
-        found = label_filter(session, run.id, query.q, Feature)
-        if found.join is not None:
-            matches["label"] = found.join
-        else:
-            cond.append(found.condition)
     vocab = run_vocab(session, run)
     for relation in TOKEN_FILTERS:
         q = getattr(query, relation)
@@ -213,6 +208,7 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
     layer_col, index_col = (member.c.layer, member.c.index) if query.in_set else (Feature.layer, Feature.index)
     strength = matches[query.token_filter].c.strength if query.token_filter else None
     if sort == "layer":
+        keys = [layer_col, index_col]
         order = [layer_col, index_col]
         if query.after:
             _, layer, index = _cursor_values("layer", query.after)
@@ -222,6 +218,7 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
                "hesitation": Feature.hesitation_lens}[sort]
         if sort == "hesitation":  # NULLs sort first on Postgres and last on SQLite: leave them out on both
             cond.append(Feature.hesitation_lens.is_not(None))
+        keys = [col, Feature.layer, Feature.index]
         order = [col.desc(), Feature.layer.desc(), Feature.index.desc()]
         if query.after:
             value, layer, index = _cursor_values(sort, query.after)
@@ -229,13 +226,19 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
             cond.append(and_(col <= v, or_(col < v, Feature.layer < layer,
                                            and_(Feature.layer == layer, Feature.index < index))))
 
-    stmt = select(Feature.layer, Feature.index, Feature.frequency, Feature.max_act, Feature.category, Feature.label,
-                  Feature.logit_lens, Feature.hesitation_lens, member.c.set_id.label("member_of"), member.c.role,
-                  (strength if strength is not None else null()).label("strength"))
-    for sub in matches.values():
-        stmt = stmt.join(sub, and_(sub.c.layer == Feature.layer, sub.c.index == Feature.index))
-    stmt = stmt.join(member, on, isouter=not query.in_set).where(*cond).order_by(*order).limit(query.limit + 1)
-    raw = session.execute(stmt).all()
+    def listing(*columns: Any, label_join: Any = None) -> Any:
+        stmt = select(*columns)
+        for sub in [*matches.values(), *([label_join] if label_join is not None else [])]:
+            stmt = stmt.join(sub, and_(sub.c.layer == Feature.layer, sub.c.index == Feature.index))
+        return stmt.join(member, on, isouter=not query.in_set).where(*cond).order_by(*order)
+
+    columns = (Feature.layer, Feature.index, Feature.frequency, Feature.max_act, Feature.category, Feature.label,
+               Feature.logit_lens, Feature.hesitation_lens, member.c.set_id.label("member_of"), member.c.role,
+               (strength if strength is not None else null()).label("strength"))
+    if query.q is None:
+        raw = session.execute(listing(*columns).limit(query.limit + 1)).all()
+    else:
+        raw = _label_search_rows(session, run.id, query, sort, listing, columns, keys)
     more = len(raw) > query.limit
     raw = raw[: query.limit]
     rows = []
@@ -254,6 +257,34 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
         layers=layers, categories=categories, hesitation_set=hset.name if hset else None, search_ids=search_ids,
         total=run.n_features * run.n_layers if run.n_features and run.n_layers else None,
     )
+
+
+def _label_search_rows(session: Session, run_id: int, query: FeatureQuery, sort: Sort,
+                       listing: Callable[..., Any], columns: tuple, keys: list[Any]) -> list[Any]:
+    """The page's rows (``limit + 1``) under a label search, the cheaper of two exact ways (``LabelFilter``).
+
+    First the walk: the listing in its own order, each row tested for a matching label, over at most
+    ``WALK_ROWS`` rows (those up to the ``WALK_ROWS``-th row's sort key, read off the listing's index). When those
+    rows hold a page, it is the page: every row before it was tested. Otherwise (a word in few labels, or its
+    labels far down this order) the grouped matches drive the listing instead.
+    """
+    found = label_filter(session, run_id, query.q or "", Feature)
+    if found.condition is None:  # few matches: they drive the listing at once
+        return session.execute(listing(*columns, label_join=found.join).limit(query.limit + 1)).all()
+    edge = session.execute(listing(*keys).offset(WALK_ROWS - 1).limit(1)).first()
+    walk = listing(*columns).where(found.condition)
+    if edge is not None:  # only the rows up to that one, in this order
+        if sort == "layer":
+            (layer_col, index_col), (layer, index) = keys, edge
+            walk = walk.where(and_(layer_col <= layer, or_(layer_col < layer, index_col <= index)))
+        else:
+            col, value, layer, index = keys[0], edge[0], edge[1], edge[2]
+            walk = walk.where(and_(col >= value, or_(col > value, Feature.layer > layer,
+                                                     and_(Feature.layer == layer, Feature.index >= index))))
+    raw = session.execute(walk.limit(query.limit + 1)).all()
+    if len(raw) > query.limit or edge is None:
+        return raw
+    return session.execute(listing(*columns, label_join=found.join).limit(query.limit + 1)).all()
 
 
 CSV_PAGE = 500  # features per query while streaming a CSV export
