@@ -183,3 +183,55 @@ def test_a_label_search_lists_the_same_features_walking_or_joining(db_engine, mo
     assert len(dead) == len(dead_by_layer) == sum((i * 53 % 97) < 12 for i in range(1200))
     assert sorted(dead) == sorted(dead_by_layer)
     assert len(set(fires)) == 1200  # two labelers' matches of one feature: listed once
+
+
+def test_a_label_search_walks_with_every_other_filter_and_stops_at_its_bound(db_engine, tmp_path, monkeypatch) -> None:
+    """The walk and the join agree beside the hesitation set (whose keys order a layer sort), token filters (their
+    strength sort) and the hesitation sort, page by page; and a walk whose bound holds no page joins instead (a
+    walk that went past its bound would find the page itself)."""
+    from sqlalchemy import event
+
+    from app.labels import store
+    from app.web.data import features
+    from tests.seed import seed_world
+
+    world = seed_world(db_engine, tmp_path / "tok")
+    rid = world.run_id
+    with Session(db_engine) as s, s.begin():
+        by_act = [(f.layer, f.index) for f in s.scalars(select(Feature).where(Feature.run_id == rid)
+                                                         .order_by(Feature.max_act))]
+        write_labels(s, rid, "builtin", [(layer, index, Label("dead" if k < 6 else f"fires on digit {k % 3}",
+                                                              "domain", "math", 1.0))
+                                         for k, (layer, index) in enumerate(by_act)])
+    monkeypatch.setattr(store, "COMMON_MATCHES", 0)  # SQLite: no search skips the walk for being rare
+    searches = [dict(q="fires", in_set=True, sort="layer"), dict(q="fires", in_set=True, sort="max_act"),
+                dict(q="fires", promotes="Wait"), dict(q="digit", promotes=" the", sort="layer"),
+                dict(q="fires", fires_on="5", sort="frequency"), dict(q="fires", sort="hesitation"),
+                dict(q="dead", sort="max_act")]
+    pages = {}
+    for walk in (1, 3, 5, 10**9):
+        monkeypatch.setattr(features, "WALK_ROWS", walk)
+        got = []
+        with Session(db_engine) as s:
+            for search in searches:
+                after, rows = None, []
+                for _ in range(60):
+                    page = feature_list(s, rid, FeatureQuery(**search, after=after, limit=2))
+                    rows += [(r.layer, r.index, r.strength) for r in page.rows]
+                    if page.next is None:
+                        break
+                    after = page.next
+                got.append(rows)
+        pages[walk] = got
+    assert pages[1] == pages[3] == pages[5] == pages[10**9]
+    assert all(pages[1]), [s for s, rows in zip(searches, pages[1], strict=True) if not rows]
+    assert sorted((layer, index) for layer, index, _ in pages[1][-1]) == sorted(by_act[:6])
+
+    statements: list[str] = []
+    event.listen(db_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    monkeypatch.setattr(features, "WALK_ROWS", 5)
+    with Session(db_engine) as s:
+        feature_list(s, rid, FeatureQuery(q="dead", sort="max_act", limit=2))  # the 5 largest max_act: no "dead"
+        joined = sum("label_match" in st for st in statements)
+        feature_list(s, rid, FeatureQuery(q="fires", sort="max_act", limit=2))  # a page in the first 5 rows
+    assert joined == 1 and sum("label_match" in st for st in statements) == 1

@@ -227,7 +227,7 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
                                            and_(Feature.layer == layer, Feature.index < index))))
 
     def listing(*columns: Any, label_join: Any = None) -> Any:
-        stmt = select(*columns)
+        stmt = select(*columns).select_from(Feature)  # also where the columns are the members' (in_set's keys)
         for sub in [*matches.values(), *([label_join] if label_join is not None else [])]:
             stmt = stmt.join(sub, and_(sub.c.layer == Feature.layer, sub.c.index == Feature.index))
         return stmt.join(member, on, isouter=not query.in_set).where(*cond).order_by(*order)
