@@ -159,9 +159,10 @@ def fill(url: str, scale: float, tok_dir: Path, seed: int = 0) -> tuple[int, int
         raw.commit()
     finally:
         raw.close()
-    if pg:
+    if pg:  # VACUUM too, as autovacuum would have by the time someone browses: a store in steady state, not
+        # one whose freshly loaded tables autovacuum (an insert threshold since Postgres 13) works on mid-measurement
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("ANALYZE"))
+            conn.execute(text("VACUUM ANALYZE"))
     else:
         with engine.begin() as conn:
             conn.execute(text("ANALYZE"))
