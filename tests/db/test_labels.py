@@ -134,6 +134,18 @@ def test_label_search_uses_the_full_text_index(db_engine) -> None:
         assert "ix_feature_labels_fts" in plan, plan
 
 
+def _every_page(session: Session, run_id: int, search: dict, limit: int) -> list[tuple]:
+    """(layer, index, strength) of every row of a feature listing, page by page along its ``next`` cursor."""
+    after, rows = None, []
+    for _ in range(100):
+        page = feature_list(session, run_id, FeatureQuery(**search, after=after, limit=limit))
+        rows += [(r.layer, r.index, r.strength) for r in page.rows]
+        if page.next is None:
+            return rows
+        after = page.next
+    raise AssertionError(f"more than 100 pages for {search}")
+
+
 def test_a_label_search_lists_the_same_features_walking_or_joining(db_engine, monkeypatch) -> None:
     """A label search walks the listing testing each row (at most WALK_ROWS rows), else joins the grouped matches
     (app/web/data/features.py ``_label_search_rows``): every way lists the same features, in every sort and across
@@ -165,17 +177,8 @@ def test_a_label_search_lists_the_same_features_walking_or_joining(db_engine, mo
         # needs one row more, to know that a next page exists); always the walk
         monkeypatch.setattr(features, "WALK_ROWS", walk)
         with Session(db_engine) as s:
-            got = []
-            for q, sort in searches:
-                after, rows = None, []
-                for _ in range(40):
-                    page = feature_list(s, rid, FeatureQuery(q=q, sort=sort, after=after, limit=50))
-                    rows += [(r.layer, r.index) for r in page.rows]
-                    if page.next is None:
-                        break
-                    after = page.next
-                got.append(rows)
-        pages[walk] = got
+            pages[walk] = [[row[:2] for row in _every_page(s, rid, dict(q=q, sort=sort), limit=50)]
+                           for q, sort in searches]
     assert pages[1] == pages[50] == pages[60] == pages[10**9]
     answer, fires, digits, zebra, dead, dead_by_layer = pages[1]
     assert len(answer) == 800 and len(fires) == 1200 and zebra == []
@@ -211,18 +214,8 @@ def test_a_label_search_walks_with_every_other_filter_and_stops_at_its_bound(db_
     pages = {}
     for walk in (1, 3, 5, 10**9):
         monkeypatch.setattr(features, "WALK_ROWS", walk)
-        got = []
         with Session(db_engine) as s:
-            for search in searches:
-                after, rows = None, []
-                for _ in range(60):
-                    page = feature_list(s, rid, FeatureQuery(**search, after=after, limit=2))
-                    rows += [(r.layer, r.index, r.strength) for r in page.rows]
-                    if page.next is None:
-                        break
-                    after = page.next
-                got.append(rows)
-        pages[walk] = got
+            pages[walk] = [_every_page(s, rid, search, limit=2) for search in searches]
     assert pages[1] == pages[3] == pages[5] == pages[10**9]
     assert all(pages[1]), [s for s, rows in zip(searches, pages[1], strict=True) if not rows]
     assert sorted((layer, index) for layer, index, _ in pages[1][-1]) == sorted(by_act[:6])
