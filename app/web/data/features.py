@@ -209,7 +209,7 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
     strength = matches[query.token_filter].c.strength if query.token_filter else None
     if sort == "layer":
         keys = [layer_col, index_col]
-        order = [layer_col, index_col]
+        order = keys
         if query.after:
             _, layer, index = _cursor_values("layer", query.after)
             cond.append(and_(layer_col >= layer, or_(layer_col > layer, index_col > index)))
@@ -219,7 +219,7 @@ def feature_list(session: Session, run_key: str | int, query: FeatureQuery) -> F
         if sort == "hesitation":  # NULLs sort first on Postgres and last on SQLite: leave them out on both
             cond.append(Feature.hesitation_lens.is_not(None))
         keys = [col, Feature.layer, Feature.index]
-        order = [col.desc(), Feature.layer.desc(), Feature.index.desc()]
+        order = [key.desc() for key in keys]
         if query.after:
             value, layer, index = _cursor_values(sort, query.after)
             v = cast(value, Float)
@@ -264,7 +264,8 @@ def _label_search_rows(session: Session, run_id: int, query: FeatureQuery, sort:
     """The page's rows (``limit + 1``) under a label search, the cheaper of two exact ways (``LabelFilter``).
 
     First the walk: the listing in its own order, each row tested for a matching label, over at most
-    ``WALK_ROWS`` rows (those up to the ``WALK_ROWS``-th row's sort key, read off the listing's index). When those
+    ``WALK_ROWS`` rows (those up to the ``WALK_ROWS``-th row's sort key, read by the listing's own query without the
+    search: an index range where no other filter applies). When those
     rows hold a page, it is the page: every row before it was tested. Otherwise (a word in few labels, or its
     labels far down this order) the grouped matches drive the listing instead.
     """
